@@ -1,0 +1,61 @@
+# Shared helpers for the local stack scripts. Sourced, never run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=versions.env
+set -a; . "$ROOT/deploy/local/versions.env"; set +a
+STATE="${TALLY_STATE_DIR:-$ROOT/.local}"
+mkdir -p "$STATE/log" "$STATE/run"
+
+say()  { printf '\033[1m[%s]\033[0m %s\n' "${SERVICE:-tally}" "$*"; }
+die()  { printf '\033[31m[%s] error:\033[0m %s\n' "${SERVICE:-tally}" "$1" >&2; [ $# -gt 1 ] && printf '  what to do: %s\n' "$2" >&2; exit 1; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_port PORT SECONDS LOGFILE: wait until something listens, or fail pointing at the log.
+wait_port() {
+  local port=$1 secs=$2 log=${3:-}
+  for _ in $(seq 1 $((secs * 5))); do
+    port_open "$port" && return 0
+    sleep 0.2
+  done
+  die "nothing listens on 127.0.0.1:$port after ${secs}s" "read ${log:-the service log} for the cause"
+}
+
+# ensure_port_free PORT WHAT: a port taken by a stranger is a clear error, not a hang.
+ensure_port_free() {
+  port_open "$1" && die "port $1 is already taken by another process, so $2 cannot start" \
+    "stop whatever listens there (ss -ltnp 'sport = :$1') or change the port in deploy/local/versions.env"
+  return 0
+}
+
+apt_updated=""
+apt_install() {
+  have apt-get || die "apt-get is missing; cannot install $*" "install $* with your system's package manager"
+  if [ -z "$apt_updated" ]; then
+    say "apt-get update (once)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >"$STATE/log/apt.log" 2>&1 \
+      || die "apt-get update failed (no network to Debian's mirrors?)" "check the network, then see $STATE/log/apt.log"
+    apt_updated=1
+  fi
+  say "installing $* from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >>"$STATE/log/apt.log" 2>&1 \
+    || die "apt-get install $* failed" "see $STATE/log/apt.log"
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_pidfile() {
+  local pidfile=$1 name=$2
+  if pid_alive "$pidfile"; then
+    local pid; pid=$(cat "$pidfile")
+    say "stopping $name (pid $pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  else
+    say "$name is not running"
+  fi
+  rm -f "$pidfile"
+}

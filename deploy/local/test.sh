@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite against real Kafka, PostgreSQL and Redis, started here if they are not up.
+# Extra arguments go to pytest (e.g. -k gateway, -x).
+SERVICE=test
+. "$(dirname "$0")/common.sh"
+
+bash "$ROOT/deploy/local/services.sh"
+say "running the test suite"
+cd "$ROOT"
+exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

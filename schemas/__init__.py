@@ -1,0 +1,1 @@
+"""Wire contracts shared by every component: event envelope, topics, counters, dead letters."""

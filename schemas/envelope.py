@@ -1,0 +1,67 @@
+"""The event envelope: CloudEvents 1.0 attributes as producers send them, plus what the gateway adds.
+
+The dedup key is (tenant, source, id); the tenant comes from the API key, never from the body.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1"
+CONTENT_TYPE = "application/cloudevents+json"
+
+MAX_ID = 256
+MAX_SOURCE = 512
+MAX_TYPE = 256
+MAX_SUBJECT = 256
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvent 1.0 in structured mode, as a producer posts it."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    specversion: str = Field("1.0", pattern=r"^1\.0$")
+    id: str = Field(min_length=1, max_length=MAX_ID)
+    source: str = Field(min_length=1, max_length=MAX_SOURCE)
+    type: str = Field(min_length=1, max_length=MAX_TYPE)
+    time: datetime | None = None
+    subject: str | None = Field(None, max_length=MAX_SUBJECT)
+    datacontenttype: str | None = Field(None, max_length=128)
+    dataschema: str | None = Field(None, max_length=512)
+    data: Any = None
+
+
+class Envelope(CloudEvent):
+    """What travels on tally.events.v1: the producer's event, its tenant and when the gateway got it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tenant: str = Field(min_length=1, max_length=128)
+    time: datetime
+    received_at: datetime
+
+    @classmethod
+    def accept(cls, event: CloudEvent, tenant: str, received_at: datetime) -> "Envelope":
+        fields = event.model_dump()
+        fields["time"] = event.time or received_at
+        return cls(**fields, tenant=tenant, received_at=received_at)
+
+    def key(self) -> bytes:
+        """Kafka message key: tenant and subject, so one subject's events stay ordered."""
+        return f"{self.tenant}/{self.subject or ''}".encode()
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Envelope":
+        return cls.model_validate_json(raw)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

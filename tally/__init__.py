@@ -1,0 +1,1 @@
+"""Wiring for Tally: settings and the `tally` command line. It wires; it does not decide."""
