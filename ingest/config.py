@@ -13,4 +13,5 @@ class GatewayConfig:
     database_url: str
     redis_url: str
     topics: Topics
+    redis_prefix: str = "tally:"
     key_cache_ttl_s: float = 30.0

@@ -20,6 +20,7 @@ def _gateway_config(settings: Settings):  # noqa: ANN202 - ingest's own type
         database_url=settings.database_url,
         redis_url=settings.redis_url,
         topics=settings.topics,
+        redis_prefix=settings.redis_prefix,
     )
 
 

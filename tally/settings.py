@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     database_url: str = "postgresql://tally:tally@127.0.0.1:5432/tally"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("tally:", description="prepended to every Redis key; tests use it for isolation")
     stripe_api_base: str = "http://127.0.0.1:12111"
 
     topic_prefix: str = Field("", description="prepended to every topic name; tests use it for isolation")
@@ -28,11 +29,16 @@ class Settings(BaseSettings):
     dlq_partitions: int = 1
     dlq_retention_ms: int = 30 * 24 * 3600 * 1000
 
+    # gateway (ingest/)
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
+
+    # processors (processors/, sinks/)
     consumer_group: str = "tally-processor"
     batch_max_messages: int = 5000
     batch_max_wait_ms: int = 200
+
+    # benchmarks
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
