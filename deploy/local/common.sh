@@ -2,8 +2,11 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-# shellcheck source=versions.env
-set -a; . "$ROOT/deploy/local/versions.env"; set +a
+# versions.env gives defaults; a variable already set in the environment wins (tests run a second broker).
+while IFS='=' read -r key value; do
+  [[ $key =~ ^[A-Z_]+$ ]] || continue
+  [ -n "${!key:-}" ] || export "$key=$value"
+done < "$ROOT/deploy/local/versions.env"
 STATE="${TALLY_STATE_DIR:-$ROOT/.local}"
 mkdir -p "$STATE/log" "$STATE/run"
 

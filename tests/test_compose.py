@@ -1,0 +1,71 @@
+"""docker-compose.yml cannot run here; it must still agree with the native scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tally.settings import ROOT, Settings
+
+
+def _versions() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (ROOT / "deploy/local/versions.env").read_text().splitlines()
+             if line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _host_port(service: dict) -> set[str]:
+    return {port.split(":")[1] for port in service.get("ports", [])}
+
+
+def test_images_and_versions_match_the_native_scripts() -> None:
+    v, services = _versions(), _compose()["services"]
+    assert services["kafka"]["image"] == f"apache/kafka:{v['KAFKA_VERSION']}"
+    assert services["postgres"]["image"] == f"postgres:{v['POSTGRES_VERSION']}"
+    assert services["redis"]["image"] == f"redis:{v['REDIS_VERSION']}"
+    assert services["stripe-mock"]["image"] == f"stripe/stripe-mock:{v['STRIPE_MOCK_VERSION']}"
+    assert {"gateway", "processor", "prometheus"} <= set(services)
+    assert services["gateway"]["build"] == services["processor"]["build"] == "."
+    assert (ROOT / "Dockerfile").exists()
+
+
+def test_ports_match_the_native_scripts() -> None:
+    v, services = _versions(), _compose()["services"]
+    assert _host_port(services["kafka"]) == {v["KAFKA_PORT"]}
+    assert _host_port(services["postgres"]) == {v["POSTGRES_PORT"]}
+    assert _host_port(services["redis"]) == {v["REDIS_PORT"]}
+    assert _host_port(services["stripe-mock"]) == {v["STRIPE_MOCK_PORT"]}
+    assert _host_port(services["gateway"]) == {v["GATEWAY_PORT"]}
+
+
+def test_settings_match_the_native_scripts() -> None:
+    v, services = _versions(), _compose()["services"]
+    pg = services["postgres"]["environment"]
+    assert (pg["POSTGRES_DB"], pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"]) == (
+        v["POSTGRES_DB"], v["POSTGRES_USER"], v["POSTGRES_PASSWORD"])
+    kafka = services["kafka"]["environment"]
+    assert kafka["KAFKA_HEAP_OPTS"].endswith(f"-Xmx{v['KAFKA_HEAP']}")
+    native = (ROOT / "deploy/local/kafka.sh").read_text()
+    for prop in ("num.partitions", "offsets.topic.num.partitions", "group.initial.rebalance.delay.ms",
+                 "auto.create.topics.enable"):
+        env_name = "KAFKA_" + prop.replace(".", "_").upper()
+        assert f"{prop}={str(kafka[env_name]).lower()}" in native, prop
+    defaults = Settings(_env_file=None)
+    assert defaults.kafka_bootstrap == f"127.0.0.1:{v['KAFKA_PORT']}"
+    assert defaults.database_url == (f"postgresql://{v['POSTGRES_USER']}:{v['POSTGRES_PASSWORD']}"
+                                     f"@127.0.0.1:{v['POSTGRES_PORT']}/{v['POSTGRES_DB']}")
+    assert defaults.redis_url.startswith(f"redis://127.0.0.1:{v['REDIS_PORT']}/")
+    assert defaults.stripe_api_base == f"http://127.0.0.1:{v['STRIPE_MOCK_PORT']}"
+    assert defaults.gateway_port == int(v["GATEWAY_PORT"])
+
+
+def test_the_image_ships_everything_the_packages_need() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in ("tally", "schemas", "ingest", "processors", "sinks", "deploy/migrations"):
+        assert f"COPY {package} " in dockerfile, package
+    assert Path(ROOT / "deploy/prometheus/prometheus.yml").exists()
