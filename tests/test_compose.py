@@ -55,13 +55,13 @@ def test_settings_match_the_native_scripts() -> None:
                  "auto.create.topics.enable"):
         env_name = "KAFKA_" + prop.replace(".", "_").upper()
         assert f"{prop}={str(kafka[env_name]).lower()}" in native, prop
-    defaults = Settings(_env_file=None)
-    assert defaults.kafka_bootstrap == f"127.0.0.1:{v['KAFKA_PORT']}"
-    assert defaults.database_url == (f"postgresql://{v['POSTGRES_USER']}:{v['POSTGRES_PASSWORD']}"
-                                     f"@127.0.0.1:{v['POSTGRES_PORT']}/{v['POSTGRES_DB']}")
-    assert defaults.redis_url.startswith(f"redis://127.0.0.1:{v['REDIS_PORT']}/")
-    assert defaults.stripe_api_base == f"http://127.0.0.1:{v['STRIPE_MOCK_PORT']}"
-    assert defaults.gateway_port == int(v["GATEWAY_PORT"])
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert defaults["kafka_bootstrap"] == f"127.0.0.1:{v['KAFKA_PORT']}"
+    assert defaults["database_url"] == (f"postgresql://{v['POSTGRES_USER']}:{v['POSTGRES_PASSWORD']}"
+                                        f"@127.0.0.1:{v['POSTGRES_PORT']}/{v['POSTGRES_DB']}")
+    assert defaults["redis_url"].startswith(f"redis://127.0.0.1:{v['REDIS_PORT']}/")
+    assert defaults["stripe_api_base"] == f"http://127.0.0.1:{v['STRIPE_MOCK_PORT']}"
+    assert defaults["gateway_port"] == int(v["GATEWAY_PORT"])
 
 
 def test_the_image_ships_everything_the_packages_need() -> None:
