@@ -1,0 +1,315 @@
+"""`bash benchmarks/run.sh`: the gateway, the processor and the pipeline end to end, each beside its
+ceilings and peers, in one bounded run on an isolated slice of the running services.
+
+Writes benchmarks/out/results.json (figures and time series); report.py turns it into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import kafka_bench, loadgen, pg_bench, stack
+from benchmarks.machine import describe
+from benchmarks.stack import OUT, Bench
+from tally.settings import ROOT, Settings
+
+QUIX_PYTHON = ROOT / "benchmarks" / ".venv-quix" / "bin" / "python"
+# Settings that lift the gateway's per-key rate limits for the run (read by the gateway as TALLY_*).
+UNLIMITED = {"TALLY_RATE_LIMIT_ENABLED": "false"}
+
+
+class Progress:
+    """One line per step with the elapsed time, and a budget: steps that would overrun are skipped."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+        self.skipped: list[str] = []
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def say(self, text: str) -> None:
+        minutes, seconds = divmod(int(self.elapsed()), 60)
+        print(f"[bench {minutes:02d}:{seconds:02d}] {text}", flush=True)
+
+    def allows(self, step: str, cost_s: float) -> bool:
+        if self.elapsed() + cost_s <= self.budget_s:
+            self.say(step)
+            return True
+        self.say(f"skipped (time budget): {step}")
+        self.skipped.append(step)
+        return False
+
+
+class Harness:
+    def __init__(self, bench: Bench, args: argparse.Namespace) -> None:
+        self.bench = bench
+        self.args = args
+        self.progress = Progress(args.budget)
+        self.results: dict[str, Any] = {"run": bench.run, "gateway": {}, "processor": {}, "e2e": {}, "notes": []}
+
+    def note(self, text: str) -> None:
+        self.progress.say(f"note: {text}")
+        self.results["notes"].append(text)
+
+    def record(self, section: str, name: str, load: loadgen.Load) -> None:
+        self.results[section][name] = load.as_dict()
+        self.progress.say(f"  {load.tool} {name}: {load.req_s:,.0f} req/s, {load.events_s:,.0f} events/s, "
+                          f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, failed {load.failed:.2%}")
+
+    def k6(self, name: str, url: str, csv: bool = False, **env: str | int | float) -> loadgen.Load:
+        summary = OUT / f"k6-{name}.json"
+        return loadgen.k6(name, summary, OUT / f"k6-{name}.csv" if csv else None, URL=url, KEY=self.bench.key,
+                          RUN=f"{self.bench.run}-{name}", DURATION=f"{self.args.seconds}s", **env)
+
+    # -- gateway -----------------------------------------------------------------------------------
+
+    async def gateway(self) -> None:
+        seconds = self.args.seconds
+        settings = self.bench.scoped("gw")
+        self.bench.topics(settings)
+        raw, bare = self.bench.bare("raw"), self.bench.bare("starlette")
+        gateway = self.bench.gateway(settings, **UNLIMITED)
+        urls = {name: f"http://127.0.0.1:{s.port}" for name, s in
+                (("raw_asgi", raw), ("starlette", bare), ("gateway_single", gateway))}
+        routes = probe_routes(urls["gateway_single"], self.bench.key)
+        self.results["gateway"]["routes"] = routes
+        for name, url in urls.items():
+            if self.progress.allows(f"wrk {name} ({seconds}s, 64 connections)", seconds + 5):
+                self.record("gateway", f"wrk_{name}", loadgen.wrk(name, f"{url}/v1/events", self.bench.key,
+                                                                   f"{self.bench.run}-wrk", seconds))
+        for name in ("raw_asgi", "gateway_single"):
+            if self.progress.allows(f"k6 {name}, highest rate (closed loop, 32 users)", seconds + 5):
+                self.record("gateway", f"k6_{name}_max", self.k6(
+                    f"{name}_max", urls[name], SCENARIO="bare" if name == "raw_asgi" else "single", MODE="max", VUS=32))
+        self.fixed_rate("gateway_single", urls["gateway_single"], "single", batch=1)
+        if routes["batch"]:
+            if self.progress.allows("k6 batches of 100, highest rate (closed loop, 8 users)", seconds + 5):
+                self.record("gateway", "k6_gateway_batch_max", self.k6(
+                    "gateway_batch_max", urls["gateway_single"], SCENARIO="batch", MODE="max", VUS=8, P99_MS=200))
+            self.fixed_rate("gateway_batch", urls["gateway_single"], "batch", batch=100)
+        else:
+            self.note("POST /v1/events/batch is not in the gateway yet: the batch scenarios were skipped")
+        for scenario, rate, route in (("logs", 20, "logs"), ("webhook", 200, "webhook")):
+            if not routes[route]:
+                self.note(f"the {route} route is not in the gateway yet: k6 scenario '{scenario}' was skipped")
+            elif self.progress.allows(f"k6 {scenario} at {rate} req/s", seconds + 5):
+                self.record("gateway", f"k6_{scenario}", self.k6(scenario, urls["gateway_single"], SCENARIO=scenario,
+                                                                 RATE=rate, BATCH=100, P99_MS=200))
+        for service in (raw, bare, gateway):
+            self.bench.stop(service)
+
+    def fixed_rate(self, name: str, url: str, scenario: str, batch: int) -> None:
+        """k6 at a constant arrival rate of 70% of the highest rate measured just before."""
+        best = self.results["gateway"].get(f"k6_{name}_max")
+        if best is None:
+            return
+        rate = max(1, int(best["req_s"] * 0.7))
+        if self.progress.allows(f"k6 {name} at a constant {rate} req/s (70% of its highest)", self.args.seconds + 5):
+            self.record("gateway", f"k6_{name}_rate", self.k6(
+                f"{name}_rate", url, SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=batch,
+                P99_MS=50, VUS=64, MAX_VUS=256))
+
+    # -- processor ---------------------------------------------------------------------------------
+
+    async def processor(self) -> None:
+        count = self.args.events
+        settings = self.bench.scoped("drain")
+        self.bench.topics(settings)
+        topic = settings.topics.events
+        section = self.results["processor"]
+        if not self.progress.allows(f"loading {count:,} events (10% duplicates) with a bare confluent-kafka loop", 60):
+            return
+        loaded = kafka_bench.load(settings.kafka_bootstrap, topic, self.bench.run, count, 0.1)
+        section["loaded"] = {"messages": loaded.messages, "distinct": loaded.distinct,
+                             "events_s": loaded.messages / loaded.seconds}
+        self.progress.say(f"  loaded {loaded.messages:,} ({loaded.distinct:,} distinct) "
+                          f"at {loaded.messages / loaded.seconds:,.0f} events/s")
+
+        if self.progress.allows("ceiling: Kafka's ProducerPerformance, acks=all, idempotent, lz4", 40):
+            produce = self.bench.scoped("produce")
+            self.bench.topics(produce)
+            payloads = kafka_bench.sample_payloads(OUT / "payloads.txt", self.bench.run)
+            section["produce_ceiling"] = kafka_bench.produce_ceiling(
+                settings.kafka_bootstrap, produce.topics.events, payloads, max(count, 500_000))
+            self.progress.say(f"  produce: {section['produce_ceiling']['events_s']:,.0f} events/s")
+        if self.progress.allows("ceiling: bare confluent-kafka consume of the drain topic", 40):
+            section["consume_ceiling"] = kafka_bench.consume_ceiling(
+                settings.kafka_bootstrap, topic, f"{settings.consumer_group}-bare", loaded.messages)
+            self.progress.say(f"  consume: {section['consume_ceiling']['events_s']:,.0f} events/s")
+        if self.progress.allows(f"ceiling: PostgreSQL COPY of the {loaded.distinct:,} distinct rows", 40):
+            section["copy_ceiling"] = await pg_bench.copy_ceiling(settings.database_url, self.bench.run, loaded.distinct)
+            self.progress.say(f"  COPY: {section['copy_ceiling']['events_s']:,.0f} rows/s")
+
+        for instances in (1, 2):
+            group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-p{instances}"})
+            if self.progress.allows(f"Tally processor x{instances}: drain {count:,} events", 90):
+                await pg_bench.clear(settings.database_url)
+                section[f"tally_x{instances}"] = await self.drain(
+                    f"tally_x{instances}", group, loaded,
+                    lambda g=group, n=instances: [self.bench.processor(g, f"processor-{i}") for i in range(n)],
+                    pg_bench.verify)
+        if self.progress.allows(f"peer: Quix Streams doing the processor's job on {count:,} events", 120):
+            group = f"{settings.consumer_group}-quix"
+            counting = await pg_bench.counted_events_exist(settings.database_url)
+            argv = [str(QUIX_PYTHON), "-m", "benchmarks.peers.quix_processor", "--bootstrap", settings.kafka_bootstrap,
+                    "--topic", topic, "--group", group, "--dsn", settings.database_url] + (["--count"] if counting else [])
+            peer_settings = settings.model_copy(update={"consumer_group": group})
+            section["quix"] = await self.drain(
+                "quix", peer_settings, loaded, lambda: [self.bench.start("quix", argv, peer_settings)],
+                pg_bench.verify_quix)
+            if not counting:
+                self.note("the Tally processor keeps no counters yet, so the Quix peer ran without them too")
+
+    async def drain(self, name: str, settings: Settings, loaded: kafka_bench.Loaded,
+                    start: Callable[[], list[stack.Service]], verify: Callable[..., Any]) -> dict[str, Any]:
+        """Start consumers, follow their committed offsets until the topic is drained, verify, stop."""
+        lag = kafka_bench.Lag(settings.kafka_bootstrap, settings.consumer_group, loaded.topic)
+        began = time.monotonic()
+        services = start()
+        series: list[tuple[float, int]] = []
+        first = done = 0.0
+        try:
+            deadline = began + self.args.drain_timeout
+            while time.monotonic() < deadline:
+                end, committed = lag.sample()
+                now = time.monotonic()
+                series.append((round(now - began, 2), committed))
+                if committed and not first:
+                    first = now
+                if committed >= end:
+                    done = now
+                    break
+                if any(s.process.poll() is not None for s in services):
+                    raise RuntimeError(f"{name} exited while draining; see benchmarks/out/logs/")
+                await asyncio.sleep(0.2)
+        finally:
+            for service in services:
+                self.bench.stop(service)
+            lag.close()
+        if not done:
+            self.note(f"{name} did not drain {loaded.messages:,} events within {self.args.drain_timeout}s")
+            done = time.monotonic()
+        first_committed = next(c for _, c in series if c) if first else 0
+        steady = (loaded.messages - first_committed) / max(done - first, 1e-9) if first else 0.0
+        check = await verify(settings.database_url, loaded.distinct)
+        result = {"events_s": steady, "overall_events_s": loaded.messages / (done - began),
+                  "startup_s": (first - began) if first else None, "seconds": done - began,
+                  "drained": bool(done), "check": check, "series": series}
+        self.progress.say(f"  {name}: {steady:,.0f} events/s once running ({result['overall_events_s']:,.0f} "
+                          f"with start-up), exact: {check['exact']}")
+        return result
+
+    # -- end to end --------------------------------------------------------------------------------
+
+    async def end_to_end(self) -> None:
+        settings = self.bench.scoped("e2e")
+        self.bench.topics(settings)
+        gateway = self.bench.gateway(settings, **UNLIMITED)
+        url = f"http://127.0.0.1:{gateway.port}"
+        processors = [self.bench.processor(settings, f"e2e-processor-{i}") for i in range(self.args.e2e_processors)]
+        batch = self.results["gateway"].get("routes", {}).get("batch", False)
+        size = 100 if batch else 1
+        scenario = "batch" if batch else "single"
+        section = self.results["e2e"]
+        section.update({"batch_size": size, "processors": len(processors)})
+        sampler = kafka_bench.LagSampler(settings.kafka_bootstrap, settings.consumer_group, settings.topics.events)
+        sampler.start()
+        seconds = self.args.seconds * 2
+        try:
+            if self.progress.allows(f"end to end, highest rate: {scenario} (size {size}) for {seconds}s", seconds + 60):
+                self.record("e2e", "max", await asyncio.to_thread(
+                    loadgen.k6, "e2e_max", OUT / "k6-e2e_max.json", OUT / "k6-e2e_max.csv", URL=url, KEY=self.bench.key,
+                    RUN=f"{self.bench.run}-e2emax", DURATION=f"{seconds}s", SCENARIO=scenario, MODE="max",
+                    VUS=8 if batch else 32, BATCH=size, P99_MS=1000))
+                section["max_drain"] = await sampler.until_drained(60)
+                section["max_latency"] = await pg_bench.e2e_latency(settings.database_url, f"{self.bench.run}-e2emax-")
+            rate = max(1, 5000 // size)
+            if self.progress.allows(f"end to end at 5,000 events/s ({rate} req/s of {size}) for {seconds}s", seconds + 30):
+                run = f"{self.bench.run}-e2efix"
+                self.record("e2e", "fixed_5000", await asyncio.to_thread(
+                    loadgen.k6, "e2e_fixed", OUT / "k6-e2e_fixed.json", OUT / "k6-e2e_fixed.csv", URL=url, KEY=self.bench.key,
+                    RUN=run, DURATION=f"{seconds}s", SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=size,
+                    VUS=64, P99_MS=1000))
+                section["fixed_drain"] = await sampler.until_drained(60)
+                section["fixed_latency"] = await pg_bench.e2e_latency(settings.database_url, f"{run}-")
+            if self.progress.allows(f"retry-heavy mix: 30% of requests sent 2-3 times, for {self.args.seconds}s",
+                                    self.args.seconds + 30):
+                self.record("e2e", "retry_mix", await asyncio.to_thread(
+                    loadgen.k6, "e2e_retry", OUT / "k6-e2e_retry.json", URL=url, KEY=self.bench.key, RUN=f"{self.bench.run}-retry",
+                    DURATION=f"{self.args.seconds}s", SCENARIO="retry", MODE="rate", RATE=max(1, 2000 // size),
+                    BATCH=size, VUS=64, P99_MS=1000))
+                section["retry_drain"] = await sampler.until_drained(60)
+            self.progress.say("checking: every accepted event persisted once, counters equal distinct events")
+            section["accepted"] = sum(section[k]["events_accepted"] for k in ("max", "fixed_5000", "retry_mix")
+                                      if k in section)
+            section["topic"] = kafka_bench.distinct_in_topic(settings.kafka_bootstrap, settings.topics.events,
+                                                              f"{settings.consumer_group}-verify")
+            section["check"] = await pg_bench.verify(settings.database_url, section["topic"]["distinct"])
+            section["check"]["accepted_in_topic"] = section["topic"]["messages"] >= section["accepted"]
+            section["series"] = sampler.series
+            self.progress.say(f"  {section['accepted']:,} accepted, {section['topic']['distinct']:,} distinct, "
+                              f"exact: {section['check']['exact']}")
+        finally:
+            await sampler.close()
+            for service in [gateway, *processors]:
+                self.bench.stop(service)
+
+
+def probe_routes(url: str, key: str) -> dict[str, bool]:
+    """Which of the gateway's routes exist yet: an empty POST gets a problem, not a 404 or 405."""
+    import urllib.error
+    import urllib.request
+
+    found = {}
+    for name, path in (("batch", "/v1/events/batch"), ("logs", "/v1/logs"), ("webhook", "/v1/webhooks/stripe")):
+        request = urllib.request.Request(f"{url}{path}", data=b"", method="POST",
+                                         headers={"Authorization": f"Bearer {key}"})
+        try:
+            urllib.request.urlopen(request, timeout=5).close()
+            found[name] = True
+        except urllib.error.HTTPError as exc:
+            found[name] = exc.code not in (404, 405)
+    return found
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bash benchmarks/run.sh", description=__doc__)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
+    parser.add_argument("--events", type=int, default=200_000, help="events loaded for each processor drain")
+    parser.add_argument("--e2e-processors", type=int, default=1)
+    parser.add_argument("--drain-timeout", type=int, default=90)
+    parser.add_argument("--budget", type=int, default=540, help="seconds; steps that would overrun are skipped")
+    parser.add_argument("--keep", action="store_true", help="keep the run's database and topics")
+    parser.add_argument("--only", action="append", choices=["gateway", "processor", "e2e"],
+                        help="run only these parts (repeatable); default all")
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    bench = Bench.create(Settings())
+    harness = Harness(bench, args)
+    harness.results["machine"] = await describe(bench.base)
+    harness.results["args"] = vars(args)
+    harness.progress.say(f"run {bench.run}: database {bench.db_name}, topic prefix {bench.settings.topic_prefix}")
+    try:
+        await bench.setup()
+        parts = {"gateway": harness.gateway, "processor": harness.processor, "e2e": harness.end_to_end}
+        for name, part in parts.items():
+            if not args.only or name in args.only:
+                await part()
+    finally:
+        harness.results["skipped"] = harness.progress.skipped
+        harness.results["seconds"] = harness.progress.elapsed()
+        (OUT / "results.json").write_text(json.dumps(harness.results, indent=1, default=str))
+        await bench.teardown(keep=args.keep)
+    harness.progress.say(f"done in {harness.progress.elapsed():.0f}s; figures in benchmarks/out/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

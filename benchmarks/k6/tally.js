@@ -1,0 +1,144 @@
+// Load scenarios for Tally's gateway (and the bare ceilings), one per run, chosen by environment:
+//   SCENARIO  single | batch | logs | webhook | retry | bare
+//   MODE      rate (constant arrival rate: RATE requests/s) | max (VUS closed-loop users, highest rate)
+//   URL, KEY (API key), RUN (unique id prefix), DURATION (e.g. 15s), BATCH (events per batch, 100),
+//   WEBHOOK_SECRET (Stripe-style signing secret), P95_MS / P99_MS (thresholds), SUMMARY (JSON path).
+// Every event id is unique per run, except the deliberate re-sends of the retry scenario.
+import http from 'k6/http';
+import crypto from 'k6/crypto';
+import { check } from 'k6';
+import { Counter } from 'k6/metrics';
+import exec from 'k6/execution';
+
+const E = __ENV;
+const SCENARIO = E.SCENARIO || 'single';
+const URL = E.URL || 'http://127.0.0.1:8080';
+const RUN = E.RUN || 'k6';
+const BATCH = parseInt(E.BATCH || '100', 10);
+const DURATION = E.DURATION || '15s';
+const RETRY_SHARE = parseFloat(E.RETRY_SHARE || '0.3');
+
+const eventsAccepted = new Counter('events_accepted');
+const eventsSent = new Counter('events_sent');
+
+const load = E.MODE === 'max'
+  ? { executor: 'constant-vus', vus: parseInt(E.VUS || '32', 10), duration: DURATION }
+  : {
+      executor: 'constant-arrival-rate',
+      rate: parseInt(E.RATE || '500', 10),
+      timeUnit: '1s',
+      duration: DURATION,
+      preAllocatedVUs: parseInt(E.VUS || '64', 10),
+      maxVUs: parseInt(E.MAX_VUS || '256', 10),
+    };
+
+export const options = {
+  scenarios: { [SCENARIO]: load },
+  discardResponseBodies: SCENARIO === 'single' || SCENARIO === 'bare',
+  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
+  thresholds: {
+    http_req_failed: ['rate<0.01'],
+    http_req_duration: [`p(95)<${E.P95_MS || 25}`, `p(99)<${E.P99_MS || 50}`],
+  },
+  noConnectionReuse: false,
+};
+
+const BEARER = { Authorization: `Bearer ${E.KEY || ''}` };
+
+function eventId(n) {
+  return `${RUN}-${SCENARIO}-${exec.vu.idInTest}-${exec.vu.iterationInScenario}-${n}`;
+}
+
+function event(id, n) {
+  return {
+    specversion: '1.0',
+    id,
+    source: `bench/${SCENARIO}`,
+    type: 'api.request',
+    subject: `customer-${(exec.vu.idInTest * 31 + n) % 500}`,
+    time: new Date().toISOString(),
+    data: { tokens: 1 + (n % 50), model: 'm-small', region: 'eu' },
+  };
+}
+
+function logRecord(n) {
+  return {
+    service: `svc-${n % 8}`,
+    level: ['info', 'warn', 'error'][n % 3],
+    message: `request handled in ${n % 97} ms`,
+    time: new Date().toISOString(),
+    attributes: { route: '/v1/things', status: 200 },
+    trace_id: eventId(n),
+  };
+}
+
+// The number of events a 2xx answer accepted: per-item results when the route gives them.
+function accepted(res, sent) {
+  if (res.status < 200 || res.status >= 300) return 0;
+  if (!res.body || sent === 1) return sent;
+  try {
+    const body = res.json();
+    if (typeof body.accepted === 'number') return body.accepted;
+    const items = Array.isArray(body) ? body : body.results || body.items;
+    if (Array.isArray(items)) return items.filter((r) => (r.status || 'accepted') === 'accepted' || r.status === 202).length;
+  } catch (_e) { /* not JSON: count the whole request */ }
+  return sent;
+}
+
+function post(path, body, headers, sent) {
+  const res = http.post(`${URL}${path}`, body, { headers, tags: { name: path } });
+  check(res, { '2xx': (r) => r.status >= 200 && r.status < 300 });
+  eventsSent.add(sent);
+  eventsAccepted.add(accepted(res, sent));
+  return res;
+}
+
+function stripeSignature(payload) {
+  const t = Math.floor(Date.now() / 1000);
+  const v1 = crypto.hmac('sha256', E.WEBHOOK_SECRET || 'whsec_bench', `${t}.${payload}`, 'hex');
+  return `t=${t},v1=${v1}`;
+}
+
+const scenarios = {
+  bare: () => post('/v1/events', JSON.stringify(event(eventId(0), 0)), { 'Content-Type': 'application/json' }, 1),
+  single: () => post('/v1/events', JSON.stringify(event(eventId(0), 0)),
+    { ...BEARER, 'Content-Type': 'application/cloudevents+json' }, 1),
+  batch: () => {
+    const events = [];
+    for (let i = 0; i < BATCH; i++) events.push(event(eventId(i), i));
+    post('/v1/events/batch', JSON.stringify(events), { ...BEARER, 'Content-Type': 'application/cloudevents-batch+json' }, BATCH);
+  },
+  logs: () => {
+    const records = [];
+    for (let i = 0; i < BATCH; i++) records.push(logRecord(i));
+    post('/v1/logs', JSON.stringify(records), { ...BEARER, 'Content-Type': 'application/json' }, BATCH);
+  },
+  webhook: () => {
+    const id = `evt_${eventId(0)}`;
+    const payload = JSON.stringify({ id, object: 'event', type: 'invoice.paid', created: Math.floor(Date.now() / 1000),
+      data: { object: { id: `in_${id}`, amount_paid: 1200, customer: `cus_${exec.vu.idInTest % 50}` } } });
+    post(`/v1/webhooks/${E.WEBHOOK_SOURCE || 'stripe'}`, payload,
+      { 'Content-Type': 'application/json', 'Stripe-Signature': stripeSignature(payload) }, 1);
+  },
+  // A share of requests re-sent once or twice with the same ids, as producers do after a timeout.
+  // BATCH=1 sends single events to /v1/events instead of batches.
+  retry: () => {
+    const events = [];
+    for (let i = 0; i < BATCH; i++) events.push(event(eventId(i), i));
+    const single = BATCH === 1;
+    const body = JSON.stringify(single ? events[0] : events);
+    const headers = { ...BEARER, 'Content-Type': single ? 'application/cloudevents+json' : 'application/cloudevents-batch+json' };
+    const sends = Math.random() < RETRY_SHARE ? 2 + Math.floor(Math.random() * 2) : 1;
+    for (let s = 0; s < sends; s++) post(single ? '/v1/events' : '/v1/events/batch', body, headers, BATCH);
+  },
+};
+
+export default scenarios[SCENARIO];
+
+export function handleSummary(data) {
+  const d = data.metrics.http_req_duration.values;
+  const line = `${SCENARIO}: ${data.metrics.http_reqs.values.rate.toFixed(0)} req/s, ` +
+    `p50 ${d.med.toFixed(1)} ms, p99 ${d['p(99)'].toFixed(1)} ms, ` +
+    `failed ${(100 * data.metrics.http_req_failed.values.rate).toFixed(2)}%\n`;
+  return { [E.SUMMARY || 'summary.json']: JSON.stringify(data), stdout: line };
+}

@@ -1,0 +1,197 @@
+"""An isolated slice of the shared services for one benchmark run, and the processes started on it.
+
+Each run gets its own database, topic prefix, Redis prefix and consumer groups, and starts its
+own gateway, processors and bare servers on free ports; nothing shared is stopped or touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis
+from confluent_kafka.admin import AdminClient
+
+from ingest import auth
+from sinks.migrations import migrate
+from tally.settings import ROOT, Settings
+from tally.topics import create_topics
+
+VENV_BIN = ROOT / ".venv" / "bin"
+OUT = ROOT / "benchmarks" / "out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a `tally` subprocess use exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    for name, value in settings.model_dump().items():
+        env[f"TALLY_{name.upper()}"] = str(value)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int | None = None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Bench:
+    """The run's isolated settings, its API key and every process it started."""
+
+    base: Settings
+    run: str
+    settings: Settings
+    key: str = ""
+    services: list[Service] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, base: Settings) -> "Bench":
+        run = time.strftime("%m%d%H%M%S")
+        parts = urlsplit(base.database_url)
+        settings = base.model_copy(update={
+            "database_url": urlunsplit(parts._replace(path=f"/tally_bench_{run}")),
+            "topic_prefix": f"bench.{run}.",
+            "redis_prefix": f"bench:{run}:",
+            "consumer_group": f"bench-{run}",
+        })
+        return cls(base, run, settings)
+
+    @property
+    def log_dir(self) -> Path:
+        path = OUT / "logs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def scoped(self, name: str, **update: object) -> Settings:
+        """Settings with a topic prefix and consumer group of this part of the run."""
+        return self.settings.model_copy(update={
+            "topic_prefix": f"{self.settings.topic_prefix}{name}.",
+            "consumer_group": f"{self.settings.consumer_group}-{name}",
+            **update,
+        })
+
+    async def setup(self) -> None:
+        conn = await asyncpg.connect(self.base.database_url)
+        try:
+            await conn.execute(f'create database "{self.db_name}"')
+        finally:
+            await conn.close()
+        await migrate(self.settings.database_url, self.settings.migrations_dir)
+        conn = await asyncpg.connect(self.settings.database_url)
+        try:
+            _, self.key = await auth.create_key(conn, "bench", "bench", ["events:write", "logs:write"])
+        finally:
+            await conn.close()
+
+    @property
+    def db_name(self) -> str:
+        return urlsplit(self.settings.database_url).path.lstrip("/")
+
+    def topics(self, settings: Settings) -> None:
+        create_topics(settings)
+
+    def start(self, name: str, argv: list[str], settings: Settings, port: int | None = None,
+              health: str | None = None, **env: str) -> Service:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        process = subprocess.Popen(argv, cwd=ROOT, env=env_for(settings, **env), stdout=log, stderr=subprocess.STDOUT)
+        service = Service(name, process, port)
+        self.services.append(service)
+        if health:
+            wait_http(health, process, name)
+        return service
+
+    def gateway(self, settings: Settings, **env: str) -> Service:
+        port = free_port()
+        return self.start("gateway", [str(VENV_BIN / "tally"), "gateway", "--port", str(port)], settings, port,
+                          health=f"http://127.0.0.1:{port}/healthz", **env)
+
+    def processor(self, settings: Settings, name: str = "processor") -> Service:
+        return self.start(name, [str(VENV_BIN / "tally"), "process"], settings)
+
+    def bare(self, app: str) -> Service:
+        port = free_port()
+        argv = [str(VENV_BIN / "python"), "-m", "uvicorn", f"benchmarks.bare:{app}", "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        service = self.start(f"bare-{app}", argv, self.settings, port)
+        wait_port(port, service.process, service.name)
+        return service
+
+    def stop(self, service: Service) -> None:
+        service.stop()
+        self.services.remove(service)
+
+    async def teardown(self, keep: bool = False) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        if keep:
+            return
+        conn = await asyncpg.connect(self.base.database_url)
+        try:
+            await conn.execute(f'drop database if exists "{self.db_name}" with (force)')
+        finally:
+            await conn.close()
+        admin = AdminClient({"bootstrap.servers": self.base.kafka_bootstrap})
+        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(self.settings.topic_prefix)]
+        if names:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in admin.delete_topics(names).values()),
+                                 return_exceptions=True)
+        client = redis.Redis.from_url(self.base.redis_url)
+        keys = list(client.scan_iter(f"{self.settings.redis_prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited during start-up; see benchmarks/out/logs/{name}.log")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not answer {url} within {timeout_s:.0f}s")
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited during start-up; see benchmarks/out/logs/{name}.log")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not listen on {port} within {timeout_s:.0f}s")
