@@ -1,96 +1,253 @@
-"""The gateway's ASGI application: routes and lifecycle."""
+"""The gateway's ASGI application: routes, the pipeline every write goes through, and the lifecycle.
+
+Every write: API key (or webhook signature) -> rate limit -> Idempotency-Key -> body within its limit
+-> validation -> Kafka delivery report -> 202. Anything else is a problem+json with its status.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 
 import asyncpg
 import orjson
-from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ingest import batch, events, logs, webhooks
 from ingest.auth import KeyStore, Principal
+from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
-from ingest.problems import Problem, validation_errors
-from ingest.producer import EventProducer, Unavailable, producer_config
-from schemas.envelope import CONTENT_TYPE, SCHEMA_VERSION, CloudEvent, Envelope, utcnow
+from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
+from ingest.idempotency import IdempotencyStore, fingerprint, parse_key
+from ingest.metrics import Metrics, MetricsMiddleware
+from ingest.openapi import DOCS_PAGE, document
+from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
+from ingest.problems import Problem
+from ingest.producer import EventProducer, producer_config
+from ingest.publish import Publisher
+from ingest.ratelimit import Decision, Limit, RateLimiter
+from ingest.redisguard import RedisGuard
+from ingest.replay import ReplayMemory
+from ingest.signatures import SignatureError
+from schemas.envelope import Envelope, utcnow
+
+log = logging.getLogger("tally.gateway")
+
+Handler = Callable[[Request, Principal, bytes], Awaitable[Response]]
 
 
-def _json(body: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status, media_type="application/json")
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+def _reason(problem: Problem) -> str:
+    return problem.title.lower().replace(" ", "_").replace("-", "_")
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.producer: EventProducer | None = None
-        self.keys: KeyStore | None = None
+        self.metrics = Metrics()
+        self.sources = webhooks.load_sources(config.webhooks_file)
+        self.key_limit = Limit(config.rate_limit_per_s, config.rate_limit_burst)
+        self.webhook_limit = Limit(config.webhook_rate_limit_per_s, config.webhook_rate_limit_burst)
+        self.openapi = orjson.dumps(document(config))
         self._pool: asyncpg.Pool | None = None
+        self.keys: KeyStore
+        self.publisher: Publisher
+        self.guard: RedisGuard
+        self.limiter: RateLimiter
+        self.idempotency: IdempotencyStore
+        self.replays: ReplayMemory
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        self._pool = await asyncpg.create_pool(self.config.database_url, min_size=1, max_size=4)
-        self.keys = KeyStore(self._pool, self.config.key_cache_ttl_s)
-        self.producer = EventProducer(producer_config(self.config.kafka_bootstrap))
+        c = self.config
+        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4)
+        self.keys = KeyStore(self._pool, c.key_cache_ttl_s)
+        overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms}
+        producer = EventProducer(producer_config(c.kafka_bootstrap, **overrides), c.queue_full_wait_s)
+        self.metrics.track_queue(producer.queue_depth)
+        self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s)
+        self.guard = RedisGuard.connect(c.redis_url, c.redis_timeout_s, c.redis_failure_policy, self.metrics,
+                                        c.retry_after_s)
+        self.limiter = RateLimiter(self.guard, c.redis_prefix)
+        self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, c.idempotency_ttl_s,
+                                            c.idempotency_lock_s)
+        self.replays = ReplayMemory(self.guard, c.redis_prefix)
+        log.info("gateway ready: topic %s, %d webhook source(s)", c.topics.events, len(self.sources))
         try:
             yield
         finally:
-            self.producer.close()
+            left = producer.close()
+            if left:
+                log.error("shutdown: %d message(s) still undelivered after the flush", left)
+            await self.guard.close()
             await self._pool.close()
 
-    async def principal(self, request: Request) -> Principal:
+    async def principal(self, request: Request, scope: str) -> Principal:
+        """The key's principal; the tenant of every write comes from here and nowhere else."""
         scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secret:
+        if scheme.lower() != "bearer" or not secret.strip():
             raise Problem(401, "Unauthorized", "send Authorization: Bearer <api key>",
                           headers={"WWW-Authenticate": "Bearer"})
-        assert self.keys is not None
-        principal = await self.keys.authenticate(secret.strip())
+        try:
+            principal = await self.keys.authenticate(secret.strip())
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("key lookup failed: %s", exc)
+            raise Problem(503, "Service unavailable", "API keys cannot be checked right now",
+                          headers={"Retry-After": str(self.config.retry_after_s)}) from None
         if principal is None:
             raise Problem(401, "Unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        if scope not in principal.scopes:
+            raise Problem(403, "Forbidden", f"this API key lacks the scope {scope}", required_scope=scope)
         return principal
 
+    async def limited(self, route: str, policy: str, subject: str, limit: Limit) -> Decision:
+        decision = await self.limiter.check(policy, subject, limit)
+        if not decision.allowed:
+            self.metrics.rate_limited.labels(route).inc()
+            raise Problem(429, "Too many requests", f"rate limit of {policy} exceeded; retry after "
+                          f"{decision.retry_after_s} s", headers=decision.headers)
+        return decision
+
+    async def write(self, request: Request, route: str, policy: str, scope: str, max_bytes: int,
+                    handler: Handler) -> Response:
+        """The shared pipeline of the authenticated write routes."""
+        principal = await self.principal(request, scope)
+        decision = await self.limited(route, policy, principal.key_id, self.key_limit)
+        try:
+            raw_key = request.headers.get(IDEMPOTENCY_HEADER)
+            key = parse_key(raw_key) if raw_key is not None else None
+            body = await read_body(request, max_bytes)
+            if key is None:
+                response = await handler(request, principal, body)
+            else:
+                fp = fingerprint(request.method, route, request.headers, body)
+                response = await self.idempotency.run(principal.tenant, route, key, fp,
+                                                      lambda: handler(request, principal, body))
+        except Problem as problem:
+            if problem.status in (400, 413, 415):
+                self.metrics.rejected.labels(route, _reason(problem)).inc()
+            response = problem.response()
+        response.headers.update(decision.headers)
+        return response
+
     async def post_event(self, request: Request) -> Response:
-        principal = await self.principal(request)
-        body = await request.body()
+        return await self.write(request, "/v1/events", "events", "events:write", self.config.max_event_bytes,
+                                self._event)
+
+    async def _event(self, request: Request, principal: Principal, body: bytes) -> Response:
+        now = utcnow()
+        event = events.parse_single(request.headers, media_type(request), body, now, self.config.max_future_s)
+        await self.publisher.publish_one(Envelope.accept(event, principal.tenant, now))
+        self.metrics.accepted.labels("/v1/events").inc()
+        return _json({"id": event.id, "status": "accepted"}, 202)
+
+    async def post_batch(self, request: Request) -> Response:
+        return await self.write(request, "/v1/events/batch", "batch", "events:write", self.config.max_batch_bytes,
+                                self._batch)
+
+    async def _batch(self, request: Request, principal: Principal, body: bytes) -> Response:
+        media = media_type(request)
+        if media not in batch.BATCH_TYPES:
+            raise unsupported(media, batch.BATCH_TYPES)
+        now = utcnow()
+        items = []
+        for value in batch.check_items(parse_json(body), self.config.max_batch_items):
+            try:
+                items.append(batch.Item(event=events.validate(value, now, self.config.max_future_s)))
+            except Problem as problem:
+                items.append(batch.Item(problem=problem))
+        return await self._publish_items("/v1/events/batch", items, principal, now)
+
+    async def post_logs(self, request: Request) -> Response:
+        return await self.write(request, "/v1/logs", "logs", "logs:write", self.config.max_batch_bytes, self._logs)
+
+    async def _logs(self, request: Request, principal: Principal, body: bytes) -> Response:
+        media = media_type(request)
+        if media not in logs.LOG_TYPES:
+            raise unsupported(media, logs.LOG_TYPES)
+        values = batch.check_items(logs.split_body(media, body), self.config.max_batch_items, "a log request")
+        now = utcnow()
+        limit = now + timedelta(seconds=self.config.max_future_s)
+        items = []
+        for value in values:
+            try:
+                items.append(batch.Item(event=logs.to_event(value, limit)))
+            except Problem as problem:
+                items.append(batch.Item(problem=problem))
+        return await self._publish_items("/v1/logs", items, principal, now)
+
+    async def _publish_items(self, route: str, items: list[batch.Item], principal: Principal, now: datetime) -> Response:
+        for item in items:
+            if item.problem is not None:
+                self.metrics.rejected.labels(route, _reason(item.problem)).inc()
+        outcome = await batch.publish_items(items, principal.tenant, now, self.publisher,
+                                            self.config.retry_after_s)
+        self.metrics.accepted.labels(route).inc(outcome.accepted)
+        return _json(outcome.body, outcome.status)
+
+    async def post_webhook(self, request: Request) -> Response:
+        route = "/v1/webhooks/{source}"
+        client = request.client.host if request.client else "unknown"
+        decision = await self.limited(route, "webhooks", client, self.webhook_limit)
+        name = request.path_params["source"]
+        source = self.sources.get(name)
+        if source is None:
+            raise Problem(404, "Unknown webhook source", f"no webhook source named {name!r} is configured",
+                          headers=decision.headers)
+        body = await read_body(request, self.config.max_webhook_bytes)
         try:
-            event = CloudEvent.model_validate_json(body)
-        except ValidationError as exc:
-            raise Problem(400, "Invalid event", "the body is not a valid CloudEvent",
-                          errors=validation_errors(exc)) from exc
-        envelope = Envelope.accept(event, principal.tenant, utcnow())
-        await self.publish([envelope])
-        return _json({"id": envelope.id, "status": "accepted"}, 202)
-
-    async def publish(self, envelopes: list[Envelope]) -> None:
-        assert self.producer is not None
-        messages = [(e.key(), e.to_bytes(), self.headers(e)) for e in envelopes]
+            signed = source.verify(body, request.headers)
+        except SignatureError as exc:
+            self.metrics.webhooks_refused.labels(name, exc.reason).inc()
+            raise Problem(401, "Invalid signature", exc.detail, reason=exc.reason, headers=decision.headers) from None
+        key = webhooks.replay_key(source, signed, body)
+        if not await self.replays.first_time(key, source.replay_window_s):
+            self.metrics.webhooks_refused.labels(name, "replay").inc()
+            raise Problem(409, "Replayed webhook", "this signed message was already received", reason="replay",
+                          headers=decision.headers)
+        now = utcnow()
         try:
-            errors = await self.producer.send_many(self.config.topics.events, messages)
-        except Unavailable as exc:
-            raise self.unavailable(str(exc)) from exc
-        failed = [err for err in errors if err is not None]
-        if failed:
-            raise self.unavailable(str(failed[0]))
-
-    def unavailable(self, reason: str) -> Problem:
-        return Problem(503, "Event store unavailable", f"Kafka did not acknowledge the event: {reason}",
-                       headers={"Retry-After": "5"})
-
-    @staticmethod
-    def headers(envelope: Envelope) -> list[tuple[str, bytes]]:
-        return [
-            ("tenant", envelope.tenant.encode()),
-            ("content-type", CONTENT_TYPE.encode()),
-            ("schema-version", SCHEMA_VERSION.encode()),
-            ("received-at", envelope.received_at.isoformat().encode()),
-        ]
+            event = webhooks.to_event(source, signed, request.headers, media_type(request), body, now)
+            await self.publisher.publish_one(Envelope.accept(event, source.tenant, now))
+        except Problem:
+            await self.replays.forget(key)
+            raise
+        self.metrics.accepted.labels(route).inc()
+        return _json({"id": event.id, "status": "accepted"}, 202, decision.headers)
 
     async def healthz(self, _request: Request) -> Response:
         return _json({"status": "ok"})
+
+    async def readyz(self, _request: Request) -> Response:
+        """Kafka must answer; Redis too, unless the policy lets traffic through without it."""
+        kafka, redis = await asyncio.gather(
+            asyncio.to_thread(self.publisher.producer.reachable, self.config.topics.events, 2.0), self.guard.ping()
+        )
+        ready = kafka and (redis or self.config.redis_failure_policy == "open")
+        body = {"status": "ready" if ready else "unavailable", "kafka": "up" if kafka else "down",
+                "redis": "up" if redis else f"down (policy {self.config.redis_failure_policy})"}
+        return _json(body, 200 if ready else 503)
+
+    async def metrics_page(self, _request: Request) -> Response:
+        payload, content_type = self.metrics.exposition()
+        return Response(payload, 200, media_type=content_type)
+
+    async def openapi_document(self, _request: Request) -> Response:
+        return Response(self.openapi, 200, media_type="application/json")
+
+    async def docs(self, _request: Request) -> Response:
+        return Response(DOCS_PAGE, 200, media_type="text/html")
 
 
 async def _problem(_request: Request, exc: Exception) -> Response:
@@ -98,14 +255,34 @@ async def _problem(_request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405, as problem+json like every other error."""
+    assert isinstance(exc, HTTPException)
+    return Problem(exc.status_code, exc.detail, headers=dict(exc.headers or {})).response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response(orjson.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500}),
+                    500, media_type=PROBLEM_TYPE)
+
+
 def create_app(config: GatewayConfig) -> Starlette:
     gateway = Gateway(config)
     app = Starlette(
         routes=[
             Route("/v1/events", gateway.post_event, methods=["POST"]),
+            Route("/v1/events/batch", gateway.post_batch, methods=["POST"]),
+            Route("/v1/logs", gateway.post_logs, methods=["POST"]),
+            Route("/v1/webhooks/{source}", gateway.post_webhook, methods=["POST"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
+            Route("/readyz", gateway.readyz, methods=["GET"]),
+            Route("/metrics", gateway.metrics_page, methods=["GET"]),
+            Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
+            Route("/docs", gateway.docs, methods=["GET"]),
         ],
-        exception_handlers={Problem: _problem},
+        middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
+        exception_handlers={Problem: _problem, HTTPException: _http_error, Exception: _server_error},
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway

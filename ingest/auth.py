@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import asyncpg
 
 PREFIX = "tly_"
+SCOPES = ("events:write", "logs:write")
+DEFAULT_SCOPES = SCOPES
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
 
 from schemas.topics import Topics
+
+RedisFailurePolicy = Literal["open", "closed"]
 
 
 @dataclass(frozen=True)
@@ -15,3 +19,36 @@ class GatewayConfig:
     topics: Topics
     redis_prefix: str = "tally:"
     key_cache_ttl_s: float = 30.0
+
+    # body and batch limits: a request over them gets 413 before its body is read whole
+    max_event_bytes: int = 256 * 1024
+    max_batch_bytes: int = 8 * 1024 * 1024
+    max_batch_items: int = 1000
+    max_webhook_bytes: int = 1024 * 1024
+    max_future_s: float = 900.0
+
+    # Kafka: how long a request may wait for the broker before it gets 503
+    produce_timeout_ms: int = 10000
+    queue_full_wait_s: float = 2.0
+    linger_ms: int = 5
+    retry_after_s: int = 5
+
+    # Redis: idempotency, rate limits and webhook replay memory
+    redis_timeout_s: float = 0.5
+    redis_failure_policy: RedisFailurePolicy = "open"
+    idempotency_ttl_s: int = 24 * 3600
+    idempotency_lock_s: int = 60
+    rate_limit_per_s: float = 1000.0
+    rate_limit_burst: int = 2000
+    webhook_rate_limit_per_s: float = 50.0
+    webhook_rate_limit_burst: int = 100
+
+    # webhook sources (YAML: source -> scheme, tenant, secrets); none means the route answers 404
+    webhooks_file: Path | None = None
+
+    @classmethod
+    def from_prefixed(cls, values: dict[str, Any], prefix: str, **required: Any) -> "GatewayConfig":
+        """Build from a flat mapping such as settings with `gateway_`-prefixed names, ignoring the rest."""
+        names = {f.name for f in fields(cls)}
+        picked = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and k[len(prefix):] in names}
+        return cls(**required, **picked)

@@ -37,6 +37,8 @@ class EventProducer:
     def __init__(self, config: dict[str, Any], queue_full_wait_s: float = 2.0) -> None:
         self._producer = Producer(config)
         self._queue_full_wait_s = queue_full_wait_s
+        # librdkafka reports every message by message.timeout.ms; this is only a backstop past it
+        self._report_timeout_s = int(config.get("message.timeout.ms", 300000)) / 1000 + 5
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
         self._poller.start()
@@ -47,6 +49,15 @@ class EventProducer:
 
     def queue_depth(self) -> int:
         return len(self._producer)
+
+    def reachable(self, topic: str, timeout_s: float = 2.0) -> bool:
+        """Blocking: does a broker answer a metadata request for the topic within the timeout?"""
+        try:
+            metadata = self._producer.list_topics(topic, timeout=timeout_s)
+        except KafkaException:
+            return False
+        found = metadata.topics.get(topic)
+        return bool(metadata.brokers) and found is not None and found.error is None
 
     async def send(self, topic: str, key: bytes, value: bytes, headers: Headers) -> None:
         await self.send_many(topic, [(key, value, headers)])
@@ -75,7 +86,10 @@ class EventProducer:
         for index, (key, value, headers) in enumerate(messages):
             await self._produce(topic, key, value, headers, report(index))
         if messages:
-            await done
+            try:
+                await asyncio.wait_for(done, self._report_timeout_s)
+            except TimeoutError:
+                raise Unavailable("no delivery report in time") from None
         return results
 
     async def _produce(self, topic: str, key: bytes, value: bytes, headers: Headers, on_delivery: Any) -> None:

@@ -15,7 +15,9 @@ from tally.settings import Settings, get_settings
 def _gateway_config(settings: Settings):  # noqa: ANN202 - ingest's own type
     from ingest.config import GatewayConfig
 
-    return GatewayConfig(
+    return GatewayConfig.from_prefixed(
+        settings.model_dump(),
+        "gateway_",
         kafka_bootstrap=settings.kafka_bootstrap,
         database_url=settings.database_url,
         redis_url=settings.redis_url,
@@ -89,7 +91,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         conn = await asyncpg.connect(settings.database_url)
         try:
             if args.keys_command == "create":
-                key_id, secret = await auth.create_key(conn, args.tenant, args.name, args.scope or ["events:write"])
+                scopes = args.scope or list(auth.DEFAULT_SCOPES)
+                key_id, secret = await auth.create_key(conn, args.tenant, args.name, scopes)
                 print(f"id:     {key_id}\ntenant: {args.tenant}\nkey:    {secret}\n(the key is shown once; store it now)")
             elif args.keys_command == "list":
                 for row in await auth.list_keys(conn, args.tenant):
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create a key for a tenant; prints the secret once")
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default="")
-    create.add_argument("--scope", action="append", help="repeatable; default events:write")
+    create.add_argument("--scope", action="append", help="repeatable; default events:write and logs:write")
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--tenant")
     revoke = keys.add_parser("revoke", help="revoke a key by id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,26 @@ class Settings(BaseSettings):
     # gateway (ingest/)
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
+    gateway_key_cache_ttl_s: float = 30.0
+    gateway_max_event_bytes: int = 256 * 1024
+    gateway_max_batch_bytes: int = 8 * 1024 * 1024
+    gateway_max_batch_items: int = 1000
+    gateway_max_webhook_bytes: int = 1024 * 1024
+    gateway_max_future_s: float = Field(900.0, description="refuse events whose time is further ahead than this")
+    gateway_produce_timeout_ms: int = Field(10000, description="longest wait for Kafka's ack before 503")
+    gateway_queue_full_wait_s: float = 2.0
+    gateway_linger_ms: int = 5
+    gateway_retry_after_s: int = 5
+    gateway_redis_timeout_s: float = 0.5
+    gateway_redis_failure_policy: Literal["open", "closed"] = Field(
+        "open", description="Redis unreachable: open lets requests through (metric + log), closed answers 503")
+    gateway_idempotency_ttl_s: int = 24 * 3600
+    gateway_idempotency_lock_s: int = 60
+    gateway_rate_limit_per_s: float = Field(1000.0, description="token refill per API key and route")
+    gateway_rate_limit_burst: int = 2000
+    gateway_webhook_rate_limit_per_s: float = Field(50.0, description="token refill per client address")
+    gateway_webhook_rate_limit_burst: int = 100
+    gateway_webhooks_file: str = Field("", description="YAML file of webhook sources; empty: none")
 
     # processors (processors/, sinks/)
     consumer_group: str = "tally-processor"

@@ -1,0 +1,74 @@
+"""Many events in one request: every item stands alone, so valid items are accepted even when others are not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ingest.problems import Problem
+from ingest.publish import Publisher, unavailable
+from schemas.envelope import CloudEvent, Envelope
+
+BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One entry of a batch: a valid event, or the problem that keeps it out."""
+
+    event: CloudEvent | None = None
+    problem: Problem | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    accepted: int
+    rejected: int
+
+
+def check_items(value: Any, max_items: int, what: str = "a batch") -> list[Any]:
+    """The JSON array of a batch, within the configured length."""
+    if not isinstance(value, list):
+        raise Problem(400, "Invalid batch", f"{what} is a JSON array",
+                      errors=[{"field": "(body)", "message": "expected a JSON array"}])
+    if not value:
+        raise Problem(400, "Invalid batch", f"{what} is empty", errors=[{"field": "(body)", "message": "empty array"}])
+    if len(value) > max_items:
+        raise Problem(413, "Batch too long", f"{what} holds {len(value)} items; at most {max_items} are accepted",
+                      max_items=max_items, errors=[{"field": "(body)", "message": f"more than {max_items} items"}])
+    return value
+
+
+def _problem_body(problem: Problem) -> dict[str, Any]:
+    body = problem.body()
+    body.pop("type", None)
+    return body
+
+
+async def publish_items(items: list[Item], tenant: str, received_at: datetime, publisher: Publisher,
+                        retry_after_s: int) -> Outcome:
+    """Publish the valid items, report one result per item; 503 only if Kafka took none of them."""
+    valid = [(index, item.event) for index, item in enumerate(items) if item.event is not None]
+    envelopes = [Envelope.accept(event, tenant, received_at) for _, event in valid]
+    errors = await publisher.publish(envelopes) if envelopes else []
+    results: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if item.problem is not None:
+            results.append({"index": index, "status": "rejected", "problem": _problem_body(item.problem)})
+    for (index, event), error in zip(valid, errors, strict=True):
+        if error is None:
+            results.append({"index": index, "id": event.id, "status": "accepted"})
+        else:
+            results.append({"index": index, "id": event.id, "status": "failed",
+                            "problem": _problem_body(unavailable(error, retry_after_s))})
+    results.sort(key=lambda r: r["index"])
+    accepted = sum(1 for r in results if r["status"] == "accepted")
+    rejected = sum(1 for r in results if r["status"] == "rejected")
+    failed = len(results) - accepted - rejected
+    body = {"accepted": accepted, "rejected": rejected, "failed": failed, "results": results}
+    if accepted:
+        return Outcome(202, body, accepted, rejected)
+    raise Problem(400, "No valid events", "no item of the request is valid; see results", **body)

@@ -1,0 +1,58 @@
+"""Reading request bodies safely: size limits before and while reading, JSON parsed strictly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from ingest.problems import Problem
+
+
+def media_type(request: Request) -> str:
+    """The bare media type of the request, lower case, without parameters."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def too_large(limit: int) -> Problem:
+    return Problem(413, "Content too large", f"the body exceeds the limit of {limit} bytes for this route",
+                   max_bytes=limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Problem(400, "Invalid Content-Length", "Content-Length must be a non-negative integer")
+        if int(declared) > limit:
+            raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Problem(400, "Client disconnected", "the request body was not received whole") from None
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    """orjson is strict (no NaN, no lone surrogates), so whatever parses can be published as JSON again."""
+    if not body:
+        raise Problem(400, "Malformed JSON", f"{what} is empty", errors=[{"field": "(body)", "message": "empty"}])
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Malformed JSON", f"{what} is not valid JSON: {exc}",
+                      errors=[{"field": "(body)", "message": str(exc)}]) from None
+
+
+def unsupported(actual: str, allowed: tuple[str, ...]) -> Problem:
+    return Problem(415, "Unsupported media type",
+                   f"Content-Type {actual or '(none)'} is not accepted here; use one of: {', '.join(allowed)}",
+                   accepted=list(allowed), headers={"Accept-Post": ", ".join(allowed)})

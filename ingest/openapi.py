@@ -1,0 +1,156 @@
+"""The OpenAPI 3.1 document, written by hand (no framework generates it), and a docs page that renders it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ingest.config import GatewayConfig
+from ingest.logs import LEVELS
+
+PROBLEM = {"$ref": "#/components/schemas/Problem"}
+STRING = {"type": "string"}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": PROBLEM}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "malformed JSON, invalid event or header (the problem names the field)",
+        401: "no, unknown or revoked API key / bad webhook signature",
+        403: "the key lacks the scope",
+        404: "unknown webhook source",
+        409: "the same Idempotency-Key is still in flight / a replayed webhook",
+        413: "body or batch too large",
+        415: "unsupported Content-Type",
+        422: "Idempotency-Key reused with another payload",
+        429: "rate limited; see Retry-After and RateLimit",
+        503: "Kafka (or Redis with policy closed) unavailable; see Retry-After",
+    }
+    return {str(s): _problem(text[s]) for s in statuses}
+
+
+def _json_body(schema: dict[str, Any], *media: str) -> dict[str, Any]:
+    return {"required": True, "content": {m: {"schema": schema} for m in media}}
+
+
+IDEMPOTENCY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "1-255 visible ASCII characters; a retry with the same key gets the first response back",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21\\x23-\\x7e]+$"},
+}
+
+
+def document(config: GatewayConfig) -> dict[str, Any]:
+    """The document for this configuration (limits shown are the configured ones)."""
+    write_errors = _errors(400, 401, 403, 409, 413, 415, 422, 429, 503)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tally gateway",
+            "version": "1",
+            "description": "Durable, idempotent, rate-limited HTTP intake. A 2xx means Kafka acknowledged the "
+                           "event (acks=all). Errors are RFC 9457 problem+json.",
+        },
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "tly_... API key"}},
+            "schemas": {
+                "CloudEvent": {
+                    "type": "object", "required": ["id", "source", "type"],
+                    "properties": {
+                        "specversion": {"type": "string", "enum": ["1.0"]},
+                        "id": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "source": {"type": "string", "minLength": 1, "maxLength": 512},
+                        "type": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "time": {"type": "string", "format": "date-time",
+                                 "description": f"RFC 3339 with offset; at most {config.max_future_s:g} s ahead"},
+                        "subject": {"type": "string", "maxLength": 256},
+                        "datacontenttype": {"type": "string", "maxLength": 128},
+                        "dataschema": {"type": "string", "maxLength": 512},
+                        "data": {},
+                    },
+                },
+                "LogRecord": {
+                    "type": "object", "required": ["service", "message"],
+                    "properties": {
+                        "service": {"type": "string", "minLength": 1, "maxLength": 128},
+                        "level": {"type": "string", "enum": sorted(LEVELS)},
+                        "message": {"type": "string", "maxLength": 65536},
+                        "time": {"type": "string", "format": "date-time"},
+                        "attributes": {"type": "object"},
+                        "trace_id": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+                        "span_id": {"type": "string", "pattern": "^[0-9a-fA-F]{16}$"},
+                        "id": {"type": "string", "minLength": 1, "maxLength": 256},
+                    },
+                },
+                "Accepted": {"type": "object", "properties": {"id": STRING, "status": {"const": "accepted"}}},
+                "ItemResults": {
+                    "type": "object",
+                    "properties": {
+                        "accepted": {"type": "integer"}, "rejected": {"type": "integer"}, "failed": {"type": "integer"},
+                        "results": {"type": "array", "items": {"type": "object", "properties": {
+                            "index": {"type": "integer"}, "id": STRING,
+                            "status": {"enum": ["accepted", "rejected", "failed"]}, "problem": PROBLEM}}},
+                    },
+                },
+                "Problem": {
+                    "type": "object",
+                    "properties": {"type": STRING, "title": STRING, "status": {"type": "integer"}, "detail": STRING,
+                                   "errors": {"type": "array", "items": {"type": "object", "properties": {
+                                       "field": STRING, "message": STRING}}}},
+                },
+            },
+        },
+        "paths": {
+            "/v1/events": {"post": {
+                "summary": "Publish one CloudEvent (structured mode, or binary mode with ce-* headers)",
+                "security": [{"apiKey": []}], "parameters": [IDEMPOTENCY],
+                "requestBody": _json_body({"$ref": "#/components/schemas/CloudEvent"},
+                                          "application/cloudevents+json", "application/json"),
+                "responses": {"202": {"description": "acknowledged by Kafka", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}}, **write_errors},
+            }},
+            "/v1/events/batch": {"post": {
+                "summary": f"Publish up to {config.max_batch_items} CloudEvents; each item is accepted or rejected alone",
+                "security": [{"apiKey": []}], "parameters": [IDEMPOTENCY],
+                "requestBody": _json_body({"type": "array", "items": {"$ref": "#/components/schemas/CloudEvent"}},
+                                          "application/cloudevents-batch+json", "application/json"),
+                "responses": {"202": {"description": "at least one item acknowledged by Kafka; see results",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/ItemResults"}}}}, **write_errors},
+            }},
+            "/v1/logs": {"post": {
+                "summary": "Publish log records (an object, an array, or application/x-ndjson lines)",
+                "security": [{"apiKey": []}], "parameters": [IDEMPOTENCY],
+                "requestBody": _json_body({"oneOf": [{"$ref": "#/components/schemas/LogRecord"}, {
+                    "type": "array", "items": {"$ref": "#/components/schemas/LogRecord"}}]}, "application/json"),
+                "responses": {"202": {"description": "at least one record acknowledged by Kafka; see results",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/ItemResults"}}}}, **write_errors},
+            }},
+            "/v1/webhooks/{source}": {"post": {
+                "summary": "A third party's signed webhook (Stripe, Standard Webhooks or HMAC, per configured source)",
+                "parameters": [{"name": "source", "in": "path", "required": True,
+                                "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                "responses": {"202": {"description": "verified and acknowledged by Kafka", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
+                    **_errors(400, 401, 404, 409, 413, 429, 503)},
+            }},
+            "/healthz": {"get": {"summary": "alive", "responses": {"200": {"description": "alive"}}}},
+            "/readyz": {"get": {"summary": "Kafka (and Redis) reachable", "responses": {
+                "200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
+        },
+    }
+
+
+DOCS_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Tally gateway API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+</body></html>
+"""

@@ -1,0 +1,83 @@
+"""Redis calls behind one policy: when Redis is unreachable the gateway degrades, it never answers 500.
+
+With policy "open" (the default) the request goes on without the Redis feature (no rate limit, no
+stored idempotent response, no replay memory): events stay safe because the processors deduplicate by
+(tenant, source, id). With policy "closed" the request gets 503 and Retry-After. Either way a metric
+counts the failure and a log line says so, at most once per operation every few seconds.
+After a failure Redis is not asked again for a short while, so a dead Redis costs no timeout per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable
+from typing import NoReturn, TypeVar
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from ingest.config import RedisFailurePolicy
+from ingest.metrics import Metrics
+from ingest.problems import Problem
+
+log = logging.getLogger("tally.gateway.redis")
+T = TypeVar("T")
+
+LOG_EVERY_S = 10.0
+
+
+class RedisDown(Exception):
+    """Redis failed and the policy lets the request go on without it."""
+
+
+class RedisGuard:
+    def __init__(self, client: redis.Redis, policy: RedisFailurePolicy, metrics: Metrics,
+                 retry_after_s: int = 5, pause_s: float = 1.0) -> None:
+        self.client = client
+        self.policy = policy
+        self._metrics = metrics
+        self._retry_after_s = retry_after_s
+        self._pause_s = pause_s
+        self._down_until = 0.0
+        self._logged: dict[str, float] = {}
+
+    @classmethod
+    def connect(cls, url: str, timeout_s: float, policy: RedisFailurePolicy, metrics: Metrics,
+                retry_after_s: int = 5) -> "RedisGuard":
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                      retry_on_timeout=False, max_connections=256)
+        return cls(client, policy, metrics, retry_after_s)
+
+    async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
+        """Await a Redis call; on failure raise RedisDown (policy open) or a 503 Problem (policy closed)."""
+        if time.monotonic() < self._down_until:
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()
+            self._failed(operation, "Redis marked down after a recent failure")
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + self._pause_s
+            self._failed(operation, f"{type(exc).__name__}: {exc}")
+
+    def _failed(self, operation: str, reason: str) -> NoReturn:
+        self._metrics.redis_failures.labels(operation).inc()
+        now = time.monotonic()
+        if now - self._logged.get(operation, 0.0) >= LOG_EVERY_S:
+            self._logged[operation] = now
+            log.warning("redis unavailable during %s (policy %s): %s", operation, self.policy, reason)
+        if self.policy == "closed":
+            raise Problem(503, "Service unavailable", "a dependency of the gateway (Redis) is unreachable",
+                          headers={"Retry-After": str(self._retry_after_s)})
+        raise RedisDown(operation)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()
