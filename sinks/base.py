@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from schemas.counters import CounterDelta
 from schemas.envelope import Envelope
 
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -16,11 +17,16 @@ T_contra = TypeVar("T_contra", contravariant=True)
 
 @dataclass(frozen=True)
 class Record:
-    """An envelope and where it was read from, so storage can point back at the log."""
+    """An envelope, where it was read from, and what it adds to counters if it turns out to be new.
+
+    `counted` is false for an event older than the late-event horizon: it is stored, not counted.
+    """
 
     envelope: Envelope
     partition: int
     offset: int
+    deltas: tuple[CounterDelta, ...] = ()
+    counted: bool = True
 
 
 class Sink(Protocol, Generic[T_contra]):

@@ -1,56 +1,137 @@
-"""PostgreSQL sink: dedup claims and events written in one transaction."""
+"""PostgreSQL sink: dedup claims, new events, counter windows and the outbox in one transaction.
+
+Either the whole batch commits (its keys claimed, its new events stored, their counter deltas
+applied, the touched windows queued for publication) or none of it does, so a re-delivered event
+is always a duplicate and never counted twice. Keys and counters are touched in sorted order so
+that concurrent consumers lock rows in the same order and do not deadlock.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import asyncpg
 import orjson
 
+from schemas.counters import CounterDelta
 from sinks.base import Record
 
 _CLAIM = """
 insert into event_keys (tenant, source, id)
-select * from unnest($1::text[], $2::text[], $3::text[])
+select * from unnest($1::text[], $2::text[], $3::text[]) as k(tenant, source, id)
+order by tenant, source, id
 on conflict do nothing
 returning tenant, source, id
 """
 
 _EVENT_COLUMNS = (
-    "tenant", "source", "id", "type", "subject", "time", "received_at", "data", "kafka_partition", "kafka_offset",
+    "tenant", "source", "id", "type", "subject", "time", "received_at", "data",
+    "kafka_partition", "kafka_offset", "counted",
 )
+
+_UPSERT_COUNTERS = """
+insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end,
+                           subject, grp, value, count, latest_time)
+select k, t, m, a, w, ws, we, s, g::jsonb, v, n, lt
+from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
+            $8::text[], $9::text[], $10::numeric[], $11::bigint[], $12::timestamptz[])
+     as u(k, t, m, a, w, ws, we, s, g, v, n, lt)
+order by k
+on conflict (key) do update set
+    value = case c.aggregation
+        when 'COUNT' then c.value + excluded.value
+        when 'SUM' then c.value + excluded.value
+        when 'MAX' then greatest(c.value, excluded.value)
+        when 'MIN' then least(c.value, excluded.value)
+        else case when excluded.latest_time >= c.latest_time then excluded.value else c.value end
+    end,
+    count = c.count + excluded.count,
+    latest_time = greatest(c.latest_time, excluded.latest_time),
+    revision = c.revision + 1,
+    updated_at = now()
+"""
+
+# DO UPDATE rather than DO NOTHING: it waits for a publisher holding the row, so a publisher can never
+# delete a queued key after reading an older counter state than the one this transaction commits.
+_QUEUE = """
+insert into counter_outbox (key) select k from unnest($1::text[]) as u(k) order by k
+on conflict (key) do update set queued_at = now()
+"""
+
+
+@dataclass
+class StoreResult:
+    new: list[Record] = field(default_factory=list)
+    duplicates: int = 0
+    counters: int = 0
 
 
 class PostgresSink:
-    """Persists each (tenant, source, id) once: the claim and the insert commit together or not at all."""
+    """Persists each (tenant, source, id) once and applies its counter deltas in the same transaction."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._pending: list[Record] = []
-        self.last_new = 0
+        self.last = StoreResult()
 
     async def write(self, batch: Sequence[Record]) -> None:
+        """Queue records; the caller removed duplicates inside the batch (processors.dedup)."""
         self._pending.extend(batch)
 
     async def flush(self) -> None:
-        if not self._pending:
-            self.last_new = 0
+        records, self._pending = self._pending, []
+        if not records:
+            self.last = StoreResult()
             return
-        unique: dict[tuple[str, str, str], Record] = {}
-        for record in self._pending:
-            e = record.envelope
-            unique.setdefault((e.tenant, e.source, e.id), record)
+        by_key = {(r.envelope.tenant, r.envelope.source, r.envelope.id): r for r in records}
+        keys = sorted(by_key)
         async with self._pool.acquire() as conn, conn.transaction():
-            keys = list(unique)
-            claimed = await conn.fetch(_CLAIM, *(list(col) for col in zip(*keys)))
-            new = [unique[(r["tenant"], r["source"], r["id"])] for r in claimed]
+            claimed = await conn.fetch(_CLAIM, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+            new = [by_key[(r["tenant"], r["source"], r["id"])] for r in claimed]
             if new:
                 await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
-        self.last_new = len(new)
-        self._pending.clear()
+            deltas = merge_deltas(new)
+            if deltas:
+                await conn.execute(_UPSERT_COUNTERS, *_counter_columns(deltas))
+                await conn.execute(_QUEUE, [text for text, _ in deltas])
+        self.last = StoreResult(new=new, duplicates=len(records) - len(new), counters=len(deltas))
+
+    async def ensure_partitions(self, months_back: int, months_ahead: int) -> int:
+        """Create the monthly events partitions around now; returns how many were created."""
+        async with self._pool.acquire() as conn:
+            return await conn.fetchval("select tally_ensure_event_partitions($1, $2)", months_back, months_ahead)
+
+
+def merge_deltas(records: Sequence[Record]) -> list[tuple[str, CounterDelta]]:
+    """One delta per counter window, sorted by key, from the deltas of every record."""
+    merged: dict[str, CounterDelta] = {}
+    for record in records:
+        for delta in record.deltas:
+            text = delta.key.to_text()
+            current = merged.get(text)
+            if current is None:
+                merged[text] = CounterDelta(delta.key, delta.window_end, delta.aggregation, delta.value,
+                                            delta.count, delta.latest_time)
+            else:
+                current.merge(delta)
+    return sorted(merged.items(), key=lambda item: item[0])
+
+
+def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:
+    columns: list[list] = [[] for _ in range(12)]
+    for text, d in deltas:
+        k = d.key
+        for column, value in zip(columns, (
+            text, k.tenant, k.meter, d.aggregation.value, k.window, k.window_start, d.window_end,
+            k.subject, orjson.dumps(dict(k.group)).decode(), d.value, d.count, d.latest_time,
+        )):
+            column.append(value)
+    return columns
 
 
 def _row(record: Record) -> tuple:
     e = record.envelope
     data = None if e.data is None else orjson.dumps(e.data).decode()
-    return (e.tenant, e.source, e.id, e.type, e.subject, e.time, e.received_at, data, record.partition, record.offset)
+    return (e.tenant, e.source, e.id, e.type, e.subject, e.time, e.received_at, data,
+            record.partition, record.offset, record.counted)

@@ -42,28 +42,71 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
-    from processors.consumer import Processor, ProcessorConfig
-    from sinks.postgres import PostgresSink
+def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
+    from processors.consumer import ProcessorConfig
+    from processors.service import ServiceConfig
 
-    async def run() -> None:
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-        config = ProcessorConfig(
+    return ServiceConfig(
+        processor=ProcessorConfig(
             kafka_bootstrap=settings.kafka_bootstrap,
             group_id=settings.consumer_group,
             topic=settings.topics.events,
             batch_max_messages=settings.batch_max_messages,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000,
-        )
-        processor = Processor(config, PostgresSink(pool))
-        processor.install_signal_handlers()
-        try:
-            await processor.run()
-        finally:
-            await pool.close()
+            retry_initial_s=settings.retry_initial_ms / 1000,
+            retry_max_s=settings.retry_max_ms / 1000,
+            crash_at=settings.crash_at,
+        ),
+        database_url=settings.database_url,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+        counters_topic=settings.topics.counters,
+        dlq_topic=settings.topics.dlq,
+        meters_file=settings.meters_file,
+        meters_inline=settings.meters,
+        accept_types=settings.accept_types,
+        late_horizon_s=settings.late_horizon_s,
+        metrics_host=settings.processor_metrics_host,
+        metrics_port=settings.processor_metrics_port,
+        publish_timeout_ms=settings.publish_timeout_ms,
+        redis_counter_ttl_s=settings.redis_counter_ttl_s,
+    )
 
-    asyncio.run(run())
+
+def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
+    from processors.service import run
+
+    asyncio.run(run(_processor_config(settings)))
     return 0
+
+
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from processors import dlq
+
+    selection = dlq.Selection(args.stage, args.error_class, *(args.position or (None, None)))
+    letters = [item for item in dlq.read_letters(settings.kafka_bootstrap, settings.topics.dlq) if selection(item)]
+    if args.dlq_command == "list":
+        for item in letters:
+            print(dlq.summary_line(item))
+        print(f"{len(letters)} dead letters")
+    elif args.dlq_command == "show":
+        if not letters:
+            print("no dead letter matches", file=sys.stderr)
+            return 1
+        print("\n\n".join(dlq.detail(item) for item in letters))
+    elif args.dry_run:
+        print(f"would replay {len(letters)} dead letters")
+    else:
+        from sinks.kafka import KafkaPublisher
+
+        publisher = KafkaPublisher(settings.kafka_bootstrap, settings.publish_timeout_ms)
+        dlq.replay(letters, publisher, lambda done, total: print(f"replayed {done}/{total}", flush=True))
+    return 0
+
+
+def _dlq_position(text: str) -> tuple[int, int]:
+    partition, _, offset = text.partition(":")
+    return int(partition), int(offset)
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
@@ -127,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("process", help="run a stream processor (one consumer-group member)").set_defaults(func=cmd_process)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(func=cmd_migrate)
+
+    dlq = sub.add_parser("dlq", help="inspect and replay dead letters").add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq.add_parser("list", help="one line per dead letter: position, stage, error, origin, message")
+    dlq_show = dlq.add_parser("show", help="headers and payload of dead letters")
+    dlq_show.add_argument("position", type=_dlq_position, help="PARTITION:OFFSET in the dead-letter topic")
+    dlq_replay = dlq.add_parser("replay", help="re-publish dead letters to their source topic (safe to repeat)")
+    dlq_replay.add_argument("--dry-run", action="store_true")
+    for p in (dlq_list, dlq_replay):
+        p.add_argument("--position", type=_dlq_position, help="only PARTITION:OFFSET")
+    for p in (dlq_list, dlq_show, dlq_replay):
+        p.add_argument("--stage", help="only letters of this stage (decode, validate, meter)")
+        p.add_argument("--error-class", help="only letters of this error class")
+        p.set_defaults(func=cmd_dlq)
 
     topics = sub.add_parser("topics", help="manage Kafka topics").add_subparsers(dest="topics_command", required=True)
     topics.add_parser("create", help="create the topics (idempotent)").set_defaults(func=cmd_topics_create)

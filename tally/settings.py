@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     consumer_group: str = "tally-processor"
     batch_max_messages: int = 5000
     batch_max_wait_ms: int = 200
+    meters_file: str = Field("", description="YAML or JSON meters file; empty: events per type per subject")
+    meters: str = Field("", description="meters as inline YAML or JSON; wins over meters_file")
+    accept_types: str = Field("*", description="comma-separated event type globs; other types are dead-lettered")
+    late_horizon_s: int = Field(86400, description="events older than this at receipt are stored, not counted")
+    processor_metrics_host: str = "127.0.0.1"
+    processor_metrics_port: int = Field(9102, description="0 disables the processor's /metrics")
+    retry_initial_ms: int = 100
+    retry_max_ms: int = 10000
+    publish_timeout_ms: int = 30000
+    redis_counter_ttl_s: int = Field(7 * 24 * 3600, description="how long a counter stays cached after its window")
+    crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
 
     # benchmarks
 

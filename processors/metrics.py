@@ -1,0 +1,39 @@
+"""Prometheus metrics of the processor, served on the processor's metrics port."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("tally.processor.metrics")
+
+CONSUMED = Counter("tally_processor_consumed_total", "Messages consumed from the events topic")
+PERSISTED = Counter("tally_processor_persisted_total", "New events persisted to PostgreSQL")
+DUPLICATES = Counter("tally_processor_duplicates_total", "Events recognised as duplicates and skipped")
+DEAD_LETTERED = Counter("tally_processor_dead_lettered_total", "Messages sent to the dead-letter topic",
+                        ["stage", "error_class"])
+LATE = Counter("tally_processor_late_events_total", "Events older than the late horizon: stored, not counted")
+COUNTERS_PUBLISHED = Counter("tally_processor_counter_states_published_total", "Counter states acked by the topic")
+RETRIES = Counter("tally_processor_retries_total", "Retries of a failed step", ["step"])
+ABANDONED = Counter("tally_processor_batches_abandoned_total", "Batches given up uncommitted", ["reason"])
+COMMIT_FAILURES = Counter("tally_processor_commit_failures_total", "Offset commits that failed for good")
+BATCH_SIZE = Histogram("tally_processor_batch_size", "Messages per batch",
+                       buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000))
+BATCH_SECONDS = Histogram("tally_processor_batch_duration_seconds", "Time from consume to offset commit")
+COMMIT_SECONDS = Histogram("tally_processor_commit_latency_seconds", "Time to commit offsets",
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+END_TO_END_SECONDS = Histogram("tally_processor_end_to_end_seconds", "Gateway receipt to offset commit",
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+LAG = Gauge("tally_processor_consumer_lag", "High watermark minus committed offset", ["topic", "partition"])
+
+
+def serve(host: str, port: int) -> None:
+    """Start the metrics endpoint; a busy port is logged, not fatal (metrics never stop processing)."""
+    if port <= 0:
+        return
+    try:
+        start_http_server(port, addr=host)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+    except OSError as exc:
+        log.warning("metrics port %d unavailable: %s", port, exc)

@@ -1,0 +1,97 @@
+"""Counter windows: the key that names one window and the absolute state published for it.
+
+`tally.counters.v1` is compacted: its key is `CounterKey.to_bytes()` and its value the latest
+`CounterState`, so re-publishing a state is harmless and the newest value per key wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+from schemas.meters import Aggregation
+
+Scalar = str | int | float | bool | None
+
+
+@dataclass(frozen=True, order=True)
+class CounterKey:
+    """One counter window: a meter's value for a tenant, subject and group, from window_start."""
+
+    tenant: str
+    meter: str
+    window: str
+    window_start: datetime
+    subject: str | None
+    group: tuple[tuple[str, Scalar], ...]
+
+    def to_text(self) -> str:
+        """Stable, unambiguous text: the primary key in PostgreSQL and the Kafka message key."""
+        return orjson.dumps([
+            self.tenant, self.meter, self.window, self.window_start.isoformat(), self.subject,
+            dict(self.group),
+        ]).decode()
+
+    def to_bytes(self) -> bytes:
+        return self.to_text().encode()
+
+
+@dataclass
+class CounterDelta:
+    """What a set of new events adds to one counter window, before it meets the stored state."""
+
+    key: CounterKey
+    window_end: datetime
+    aggregation: Aggregation
+    value: Decimal
+    count: int
+    latest_time: datetime
+
+    def merge(self, other: "CounterDelta") -> None:
+        """Fold another delta for the same key into this one, by the meter's aggregation."""
+        if self.aggregation in (Aggregation.COUNT, Aggregation.SUM):
+            self.value += other.value
+        elif self.aggregation is Aggregation.MAX:
+            self.value = max(self.value, other.value)
+        elif self.aggregation is Aggregation.MIN:
+            self.value = min(self.value, other.value)
+        elif other.latest_time >= self.latest_time:
+            self.value = other.value
+        self.count += other.count
+        self.latest_time = max(self.latest_time, other.latest_time)
+
+
+class CounterState(BaseModel):
+    """The absolute state of one counter window, as published and cached.
+
+    `value` is a decimal string so that billing sums stay exact; `revision` grows by one with every
+    committed update, so a reader can tell a newer state from an older one.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    key: str
+    tenant: str
+    meter: str
+    aggregation: Aggregation
+    window: str
+    window_start: datetime
+    window_end: datetime
+    subject: str | None
+    group: dict[str, Any]
+    value: str
+    count: int
+    revision: int
+    updated_at: datetime
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "CounterState":
+        return cls.model_validate_json(raw)

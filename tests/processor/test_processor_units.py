@@ -1,0 +1,148 @@
+"""Windows, meters, counter merging, validation and dead-letter headers, without services."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from processors.batch import Validator
+from processors.meters import MeterError, MeterSet, load_meters
+from processors.windows import bounds
+from schemas.counters import CounterState
+from schemas.deadletter import DeadLetter
+from schemas.envelope import Envelope
+from schemas.meters import Aggregation, Meter, MetersConfig, Window
+from sinks.base import Record
+from sinks.postgres import merge_deltas
+
+UTC = timezone.utc
+
+
+def at(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("window", "moment", "start", "end"), [
+    (Window.MINUTE, at(2026, 3, 1, 10, 5, 59), at(2026, 3, 1, 10, 5), at(2026, 3, 1, 10, 6)),
+    (Window.HOUR, at(2026, 3, 1, 23, 59, 59), at(2026, 3, 1, 23), at(2026, 3, 2)),
+    (Window.DAY, at(2024, 2, 29, 12), at(2024, 2, 29), at(2024, 3, 1)),
+    (Window.MONTH, at(2026, 12, 31, 23, 59), at(2026, 12, 1), at(2027, 1, 1)),
+    (Window.MONTH, at(2026, 2, 1), at(2026, 2, 1), at(2026, 3, 1)),
+])
+def test_window_bounds_are_utc_calendar_windows(window: Window, moment: datetime, start: datetime, end: datetime) -> None:
+    assert bounds(window, moment) == (start, end)
+
+
+def test_an_offset_time_lands_in_its_utc_window() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    assert bounds(Window.DAY, datetime(2026, 3, 2, 1, 0, tzinfo=plus_two)) == (at(2026, 3, 1), at(2026, 3, 2))
+
+
+def event(n: int, data: object, type_: str = "api.call", time_: datetime | None = None, **kw: object) -> Envelope:
+    t = time_ or at(2026, 3, 1, 10, n)
+    return Envelope(id=f"e{n}", source="s", type=type_, subject="c1", time=t, received_at=kw.pop("received_at", t),
+                    data=data, tenant="t1", **kw)
+
+
+def meters(*defs: Meter) -> MeterSet:
+    return MeterSet(MetersConfig(meters=list(defs)))
+
+
+@pytest.mark.parametrize(("aggregation", "expected"), [
+    (Aggregation.SUM, Decimal("10.5")), (Aggregation.MAX, Decimal("7")), (Aggregation.MIN, Decimal("1")),
+    (Aggregation.LATEST, Decimal("2.5")),
+])
+def test_aggregations_merge_by_their_rule(aggregation: Aggregation, expected: Decimal) -> None:
+    ms = meters(Meter(slug="m", event_type="api.*", aggregation=aggregation, value_path="data.v", windows=(Window.DAY,)))
+    # The LATEST value is the one with the latest event time, not the last one read.
+    values = [(1, 1), (7, "2.5"), (3, 7)]
+    records = [Record(event(n, {"v": v}), 0, n, tuple(ms.deltas(event(n, {"v": v})))) for n, v in values]
+    [(_, delta)] = merge_deltas(records)
+    assert (delta.value, delta.count) == (expected, 3)
+
+
+def test_meters_filter_by_type_and_group_by_paths() -> None:
+    ms = meters(Meter(slug="calls", event_type="api.*", group_by={"region": "data.region", "kind": "type"},
+                      windows=(Window.HOUR, Window.MONTH)))
+    assert ms.deltas(event(1, {}, type_="web.click")) == []
+    deltas = ms.deltas(event(1, {"region": "eu"}))
+    assert [(d.key.window, d.key.group) for d in deltas] == [
+        ("hour", (("kind", "api.call"), ("region", "eu"))), ("month", (("kind", "api.call"), ("region", "eu"))),
+    ]
+    assert ms.deltas(event(2, {}))[0].key.group == (("kind", "api.call"), ("region", None))
+
+
+@pytest.mark.parametrize("data", [{}, {"v": None}, {"v": "abc"}, {"v": True}, {"v": [1]}, {"v": "NaN"}, {"v": "1e999"}])
+def test_a_meter_that_cannot_read_its_value_refuses_the_event(data: object) -> None:
+    ms = meters(Meter(slug="m", aggregation=Aggregation.SUM, value_path="data.v"))
+    with pytest.raises(MeterError):
+        ms.deltas(event(1, data))
+
+
+def test_meter_definitions_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs a value_path"):
+        Meter(slug="m", aggregation=Aggregation.SUM)
+    with pytest.raises(ValueError, match="COUNT takes no value_path"):
+        Meter(slug="m", value_path="data.v")
+    config = load_meters(inline="meters: [{slug: tokens, event_type: 'llm.*', aggregation: SUM, value_path: data.t,"
+                                " windows: [minute, month]}]")
+    assert config.meters[0].windows == (Window.MINUTE, Window.MONTH)
+    assert [m.slug for m in load_meters().meters] == ["events"]
+
+
+class FakeMessage:
+    def __init__(self, value: bytes | None, offset: int, partition: int = 0) -> None:
+        self._value, self._offset, self._partition = value, offset, partition
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def headers(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "events"
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_validation_sets_poison_aside_with_its_reason_and_marks_late_events() -> None:
+    validator = Validator(meters(Meter(slug="m", aggregation=Aggregation.SUM, value_path="data.v")),
+                          ["api.*"], timedelta(hours=1))
+    now = at(2026, 3, 1, 12)
+    good = event(1, {"v": 1})
+    late = event(2, {"v": 1}, time_=now - timedelta(hours=3), received_at=now)
+    messages = [
+        FakeMessage(good.to_bytes(), 0), FakeMessage(b"{not json", 1), FakeMessage(b'{"id": "x"}', 2),
+        FakeMessage(event(3, {"v": 1}, type_="web.click").to_bytes(), 3), FakeMessage(event(4, {}).to_bytes(), 4),
+        FakeMessage(None, 5), FakeMessage(late.to_bytes(), 6), FakeMessage(event(7, {"v": "a\u0000"}).to_bytes(), 7),
+    ]
+    batch = validator.batch(messages, now)  # type: ignore[arg-type]
+    assert [(d.offset, d.stage, d.error_class) for d in batch.dead_letters] == [
+        (1, "decode", "InvalidJSON"), (2, "decode", "SchemaMismatch"), (3, "validate", "UnknownEventType"),
+        (4, "meter", "MeterError"), (5, "decode", "EmptyMessage"), (7, "decode", "UnstorableValue"),
+    ]
+    assert [(r.offset, r.counted, len(r.deltas)) for r in batch.records] == [(0, True, 2), (6, False, 0)]
+    assert batch.late == 1
+    assert [(tp.partition, tp.offset) for tp in batch.commit_offsets()] == [(0, 8)]
+
+
+def test_dead_letter_headers_round_trip() -> None:
+    letter = DeadLetter("decode", "InvalidJSON", "bad", "events", 2, 41, at(2026, 3, 1), 2, b"k", b"v")
+    assert DeadLetter.from_message(letter.headers(), b"k", b"v") == letter
+
+
+def test_counter_state_round_trips_with_an_exact_decimal_value() -> None:
+    state = CounterState(key="k", tenant="t", meter="m", aggregation=Aggregation.SUM, window="day",
+                         window_start=at(2026, 3, 1), window_end=at(2026, 3, 2), subject=None, group={},
+                         value="0.30000000000000000001", count=3, revision=2, updated_at=at(2026, 3, 1, 5))
+    assert CounterState.from_bytes(state.to_bytes()) == state
