@@ -1,0 +1,78 @@
+"""Poison mixed into good events: poison lands in the DLQ with its reason, the good ones are persisted,
+and a replay after fixing the cause persists the fixed ones exactly once, however often it runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import asyncpg
+import orjson
+
+from schemas.deadletter import DeadLetter
+from tally.settings import ROOT, Settings
+from tests.processor.helpers import counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for
+from tests.support import env_for, read_topic, running
+
+METERS = """
+meters:
+  - {slug: events, event_type: "*", group_by: {type: type}, windows: [hour, day]}
+  - {slug: revenue, event_type: "order.*", aggregation: SUM, value_path: data.amount, windows: [day]}
+"""
+
+
+def tally(settings: Settings, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env_for(settings), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def letters(settings: Settings) -> list[DeadLetter]:
+    return [DeadLetter.from_message(m.headers(), m.key(), m.value())
+            for m in read_topic(settings.kafka_bootstrap, settings.topics.dlq, idle_s=1.0)]
+
+
+async def test_poison_goes_to_the_dlq_with_its_reason_and_a_replay_after_the_fix_persists_it_once(
+    isolated: Settings, db: asyncpg.Connection
+) -> None:
+    tenant = f"poison-{uuid.uuid4().hex[:8]}"
+    strict = isolated.model_copy(update={"accept_types": "order.*", "meters": METERS, "processor_metrics_port": 0})
+    good = [envelope(tenant, n, data={"amount": n}) for n in range(100)]
+    refunds = [envelope(tenant, 1000 + n, type_="refund.issued", data={"amount": 1}) for n in range(5)]
+    unmeterable = [envelope(tenant, 2000 + n, data={"amount": "lots"}) for n in range(5)]
+    schema_mismatch = [(b"k", orjson.dumps({"id": f"x{n}", "source": "shop", "type": "order.placed"})) for n in range(5)]
+    not_json = [(b"k", b"{oops " + str(n).encode()) for n in range(5)]
+    produce(strict, good[:50] + not_json + refunds + schema_mismatch + good[50:] + unmeterable)
+
+    with running("processor", ["process"], strict):
+        await wait_for(lambda: drained(strict, db), 60, "the processor to drain the topic")
+    assert await event_count(db, tenant) == 100
+
+    reasons = sorted((d.stage, d.error_class, d.topic, d.attempts) for d in letters(strict))
+    assert reasons == sorted(
+        [("decode", "InvalidJSON", strict.topics.events, 1)] * 5 + [("decode", "SchemaMismatch", strict.topics.events, 1)] * 5
+        + [("validate", "UnknownEventType", strict.topics.events, 1)] * 5 + [("meter", "MeterError", strict.topics.events, 1)] * 5
+    )
+    listing = tally(strict, "dlq", "list", "--error-class", "UnknownEventType")
+    assert listing.count("UnknownEventType") == 5 and "5 dead letters" in listing
+    first = listing.splitlines()[0].split()[0]
+    shown = tally(strict, "dlq", "show", first)
+    assert "tally.dlq.error_class: UnknownEventType" in shown and "refund.issued" in shown
+
+    # The fix: refunds are an accepted type now. Replaying everything twice persists them once; what is still
+    # poison comes back to the DLQ with its attempts counted.
+    fixed = strict.model_copy(update={"accept_types": "order.*,refund.*"})
+    with running("processor", ["process"], fixed):
+        assert "replayed 20/20" in tally(fixed, "dlq", "replay")
+        await wait_for(lambda: drained(fixed, db), 60, "the replayed letters to be processed")
+        assert "replayed 5/5" in tally(fixed, "dlq", "replay", "--error-class", "UnknownEventType")
+        await wait_for(lambda: drained(fixed, db), 60, "the second replay to be processed")
+
+    assert await event_count(db, tenant) == 105
+    assert await counter_counts(db, tenant) == expected_counts(good + refunds)
+    revenue = await db.fetchval("select sum(value) from counters where tenant = $1 and meter = 'revenue'", tenant)
+    assert revenue == sum(range(100))
+    again = [d for d in letters(fixed) if d.attempts == 2]
+    assert sorted(d.error_class for d in again) == ["InvalidJSON"] * 5 + ["MeterError"] * 5 + ["SchemaMismatch"] * 5
