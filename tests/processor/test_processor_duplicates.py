@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import redis
@@ -13,7 +14,7 @@ from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
 )
-from tests.support import running
+from tests.support import free_port, running
 
 
 async def test_each_event_is_persisted_and_counted_once_through_a_duplicate_storm(
@@ -48,3 +49,23 @@ async def test_each_event_is_persisted_and_counted_once_through_a_duplicate_stor
             assert (cached.value, cached.revision) == (row["value"], row["revision"])
     finally:
         cache.close()
+
+
+async def test_redis_down_never_stops_the_pipeline_and_late_events_are_stored_not_counted(
+    isolated: Settings, db: asyncpg.Connection
+) -> None:
+    tenant = f"noredis-{uuid.uuid4().hex[:8]}"
+    settings = isolated.model_copy(update={
+        "redis_url": f"redis://127.0.0.1:{free_port()}/0", "late_horizon_s": 4 * 3600, "processor_metrics_port": 0,
+    })
+    on_time = [envelope(tenant, n) for n in range(200)]
+    late = [envelope(tenant, 1000 + n, time_=datetime.now(timezone.utc) - timedelta(hours=5)) for n in range(7)]
+    produce(settings, on_time + late)
+
+    with running("processor", ["process"], settings) as processor:
+        await wait_for(lambda: drained(settings, db), 60, "the processor to drain the topic without Redis")
+        assert "redis cache skipped" in processor.output()
+
+    assert await event_count(db, tenant) == 207
+    assert await db.fetchval("select count(*) from events where tenant = $1 and not counted", tenant) == 7
+    assert await counter_counts(db, tenant) == expected_counts(on_time)

@@ -1,0 +1,59 @@
+"""PostgreSQL stopped for a while under load: nothing dead-lettered, the backlog completes when it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from tally.settings import Settings
+from tests.processor.helpers import (
+    assert_topic_matches_postgres, counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
+)
+from tests.processor.scratch_pg import ScratchPostgres, scratch_postgres
+from tests.support import read_topic, running, wait_until
+
+
+@pytest.fixture
+def scratch_pg(settings: Settings) -> Iterator[ScratchPostgres]:
+    with scratch_postgres(settings) as pg:
+        yield pg
+
+
+async def test_postgres_outage_under_load_is_waited_out_without_dead_letters(
+    isolated: Settings, scratch_pg: ScratchPostgres
+) -> None:
+    tenant = f"outage-{uuid.uuid4().hex[:8]}"
+    settings = isolated.model_copy(update={
+        "database_url": scratch_pg.url, "batch_max_messages": 200, "retry_max_ms": 1000, "processor_metrics_port": 0,
+    })
+    events = [envelope(tenant, n) for n in range(1500)]
+    produce(settings, events[:500])
+
+    with running("processor", ["process"], settings) as processor:
+        db = await asyncpg.connect(scratch_pg.url)
+        await wait_for(lambda: _some(db, tenant), 30, "the first events")
+        await db.close()
+        await asyncio.to_thread(scratch_pg.stop)
+        produce(settings, events[500:] + events[:300])
+        await asyncio.to_thread(wait_until, lambda: "failed (attempt 3)" in processor.output(), 30, 0.2,
+                                "the processor to retry")
+        assert processor.alive()
+        await asyncio.to_thread(scratch_pg.start)
+
+        db = await asyncpg.connect(scratch_pg.url)
+        try:
+            await wait_for(lambda: drained(settings, db), 90, "the backlog to complete")
+            assert await event_count(db, tenant) == 1500
+            assert await counter_counts(db, tenant) == expected_counts(events)
+            assert await assert_topic_matches_postgres(settings, db, tenant) == len(expected_counts(events))
+        finally:
+            await db.close()
+    assert read_topic(settings.kafka_bootstrap, settings.topics.dlq, idle_s=0.5) == []
+
+
+async def _some(db: asyncpg.Connection, tenant: str) -> bool:
+    return await event_count(db, tenant) > 0
