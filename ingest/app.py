@@ -90,6 +90,8 @@ class Gateway:
             left = producer.close()
             if left:
                 log.error("shutdown: %d message(s) still undelivered after the flush", left)
+            else:
+                log.info("gateway stopped: producer flushed, nothing undelivered")
             await self.guard.close()
             await self._pool.close()
 
