@@ -31,7 +31,7 @@ from standardwebhooks.webhooks import Webhook
 
 from ingest.events import is_json
 from ingest.problems import Problem
-from ingest.signatures import SCHEMES, HmacFormat, SignatureError, Signed, verify_hmac, verify_standard, verify_stripe
+from ingest.signatures import SCHEMES, HmacFormat, Signed, verify_hmac, verify_standard, verify_stripe
 from schemas.envelope import MAX_ID, MAX_TYPE, CloudEvent
 
 SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

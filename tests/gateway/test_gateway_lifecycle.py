@@ -14,7 +14,7 @@ import pytest
 
 from tally.settings import ROOT, Settings
 from tally.topics import create_topics
-from tests.gateway.helpers import Gateway, event, for_tenant, start_gateway
+from tests.gateway.helpers import event, for_tenant, start_gateway
 from tests.support import free_port
 
 KAFKA = ROOT / "deploy" / "local" / "kafka.sh"
@@ -29,7 +29,7 @@ def _kafka(command: str, env: dict[str, str]) -> None:
 async def test_with_the_broker_stopped_no_request_gets_202_and_clients_get_503(
     gateway_settings: Settings, api_key: tuple[str, str]
 ) -> None:
-    tenant, secret = api_key
+    _, secret = api_key
     port = free_port()
     broker = {"KAFKA_INSTANCE": f"gw503-{uuid.uuid4().hex[:6]}", "KAFKA_PORT": str(port),
               "KAFKA_CONTROLLER_PORT": str(free_port())}
