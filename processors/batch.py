@@ -1,7 +1,7 @@
 """Step 1 of a batch: decode and validate every message, evaluate meters, set poison aside.
 
-A message that can never succeed becomes a dead letter here; everything else becomes a Record
-with its counter deltas, ready for the one PostgreSQL transaction of step 2.
+A message that can never succeed becomes a dead letter here; everything else becomes a Record,
+ready for the one PostgreSQL transaction of step 2.
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ class Validator:
                 )
                 continue
             try:
-                deltas = self.meters.deltas(envelope)
+                self.meters.check(envelope)
             except MeterError as exc:
                 out.dead_letters.append(dead_letter(msg, "meter", "MeterError", str(exc), now))
                 continue
             counted = envelope.received_at - envelope.time <= self.late_horizon
             if not counted:
                 out.late += 1
-            out.records.append(Record(envelope, msg.partition(), msg.offset(), tuple(deltas) if counted else (), counted))
+            out.records.append(Record(envelope, msg.partition(), msg.offset(), counted))
         return out
 
 

@@ -58,7 +58,7 @@ async def run(config: ServiceConfig) -> None:
     publisher = KafkaPublisher(config.processor.kafka_bootstrap, config.publish_timeout_ms)
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
     sinks = Sinks(
-        store=PostgresSink(pool),
+        store=PostgresSink(pool, validator.meters.aggregate),
         relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),
         cache=cache,

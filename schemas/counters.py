@@ -52,19 +52,6 @@ class CounterDelta:
     count: int
     latest_time: datetime
 
-    def merge(self, other: "CounterDelta") -> None:
-        """Fold another delta for the same key into this one, by the meter's aggregation."""
-        if self.aggregation in (Aggregation.COUNT, Aggregation.SUM):
-            self.value += other.value
-        elif self.aggregation is Aggregation.MAX:
-            self.value = max(self.value, other.value)
-        elif self.aggregation is Aggregation.MIN:
-            self.value = min(self.value, other.value)
-        elif other.latest_time >= self.latest_time:
-            self.value = other.value
-        self.count += other.count
-        self.latest_time = max(self.latest_time, other.latest_time)
-
 
 class CounterState(BaseModel):
     """The absolute state of one counter window, as published and cached.

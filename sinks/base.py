@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from schemas.counters import CounterDelta
 from schemas.envelope import Envelope
 
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -17,7 +16,7 @@ T_contra = TypeVar("T_contra", contravariant=True)
 
 @dataclass(frozen=True)
 class Record:
-    """An envelope, where it was read from, and what it adds to counters if it turns out to be new.
+    """An envelope and where it was read from, so storage can point back at the log.
 
     `counted` is false for an event older than the late-event horizon: it is stored, not counted.
     """
@@ -25,7 +24,6 @@ class Record:
     envelope: Envelope
     partition: int
     offset: int
-    deltas: tuple[CounterDelta, ...] = ()
     counted: bool = True
 
 

@@ -8,7 +8,7 @@ that concurrent consumers lock rows in the same order and do not deadlock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -67,11 +67,18 @@ class StoreResult:
     counters: int = 0
 
 
-class PostgresSink:
-    """Persists each (tenant, source, id) once and applies its counter deltas in the same transaction."""
+Aggregate = Callable[[Sequence[Record]], list[tuple[str, CounterDelta]]]
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+
+class PostgresSink:
+    """Persists each (tenant, source, id) once and applies the meters to it in the same transaction.
+
+    `aggregate` turns the records found new into one delta per counter window, sorted by key text.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, aggregate: Aggregate) -> None:
         self._pool = pool
+        self._aggregate = aggregate
         self._pending: list[Record] = []
         self.last = StoreResult()
 
@@ -91,7 +98,7 @@ class PostgresSink:
             new = [by_key[(r["tenant"], r["source"], r["id"])] for r in claimed]
             if new:
                 await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
-            deltas = merge_deltas(new)
+            deltas = self._aggregate(new)
             if deltas:
                 await conn.execute(_UPSERT_COUNTERS, *_counter_columns(deltas))
                 await conn.execute(_QUEUE, [text for text, _ in deltas])
@@ -101,21 +108,6 @@ class PostgresSink:
         """Create the monthly events partitions around now; returns how many were created."""
         async with self._pool.acquire() as conn:
             return await conn.fetchval("select tally_ensure_event_partitions($1, $2)", months_back, months_ahead)
-
-
-def merge_deltas(records: Sequence[Record]) -> list[tuple[str, CounterDelta]]:
-    """One delta per counter window, sorted by key, from the deltas of every record."""
-    merged: dict[str, CounterDelta] = {}
-    for record in records:
-        for delta in record.deltas:
-            text = delta.key.to_text()
-            current = merged.get(text)
-            if current is None:
-                merged[text] = CounterDelta(delta.key, delta.window_end, delta.aggregation, delta.value,
-                                            delta.count, delta.latest_time)
-            else:
-                current.merge(delta)
-    return sorted(merged.items(), key=lambda item: item[0])
 
 
 def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:

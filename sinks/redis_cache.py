@@ -19,14 +19,19 @@ from schemas.counters import CounterState
 
 log = logging.getLogger("tally.sinks.redis")
 
+# KEYS[i] gets revision ARGV[3i-2], state ARGV[3i-1], ttl ARGV[3i]: one round trip per chunk.
 _SET_IF_NEWER = """
-local current = redis.call('HGET', KEYS[1], 'revision')
-if (not current) or tonumber(current) < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'revision', ARGV[1], 'state', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
+for i, key in ipairs(KEYS) do
+  local revision = tonumber(ARGV[3 * i - 2])
+  local current = redis.call('HGET', key, 'revision')
+  if (not current) or tonumber(current) < revision then
+    redis.call('HSET', key, 'revision', revision, 'state', ARGV[3 * i - 1])
+    redis.call('EXPIRE', key, ARGV[3 * i])
+  end
 end
 return 0
 """
+_CHUNK = 1000
 
 
 def cache_key(prefix: str, counter_key: str) -> str:
@@ -54,12 +59,14 @@ class RedisCounterCache:
             return
         now = datetime.now(timezone.utc)
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for s in states:
-                    ttl = max(60, int((s.window_end - now).total_seconds()) + self._ttl_after_window_s)
-                    await self._script(keys=[cache_key(self._prefix, s.key)], args=[s.revision, s.to_bytes(), ttl],
-                                       client=pipe)
-                await pipe.execute()
+            for i in range(0, len(states), _CHUNK):
+                keys: list[str] = []
+                args: list[int | bytes] = []
+                for s in states[i:i + _CHUNK]:
+                    keys.append(cache_key(self._prefix, s.key))
+                    args += [s.revision, s.to_bytes(), max(60, int((s.window_end - now).total_seconds())
+                                                           + self._ttl_after_window_s)]
+                await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self.errors += 1
             self._skip_until = time.monotonic() + self._cooldown_s

@@ -71,6 +71,7 @@ async def test_members_joining_and_leaving_under_load_keep_counts_exact(
     try:
         members.append(TallyProcess("processor-a", ["process"], settings))
         thread.start()
+        await asyncio.to_thread(wait_until, lambda: _owns_partitions(members[0]), 30, 0.1, "a to own the partitions")
         members.append(TallyProcess("processor-b", ["process"], settings))
         await asyncio.to_thread(wait_until, lambda: _owns_partitions(members[1]), 30, 0.1, "b to share the partitions")
         assert members[0].stop() == 0

@@ -15,7 +15,6 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
 from schemas.meters import Aggregation, Meter, MetersConfig, Window
 from sinks.base import Record
-from sinks.postgres import merge_deltas
 
 UTC = timezone.utc
 
@@ -58,27 +57,28 @@ def test_aggregations_merge_by_their_rule(aggregation: Aggregation, expected: De
     ms = meters(Meter(slug="m", event_type="api.*", aggregation=aggregation, value_path="data.v", windows=(Window.DAY,)))
     # The LATEST value is the one with the latest event time, not the last one read.
     values = [(1, 1), (7, "2.5"), (3, 7)]
-    records = [Record(event(n, {"v": v}), 0, n, tuple(ms.deltas(event(n, {"v": v})))) for n, v in values]
-    [(_, delta)] = merge_deltas(records)
+    records = [Record(event(n, {"v": v}), 0, n) for n, v in values] + [Record(event(9, {"v": 100}), 0, 9, counted=False)]
+    [(text, delta)] = ms.aggregate(records)
+    assert text == delta.key.to_text()
     assert (delta.value, delta.count) == (expected, 3)
 
 
 def test_meters_filter_by_type_and_group_by_paths() -> None:
     ms = meters(Meter(slug="calls", event_type="api.*", group_by={"region": "data.region", "kind": "type"},
                       windows=(Window.HOUR, Window.MONTH)))
-    assert ms.deltas(event(1, {}, type_="web.click")) == []
-    deltas = ms.deltas(event(1, {"region": "eu"}))
-    assert [(d.key.window, d.key.group) for d in deltas] == [
-        ("hour", (("kind", "api.call"), ("region", "eu"))), ("month", (("kind", "api.call"), ("region", "eu"))),
+    assert ms.aggregate([Record(event(1, {}, type_="web.click"), 0, 1)]) == []
+    deltas = [d for _, d in ms.aggregate([Record(event(1, {"region": "eu"}), 0, 1), Record(event(2, {}), 0, 2)])]
+    assert sorted(((d.key.window, d.key.group, d.count) for d in deltas), key=str) == [
+        ("hour", (("kind", "api.call"), ("region", "eu")), 1), ("hour", (("kind", "api.call"), ("region", None)), 1),
+        ("month", (("kind", "api.call"), ("region", "eu")), 1), ("month", (("kind", "api.call"), ("region", None)), 1),
     ]
-    assert ms.deltas(event(2, {}))[0].key.group == (("kind", "api.call"), ("region", None))
 
 
 @pytest.mark.parametrize("data", [{}, {"v": None}, {"v": "abc"}, {"v": True}, {"v": [1]}, {"v": "NaN"}, {"v": "1e999"}])
 def test_a_meter_that_cannot_read_its_value_refuses_the_event(data: object) -> None:
     ms = meters(Meter(slug="m", aggregation=Aggregation.SUM, value_path="data.v"))
     with pytest.raises(MeterError):
-        ms.deltas(event(1, data))
+        ms.check(event(1, data))
 
 
 def test_meter_definitions_are_checked() -> None:
@@ -131,7 +131,7 @@ def test_validation_sets_poison_aside_with_its_reason_and_marks_late_events() ->
         (1, "decode", "InvalidJSON"), (2, "decode", "SchemaMismatch"), (3, "validate", "UnknownEventType"),
         (4, "meter", "MeterError"), (5, "decode", "EmptyMessage"), (7, "decode", "UnstorableValue"),
     ]
-    assert [(r.offset, r.counted, len(r.deltas)) for r in batch.records] == [(0, True, 2), (6, False, 0)]
+    assert [(r.offset, r.counted) for r in batch.records] == [(0, True), (6, False)]
     assert batch.late == 1
     assert [(tp.partition, tp.offset) for tp in batch.commit_offsets()] == [(0, 8)]
 
