@@ -96,7 +96,6 @@ class Processor:
         self._uncommitted: dict[TP, int] = {}  # next offset per partition, durable but not yet committed
         self._held: list[Message] = []  # polled while a failed step waited; processed next
         self._paused = False
-        self.persisted = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -183,9 +182,9 @@ class Processor:
                 self._uncommitted[(topic, partition)] = offset + 1
         await self._commit()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.LATE.inc(batch.late)
         store = self.sinks.store.last if unique else None
         new = len(store.new) if store else 0
-        self.persisted += new
         if store:
             committed_at = datetime.now(timezone.utc)
             for record in store.new:
@@ -205,7 +204,6 @@ class Processor:
         await self.sinks.dead_letters.flush()
         for letter in batch.dead_letters:
             metrics.DEAD_LETTERED.labels(letter.stage, letter.error_class).inc()
-        metrics.LATE.inc(batch.late)
 
     async def _publish_counters(self) -> None:
         states: list[CounterState] = await self.sinks.relay.publish_all()

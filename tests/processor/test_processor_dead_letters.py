@@ -8,12 +8,13 @@ import sys
 import uuid
 
 import asyncpg
+import httpx
 import orjson
 
 from schemas.deadletter import DeadLetter
 from tally.settings import ROOT, Settings
 from tests.processor.helpers import counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for
-from tests.support import env_for, read_topic, running
+from tests.support import env_for, free_port, read_topic, running
 
 METERS = """
 meters:
@@ -38,7 +39,8 @@ async def test_poison_goes_to_the_dlq_with_its_reason_and_a_replay_after_the_fix
     isolated: Settings, db: asyncpg.Connection
 ) -> None:
     tenant = f"poison-{uuid.uuid4().hex[:8]}"
-    strict = isolated.model_copy(update={"accept_types": "order.*", "meters": METERS, "processor_metrics_port": 0})
+    port = free_port()
+    strict = isolated.model_copy(update={"accept_types": "order.*", "meters": METERS, "processor_metrics_port": port})
     good = [envelope(tenant, n, data={"amount": n}) for n in range(100)]
     refunds = [envelope(tenant, 1000 + n, type_="refund.issued", data={"amount": 1}) for n in range(5)]
     unmeterable = [envelope(tenant, 2000 + n, data={"amount": "lots"}) for n in range(5)]
@@ -48,6 +50,12 @@ async def test_poison_goes_to_the_dlq_with_its_reason_and_a_replay_after_the_fix
 
     with running("processor", ["process"], strict):
         await wait_for(lambda: drained(strict, db), 60, "the processor to drain the topic")
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for line in ('tally_processor_consumed_total 120.0', 'tally_processor_persisted_total 100.0',
+                 'tally_processor_dead_lettered_total{error_class="InvalidJSON",stage="decode"} 5.0',
+                 'tally_processor_dead_lettered_total{error_class="MeterError",stage="meter"} 5.0'):
+        assert line in scraped
+    assert "tally_processor_consumer_lag{" in scraped and "tally_processor_end_to_end_seconds_count 100.0" in scraped
     assert await event_count(db, tenant) == 100
 
     reasons = sorted((d.stage, d.error_class, d.topic, d.attempts) for d in letters(strict))
