@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from benchmarks import kafka_bench, loadgen, pg_bench, stack
@@ -19,8 +23,11 @@ from benchmarks.stack import OUT, Bench
 from tally.settings import ROOT, Settings
 
 QUIX_PYTHON = ROOT / "benchmarks" / ".venv-quix" / "bin" / "python"
-# Settings that lift the gateway's per-key rate limits for the run (read by the gateway as TALLY_*).
-UNLIMITED = {"TALLY_RATE_LIMIT_ENABLED": "false"}
+PY_SPY = ROOT / "benchmarks" / ".venv" / "bin" / "py-spy"
+# Settings that lift the gateway's rate limits for the run: the limiter still runs on every request.
+UNLIMITED = {f"TALLY_GATEWAY_{name}": "1000000000" for name in
+             ("RATE_LIMIT_PER_S", "RATE_LIMIT_BURST", "WEBHOOK_RATE_LIMIT_PER_S", "WEBHOOK_RATE_LIMIT_BURST")}
+WEBHOOK_SECRET = "whsec_bench"
 
 
 class Progress:
@@ -63,6 +70,12 @@ class Harness:
         self.progress.say(f"  {load.tool} {name}: {load.req_s:,.0f} req/s, {load.events_s:,.0f} events/s, "
                           f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, failed {load.failed:.2%}")
 
+    def profiled(self, name: str, service: stack.Service | None) -> contextlib.AbstractContextManager[None]:
+        """With --profile: sample the service with py-spy meanwhile; out/profile-NAME.txt holds the top frames."""
+        if not self.args.profile or service is None:
+            return contextlib.nullcontext()
+        return profiling(service, OUT / f"profile-{name}")
+
     def k6(self, name: str, url: str, csv: bool = False, **env: str | int | float) -> loadgen.Load:
         summary = OUT / f"k6-{name}.json"
         return loadgen.k6(name, summary, OUT / f"k6-{name}.csv" if csv else None, URL=url, KEY=self.bench.key,
@@ -75,7 +88,9 @@ class Harness:
         settings = self.bench.scoped("gw")
         self.bench.topics(settings)
         raw, bare = self.bench.bare("raw"), self.bench.bare("starlette")
-        gateway = self.bench.gateway(settings, **UNLIMITED)
+        webhooks = OUT / "webhooks.yaml"
+        webhooks.write_text(f"sources:\n  stripe: {{scheme: stripe, tenant: bench, secrets: [{WEBHOOK_SECRET}]}}\n")
+        gateway = self.bench.gateway(settings, TALLY_GATEWAY_WEBHOOKS_FILE=str(webhooks), **UNLIMITED)
         urls = {name: f"http://127.0.0.1:{s.port}" for name, s in
                 (("raw_asgi", raw), ("starlette", bare), ("gateway_single", gateway))}
         routes = probe_routes(urls["gateway_single"], self.bench.key)
@@ -86,8 +101,10 @@ class Harness:
                                                                    f"{self.bench.run}-wrk", seconds))
         for name in ("raw_asgi", "gateway_single"):
             if self.progress.allows(f"k6 {name}, highest rate (closed loop, 32 users)", seconds + 5):
-                self.record("gateway", f"k6_{name}_max", self.k6(
-                    f"{name}_max", urls[name], SCENARIO="bare" if name == "raw_asgi" else "single", MODE="max", VUS=32))
+                with self.profiled("gateway", gateway if name == "gateway_single" else None):
+                    self.record("gateway", f"k6_{name}_max", self.k6(
+                        f"{name}_max", urls[name], SCENARIO="bare" if name == "raw_asgi" else "single",
+                        MODE="max", VUS=32))
         self.fixed_rate("gateway_single", urls["gateway_single"], "single", batch=1)
         if routes["batch"]:
             if self.progress.allows("k6 batches of 100, highest rate (closed loop, 8 users)", seconds + 5):
@@ -101,7 +118,8 @@ class Harness:
                 self.note(f"the {route} route is not in the gateway yet: k6 scenario '{scenario}' was skipped")
             elif self.progress.allows(f"k6 {scenario} at {rate} req/s", seconds + 5):
                 self.record("gateway", f"k6_{scenario}", self.k6(scenario, urls["gateway_single"], SCENARIO=scenario,
-                                                                 RATE=rate, BATCH=100, P99_MS=200))
+                                                                 RATE=rate, BATCH=100, P99_MS=200,
+                                                                 WEBHOOK_SECRET=WEBHOOK_SECRET))
         for service in (raw, bare, gateway):
             self.bench.stop(service)
 
@@ -157,7 +175,7 @@ class Harness:
                     pg_bench.verify)
         if self.progress.allows(f"peer: Quix Streams doing the processor's job on {count:,} events", 120):
             group = f"{settings.consumer_group}-quix"
-            counting = await pg_bench.counted_events_exist(settings.database_url)
+            counting = await pg_bench.counting(settings.database_url)
             argv = [str(QUIX_PYTHON), "-m", "benchmarks.peers.quix_processor", "--bootstrap", settings.kafka_bootstrap,
                     "--topic", topic, "--group", group, "--dsn", settings.database_url] + (["--count"] if counting else [])
             peer_settings = settings.model_copy(update={"consumer_group": group})
@@ -174,34 +192,39 @@ class Harness:
         began = time.monotonic()
         services = start()
         series: list[tuple[float, int]] = []
-        first = done = 0.0
+        first = drained_at = 0.0
         try:
-            deadline = began + self.args.drain_timeout
-            while time.monotonic() < deadline:
-                end, committed = lag.sample()
-                now = time.monotonic()
-                series.append((round(now - began, 2), committed))
-                if committed and not first:
-                    first = now
-                if committed >= end:
-                    done = now
-                    break
-                if any(s.process.poll() is not None for s in services):
-                    raise RuntimeError(f"{name} exited while draining; see benchmarks/out/logs/")
-                await asyncio.sleep(0.2)
+            with self.profiled(name, services[0] if name == "tally_x1" else None):
+                deadline = began + self.args.drain_timeout
+                while time.monotonic() < deadline:
+                    end, committed = lag.sample()
+                    now = time.monotonic()
+                    series.append((round(now - began, 2), committed))
+                    first = first or (now if committed else 0.0)
+                    if committed >= end:
+                        drained_at = now
+                        break
+                    if any(s.process.poll() is not None for s in services):
+                        self.note(f"{name} exited while draining; see benchmarks/out/logs/")
+                        break
+                    await asyncio.sleep(0.2)
         finally:
             for service in services:
                 self.bench.stop(service)
             lag.close()
-        if not done:
-            self.note(f"{name} did not drain {loaded.messages:,} events within {self.args.drain_timeout}s")
-            done = time.monotonic()
-        first_committed = next(c for _, c in series if c) if first else 0
-        steady = (loaded.messages - first_committed) / max(done - first, 1e-9) if first else 0.0
-        check = await verify(settings.database_url, loaded.distinct)
-        result = {"events_s": steady, "overall_events_s": loaded.messages / (done - began),
-                  "startup_s": (first - began) if first else None, "seconds": done - began,
-                  "drained": bool(done), "check": check, "series": series}
+        if not drained_at:
+            self.note(f"{name} did not drain {loaded.messages:,} events (limit {self.args.drain_timeout}s)")
+        stopped = drained_at or time.monotonic()
+        committed = series[-1][1] if series else 0
+        first_committed = next((c for _, c in series if c), 0)
+        overall = committed / (stopped - began)
+        # Once running: from the first commit on, if commits were frequent enough to measure a rate.
+        commits = len({c for _, c in series if c})
+        steady = (committed - first_committed) / max(stopped - first, 1e-9) if commits >= 3 else overall
+        check = await verify(settings.database_url, loaded.distinct) if drained_at else {"exact": False}
+        result = {"events_s": steady, "overall_events_s": overall, "commits_seen": commits,
+                  "startup_s": (first - began) if first else None, "seconds": stopped - began,
+                  "drained": bool(drained_at), "check": check, "series": series}
         self.progress.say(f"  {name}: {steady:,.0f} events/s once running ({result['overall_events_s']:,.0f} "
                           f"with start-up), exact: {check['exact']}")
         return result
@@ -211,6 +234,7 @@ class Harness:
     async def end_to_end(self) -> None:
         settings = self.bench.scoped("e2e")
         self.bench.topics(settings)
+        await pg_bench.clear(settings.database_url)
         gateway = self.bench.gateway(settings, **UNLIMITED)
         url = f"http://127.0.0.1:{gateway.port}"
         processors = [self.bench.processor(settings, f"e2e-processor-{i}") for i in range(self.args.e2e_processors)]
@@ -224,28 +248,31 @@ class Harness:
         seconds = self.args.seconds * 2
         try:
             if self.progress.allows(f"end to end, highest rate: {scenario} (size {size}) for {seconds}s", seconds + 60):
+                since = sampler.latest()
                 self.record("e2e", "max", await asyncio.to_thread(
                     loadgen.k6, "e2e_max", OUT / "k6-e2e_max.json", OUT / "k6-e2e_max.csv", URL=url, KEY=self.bench.key,
                     RUN=f"{self.bench.run}-e2emax", DURATION=f"{seconds}s", SCENARIO=scenario, MODE="max",
                     VUS=8 if batch else 32, BATCH=size, P99_MS=1000))
-                section["max_drain"] = await sampler.until_drained(60)
+                section["max_drain"] = await sampler.until_drained(since, 60)
                 section["max_latency"] = await pg_bench.e2e_latency(settings.database_url, f"{self.bench.run}-e2emax-")
             rate = max(1, 5000 // size)
             if self.progress.allows(f"end to end at 5,000 events/s ({rate} req/s of {size}) for {seconds}s", seconds + 30):
                 run = f"{self.bench.run}-e2efix"
+                since = sampler.latest()
                 self.record("e2e", "fixed_5000", await asyncio.to_thread(
                     loadgen.k6, "e2e_fixed", OUT / "k6-e2e_fixed.json", OUT / "k6-e2e_fixed.csv", URL=url, KEY=self.bench.key,
                     RUN=run, DURATION=f"{seconds}s", SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=size,
                     VUS=64, P99_MS=1000))
-                section["fixed_drain"] = await sampler.until_drained(60)
+                section["fixed_drain"] = await sampler.until_drained(since, 60)
                 section["fixed_latency"] = await pg_bench.e2e_latency(settings.database_url, f"{run}-")
             if self.progress.allows(f"retry-heavy mix: 30% of requests sent 2-3 times, for {self.args.seconds}s",
                                     self.args.seconds + 30):
+                since = sampler.latest()
                 self.record("e2e", "retry_mix", await asyncio.to_thread(
                     loadgen.k6, "e2e_retry", OUT / "k6-e2e_retry.json", URL=url, KEY=self.bench.key, RUN=f"{self.bench.run}-retry",
                     DURATION=f"{self.args.seconds}s", SCENARIO="retry", MODE="rate", RATE=max(1, 2000 // size),
                     BATCH=size, VUS=64, P99_MS=1000))
-                section["retry_drain"] = await sampler.until_drained(60)
+                section["retry_drain"] = await sampler.until_drained(since, 60)
             self.progress.say("checking: every accepted event persisted once, counters equal distinct events")
             section["accepted"] = sum(section[k]["events_accepted"] for k in ("max", "fixed_5000", "retry_mix")
                                       if k in section)
@@ -260,6 +287,41 @@ class Harness:
             await sampler.close()
             for service in [gateway, *processors]:
                 self.bench.stop(service)
+
+
+@contextlib.contextmanager
+def profiling(service: stack.Service, path: Path) -> Iterator[None]:
+    """py-spy attached to a running service (idle frames left out), stopped with SIGINT so it writes."""
+    raw = path.with_suffix(".collapsed")
+    spy = subprocess.Popen([str(PY_SPY), "record", "--pid", str(service.process.pid), "--rate", "200", "--nonblocking",
+                            "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+        if raw.exists():
+            path.with_suffix(".txt").write_text(top_frames(raw.read_text()))
+
+
+def top_frames(collapsed: str, limit: int = 25) -> str:
+    """Self and inclusive shares of the busiest frames of a py-spy raw (collapsed-stack) profile."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        count, frames = int(count_text), stack_text.split(";")
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    lines = [f"{total} samples", "", "self %   frame"]
+    lines += [f"{100 * n / total:5.1f}   {f}" for f, n in sorted(own.items(), key=lambda i: -i[1])[:limit]]
+    lines += ["", "total %  frame"]
+    lines += [f"{100 * n / total:5.1f}   {f}" for f, n in sorted(inclusive.items(), key=lambda i: -i[1])[:limit]]
+    return "\n".join(lines) + "\n"
 
 
 def probe_routes(url: str, key: str) -> dict[str, bool]:
@@ -283,10 +345,12 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bash benchmarks/run.sh", description=__doc__)
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--events", type=int, default=200_000, help="events loaded for each processor drain")
-    parser.add_argument("--e2e-processors", type=int, default=1)
+    parser.add_argument("--e2e-processors", type=int, default=2)
     parser.add_argument("--drain-timeout", type=int, default=90)
     parser.add_argument("--budget", type=int, default=540, help="seconds; steps that would overrun are skipped")
     parser.add_argument("--keep", action="store_true", help="keep the run's database and topics")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the gateway (single events) and the processor (drain) with py-spy")
     parser.add_argument("--only", action="append", choices=["gateway", "processor", "e2e"],
                         help="run only these parts (repeatable); default all")
     args = parser.parse_args(argv)

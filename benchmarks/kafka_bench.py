@@ -145,9 +145,8 @@ class LagSampler:
 
     def __init__(self, bootstrap: str, group: str, topic: str) -> None:
         self._lag = Lag(bootstrap, group, topic)
-        self._began = time.monotonic()
         self._task: asyncio.Task[None] | None = None
-        self.series: list[tuple[float, int, int]] = []  # (seconds, end offsets, committed offsets)
+        self.series: list[tuple[float, int, int]] = []  # (unix time, end offsets, committed offsets)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -155,17 +154,23 @@ class LagSampler:
     async def _run(self) -> None:
         while True:
             end, committed = await asyncio.to_thread(self._lag.sample)
-            self.series.append((round(time.monotonic() - self._began, 2), end, committed))
+            self.series.append((round(time.time(), 2), end, committed))
             await asyncio.sleep(0.5)
 
-    async def until_drained(self, timeout_s: float) -> dict[str, float | bool]:
-        """Wait until the group committed everything on the topic; how long that took after the call."""
-        began = time.monotonic()
-        while time.monotonic() - began < timeout_s:
-            if self.series and self.series[-1][2] >= self.series[-1][1] and self.series[-1][0] > began - self._began:
-                return {"drained": True, "seconds": time.monotonic() - began}
+    def latest(self) -> tuple[float, int, int]:
+        return self.series[-1] if self.series else (time.time(), 0, 0)
+
+    async def until_drained(self, since: tuple[float, int, int], timeout_s: float) -> dict[str, float | bool]:
+        """Wait until the group committed everything on the topic, then the rate at which it processed
+        what arrived after the sample `since` (events/s from `since` to the drained sample)."""
+        called = time.time()
+        while time.time() - called < timeout_s:
+            at, end, committed = self.latest()
+            if at > called and committed >= end:
+                return {"drained": True, "drain_s": at - called, "events": committed - since[2],
+                        "events_s": (committed - since[2]) / max(at - since[0], 1e-9)}
             await asyncio.sleep(0.2)
-        return {"drained": False, "seconds": timeout_s}
+        return {"drained": False, "drain_s": timeout_s}
 
     async def close(self) -> None:
         if self._task is not None:

@@ -8,7 +8,6 @@ import subprocess
 from importlib import metadata
 
 import asyncpg
-import confluent_kafka
 
 from benchmarks.loadgen import K6
 from tally.settings import ROOT, Settings
@@ -20,6 +19,12 @@ def _first_line(argv: list[str]) -> str:
         return (out.stdout or out.stderr).strip().splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return "unavailable"
+
+
+def _librdkafka() -> str:
+    from confluent_kafka import libversion
+
+    return str(libversion()[0])
 
 
 def _memory_gib() -> float:
@@ -41,15 +46,15 @@ async def describe(settings: Settings) -> dict[str, str | int | float]:
         "memory_gib": _memory_gib(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "revision": _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "revision": _first_line(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
         "kafka": next((ROOT / ".local" / "kafka").glob("libs-*")).name.removeprefix("libs-"),
         "postgresql": postgres,
-        "librdkafka": confluent_kafka.libversion()[0],
-        "confluent_kafka": confluent_kafka.version()[0],
+        "librdkafka": _librdkafka(),
+        "confluent_kafka": metadata.version("confluent-kafka"),
         "uvicorn": metadata.version("uvicorn"),
         "starlette": metadata.version("starlette"),
-        "k6": _first_line([str(K6), "version"]),
-        "wrk": _first_line(["wrk", "-v"]),
+        "k6": " ".join(_first_line([str(K6), "version"]).split()[:2]),
+        "wrk": "wrk " + _first_line(["wrk", "-v"]).split()[1],
         "quixstreams": _first_line([str(quix), "-c", "from importlib.metadata import version as v;"
                                     " print(v('quixstreams'), 'with confluent-kafka', v('confluent-kafka'))"]),
     }

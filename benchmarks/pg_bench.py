@@ -78,26 +78,27 @@ async def verify(url: str, distinct: int) -> dict[str, object]:
             "distinct_events": await conn.fetchval("select count(*) from (select distinct tenant, source, id from events) d"),
             "event_keys": await conn.fetchval("select count(*) from event_keys"),
         }
-        counted = await counted_events(conn)
-        if counted is not None:
-            found["counted"] = counted
+        found.update(await counted_events(conn) or {})
     finally:
         await conn.close()
     exact = all(v == distinct for v in found.values())
     return {"expected": distinct, **found, "exact": exact}
 
 
-async def counted_events(conn: asyncpg.Connection) -> int | None:
-    """The number of events the counters hold, when the processor keeps counters (None before it does)."""
+async def counted_events(conn: asyncpg.Connection) -> dict[str, int] | None:
+    """Events held by the default `events` COUNT meter, per window kind (None while there are no counters)."""
     if "counters" not in await tables(conn):
         return None
-    return None
+    rows = await conn.fetch("select window_name, sum(count) as n from counters where meter = 'events'"
+                            " group by window_name")
+    return {f"counted_{r['window_name']}": int(r["n"]) for r in rows}
 
 
-async def counted_events_exist(url: str) -> bool:
+async def counting(url: str) -> bool:
+    """Whether this schema keeps counters, so that the peer must keep them too."""
     conn = await asyncpg.connect(url)
     try:
-        return await counted_events(conn) is not None
+        return "counters" in await tables(conn)
     finally:
         await conn.close()
 
@@ -112,9 +113,8 @@ async def verify_quix(url: str, distinct: int) -> dict[str, object]:
                 "select count(*) from (select distinct tenant, source, id from quix_events) d"),
             "event_keys": await conn.fetchval("select count(*) from quix_event_keys"),
         }
-        counters = await conn.fetchval("select sum(value) from quix_counters")
-        if counters is not None:
-            found["counted"] = counters
+        rows = await conn.fetch("select window_name, sum(value) as n from quix_counters group by window_name")
+        found.update({f"counted_{r['window_name']}": int(r["n"]) for r in rows})
     finally:
         await conn.close()
     return {"expected": distinct, **found, "exact": all(v == distinct for v in found.values())}

@@ -68,7 +68,8 @@ function logRecord(n) {
     message: `request handled in ${n % 97} ms`,
     time: new Date().toISOString(),
     attributes: { route: '/v1/things', status: 200 },
-    trace_id: eventId(n),
+    id: eventId(n),
+    trace_id: crypto.md5(eventId(n), 'hex'),
   };
 }
 

@@ -2,7 +2,7 @@
 StreamingDataFrame over the events topic, and a custom BatchingSink for PostgreSQL.
 
 The sink dedups by (tenant, source, id), persists only new events and (with --count) adds them
-to per-minute counters, all in one transaction per batch; Quix commits offsets after the sink's
+to hourly and daily counters per event type (Tally's default `events` meter), all in one transaction per batch; Quix commits offsets after the sink's
 flush, so redelivery is absorbed by the dedup table as in Tally.
 
 Runs in its own environment (benchmarks/.venv-quix): it pins its own confluent-kafka.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timezone
 
 import psycopg
 from quixstreams import Application
@@ -27,8 +27,8 @@ create table if not exists quix_events (like events including defaults);
 create index if not exists quix_events_tenant_time on quix_events (tenant, time);
 create index if not exists quix_events_tenant_type_time on quix_events (tenant, type, time);
 create table if not exists quix_counters (
-    tenant text not null, meter text not null, window_start timestamptz not null, value bigint not null,
-    primary key (tenant, meter, window_start));
+    tenant text not null, meter text not null, window_name text not null, window_start timestamptz not null,
+    type text not null, value bigint not null, primary key (tenant, meter, window_name, window_start, type));
 """
 
 CLAIM = """
@@ -37,9 +37,10 @@ select * from unnest(%s::text[], %s::text[], %s::text[]) on conflict do nothing 
 """
 
 COUNT = """
-insert into quix_counters (tenant, meter, window_start, value)
-select * from unnest(%s::text[], %s::text[], %s::timestamptz[], %s::bigint[])
-on conflict (tenant, meter, window_start) do update set value = quix_counters.value + excluded.value
+insert into quix_counters (tenant, meter, window_name, window_start, type, value)
+select t, 'events', w, s, y, v from unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[])
+  as u(t, w, s, y, v)
+on conflict (tenant, meter, window_name, window_start, type) do update set value = quix_counters.value + excluded.value
 """
 
 COPY = ("copy quix_events (tenant, source, id, type, subject, time, received_at, data, kafka_partition, kafka_offset)"
@@ -75,13 +76,14 @@ class PostgresEventsSink(BatchingSink):
                                     event.get("subject"), event["time"], event["received_at"],
                                     json.dumps(event.get("data")), batch.partition, offset))
             if self._count and new:
-                windows = Counter((e["tenant"], e["type"], minute(e["time"])) for e, _ in new)
-                cur.execute(COUNT, [[k[0] for k in windows], [k[1] for k in windows],
-                                    [k[2] for k in windows], list(windows.values())])
+                windows = Counter((e["tenant"], name, start, e["type"])
+                                  for e, _ in new for name, start in windows_of(e["time"]))
+                cur.execute(COUNT, [*(list(column) for column in zip(*windows)), list(windows.values())])
 
 
-def minute(timestamp: str) -> datetime:
-    return datetime.fromisoformat(timestamp).replace(second=0, microsecond=0)
+def windows_of(timestamp: str) -> tuple[tuple[str, datetime], tuple[str, datetime]]:
+    hour = datetime.fromisoformat(timestamp).astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    return ("hour", hour), ("day", hour.replace(hour=0))
 
 
 def main() -> None:
@@ -90,7 +92,7 @@ def main() -> None:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--dsn", required=True)
-    parser.add_argument("--count", action="store_true", help="also keep per-minute counters of new events")
+    parser.add_argument("--count", action="store_true", help="also keep hourly and daily counters of new events")
     args = parser.parse_args()
 
     app = Application(broker_address=args.bootstrap, consumer_group=args.group, auto_offset_reset="earliest")
