@@ -70,8 +70,6 @@ class Settings(BaseSettings):
     redis_counter_ttl_s: int = Field(7 * 24 * 3600, description="how long a counter stays cached after its window")
     crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
 
-    # benchmarks
-
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property

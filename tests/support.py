@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,8 +23,9 @@ LOG_DIR = ROOT / ".local" / "log" / "tests"
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that makes a `tally` subprocess use exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-    for name, value in settings.model_dump().items():
-        env[f"TALLY_{name.upper()}"] = str(value)
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env[f"TALLY_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     env.update(extra)
     return env
 
