@@ -184,10 +184,19 @@ def main() -> None:
     results = json.loads(results_path.read_text())
     text = target.read_text()
     out = results_path.parent
-    for section, lines in (("gateway", gateway(results) + profile(out / "profile-gateway.txt", "gateway, single events")),
-                           ("processor", processor(results) + profile(out / "profile-tally_x1.txt", "processor ×1 drain")),
-                           ("end-to-end", end_to_end(results, command))):
-        text = fill(text, section, lines)
+    only = results.get("args", {}).get("only") or ["gateway", "processor", "e2e"]
+    sections = {
+        "gateway": lambda: gateway(results) + profile(out / "profile-gateway.txt", "gateway, single events"),
+        "processor": lambda: processor(results) + profile(out / "profile-tally_x1.txt", "processor ×1 drain"),
+        "e2e": lambda: end_to_end(results, command),
+    }
+    for part, lines in sections.items():
+        if part not in only:
+            continue  # a partial run (--only) leaves the other sections' figures as they were
+        body = lines()
+        if "e2e" not in only:  # the run's own command, machine and revision, beside its figures
+            body += [""] + end_to_end({**results, "e2e": {}}, command)[3:]
+        text = fill(text, "end-to-end" if part == "e2e" else part, body)
     target.write_text(text)
 
 

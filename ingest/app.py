@@ -20,11 +20,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from ingest import batch, events, logs, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
+from ingest.hot import HotRoutes
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, fingerprint, parse_key
 from ingest.metrics import Metrics, MetricsMiddleware
@@ -32,12 +34,12 @@ from ingest.openapi import DOCS_PAGE, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from ingest.producer import EventProducer, producer_config
-from ingest.publish import Publisher
+from ingest.publish import Publisher, fields
 from ingest.ratelimit import Decision, Limit, RateLimiter
 from ingest.redisguard import RedisGuard
 from ingest.replay import ReplayMemory
 from ingest.signatures import SignatureError
-from schemas.envelope import Envelope, utcnow
+from schemas.envelope import utcnow
 
 log = logging.getLogger("tally.gateway")
 
@@ -46,10 +48,6 @@ Handler = Callable[[Request, Principal, bytes], Awaitable[Response]]
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
-
-
-def _reason(problem: Problem) -> str:
-    return problem.title.lower().replace(" ", "_").replace("-", "_")
 
 
 class Gateway:
@@ -95,9 +93,9 @@ class Gateway:
             await self.guard.close()
             await self._pool.close()
 
-    async def principal(self, request: Request, scope: str) -> Principal:
+    async def principal(self, authorization: str, scope: str) -> Principal:
         """The key's principal; the tenant of every write comes from here and nowhere else."""
-        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+        scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise Problem(401, "Unauthorized", "send Authorization: Bearer <api key>",
                           headers={"WWW-Authenticate": "Bearer"})
@@ -124,7 +122,7 @@ class Gateway:
     async def write(self, request: Request, route: str, policy: str, scope: str, max_bytes: int,
                     handler: Handler) -> Response:
         """The shared pipeline of the authenticated write routes."""
-        principal = await self.principal(request, scope)
+        principal = await self.principal(request.headers.get("authorization", ""), scope)
         decision = await self.limited(route, policy, principal.key_id, self.key_limit)
         try:
             raw_key = request.headers.get(IDEMPOTENCY_HEADER)
@@ -138,7 +136,7 @@ class Gateway:
                                                       lambda: handler(request, principal, body))
         except Problem as problem:
             if problem.status in (400, 413, 415):
-                self.metrics.rejected.labels(route, _reason(problem)).inc()
+                self.metrics.rejected.labels(route, problem.reason()).inc()
             response = problem.response()
         response.headers.update(decision.headers)
         return response
@@ -150,9 +148,9 @@ class Gateway:
     async def _event(self, request: Request, principal: Principal, body: bytes) -> Response:
         now = utcnow()
         event = events.parse_single(request.headers, media_type(request), body, now, self.config.max_future_s)
-        await self.publisher.publish_one(Envelope.accept(event, principal.tenant, now))
+        await self.publisher.publish_one(event, principal.tenant, now)
         self.metrics.accepted.labels("/v1/events").inc()
-        return _json({"id": event.id, "status": "accepted"}, 202)
+        return _json({"id": event["id"], "status": "accepted"}, 202)
 
     async def post_batch(self, request: Request) -> Response:
         return await self.write(request, "/v1/events/batch", "batch", "events:write", self.config.max_batch_bytes,
@@ -163,13 +161,9 @@ class Gateway:
         if media not in batch.BATCH_TYPES:
             raise unsupported(media, batch.BATCH_TYPES)
         now = utcnow()
-        items = []
-        for value in batch.check_items(parse_json(body), self.config.max_batch_items):
-            try:
-                items.append(batch.Item(event=events.validate(value, now, self.config.max_future_s)))
-            except Problem as problem:
-                items.append(batch.Item(problem=problem))
-        return await self._publish_items("/v1/events/batch", items, principal, now)
+        items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s)
+        outcome = await self.publish_items("/v1/events/batch", items, principal, now)
+        return _json(outcome.body, outcome.status)
 
     async def post_logs(self, request: Request) -> Response:
         return await self.write(request, "/v1/logs", "logs", "logs:write", self.config.max_batch_bytes, self._logs)
@@ -184,19 +178,22 @@ class Gateway:
         items = []
         for value in values:
             try:
-                items.append(batch.Item(event=logs.to_event(value, limit)))
+                items.append(batch.Item(event=fields(logs.to_event(value, limit))))
             except Problem as problem:
                 items.append(batch.Item(problem=problem))
-        return await self._publish_items("/v1/logs", items, principal, now)
+        outcome = await self.publish_items("/v1/logs", items, principal, now)
+        return _json(outcome.body, outcome.status)
 
-    async def _publish_items(self, route: str, items: list[batch.Item], principal: Principal, now: datetime) -> Response:
+    async def publish_items(self, route: str, items: list[batch.Item], principal: Principal,
+                            now: datetime) -> batch.Outcome:
+        """Publish a batch's valid items and count them; the outcome holds one result per item."""
         for item in items:
             if item.problem is not None:
-                self.metrics.rejected.labels(route, _reason(item.problem)).inc()
+                self.metrics.rejected.labels(route, item.problem.reason()).inc()
         outcome = await batch.publish_items(items, principal.tenant, now, self.publisher,
                                             self.config.retry_after_s)
         self.metrics.accepted.labels(route).inc(outcome.accepted)
-        return _json(outcome.body, outcome.status)
+        return outcome
 
     async def post_webhook(self, request: Request) -> Response:
         route = "/v1/webhooks/{source}"
@@ -221,7 +218,7 @@ class Gateway:
         now = utcnow()
         try:
             event = webhooks.to_event(source, signed, request.headers, media_type(request), body, now)
-            await self.publisher.publish_one(Envelope.accept(event, source.tenant, now))
+            await self.publisher.publish_one(fields(event), source.tenant, now)
         except Problem:
             await self.replays.forget(key)
             raise
@@ -269,7 +266,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
                     500, media_type=PROBLEM_TYPE)
 
 
-def create_app(config: GatewayConfig) -> Starlette:
+def create_app(config: GatewayConfig) -> ASGIApp:
+    """The Starlette app behind the plain-ASGI hot routes (`ingest.hot`)."""
     gateway = Gateway(config)
     app = Starlette(
         routes=[
@@ -288,4 +286,4 @@ def create_app(config: GatewayConfig) -> Starlette:
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway
-    return app
+    return HotRoutes(app, gateway)

@@ -6,18 +6,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ingest import events
 from ingest.problems import Problem
-from ingest.publish import Publisher, unavailable
-from schemas.envelope import CloudEvent, Envelope
+from ingest.publish import Event, Publisher, unavailable
 
 BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One entry of a batch: a valid event, or the problem that keeps it out."""
+    """One entry of a batch: a valid event's attributes, or the problem that keeps it out."""
 
-    event: CloudEvent | None = None
+    event: Event | None = None
     problem: Problem | None = None
 
 
@@ -42,6 +42,17 @@ def check_items(value: Any, max_items: int, what: str = "a batch") -> list[Any]:
     return value
 
 
+def check_events(value: Any, max_items: int, now: datetime, max_future_s: float) -> list[Item]:
+    """A batch body's items, each valid or with its own problem."""
+    items = []
+    for obj in check_items(value, max_items):
+        try:
+            items.append(Item(event=events.check(obj, now, max_future_s)))
+        except Problem as problem:
+            items.append(Item(problem=problem))
+    return items
+
+
 def _problem_body(problem: Problem) -> dict[str, Any]:
     body = problem.body()
     body.pop("type", None)
@@ -52,17 +63,16 @@ async def publish_items(items: list[Item], tenant: str, received_at: datetime, p
                         retry_after_s: int) -> Outcome:
     """Publish the valid items, report one result per item; 503 only if Kafka took none of them."""
     valid = [(index, item.event) for index, item in enumerate(items) if item.event is not None]
-    envelopes = [Envelope.accept(event, tenant, received_at) for _, event in valid]
-    errors = await publisher.publish(envelopes) if envelopes else []
+    errors = await publisher.publish([event for _, event in valid], tenant, received_at) if valid else []
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if item.problem is not None:
             results.append({"index": index, "status": "rejected", "problem": _problem_body(item.problem)})
     for (index, event), error in zip(valid, errors, strict=True):
         if error is None:
-            results.append({"index": index, "id": event.id, "status": "accepted"})
+            results.append({"index": index, "id": event["id"], "status": "accepted"})
         else:
-            results.append({"index": index, "id": event.id, "status": "failed",
+            results.append({"index": index, "id": event["id"], "status": "failed",
                             "problem": _problem_body(unavailable(error, retry_after_s))})
     results.sort(key=lambda r: r["index"])
     accepted = sum(1 for r in results if r["status"] == "accepted")

@@ -29,6 +29,10 @@ class Problem(Exception):
         self.headers = headers or {}
         self.extensions = extensions
 
+    def reason(self) -> str:
+        """The title as a metric label value."""
+        return self.title.lower().replace(" ", "_").replace("-", "_")
+
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status}
         if self.detail:

@@ -1,13 +1,21 @@
-"""Publishing envelopes to the events topic: Kafka's delivery report decides, a timeout becomes 503."""
+"""Publishing events to the events topic: Kafka's delivery report decides, a timeout becomes 503.
+
+Events arrive as attribute dicts (from the fast check, or `fields` of a validated model) and are
+encoded straight into envelope bytes by `schemas.envelope.encode`; no envelope model is built.
+"""
 
 from __future__ import annotations
 
 import time
+from datetime import datetime
+from typing import Any
 
 from ingest.metrics import Metrics
 from ingest.problems import Problem
 from ingest.producer import EventProducer, Unavailable
-from schemas.envelope import CONTENT_TYPE, SCHEMA_VERSION, Envelope
+from schemas.envelope import CONTENT_TYPE, EVENT_FIELDS, SCHEMA_VERSION, CloudEvent, encode, message_key
+
+Event = dict[str, Any]
 
 
 def unavailable(reason: str, retry_after_s: int) -> Problem:
@@ -15,12 +23,18 @@ def unavailable(reason: str, retry_after_s: int) -> Problem:
                    headers={"Retry-After": str(retry_after_s)})
 
 
-def headers(envelope: Envelope) -> list[tuple[str, bytes]]:
+def fields(event: CloudEvent) -> Event:
+    """A validated model's attributes, as the publisher takes them."""
+    return {name: getattr(event, name) for name in EVENT_FIELDS}
+
+
+def headers(tenant: str, received_at: datetime) -> list[tuple[str, bytes]]:
+    """Kafka headers of every message of one request (they share tenant and receipt time)."""
     return [
-        ("tenant", envelope.tenant.encode()),
+        ("tenant", tenant.encode()),
         ("content-type", CONTENT_TYPE.encode()),
         ("schema-version", SCHEMA_VERSION.encode()),
-        ("received-at", envelope.received_at.isoformat().encode()),
+        ("received-at", received_at.isoformat().encode()),
     ]
 
 
@@ -31,9 +45,10 @@ class Publisher:
         self._metrics = metrics
         self._retry_after_s = retry_after_s
 
-    async def publish(self, envelopes: list[Envelope]) -> list[str | None]:
-        """One error text (or None when acked) per envelope; 503 when Kafka takes none of them."""
-        messages = [(e.key(), e.to_bytes(), headers(e)) for e in envelopes]
+    async def publish(self, events: list[Event], tenant: str, received_at: datetime) -> list[str | None]:
+        """One error text (or None when acked) per event; 503 when Kafka takes none of them."""
+        shared = headers(tenant, received_at)
+        messages = [(message_key(tenant, e["subject"]), encode(e, tenant, received_at), shared) for e in events]
         start = time.perf_counter()
         try:
             errors = await self.producer.send_many(self._topic, messages)
@@ -45,5 +60,5 @@ class Publisher:
             raise unavailable(texts[0] or "", self._retry_after_s)
         return texts
 
-    async def publish_one(self, envelope: Envelope) -> None:
-        await self.publish([envelope])
+    async def publish_one(self, event: Event, tenant: str, received_at: datetime) -> None:
+        await self.publish([event], tenant, received_at)
