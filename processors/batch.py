@@ -9,20 +9,24 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
+from processors.decode import decode
 from processors.dlq import dead_letter
 from processors.meters import MeterError, MeterSet
 from schemas.deadletter import DeadLetter
-from schemas.envelope import Envelope
 from sinks.base import Record
 
 
 @dataclass
 class Batch:
+    """One batch's validated records and dead letters, with the messages they came from (kept in
+    consume order, so an abandoned batch can be read again before anything consumed after it)."""
+
+    messages: list[Message] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     late: int = 0
@@ -41,13 +45,22 @@ class Validator:
         self.meters = meters
         self._accept = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in accept_types) or "(?!)").match
         self.late_horizon = late_horizon
+        self._verdicts: dict[str, bool] = {}
 
-    def batch(self, messages: list[Message], now: datetime) -> Batch:
-        out = Batch()
+    def batch(self, messages: list[Message], now: datetime, into: Batch | None = None) -> Batch:
+        """Validate `messages` into a new Batch, or append them to `into` (a batch validated in chunks)."""
+        out = into if into is not None else Batch()
+        out.messages.extend(messages)
+        offsets = out.offsets
+        records = out.records
+        accepted = self._accepted
+        check = self.meters.check
+        horizon = self.late_horizon
         for msg in messages:
-            out.consumed += 1
-            key = (msg.topic(), msg.partition())
-            out.offsets[key] = max(out.offsets.get(key, -1), msg.offset())
+            partition, offset = msg.partition(), msg.offset()
+            key = (msg.topic(), partition)
+            if offsets.get(key, -1) < offset:
+                offsets[key] = offset
             raw = msg.value()
             if raw is None:
                 out.dead_letters.append(dead_letter(msg, "decode", "EmptyMessage", "message has no value", now))
@@ -57,38 +70,37 @@ class Validator:
                                                     "a NUL character (\\u0000) cannot be stored in PostgreSQL", now))
                 continue
             try:
-                envelope = _aware(Envelope.from_bytes(raw))
+                event = decode(raw)
             except ValidationError as exc:
                 invalid_json = any(err["type"] == "json_invalid" for err in exc.errors())
                 error_class = "InvalidJSON" if invalid_json else "SchemaMismatch"
                 out.dead_letters.append(dead_letter(msg, "decode", error_class, _summary(exc), now))
                 continue
-            if not self._accept(envelope.type):
+            if not accepted(event.type):
                 out.dead_letters.append(
-                    dead_letter(msg, "validate", "UnknownEventType", f"event type {envelope.type!r} is not accepted", now)
+                    dead_letter(msg, "validate", "UnknownEventType", f"event type {event.type!r} is not accepted", now)
                 )
                 continue
             try:
-                self.meters.check(envelope)
+                check(event)
             except MeterError as exc:
                 out.dead_letters.append(dead_letter(msg, "meter", "MeterError", str(exc), now))
                 continue
-            counted = envelope.received_at - envelope.time <= self.late_horizon
+            counted = event.received_at - event.time <= horizon
             if not counted:
                 out.late += 1
-            out.records.append(Record(envelope, msg.partition(), msg.offset(), counted))
+            records.append(Record(event, partition, offset, counted))
+        out.consumed += len(messages)
         return out
 
-
-def _aware(envelope: Envelope) -> Envelope:
-    """Times without an offset are taken as UTC, so windows and lateness never depend on the host's zone."""
-    if envelope.time.tzinfo is not None and envelope.received_at.tzinfo is not None:
-        return envelope
-    return envelope.model_copy(update={
-        "time": envelope.time if envelope.time.tzinfo else envelope.time.replace(tzinfo=timezone.utc),
-        "received_at": envelope.received_at if envelope.received_at.tzinfo
-        else envelope.received_at.replace(tzinfo=timezone.utc),
-    })
+    def _accepted(self, event_type: str) -> bool:
+        """The accept globs' verdict, memoised: a stream carries few distinct types."""
+        verdict = self._verdicts.get(event_type)
+        if verdict is None:
+            if len(self._verdicts) > 10_000:
+                self._verdicts.clear()
+            verdict = self._verdicts[event_type] = self._accept(event_type) is not None
+        return verdict
 
 
 def _summary(exc: ValidationError) -> str:

@@ -28,10 +28,9 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from processors import metrics
 from processors.batch import Batch, Validator
-from processors.dedup import first_per_key
 from processors.faults import crash_point
 from processors.retry import Abandoned, retrying
-from schemas.counters import CounterState
+from schemas.counters import PublishedState
 from sinks.dlq_topic import DeadLetterSink
 from sinks.outbox import OutboxRelay
 from sinks.postgres import PostgresSink
@@ -41,6 +40,7 @@ log = logging.getLogger("tally.processor")
 
 T = TypeVar("T")
 TP = tuple[str, int]
+_VALIDATE_CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,22 @@ class Processor:
         await self._kafka(partial(self._consumer.subscribe, [self.config.topic], on_assign=self._on_assign,
                                   on_revoke=self._on_revoke, on_lost=self._on_lost))
         last_relay = last_partitions = 0.0
+        ahead: asyncio.Task[Batch | None] | None = None
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if now - last_partitions > self.config.partitions_every_s:
                     await self._step("partitions", lambda: self.sinks.store.ensure_partitions(1, 2), set())
                     last_partitions = now
-                messages = await self._next_messages()
-                if messages:
-                    await self._handle(messages)
+                batch = await (ahead or self._prepare())
+                ahead = None
+                if batch is not None:
+                    # The next batch is consumed and validated while this one is written: Python works
+                    # while PostgreSQL and Kafka do. It is handled strictly after this one.
+                    ahead = asyncio.create_task(self._prepare())
+                    if not await self._handle(batch):
+                        later, ahead = await ahead, None
+                        self._read_again(batch, later)
                     last_relay = time.monotonic()
                 elif now - last_relay > self.config.idle_relay_s:
                     # Windows queued by a member that crashed after its commit are published here.
@@ -128,6 +135,8 @@ class Processor:
         except Abandoned as exc:
             log.info("stopping with the batch in flight abandoned (%s)", exc)
         finally:
+            if ahead is not None:
+                await asyncio.gather(ahead, return_exceptions=True)  # uncommitted: read again after a restart
             await self._kafka(self._consumer.close)
             self._thread.shutdown(wait=True)
             if self.sinks.cache is not None:
@@ -151,19 +160,36 @@ class Processor:
                 good.append(msg)
         return good
 
+    async def _prepare(self) -> Batch | None:
+        """Consume and validate the next batch, yielding to the event loop between chunks so that the
+        batch being written keeps its round trips going."""
+        messages = await self._next_messages()
+        if not messages:
+            return None
+        batch = Batch()
+        now = datetime.now(timezone.utc)
+        for i in range(0, len(messages), _VALIDATE_CHUNK):
+            self.validator.batch(messages[i:i + _VALIDATE_CHUNK], now, into=batch)
+            await asyncio.sleep(0)
+        return batch
+
+    def _read_again(self, abandoned: Batch, later: Batch | None) -> None:
+        """Queue an abandoned batch's messages, then those consumed after it, in consume order."""
+        messages = abandoned.messages + (later.messages if later is not None else []) + self._held
+        self._held = [m for m in messages if (m.topic(), m.partition()) in self._assigned]
+
     # -- one batch -----------------------------------------------------------------------------
 
-    async def _handle(self, messages: list[Message]) -> None:
+    async def _handle(self, batch: Batch) -> bool:
+        """Write, publish and commit one batch; False if it was abandoned because partitions left."""
         started = time.perf_counter()
         self._revoked.clear()
-        in_flight = {(m.topic(), m.partition()) for m in messages}
-        batch = self.validator.batch(messages, datetime.now(timezone.utc))
+        in_flight = set(batch.offsets)
         metrics.CONSUMED.inc(batch.consumed)
         metrics.BATCH_SIZE.observe(batch.consumed)
-        unique = first_per_key(batch.records)
         try:
-            if unique:
-                await self._step("postgres", partial(self._store, unique), in_flight)
+            if batch.records:
+                await self._step("postgres", partial(self._store, batch.records), in_flight)
             crash_point("after_pg_commit", self.config.crash_at)
             if batch.dead_letters:
                 await self._step("dead letters", partial(self._send_dead_letters, batch), in_flight)
@@ -175,15 +201,14 @@ class Processor:
             if reason == "stopping":
                 raise
             log.info("batch abandoned: %s; its remaining partitions are read again", exc)
-            self._held = [m for m in messages + self._held if (m.topic(), m.partition()) in self._assigned]
-            return
+            return False
         for (topic, partition), offset in batch.offsets.items():
             if (topic, partition) in self._assigned:
                 self._uncommitted[(topic, partition)] = offset + 1
         await self._commit()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.LATE.inc(batch.late)
-        store = self.sinks.store.last if unique else None
+        store = self.sinks.store.last if batch.records else None
         new = len(store.new) if store else 0
         if store:
             committed_at = datetime.now(timezone.utc)
@@ -191,6 +216,7 @@ class Processor:
                 metrics.END_TO_END_SECONDS.observe((committed_at - record.envelope.received_at).total_seconds())
         log.info("batch: %d consumed, %d new, %d duplicate, %d dead-lettered, %d late", batch.consumed, new,
                  batch.consumed - new - len(batch.dead_letters), len(batch.dead_letters), batch.late)
+        return True
 
     async def _store(self, records: list) -> None:
         store = self.sinks.store
@@ -206,7 +232,7 @@ class Processor:
             metrics.DEAD_LETTERED.labels(letter.stage, letter.error_class).inc()
 
     async def _publish_counters(self) -> None:
-        states: list[CounterState] = await self.sinks.relay.publish_all()
+        states: list[PublishedState] = await self.sinks.relay.publish_all()
         metrics.COUNTERS_PUBLISHED.inc(len(states))
         if states and self.sinks.cache is not None:
             await self.sinks.cache.write(states)

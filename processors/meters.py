@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,8 @@ import yaml
 
 from processors.windows import bounds
 from schemas.counters import CounterDelta, CounterKey, Scalar
-from schemas.envelope import Envelope
 from schemas.meters import DEFAULT_METERS, Aggregation, Meter, MetersConfig, Window
-from sinks.base import Record
+from sinks.base import Record, StoredEvent
 
 _MISSING = object()
 _MAX_EXPONENT = 100  # far inside PostgreSQL numeric's range, far beyond any real usage value
@@ -40,9 +40,15 @@ def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
     return DEFAULT_METERS
 
 
-def _resolve(event: dict[str, Any], path: str) -> Any:
-    node: Any = event
-    for part in path.split("."):
+_ROOTS = frozenset({"type", "source", "subject", "id", "data"})
+
+
+def _resolve(event: StoredEvent, parts: tuple[str, ...]) -> Any:
+    """The value at a dotted path rooted at the envelope (type, source, subject, id, data)."""
+    if parts[0] not in _ROOTS:
+        return _MISSING
+    node: Any = getattr(event, parts[0])
+    for part in parts[1:]:
         if not isinstance(node, dict) or part not in node:
             return _MISSING
         node = node[part]
@@ -71,11 +77,23 @@ def _scalar(raw: Any) -> Scalar:
     return orjson.dumps(raw, option=orjson.OPT_SORT_KEYS).decode()
 
 
-_ONE = Decimal(1)
+_MINUTE = timedelta(minutes=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A meter with its type filter and paths prepared once."""
+
+    meter: Meter
+    matches: Callable[[str], Any]
+    value_path: tuple[str, ...]
+    group_by: tuple[tuple[str, tuple[str, ...]], ...]
+    counts: bool  # COUNT: no value to read, only events to count
 
 
 class MeterSet:
-    """The configured meters, compiled once: type filters become a regex per meter.
+    """The configured meters, compiled once: type filters become a regex per meter, paths are split.
 
     `check` runs in step 1 on every event; `aggregate` runs inside the PostgreSQL transaction on the
     events that turned out to be new, folding them into one delta per counter window.
@@ -84,74 +102,115 @@ class MeterSet:
     def __init__(self, config: MetersConfig) -> None:
         self.meters = config.meters
         self._compiled = [
-            (m, re.compile(fnmatch.translate(m.event_type)).match, sorted(m.group_by.items())) for m in config.meters
+            _Compiled(m, re.compile(fnmatch.translate(m.event_type)).match, tuple((m.value_path or "").split(".")),
+                      tuple((name, tuple(path.split("."))) for name, path in sorted(m.group_by.items())),
+                      m.aggregation is Aggregation.COUNT)
+            for m in config.meters
         ]
-        self._bounds: dict[tuple[Window, datetime], tuple[datetime, datetime]] = {}
+        self._by_type: dict[str, list[tuple[int, _Compiled]]] = {}
+        self._valued_by_type: dict[str, list[_Compiled]] = {}
+        self._bounds: dict[tuple[Window, int], tuple[datetime, datetime]] = {}
+        self._minutes: dict[datetime, int] = {}
 
-    def check(self, envelope: Envelope) -> None:
+    def check(self, envelope: StoredEvent) -> None:
         """Raise MeterError if a meter that matches this event cannot read its value."""
-        doc = None
-        for meter, matches, _ in self._compiled:
-            if meter.aggregation is not Aggregation.COUNT and matches(envelope.type):
-                doc = doc or _document(envelope)
-                _number(_resolve(doc, meter.value_path or ""), meter)
+        valued = self._valued_by_type.get(envelope.type)
+        if valued is None:
+            valued = [c for _, c in self._matching(envelope.type) if not c.counts]
+            if len(self._valued_by_type) > 10_000:
+                self._valued_by_type.clear()
+            self._valued_by_type[envelope.type] = valued
+        for c in valued:
+            _number(_resolve(envelope, c.value_path), c.meter)
 
     def aggregate(self, records: Iterable[Record]) -> list[tuple[str, CounterDelta]]:
-        """One delta per counter window touched by these records, sorted by key text (the lock order)."""
-        acc: dict[tuple, list] = {}
-        for record in records:
-            if not record.counted:
+        """One delta per counter window touched by these records, sorted by key text (the lock order).
+
+        Events are folded per meter, minute, tenant, subject and group first (every window starts on a
+        UTC minute), and only those few groups are then merged into their windows.
+        """
+        minutes: dict[tuple, list] = {}
+        for e, _, _, counted in records:
+            if not counted:
                 continue
-            e = record.envelope
-            doc = None
-            for meter, matches, group_by in self._compiled:
-                if not matches(e.type):
-                    continue
-                doc = doc or _document(e)
-                aggregation = meter.aggregation
-                value = _ONE if aggregation is Aggregation.COUNT else _number(_resolve(doc, meter.value_path or ""), meter)
-                group = tuple((name, _scalar(_resolve(doc, path))) for name, path in group_by)
-                subject = e.subject if meter.per_subject else None
-                for window in meter.windows:
-                    start, end = self._window(window, e.time)
-                    key = (e.tenant, meter.slug, window.value, start, subject, group)
-                    current = acc.get(key)
+            at = e.time
+            minute = self._minute(at)
+            for index, c in self._matching(e.type):
+                meter = c.meter
+                group = tuple([(name, _scalar(_resolve(e, parts))) for name, parts in c.group_by])
+                key = (index, minute, e.tenant, e.subject if meter.per_subject else None, group)
+                current = minutes.get(key)
+                if c.counts:
                     if current is None:
-                        acc[key] = [aggregation, value, 1, e.time, end]
+                        minutes[key] = [Aggregation.COUNT, None, 1, at]
                     else:
-                        _fold(current, value, e.time)
+                        current[2] += 1
+                        if at > current[3]:
+                            current[3] = at
+                    continue
+                value = _number(_resolve(e, c.value_path), meter)
+                if current is None:
+                    minutes[key] = [meter.aggregation, value, 1, at]
+                else:
+                    _fold(current, value, 1, at)
+        windows: dict[tuple, list] = {}
+        for (index, minute, tenant, subject, group), (aggregation, value, count, latest) in minutes.items():
+            meter = self._compiled[index].meter
+            for window in meter.windows:
+                start, end = self._window(window, minute)
+                key = (tenant, meter.slug, window.value, start, subject, group)
+                current = windows.get(key)
+                if current is None:
+                    windows[key] = [aggregation, value, count, latest, end]
+                else:
+                    _fold(current, value, count, latest)
         out = []
-        for (tenant, slug, window_name, start, subject, group), (aggregation, value, count, latest, end) in acc.items():
+        for (tenant, slug, window_name, start, subject, group), (aggregation, value, count, latest, end) in windows.items():
             key = CounterKey(tenant, slug, window_name, start, subject, group)
-            out.append((key.to_text(), CounterDelta(key, end, aggregation, value, count, latest)))
+            total = Decimal(count) if aggregation is Aggregation.COUNT else value
+            out.append((key.to_text(), CounterDelta(key, end, aggregation, total, count, latest)))
         out.sort(key=lambda item: item[0])
         return out
 
-    def _window(self, window: Window, at: datetime) -> tuple[datetime, datetime]:
-        """windows.bounds, memoised per minute: a batch's events share few windows."""
-        minute = at.replace(second=0, microsecond=0)
+    def _matching(self, event_type: str) -> list[tuple[int, _Compiled]]:
+        """The meters whose type filter matches, memoised per type."""
+        found = self._by_type.get(event_type)
+        if found is None:
+            if len(self._by_type) > 10_000:
+                self._by_type.clear()
+            found = self._by_type[event_type] = [(i, c) for i, c in enumerate(self._compiled) if c.matches(event_type)]
+        return found
+
+    def _minute(self, at: datetime) -> int:
+        """Whole minutes from the epoch to `at`, memoised (decoded events share datetime objects)."""
+        minute = self._minutes.get(at)
+        if minute is None:
+            if len(self._minutes) > 100_000:
+                self._minutes.clear()
+            minute = self._minutes[at] = (at - _EPOCH) // _MINUTE
+        return minute
+
+    def _window(self, window: Window, minute: int) -> tuple[datetime, datetime]:
+        """windows.bounds of the minute `minute` minutes after the epoch, memoised."""
         cached = self._bounds.get((window, minute))
         if cached is None:
             if len(self._bounds) > 100_000:
                 self._bounds.clear()
-            cached = self._bounds[(window, minute)] = bounds(window, minute)
+            cached = self._bounds[(window, minute)] = bounds(window, _EPOCH + minute * _MINUTE)
         return cached
 
 
-def _document(e: Envelope) -> dict[str, Any]:
-    return {"type": e.type, "source": e.source, "subject": e.subject, "id": e.id, "data": e.data}
-
-
-def _fold(current: list, value: Decimal, at: datetime) -> None:
-    """Add one event's value to a window's running [aggregation, value, count, latest_time, end]."""
+def _fold(current: list, value: Decimal | None, count: int, at: datetime) -> None:
+    """Merge `count` events (their folded value, latest time `at`) into a running
+    [aggregation, value, count, latest_time, ...]; COUNT keeps no value, only the count."""
     aggregation = current[0]
-    if aggregation is Aggregation.COUNT or aggregation is Aggregation.SUM:
+    if aggregation is Aggregation.SUM:
         current[1] += value
     elif aggregation is Aggregation.MAX:
         current[1] = max(current[1], value)
     elif aggregation is Aggregation.MIN:
         current[1] = min(current[1], value)
-    elif at >= current[3]:
+    elif aggregation is Aggregation.LATEST and at >= current[3]:
         current[1] = value
-    current[2] += 1
+    current[2] += count
     current[3] = max(current[3], at)

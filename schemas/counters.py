@@ -82,3 +82,36 @@ class CounterState(BaseModel):
     @classmethod
     def from_bytes(cls, raw: bytes) -> "CounterState":
         return cls.model_validate_json(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedState:
+    """A counter state as published and cached, encoded once without building the model.
+
+    `value` holds exactly the bytes `CounterState.to_bytes()` gives for the same state (a test holds
+    them equal), so readers keep using CounterState.from_bytes.
+    """
+
+    key: str
+    revision: int
+    window_end: datetime
+    value: bytes
+
+    def to_bytes(self) -> bytes:
+        return self.value
+
+
+def encode_state(key: str, tenant: str, meter: str, aggregation: str, window: str, window_start: datetime,
+                 window_end: datetime, subject: str | None, group: dict[str, Any], value: str, count: int,
+                 revision: int, updated_at: datetime) -> EncodedState:
+    """The CounterState for these fields, in the model's field order and JSON forms."""
+    raw = orjson.dumps({
+        "key": key, "tenant": tenant, "meter": meter, "aggregation": Aggregation(aggregation).value,
+        "window": window, "window_start": window_start, "window_end": window_end, "subject": subject,
+        "group": group, "value": value, "count": count, "revision": revision, "updated_at": updated_at,
+    }, option=orjson.OPT_UTC_Z)
+    return EncodedState(key, revision, window_end, raw)
+
+
+# Either form of a counter state: what the counter topic and the cache accept.
+PublishedState = CounterState | EncodedState

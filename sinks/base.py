@@ -6,22 +6,33 @@ was written is durable, and only then may the processor commit the batch's offse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
-
-from schemas.envelope import Envelope
+from datetime import datetime
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 T_contra = TypeVar("T_contra", contravariant=True)
 
 
-@dataclass(frozen=True)
-class Record:
-    """An envelope and where it was read from, so storage can point back at the log.
+class StoredEvent(Protocol):
+    """The envelope attributes storage and meters read: an Envelope, or the processor's lighter Event."""
+
+    tenant: str
+    source: str
+    id: str
+    type: str
+    subject: str | None
+    time: datetime
+    received_at: datetime
+    data: Any
+
+
+class Record(NamedTuple):
+    """An event and where it was read from, so storage can point back at the log (a tuple: one is
+    built per message).
 
     `counted` is false for an event older than the late-event horizon: it is stored, not counted.
     """
 
-    envelope: Envelope
+    envelope: StoredEvent
     partition: int
     offset: int
     counted: bool = True

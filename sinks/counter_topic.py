@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from schemas.counters import CounterState
+from schemas.counters import PublishedState
 from sinks.kafka import KafkaPublisher
 
 
@@ -18,7 +18,7 @@ class CounterTopicSink:
         self._publisher = publisher
         self._topic = topic
 
-    async def write(self, states: Sequence[CounterState]) -> None:
+    async def write(self, states: Sequence[PublishedState]) -> None:
         for state in states:
             self._publisher.produce(self._topic, state.key.encode(), state.to_bytes())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
-from schemas.counters import CounterState
+from schemas.counters import EncodedState, encode_state
 from sinks.counter_topic import CounterTopicSink
 
 _PENDING = """
@@ -30,7 +30,7 @@ class OutboxRelay:
         self._topic = topic
         self._limit = limit
 
-    async def publish_once(self) -> list[CounterState]:
+    async def publish_once(self) -> list[EncodedState]:
         """Publish up to `limit` queued windows; returns their states (empty when nothing was free)."""
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_PENDING, self._limit)
@@ -42,8 +42,8 @@ class OutboxRelay:
             await conn.execute("delete from counter_outbox where key = any($1::text[])", [s.key for s in states])
         return states
 
-    async def publish_all(self) -> list[CounterState]:
-        published: list[CounterState] = []
+    async def publish_all(self) -> list[EncodedState]:
+        published: list[EncodedState] = []
         while True:
             states = await self.publish_once()
             published.extend(states)
@@ -51,10 +51,7 @@ class OutboxRelay:
                 return published
 
 
-def _state(row: asyncpg.Record) -> CounterState:
-    return CounterState.model_validate({
-        "key": row["key"], "tenant": row["tenant"], "meter": row["meter"], "aggregation": row["aggregation"],
-        "window": row["window_name"], "window_start": row["window_start"], "window_end": row["window_end"],
-        "subject": row["subject"], "group": orjson.loads(row["grp"]), "value": row["value"], "count": row["count"],
-        "revision": row["revision"], "updated_at": row["updated_at"],
-    })
+def _state(row: asyncpg.Record) -> EncodedState:
+    key, tenant, meter, aggregation, window, start, end, subject, grp, value, count, revision, updated_at = row
+    return encode_state(key, tenant, meter, aggregation, window, start, end, subject, orjson.loads(grp), value, count,
+                        revision, updated_at)

@@ -83,7 +83,7 @@ class PostgresSink:
         self.last = StoreResult()
 
     async def write(self, batch: Sequence[Record]) -> None:
-        """Queue records; the caller removed duplicates inside the batch (processors.dedup)."""
+        """Queue records; of several with one dedup key (tenant, source, id), the first one is kept."""
         self._pending.extend(batch)
 
     async def flush(self) -> None:
@@ -91,11 +91,14 @@ class PostgresSink:
         if not records:
             self.last = StoreResult()
             return
-        by_key = {(r.envelope.tenant, r.envelope.source, r.envelope.id): r for r in records}
-        keys = sorted(by_key)
+        by_key: dict[tuple[str, str, str], Record] = {}
+        for r in records:
+            e = r.envelope
+            by_key.setdefault((e.tenant, e.source, e.id), r)
         async with self._pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetch(_CLAIM, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-            new = [by_key[(r["tenant"], r["source"], r["id"])] for r in claimed]
+            # The statement sorts the keys itself (the lock order); Python only maps them back.
+            claimed = await conn.fetch(_CLAIM, *map(list, zip(*by_key)))
+            new = [by_key[(tenant, source, id_)] for tenant, source, id_ in claimed]
             if new:
                 await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
             deltas = self._aggregate(new)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from schemas.counters import CounterState
+from schemas.counters import PublishedState
 
 log = logging.getLogger("tally.sinks.redis")
 
@@ -46,10 +46,10 @@ class RedisCounterCache:
         self._ttl_after_window_s = ttl_after_window_s
         self._cooldown_s = cooldown_s
         self._skip_until = 0.0
-        self._pending: list[CounterState] = []
+        self._pending: list[PublishedState] = []
         self.errors = 0
 
-    async def write(self, states: Sequence[CounterState]) -> None:
+    async def write(self, states: Sequence[PublishedState]) -> None:
         self._pending.extend(states)
 
     async def flush(self) -> None:
