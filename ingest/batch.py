@@ -13,7 +13,7 @@ from ingest.publish import Event, Publisher, unavailable
 BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Item:
     """One entry of a batch: a valid event's attributes, or the problem that keeps it out."""
 

@@ -30,7 +30,7 @@ class GatewayConfig:
     # Kafka: how long a request may wait for the broker before it gets 503
     produce_timeout_ms: int = 10000
     queue_full_wait_s: float = 2.0
-    linger_ms: int = 0  # the loop polls reports every ms and batches build up while requests are in flight (ADR 2)
+    linger_ms: int = 1  # at most one wake-up of the broker thread per ms; reports are polled every ms (ADR 2)
     retry_after_s: int = 5
 
     # Redis: idempotency, rate limits and webhook replay memory

@@ -15,14 +15,16 @@ from typing import Any
 from schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})")
-REQUIRED = (("id", MAX_ID), ("source", MAX_SOURCE), ("type", MAX_TYPE))
-OPTIONAL = (("subject", MAX_SUBJECT), ("datacontenttype", 128), ("dataschema", 512))
+MAX_CONTENT_TYPE = 128
+MAX_SCHEMA = 512
 
 
-def _text(value: object, limit: int, required: bool) -> bool:
-    if value is None:
-        return not required
-    return type(value) is str and len(value) <= limit and (bool(value) or not required)
+def _required(value: object, limit: int) -> bool:
+    return type(value) is str and 0 < len(value) <= limit
+
+
+def _optional(value: object, limit: int) -> bool:
+    return value is None or (type(value) is str and len(value) <= limit)
 
 
 def plain_event(obj: Any, now: datetime, max_future_s: float) -> dict[str, Any] | None:
@@ -30,15 +32,12 @@ def plain_event(obj: Any, now: datetime, max_future_s: float) -> dict[str, Any] 
     if type(obj) is not dict:
         return None
     get = obj.get
-    spec = get("specversion", "1.0")
-    if spec != "1.0" or type(spec) is not str:
+    spec, event_id, source, kind = get("specversion", "1.0"), get("id"), get("source"), get("type")
+    subject, content_type, schema = get("subject"), get("datacontenttype"), get("dataschema")
+    if not (type(spec) is str and spec == "1.0" and _required(event_id, MAX_ID) and _required(source, MAX_SOURCE)
+            and _required(kind, MAX_TYPE) and _optional(subject, MAX_SUBJECT)
+            and _optional(content_type, MAX_CONTENT_TYPE) and _optional(schema, MAX_SCHEMA)):
         return None
-    for name, limit in REQUIRED:
-        if not _text(get(name), limit, True):
-            return None
-    for name, limit in OPTIONAL:
-        if not _text(get(name), limit, False):
-            return None
     time = get("time")
     if time is not None:
         if type(time) is not str or RFC3339.fullmatch(time) is None:
@@ -50,6 +49,5 @@ def plain_event(obj: Any, now: datetime, max_future_s: float) -> dict[str, Any] 
                 return None
         except (ValueError, OverflowError):
             return None
-    return {"specversion": "1.0", "id": obj["id"], "source": obj["source"], "type": obj["type"], "time": time,
-            "subject": get("subject"), "datacontenttype": get("datacontenttype"), "dataschema": get("dataschema"),
-            "data": get("data")}
+    return {"specversion": "1.0", "id": event_id, "source": source, "type": kind, "time": time, "subject": subject,
+            "datacontenttype": content_type, "dataschema": schema, "data": get("data")}

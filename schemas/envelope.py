@@ -74,11 +74,11 @@ def encode(event: dict[str, Any], tenant: str, received_at: datetime) -> bytes:
     `event` maps attribute names to validated values (`time` an aware datetime or None). The gateway's
     hot path uses this; tests hold it byte-equal to the model's output, which `from_bytes` reads.
     """
-    out: dict[str, Any] = {"specversion": event.get("specversion") or "1.0"}
-    for name in EVENT_FIELDS[1:]:
-        value = event.get(name)
-        if name == "time" and value is None:
-            value = received_at
+    get = event.get
+    out: dict[str, Any] = {"specversion": get("specversion") or "1.0", "id": event["id"], "source": event["source"],
+                           "type": event["type"], "time": get("time") or received_at}
+    for name in EVENT_FIELDS[5:]:
+        value = get(name)
         if value is not None:
             out[name] = value
     out["tenant"] = tenant

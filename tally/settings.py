@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     gateway_max_future_s: float = Field(900.0, description="refuse events whose time is further ahead than this")
     gateway_produce_timeout_ms: int = Field(10000, description="longest wait for Kafka's ack before 503")
     gateway_queue_full_wait_s: float = 2.0
-    gateway_linger_ms: int = Field(0, description="librdkafka linger.ms of the gateway; 0 measured best (ADR 2)")
+    gateway_linger_ms: int = Field(1, description="librdkafka linger.ms of the gateway (measured in ADR 2)")
     gateway_retry_after_s: int = 5
     gateway_redis_timeout_s: float = 0.5
     gateway_redis_failure_policy: Literal["open", "closed"] = Field(
