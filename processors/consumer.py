@@ -48,7 +48,7 @@ class ProcessorConfig:
     kafka_bootstrap: str
     group_id: str
     topic: str
-    batch_max_messages: int = 5000
+    batch_max_messages: int = 20000
     batch_max_wait_s: float = 0.2
     retry_initial_s: float = 0.1
     retry_max_s: float = 10.0

@@ -27,8 +27,6 @@ _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[
 # 19 digits to it. Digits map to b"0", everything else to b" ", then a plain substring search.
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _LONG_DIGITS = b"0" * 19
-_REQUIRED = (("id", MAX_ID), ("source", MAX_SOURCE), ("type", MAX_TYPE), ("tenant", MAX_TENANT))
-_OPTIONAL = (("subject", MAX_SUBJECT), ("datacontenttype", MAX_CONTENT_TYPE), ("dataschema", MAX_DATASCHEMA))
 
 
 @dataclass(slots=True)
@@ -67,23 +65,25 @@ def _fast(raw: bytes) -> Event | None:
         return None
     if type(doc) is not dict:
         return None
-    specversion = doc.get("specversion", "1.0")
-    if specversion != "1.0" or type(specversion) is not str:
+    get = doc.get
+    specversion, id_, source, type_, tenant = get("specversion", "1.0"), get("id"), get("source"), get("type"), get("tenant")
+    subject, content_type, dataschema = get("subject"), get("datacontenttype"), get("dataschema")
+    if not (
+        specversion == "1.0" and type(specversion) is str
+        and type(id_) is str and 0 < len(id_) <= MAX_ID
+        and type(source) is str and 0 < len(source) <= MAX_SOURCE
+        and type(type_) is str and 0 < len(type_) <= MAX_TYPE
+        and type(tenant) is str and 0 < len(tenant) <= MAX_TENANT
+        and (subject is None or (type(subject) is str and len(subject) <= MAX_SUBJECT))
+        and (content_type is None or (type(content_type) is str and len(content_type) <= MAX_CONTENT_TYPE))
+        and (dataschema is None or (type(dataschema) is str and len(dataschema) <= MAX_DATASCHEMA))
+    ):
         return None
-    for name, limit in _REQUIRED:
-        value = doc.get(name)
-        if type(value) is not str or not 0 < len(value) <= limit:
-            return None
-    for name, limit in _OPTIONAL:
-        value = doc.get(name)
-        if value is not None and (type(value) is not str or len(value) > limit):
-            return None
-    time = _time(doc.get("time"))
-    received_at = _time(doc.get("received_at"))
+    time = _time(get("time"))
+    received_at = _time(get("received_at"))
     if time is None or received_at is None:
         return None
-    return Event(doc["tenant"], doc["source"], doc["id"], doc["type"], doc.get("subject"), time, received_at,
-                 doc.get("data"))
+    return Event(tenant, source, id_, type_, subject, time, received_at, get("data"))
 
 
 _parsed: dict[str, datetime] = {}  # a batch's events share received_at and often their times

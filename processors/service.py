@@ -42,6 +42,7 @@ class ServiceConfig:
     metrics_port: int = 0
     publish_timeout_ms: int = 30000
     redis_counter_ttl_s: int = 7 * 24 * 3600
+    pg_writers: int = 2  # transactions per batch, side by side (sinks.postgres)
 
 
 def validator_for(config: ServiceConfig) -> Validator:
@@ -54,11 +55,12 @@ async def run(config: ServiceConfig) -> None:
     validator = validator_for(config)
     log.info("meters: %s", ", ".join(m.slug for m in validator.meters.meters) or "none")
     metrics.serve(config.metrics_host, config.metrics_port)
-    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=4)
+    # One connection per writer, one for the outbox relay, one for partition upkeep.
+    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 2)
     publisher = KafkaPublisher(config.processor.kafka_bootstrap, config.publish_timeout_ms)
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
     sinks = Sinks(
-        store=PostgresSink(pool, validator.meters.aggregate),
+        store=PostgresSink(pool, validator.meters.aggregate, config.pg_writers),
         relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),
         cache=cache,

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
 
     # processors (processors/, sinks/)
     consumer_group: str = "tally-processor"
-    batch_max_messages: int = 5000
+    batch_max_messages: int = Field(20000, description="bigger batches share per-batch costs (counter windows, commits)")
     batch_max_wait_ms: int = 200
     meters_file: str = Field("", description="YAML or JSON meters file; empty: events per type per subject")
     meters: str = Field("", description="meters as inline YAML or JSON; wins over meters_file")
