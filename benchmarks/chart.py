@@ -98,7 +98,12 @@ def draw(results: dict[str, Any], out: Path, k6_dir: Path) -> None:
 
 def main() -> None:
     results_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-    draw(json.loads(results_path.read_text()), out, results_path.parent)
+    results = json.loads(results_path.read_text())
+    only = results.get("args", {}).get("only")
+    if only and not {"processor", "e2e"} & set(only):
+        print("chart: this run has no drains or end-to-end series; the picture is left as it was")
+        return
+    draw(results, out, results_path.parent)
 
 
 if __name__ == "__main__":

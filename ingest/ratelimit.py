@@ -6,7 +6,8 @@ headers takes a second round trip; here one script call decides, refills and rep
 The script reads Redis' own clock, so several gateways with skewed clocks share one bucket fairly.
 
 Checks are micro-batched: every check that arrives during one pass of the event loop waits for the
-end of that pass, then all of them go to Redis in one EVALSHA. For each bucket the script takes the
+end of that pass, then all of them go to Redis in one EVALSHA; while that call is out, new checks
+gather for the next one, so there is at most one call in flight and batches grow with the load. For each bucket the script takes the
 requests' tokens one by one, in arrival order, exactly as that many separate calls at the same
 instant would; it returns how many it allowed and the bucket's level before the first, and
 `_decisions` rebuilds every request's answer (remaining, reset, retry) from those with the same
@@ -105,13 +106,13 @@ class RateLimiter:
         self._prefix = f"{prefix}rl:"
         self._script = guard.client.register_script(TOKEN_BUCKETS)
         self._waiting: dict[tuple[str, Limit], _Bucket] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._sending: asyncio.Task[None] | None = None
         self.calls = 0
 
     async def check(self, policy: str, subject: str, limit: Limit) -> Decision:
         """Take a token from the bucket of (policy, subject); if Redis is down, the guard's policy decides."""
         loop = asyncio.get_running_loop()
-        if not self._waiting:
+        if not self._waiting and self._sending is None:
             loop.call_soon(self._flush)
         slot = (f"{self._prefix}{policy}:{subject}", limit)
         bucket = self._waiting.get(slot)
@@ -122,11 +123,16 @@ class RateLimiter:
         return await waiter
 
     def _flush(self) -> None:
-        """End of the loop pass: send everything that waits in one call."""
+        """End of the loop pass, or the previous call is back: send everything that waits in one call."""
+        if not self._waiting:
+            return
         waiting, self._waiting = self._waiting, {}
-        task = asyncio.get_running_loop().create_task(self._decide(waiting))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._sending = asyncio.get_running_loop().create_task(self._decide(waiting))
+        self._sending.add_done_callback(self._sent)
+
+    def _sent(self, _task: asyncio.Task[None]) -> None:
+        self._sending = None
+        self._flush()
 
     async def _decide(self, waiting: dict[tuple[str, Limit], _Bucket]) -> None:
         buckets = list(waiting.values())

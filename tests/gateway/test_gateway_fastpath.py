@@ -117,6 +117,16 @@ async def test_concurrent_checks_allow_exactly_the_burst_in_one_redis_call(limit
     assert decisions[0].headers["RateLimit-Policy"] == '"events";q=20;w=20000'
 
 
+async def test_checks_arriving_while_a_call_is_out_go_together_in_the_next(limiter: RateLimiter) -> None:
+    limit = Limit(0.001, 12)
+    first = [asyncio.create_task(limiter.check("events", "key-2", limit)) for _ in range(8)]
+    await asyncio.sleep(0)  # the loop pass ends: the first call goes out
+    later = [asyncio.create_task(limiter.check("events", "key-2", limit)) for _ in range(8)]
+    decisions = await asyncio.gather(*first, *later)
+    assert limiter.calls == 2
+    assert [d.allowed for d in decisions] == [True] * 12 + [False] * 4
+
+
 async def test_buckets_in_one_call_stay_apart_and_later_calls_see_the_taken_tokens(limiter: RateLimiter) -> None:
     limit = Limit(0.001, 3)
     first = await asyncio.gather(*[limiter.check("events", subject, limit) for subject in ["a", "b"] * 5])
