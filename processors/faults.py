@@ -1,8 +1,9 @@
 """Test hook: kill the process with SIGKILL at a named point of a batch (TALLY_CRASH_AT).
 
 Tests use it to prove that a crash between the steps of a batch loses nothing and counts
-nothing twice. Points: after_pg_commit (counters committed, nothing published),
-after_publish (counters and dead letters acked, offsets not committed). Unset in production.
+nothing twice. Points: after_share_commit (one of a batch's PostgreSQL transactions committed, the
+others possibly not), after_pg_commit (counters committed, nothing published), after_publish
+(counters and dead letters acked, offsets not committed). Unset in production.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_pg_commit", "after_publish")
+POINTS = ("after_share_commit", "after_pg_commit", "after_publish")
 
 
 def crash_point(name: str, armed: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -15,6 +16,7 @@ import asyncpg
 from processors import metrics
 from processors.batch import Validator
 from processors.consumer import Processor, ProcessorConfig, Sinks
+from processors.faults import crash_point
 from processors.meters import MeterSet, load_meters
 from sinks.counter_topic import CounterTopicSink
 from sinks.dlq_topic import DeadLetterSink
@@ -60,7 +62,8 @@ async def run(config: ServiceConfig) -> None:
     publisher = KafkaPublisher(config.processor.kafka_bootstrap, config.publish_timeout_ms)
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
     sinks = Sinks(
-        store=PostgresSink(pool, validator.meters.aggregate, config.pg_writers),
+        store=PostgresSink(pool, validator.meters.aggregate, config.pg_writers,
+                           partial(crash_point, "after_share_commit", config.processor.crash_at)),
         relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),
         cache=cache,

@@ -82,10 +82,12 @@ class PostgresSink:
     PostgreSQL writes another. Each is complete on its own; the caller commits offsets after all.
     """
 
-    def __init__(self, pool: asyncpg.Pool, aggregate: Aggregate, parallel: int = 1) -> None:
+    def __init__(self, pool: asyncpg.Pool, aggregate: Aggregate, parallel: int = 1,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._pool = pool
         self._aggregate = aggregate
         self._parallel = max(1, parallel)
+        self._on_commit = on_commit  # called after each transaction commits (the tests' crash hook)
         self._pending: list[Record] = []
         self.last = StoreResult()
 
@@ -121,6 +123,8 @@ class PostgresSink:
             deltas = self._aggregate(new)
             if deltas:
                 await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
+        if self._on_commit is not None:
+            self._on_commit()
         return new, len(deltas)
 
     async def ensure_partitions(self, months_back: int, months_ahead: int) -> int:

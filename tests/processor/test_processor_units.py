@@ -146,3 +146,18 @@ def test_counter_state_round_trips_with_an_exact_decimal_value() -> None:
                          window_start=at(2026, 3, 1), window_end=at(2026, 3, 2), subject=None, group={},
                          value="0.30000000000000000001", count=3, revision=2, updated_at=at(2026, 3, 1, 5))
     assert CounterState.from_bytes(state.to_bytes()) == state
+
+
+def test_an_abandoned_batch_is_read_again_before_what_was_consumed_after_it() -> None:
+    from types import SimpleNamespace
+
+    from processors.batch import Batch
+    from processors.consumer import Processor
+
+    def batch(*offsets: tuple[int, int]) -> Batch:
+        return Batch(messages=[FakeMessage(b"{}", o, p) for p, o in offsets])
+
+    # Partition 1 left the group while the batch was in flight; 0 and 2 stay.
+    state = SimpleNamespace(_assigned={("events", 0), ("events", 2)}, _held=[FakeMessage(b"{}", 9, 0)])
+    Processor._read_again(state, batch((0, 1), (1, 1), (2, 1)), batch((0, 2), (1, 2)))  # type: ignore[arg-type]
+    assert [(m.partition(), m.offset()) for m in state._held] == [(0, 1), (2, 1), (0, 2), (0, 9)]
