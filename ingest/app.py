@@ -2,6 +2,7 @@
 
 Every write: API key (or webhook signature) -> rate limit -> Idempotency-Key -> body within its limit
 -> validation -> Kafka delivery report -> 202. Anything else is a problem+json with its status.
+The two hot routes take the same steps as plain ASGI in front of this app (`ingest.hot`, ADR 2).
 """
 
 from __future__ import annotations
