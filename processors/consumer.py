@@ -258,7 +258,14 @@ class Processor:
         await self._kafka(partial(self._observe_lag, offsets))
 
     async def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
-        await self._kafka(partial(self._consumer.commit, offsets=offsets, asynchronous=False))
+        await self._kafka(partial(self._commit_assigned, offsets))
+
+    def _commit_assigned(self, offsets: list[TopicPartition]) -> None:
+        """Runs on the consumer thread, where rebalance callbacks run: a partition revoked while this
+        commit waited for the thread (behind the batch ahead's consume) is left to its next owner."""
+        assigned = [tp for tp in offsets if (tp.topic, tp.partition) in self._assigned]
+        if assigned:
+            self._consumer.commit(offsets=assigned, asynchronous=False)
 
     def _observe_lag(self, offsets: list[TopicPartition]) -> None:
         for tp in offsets:
