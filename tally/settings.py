@@ -18,7 +18,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TALLY_", env_file=".env", extra="ignore")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
-    database_url: str = "postgresql://tally:tally@127.0.0.1:5432/tally"
+    database_url: str = Field(
+        "postgresql://tally:tally@127.0.0.1:5432/tally?sslmode=disable",
+        description="TLS off by default: the local database is on loopback; set sslmode for a remote one")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("tally:", description="prepended to every Redis key; tests use it for isolation")
     stripe_api_base: str = "http://127.0.0.1:12111"

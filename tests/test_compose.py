@@ -58,7 +58,7 @@ def test_settings_match_the_native_scripts() -> None:
     defaults = {name: field.default for name, field in Settings.model_fields.items()}
     assert defaults["kafka_bootstrap"] == f"127.0.0.1:{v['KAFKA_PORT']}"
     assert defaults["database_url"] == (f"postgresql://{v['POSTGRES_USER']}:{v['POSTGRES_PASSWORD']}"
-                                        f"@127.0.0.1:{v['POSTGRES_PORT']}/{v['POSTGRES_DB']}")
+                                        f"@127.0.0.1:{v['POSTGRES_PORT']}/{v['POSTGRES_DB']}?sslmode=disable")
     assert defaults["redis_url"].startswith(f"redis://127.0.0.1:{v['REDIS_PORT']}/")
     assert defaults["stripe_api_base"] == f"http://127.0.0.1:{v['STRIPE_MOCK_PORT']}"
     assert defaults["gateway_port"] == int(v["GATEWAY_PORT"])

@@ -9,7 +9,7 @@ while IFS='=' read -r key value; do
 done < "$ROOT/deploy/local/versions.env"
 # Tally's own processes follow the ports chosen here unless told otherwise.
 export TALLY_KAFKA_BOOTSTRAP="${TALLY_KAFKA_BOOTSTRAP:-127.0.0.1:$KAFKA_PORT}"
-export TALLY_DATABASE_URL="${TALLY_DATABASE_URL:-postgresql://$POSTGRES_USER:$POSTGRES_PASSWORD@127.0.0.1:$POSTGRES_PORT/$POSTGRES_DB}"
+export TALLY_DATABASE_URL="${TALLY_DATABASE_URL:-postgresql://$POSTGRES_USER:$POSTGRES_PASSWORD@127.0.0.1:$POSTGRES_PORT/$POSTGRES_DB?sslmode=disable}"
 export TALLY_REDIS_URL="${TALLY_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
 export TALLY_STRIPE_API_BASE="${TALLY_STRIPE_API_BASE:-http://127.0.0.1:$STRIPE_MOCK_PORT}"
 export TALLY_GATEWAY_PORT="${TALLY_GATEWAY_PORT:-$GATEWAY_PORT}"
