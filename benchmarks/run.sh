@@ -8,6 +8,9 @@ SERVICE=bench
 cd "$ROOT"
 
 bash benchmarks/install.sh
+# One run at a time: runs share benchmarks/out and the machine, so a second run waits for the first.
+exec 9>benchmarks/.venv/run.lock
+if ! flock -n 9; then say "another benchmark run is going on; waiting for it to finish"; flock 9; fi
 [ -x .venv/bin/python ] || die "the project's virtual environment is missing" "run bash deploy/local/up.sh first"
 rm -rf benchmarks/out && mkdir -p benchmarks/out
 # The harness skips what would overrun its budget (--budget, 540 s); timeout is the last guard.
