@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -82,6 +83,9 @@ class Gateway:
         self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, c.idempotency_ttl_s,
                                             c.idempotency_lock_s)
         self.replays = ReplayMemory(self.guard, c.redis_prefix)
+        # What start-up built lives as long as the process: keep it out of every full collection.
+        # Scanning it paused the loop 40-50 ms about once a second under batch load (ADR 2).
+        gc.freeze()
         log.info("gateway ready: topic %s, %d webhook source(s)", c.topics.events, len(self.sources))
         try:
             yield
