@@ -6,6 +6,7 @@
 SERVICE=bench
 . "$(dirname "$0")/../deploy/local/common.sh"
 cd "$ROOT"
+case " $* " in *" -h "*|*" --help "*) exec .venv/bin/python -m benchmarks.harness --help ;; esac
 
 bash benchmarks/install.sh
 # One run at a time: runs share benchmarks/out and the machine, so a second run waits for the first.
