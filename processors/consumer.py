@@ -245,8 +245,6 @@ class Processor:
         started = time.perf_counter()
         try:
             await self._step("commit", partial(self._commit_offsets, offsets), set(), commit=True)
-        except Abandoned:
-            raise
         except KafkaException as exc:
             # Not retriable (the group moved on): what was written is durable; dedup absorbs redelivery.
             metrics.COMMIT_FAILURES.inc()
