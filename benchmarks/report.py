@@ -170,7 +170,8 @@ def profile(path: Path, what: str, limit: int = 10) -> list[str]:
         return []
     head, _, rest = path.read_text().partition("self %   frame\n")
     frames = rest.split("\n\n")[0].splitlines()[:limit]
-    return ["", f"Where the time goes ({what}; py-spy, {head.strip()}, share of samples spent in the frame itself):",
+    return ["", f"Where the time goes ({what}; py-spy, {head.strip()}, share of samples spent in the frame itself;"
+            " sampled during that measured run, which therefore carries py-spy's overhead):",
             "", "```", *frames, "```"]
 
 
