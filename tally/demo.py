@@ -68,6 +68,15 @@ async def run_demo(settings: Settings, url: str | None, count: int) -> int:
         if len(rows) != count:
             print("not every event arrived within 30 s: is `tally process` running? see .local/log/processor.log")
             return 1
+        counters = await conn.fetch(
+            "select subject, window_start, value from counters where tenant = 'demo' and meter = 'events'"
+            " and window_name = 'day' and subject = any($1::text[]) and grp->>'type' = 'demo.clicked'"
+            " order by window_start desc, subject limit 2",
+            sorted({row["subject"] for row in rows}),
+        )
+        print("\ncounters (meter `events`, day window; demo events of every run today, the retry not counted):")
+        for counter in counters:
+            print(f"  {counter['subject']}  {counter['window_start']:%Y-%m-%d}  {counter['value']}")
         return 0
     finally:
         await conn.close()
