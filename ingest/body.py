@@ -20,14 +20,18 @@ def too_large(limit: int) -> Problem:
                    max_bytes=limit)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`."""
-    declared = request.headers.get("content-length")
+def check_declared_length(declared: str | None, limit: int) -> None:
+    """Refuse a body by its Content-Length before reading any of it."""
     if declared is not None:
         if not declared.isdigit():
             raise Problem(400, "Invalid Content-Length", "Content-Length must be a non-negative integer")
         if int(declared) > limit:
             raise too_large(limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`."""
+    check_declared_length(request.headers.get("content-length"), limit)
     chunks: list[bytes] = []
     size = 0
     try:

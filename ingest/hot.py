@@ -17,7 +17,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest import batch, events
-from ingest.body import parse_json, too_large, unsupported
+from ingest.body import check_declared_length, parse_json, too_large, unsupported
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from schemas.envelope import utcnow
@@ -48,12 +48,7 @@ def _media(headers: dict[str, str]) -> str:
 
 async def _body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
     """As `ingest.body.read_body`: 413 as soon as the declared or the counted size passes the limit."""
-    declared = headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Problem(400, "Invalid Content-Length", "Content-Length must be a non-negative integer")
-        if int(declared) > limit:
-            raise too_large(limit)
+    check_declared_length(headers.get("content-length"), limit)
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         body: bytes = message.get("body", b"")
