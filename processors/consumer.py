@@ -330,16 +330,22 @@ class Processor:
                 consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:
                 log.warning("commit on revoke failed (the next owner re-reads, dedup absorbs it): %s", exc)
-        self._forget(gone)
+        self._forget(consumer, partitions)
         log.info("revoked %s", sorted(p for _, p in gone))
 
-    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Lost partitions already belong to someone else: commit nothing for them."""
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._forget(gone)
-        log.warning("lost %s", sorted(p for _, p in gone))
+        self._forget(consumer, partitions)
+        log.warning("lost %s", sorted(tp.partition for tp in partitions))
 
-    def _forget(self, gone: set[TP]) -> None:
+    def _forget(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps a partition's pause across revoke and re-assignment: one leaving while a failed
+        # step holds the batch would come back paused and never be fetched again, so resume it on the way out.
+        try:
+            consumer.resume(partitions)
+        except KafkaException as exc:
+            log.warning("resume on revoke failed: %s", exc)
+        gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
         self._revoked |= gone
         for tp in gone:
