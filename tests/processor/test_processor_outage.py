@@ -27,17 +27,12 @@ async def test_postgres_outage_under_load_is_waited_out_without_dead_letters(
     isolated: Settings, scratch_pg: ScratchPostgres
 ) -> None:
     tenant = f"outage-{uuid.uuid4().hex[:8]}"
-    settings = isolated.model_copy(update={
-        "database_url": scratch_pg.url, "batch_max_messages": 200, "retry_max_ms": 1000, "processor_metrics_port": 0,
-    })
+    settings = _outage_settings(isolated, scratch_pg)
     events = [envelope(tenant, n) for n in range(1500)]
     produce(settings, events[:500])
 
     with running("processor", ["process"], settings) as processor:
-        db = await asyncpg.connect(scratch_pg.url)
-        await wait_for(lambda: _some(db, tenant), 30, "the first events")
-        await db.close()
-        await asyncio.to_thread(scratch_pg.stop)
+        await _stop_after_first_events(scratch_pg, tenant)
         produce(settings, events[500:] + events[:300])
         await asyncio.to_thread(wait_until, lambda: "failed (attempt 3)" in processor.output(), 30, 0.2,
                                 "the processor to retry")
@@ -55,6 +50,22 @@ async def test_postgres_outage_under_load_is_waited_out_without_dead_letters(
     assert read_topic(settings.kafka_bootstrap, settings.topics.dlq, idle_s=0.5) == []
 
 
+def _outage_settings(isolated: Settings, scratch_pg: ScratchPostgres) -> Settings:
+    """Small batches and short backoff, so the outage lands mid-stream and retries show quickly."""
+    return isolated.model_copy(update={
+        "database_url": scratch_pg.url, "batch_max_messages": 200, "retry_max_ms": 1000, "processor_metrics_port": 0,
+    })
+
+
+async def _stop_after_first_events(scratch_pg: ScratchPostgres, tenant: str) -> None:
+    db = await asyncpg.connect(scratch_pg.url)
+    try:
+        await wait_for(lambda: _some(db, tenant), 30, "the first events")
+    finally:
+        await db.close()
+    await asyncio.to_thread(scratch_pg.stop)
+
+
 async def _some(db: asyncpg.Connection, tenant: str) -> bool:
     return await event_count(db, tenant) > 0
 
@@ -65,17 +76,12 @@ async def test_sigterm_while_postgres_is_down_exits_cleanly_and_loses_nothing(
     """A processor stuck retrying must still stop on request, commit nothing it did not persist, and leave
     the batch for the next run."""
     tenant = f"term-{uuid.uuid4().hex[:8]}"
-    settings = isolated.model_copy(update={
-        "database_url": scratch_pg.url, "batch_max_messages": 200, "retry_max_ms": 1000, "processor_metrics_port": 0,
-    })
+    settings = _outage_settings(isolated, scratch_pg)
     events = [envelope(tenant, n) for n in range(600)]
     produce(settings, events[:200])
 
     with running("processor", ["process"], settings) as processor:
-        db = await asyncpg.connect(scratch_pg.url)
-        await wait_for(lambda: _some(db, tenant), 30, "the first events")
-        await db.close()
-        await asyncio.to_thread(scratch_pg.stop)
+        await _stop_after_first_events(scratch_pg, tenant)
         produce(settings, events[200:])
         await asyncio.to_thread(wait_until, lambda: "failed (attempt 2)" in processor.output(), 30, 0.2,
                                 "the processor to retry")
