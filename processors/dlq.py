@@ -14,16 +14,26 @@ from datetime import datetime
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from schemas.deadletter import PREFIX, REPLAY_ATTEMPTS, REPLAY_FIRST_SEEN, DeadLetter
+from schemas.deadletter import CONFLICT_STAGE, PREFIX, REPLAY_ATTEMPTS, REPLAY_FIRST_SEEN, DeadLetter
 from sinks.kafka import KafkaPublisher
 
 
-def dead_letter(msg: Message, stage: str, error_class: str, message: str, now: datetime) -> DeadLetter:
+def dead_letter(msg: Message, stage: str, error_class: str, message: str, now: datetime,
+                kept: tuple[int, int] | None = None) -> DeadLetter:
     headers = dict(msg.headers() or [])
     attempts = int(headers.get(REPLAY_ATTEMPTS, b"0")) + 1
     first_seen = datetime.fromisoformat(headers[REPLAY_FIRST_SEEN].decode()) if REPLAY_FIRST_SEEN in headers else now
+    kept_partition, kept_offset = kept if kept is not None else (None, None)
     return DeadLetter(stage, error_class, message, msg.topic(), msg.partition(), msg.offset(), first_seen,
-                      attempts, msg.key(), msg.value())
+                      attempts, msg.key(), msg.value(), kept_partition, kept_offset)
+
+
+def conflict_letter(msg: Message, kept_partition: int, kept_offset: int, now: datetime) -> DeadLetter:
+    """A copy of an event whose id was kept with other content: reported, never stored or counted."""
+    return dead_letter(msg, CONFLICT_STAGE, "IdReusedWithOtherContent",
+                       f"event id already kept with other content: the copy at {msg.topic()}[{kept_partition}]"
+                       f"@{kept_offset} is kept; this copy at [{msg.partition()}]@{msg.offset()} is not stored"
+                       " or counted", now, (kept_partition, kept_offset))
 
 
 @dataclass(frozen=True)

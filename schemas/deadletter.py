@@ -18,6 +18,11 @@ PARTITION = PREFIX + "partition"
 OFFSET = PREFIX + "offset"
 FIRST_SEEN = PREFIX + "first_seen"
 ATTEMPTS = PREFIX + "attempts"
+# Stage `conflict` only: where the kept copy of the re-used event id was read (same topic).
+KEPT_PARTITION = PREFIX + "kept_partition"
+KEPT_OFFSET = PREFIX + "kept_offset"
+
+CONFLICT_STAGE = "conflict"
 
 # Carried by a replayed message so that a second failure keeps its history.
 REPLAY_FIRST_SEEN = "tally.replay.first_seen"
@@ -38,9 +43,13 @@ class DeadLetter:
     attempts: int
     key: bytes | None
     value: bytes | None
+    kept_partition: int | None = None
+    kept_offset: int | None = None
 
     def headers(self) -> list[tuple[str, bytes]]:
-        return [
+        kept = [] if self.kept_partition is None else [
+            (KEPT_PARTITION, str(self.kept_partition).encode()), (KEPT_OFFSET, str(self.kept_offset).encode())]
+        return kept + [
             (STAGE, self.stage.encode()),
             (ERROR_CLASS, self.error_class.encode()),
             (MESSAGE, self.message[:MAX_MESSAGE].encode()),
@@ -65,4 +74,6 @@ class DeadLetter:
             attempts=int(h.get(ATTEMPTS, "1")),
             key=key,
             value=value,
+            kept_partition=int(h[KEPT_PARTITION]) if KEPT_PARTITION in h else None,
+            kept_offset=int(h[KEPT_OFFSET]) if KEPT_OFFSET in h else None,
         )

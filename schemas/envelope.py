@@ -5,8 +5,10 @@ The dedup key is (tenant, source, id); the tenant comes from the API key, never 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -84,6 +86,35 @@ def encode(event: dict[str, Any], tenant: str, received_at: datetime) -> bytes:
     out["tenant"] = tenant
     out["received_at"] = received_at
     return orjson.dumps(out, option=orjson.OPT_UTC_Z)
+
+
+class Content(Protocol):
+    type: str
+    subject: str | None
+    time: datetime
+    received_at: datetime
+    data: Any
+
+
+def content_digest(event: Content) -> bytes:
+    """What makes two copies of one (tenant, source, id) the same event: type, subject, time and data.
+
+    An exact re-send is a duplicate; a copy that differs in any of these is a conflict (docs/adr/0014).
+    A `time` equal to `received_at` is the one the gateway filled in for a producer that sent none, so
+    it is left out: a retry of such an event gets another receipt time but is the same event. Keys of
+    `data` are sorted, so the order a producer's serialiser writes them in does not matter.
+    """
+    moment = None if event.time == event.received_at else (event.time - _EPOCH) // _MICROSECOND
+    content = [event.type, event.subject, moment, event.data]
+    try:
+        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits, which orjson does not write
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return hashlib.blake2b(canonical, digest_size=16).digest()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def message_key(tenant: str, subject: str | None) -> bytes:

@@ -4,6 +4,10 @@ Each transaction commits whole (its keys claimed, its new events stored, their c
 applied, the touched windows queued for publication) or not at all, so a re-delivered event is
 always a duplicate and never counted twice. Keys and counters are touched in sorted order so
 that concurrent consumers lock rows in the same order and do not deadlock.
+
+The first copy of a (tenant, source, id) to commit is kept. A later copy with the same content
+digest is a duplicate; one with other content is a conflict, returned with where the kept copy
+was read, for the processor to report (docs/adr/0014). Nothing is substituted silently.
 """
 
 from __future__ import annotations
@@ -16,14 +20,23 @@ import asyncpg
 import orjson
 
 from schemas.counters import CounterDelta
+from schemas.envelope import content_digest
 from sinks.base import Record
 
 _CLAIM = """
-insert into event_keys (tenant, source, id)
-select * from unnest($1::text[], $2::text[], $3::text[]) as k(tenant, source, id)
+insert into event_keys (tenant, source, id, digest, kafka_partition, kafka_offset)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::bigint[])
+         as k(tenant, source, id, digest, kafka_partition, kafka_offset)
 order by tenant, source, id
 on conflict do nothing
 returning tenant, source, id
+"""
+
+# The kept copies of keys this transaction did not claim. Under READ COMMITTED this statement sees a
+# key another transaction committed while the claim waited for it.
+_KEPT = """
+select k.tenant, k.source, k.id, k.digest, k.kafka_partition, k.kafka_offset
+from event_keys k join unnest($1::text[], $2::text[], $3::text[]) as u(tenant, source, id) using (tenant, source, id)
 """
 
 _EVENT_COLUMNS = (
@@ -62,11 +75,21 @@ on conflict (key) do update set queued_at = now()
 """
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """A copy of an event whose id was already kept with other content, and where the kept copy was read."""
+
+    record: Record
+    kept_partition: int
+    kept_offset: int
+
+
 @dataclass
 class StoreResult:
     new: list[Record] = field(default_factory=list)
     duplicates: int = 0
     counters: int = 0
+    conflicts: list[Conflict] = field(default_factory=list)
 
 
 Aggregate = Callable[[Sequence[Record]], list[tuple[str, CounterDelta]]]
@@ -92,45 +115,77 @@ class PostgresSink:
         self.last = StoreResult()
 
     async def write(self, batch: Sequence[Record]) -> None:
-        """Queue records; of several with one dedup key (tenant, source, id), the first one is kept."""
+        """Queue records; of several with one dedup key (tenant, source, id), the first to commit is kept."""
         self._pending.extend(batch)
 
     async def flush(self) -> None:
         records, self._pending = self._pending, []
-        shares: list[dict[tuple[str, str, str], Record]] = [{} for _ in range(self._parallel)]
-        seen: set[tuple[str, str, str]] = set()
+        shares: list[list[Record]] = [[] for _ in range(self._parallel)]
         for r in records:
-            e = r.envelope
-            key = (e.tenant, e.source, e.id)
-            if key not in seen:
-                seen.add(key)
-                shares[r.partition % self._parallel][key] = r
+            shares[r.partition % self._parallel].append(r)
         results = await asyncio.gather(*(self._store(share) for share in shares if share), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        new = [record for result in results for record in result[0]]
-        self.last = StoreResult(new=new, duplicates=len(records) - len(new), counters=sum(r[1] for r in results))
+        new = [record for result in results for record in result.new]
+        conflicts = [conflict for result in results for conflict in result.conflicts]
+        self.last = StoreResult(new=new, duplicates=len(records) - len(new) - len(conflicts),
+                                counters=sum(r.counters for r in results), conflicts=conflicts)
 
-    async def _store(self, by_key: dict[tuple[str, str, str], Record]) -> tuple[list[Record], int]:
-        """One transaction: claim the keys, store the new events, apply and queue their counter windows."""
+    async def _store(self, share: list[Record]) -> StoreResult:
+        """One transaction: claim the keys, store the new events, apply and queue their counter windows,
+        and tell the copies that repeat a kept event's id with other content from plain duplicates."""
+        first: dict[tuple[str, str, str], tuple[Record, bytes]] = {}
+        repeats: list[tuple[Record, bytes]] = []
+        for r in share:
+            e = r.envelope
+            key = (e.tenant, e.source, e.id)
+            if key in first:
+                repeats.append((r, content_digest(e)))
+            else:
+                first[key] = (r, content_digest(e))
         async with self._pool.acquire() as conn, conn.transaction():
             # The statement sorts the keys itself (the lock order); Python only maps them back.
-            claimed = await conn.fetch(_CLAIM, *map(list, zip(*by_key)))
-            new = [by_key[(tenant, source, id_)] for tenant, source, id_ in claimed]
+            claimed = {tuple(row) for row in await conn.fetch(_CLAIM, *_claim_columns(first))}
+            new = [first[key][0] for key in first if key in claimed]
             if new:
                 await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
             deltas = self._aggregate(new)
             if deltas:
                 await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
+            repeats += [first[key] for key in first if key not in claimed]
+            conflicts = await _conflicts(conn, repeats) if repeats else []
         if self._on_commit is not None:
             self._on_commit()
-        return new, len(deltas)
+        return StoreResult(new=new, duplicates=len(share) - len(new) - len(conflicts), counters=len(deltas),
+                           conflicts=conflicts)
 
     async def ensure_partitions(self, months_back: int, months_ahead: int) -> int:
         """Create the monthly events partitions around now; returns how many were created."""
         async with self._pool.acquire() as conn:
             return await conn.fetchval("select tally_ensure_event_partitions($1, $2)", months_back, months_ahead)
+
+
+async def _conflicts(conn: asyncpg.Connection, repeats: list[tuple[Record, bytes]]) -> list[Conflict]:
+    """The repeats whose content differs from the kept copy's (a key kept before digests were stored has
+    none, and its repeats count as duplicates)."""
+    keys = {(r.envelope.tenant, r.envelope.source, r.envelope.id) for r, _ in repeats}
+    kept = {(row[0], row[1], row[2]): row for row in await conn.fetch(_KEPT, *map(list, zip(*keys)))}
+    conflicts = []
+    for record, digest in repeats:
+        e = record.envelope
+        row = kept[(e.tenant, e.source, e.id)]
+        if row["digest"] is not None and row["digest"] != digest:
+            conflicts.append(Conflict(record, row["kafka_partition"], row["kafka_offset"]))
+    return conflicts
+
+
+def _claim_columns(first: dict[tuple[str, str, str], tuple[Record, bytes]]) -> list[list]:
+    columns: list[list] = [[], [], [], [], [], []]
+    for (tenant, source, id_), (record, digest) in first.items():
+        for column, value in zip(columns, (tenant, source, id_, digest, record.partition, record.offset)):
+            column.append(value)
+    return columns
 
 
 def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:

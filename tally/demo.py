@@ -1,4 +1,5 @@
-"""`tally demo`: post a few events through the gateway and print them once PostgreSQL has them."""
+"""`tally demo`: post a few events through the gateway, re-send one as a producer's retry would, and
+print what PostgreSQL and the counters hold once the processor has handled all of it."""
 
 from __future__ import annotations
 
@@ -7,17 +8,27 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 
 from ingest import auth
+from processors.progress import caught_up
 from tally.settings import ROOT, Settings
 
-KEY_FILE = ROOT / ".local" / "demo.key"
+SOURCE = "tally-demo"
+TYPE = "demo.clicked"
+SUBJECTS = ("customer-0", "customer-1")
+WAIT_S = 30
 
 
-async def demo_key(conn: asyncpg.Connection, key_file: Path = KEY_FILE) -> str:
+def key_path(settings: Settings) -> Path:
+    """Where the demo keeps its key for this database: a key belongs to the database that holds its hash."""
+    return ROOT / ".local" / f"demo-{urlsplit(settings.database_url).path.strip('/') or 'tally'}.key"
+
+
+async def demo_key(conn: asyncpg.Connection, key_file: Path) -> str:
     """Reuse the demo tenant's key across runs, so running the demo twice changes nothing."""
     if key_file.exists():
         secret = key_file.read_text().strip()
@@ -31,52 +42,68 @@ async def demo_key(conn: asyncpg.Connection, key_file: Path = KEY_FILE) -> str:
     return secret
 
 
+async def day_counters(conn: asyncpg.Connection) -> dict[tuple[str, str], int]:
+    rows = await conn.fetch(
+        "select subject, window_start, value from counters where tenant = 'demo' and meter = 'events'"
+        " and window_name = 'day' and subject = any($1::text[]) and grp->>'type' = $2", list(SUBJECTS), TYPE)
+    return {(row["subject"], f"{row['window_start']:%Y-%m-%d}"): int(row["value"]) for row in rows}
+
+
 async def run_demo(settings: Settings, url: str | None, count: int) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     url = url or f"http://{settings.gateway_host}:{settings.gateway_port}"
     conn = await asyncpg.connect(settings.database_url)
     try:
-        secret = await demo_key(conn)
+        secret = await demo_key(conn, key_path(settings))
+        before = await day_counters(conn)
         run = uuid.uuid4().hex[:8]
-        ids = [f"demo-{run}-{i}" for i in range(count)]
+        events = [{"specversion": "1.0", "id": f"demo-{run}-{n}", "source": SOURCE, "type": TYPE,
+                   "subject": SUBJECTS[n % len(SUBJECTS)], "data": {"n": n}} for n in range(count)]
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {secret}"}) as client:
-            for n, event_id in enumerate(ids):
-                event = {"specversion": "1.0", "id": event_id, "source": "tally-demo", "type": "demo.clicked",
-                         "subject": f"customer-{n % 2}", "data": {"n": n}}
+            for event in events:
                 response = await client.post("/v1/events", json=event)
-                print(f"POST /v1/events {event_id} -> {response.status_code}")
+                print(f"POST /v1/events {event['id']} -> {response.status_code}")
                 if response.status_code != 202:
                     print(response.text)
                     return 1
-            again = await client.post("/v1/events", json={"id": ids[0], "source": "tally-demo", "type": "demo.clicked"})
-            print(f"POST /v1/events {ids[0]} again (a producer retry) -> {again.status_code}")
-        deadline = time.monotonic() + 30
-        rows: list[asyncpg.Record] = []
-        while time.monotonic() < deadline:
-            rows = await conn.fetch(
-                "select id, tenant, type, subject, time, kafka_partition, kafka_offset from events"
-                " where tenant = 'demo' and source = 'tally-demo' and id = any($1::text[]) order by id",
-                ids,
-            )
-            if len(rows) == count:
-                break
+            # What a client library does when a response is lost to a timeout: send the same event again.
+            again = await client.post("/v1/events", json=events[0])
+            print(f"POST /v1/events {events[0]['id']} again, the same payload (a producer retry) -> {again.status_code}")
+            if again.status_code != 202:
+                print(again.text)
+                return 1
+
+        deadline = time.monotonic() + WAIT_S
+        while not await asyncio.to_thread(caught_up, settings.kafka_bootstrap, settings.consumer_group,
+                                          settings.topics.events):
+            if time.monotonic() > deadline:
+                print(f"the processor did not catch up within {WAIT_S} s: is `tally process` running?"
+                      " see .local/log/processor.log")
+                return 1
             await asyncio.sleep(0.2)
-        print(f"\npersisted in PostgreSQL ({len(rows)} of {count}, each once):")
+
+        ids = [event["id"] for event in events]
+        rows = await conn.fetch(
+            "select id, subject, kafka_partition, kafka_offset, count(*) over (partition by id) as copies from events"
+            " where tenant = 'demo' and source = $1 and id = any($2::text[]) order by id", SOURCE, ids)
+        print(f"\npersisted in PostgreSQL ({len(rows)} rows for {count} events):")
         for row in rows:
-            print(f"  {row['id']}  tenant={row['tenant']} type={row['type']} subject={row['subject']}"
-                  f" kafka={row['kafka_partition']}@{row['kafka_offset']}")
-        if len(rows) != count:
-            print("not every event arrived within 30 s: is `tally process` running? see .local/log/processor.log")
+            print(f"  {row['id']}  subject={row['subject']}  kafka={row['kafka_partition']}@{row['kafka_offset']}"
+                  f"  copies={row['copies']}")
+
+        after = await day_counters(conn)
+        added = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+        print(f"\ncounters (meter `events`, type {TYPE}, day window): what this run added")
+        for (subject, day), value in sorted(added.items()):
+            print(f"  {subject}  {day}  {before.get((subject, day), 0)} -> {after[(subject, day)]}  (+{value})")
+
+        expected = {s: sum(1 for e in events if e["subject"] == s) for s in SUBJECTS}
+        by_subject = {s: sum(v for (subject, _), v in added.items() if subject == s) for s in SUBJECTS}
+        if sorted(ids) != [row["id"] for row in rows] or by_subject != expected:
+            print(f"\nexpected each event stored once and counted once ({expected}), the retry neither:"
+                  " see .local/log/processor.log")
             return 1
-        counters = await conn.fetch(
-            "select subject, window_start, value from counters where tenant = 'demo' and meter = 'events'"
-            " and window_name = 'day' and subject = any($1::text[]) and grp->>'type' = 'demo.clicked'"
-            " order by window_start desc, subject limit 2",
-            sorted({row["subject"] for row in rows}),
-        )
-        print("\ncounters (meter `events`, day window; demo events of every run today, the retry not counted):")
-        for counter in counters:
-            print(f"  {counter['subject']}  {counter['window_start']:%Y-%m-%d}  {counter['value']}")
+        print("\neach event stored once and counted once; the retry was recognised as a duplicate")
         return 0
     finally:
         await conn.close()

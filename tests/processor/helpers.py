@@ -9,8 +9,9 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
+from processors.progress import caught_up
 from schemas.counters import CounterState
 from schemas.envelope import Envelope
 from tally.settings import Settings
@@ -74,20 +75,7 @@ async def event_count(db: asyncpg.Connection, tenant: str) -> int:
 
 
 def committed_all(settings: Settings) -> bool:
-    """True when the group's committed offsets reached the end of every events partition."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": settings.consumer_group,
-                         "enable.auto.commit": False})
-    try:
-        topic = settings.topics.events
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = [TopicPartition(topic, p) for p in partitions]
-        for tp in consumer.committed(tps, timeout=10):
-            _, high = consumer.get_watermark_offsets(tp, timeout=10)
-            if high > 0 and tp.offset < high:
-                return False
-        return True
-    finally:
-        consumer.close()
+    return caught_up(settings.kafka_bootstrap, settings.consumer_group, settings.topics.events)
 
 
 async def drained(settings: Settings, db: asyncpg.Connection) -> bool:
