@@ -1,9 +1,9 @@
 """The Kafka broker stopped while a batch is in flight: the processor waits it out, nothing is
 dead-lettered, lost or counted twice, and it carries on by itself when the broker returns.
 
-The test runs a broker of its own (deploy/local/kafka.sh with another instance and ports), so
-stopping it leaves the shared one alone. A table lock holds one batch in its PostgreSQL step
-until the broker is down, so that batch's counter publication always meets the outage rather
+The test runs a broker of its own (tests.scratch_kafka), so stopping it leaves the shared one
+alone. A table lock holds one batch in its PostgreSQL step until the broker is down, so that
+batch's counter publication always meets the outage rather
 than the outage falling between batches by chance; the outage outlasts the consumer's session, so
 the partitions are lost while the batch is held and must be fetched again once they come back.
 """
@@ -11,55 +11,18 @@ the partitions are lost while the batch is held and must be fetched again once t
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
-from tally.settings import ROOT, Settings
+from tally.settings import Settings
 from tally.topics import create_topics
 from tests.processor.helpers import (
     assert_topic_matches_postgres, counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
 )
-from tests.support import free_port, read_topic, running, wait_until
-
-KAFKA = ROOT / "deploy" / "local" / "kafka.sh"
-
-
-class ScratchKafka:
-    """A second single-node broker; its data survives stop/start, `reset` removes it."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        self._env = {"KAFKA_INSTANCE": f"outage-{uuid.uuid4().hex[:6]}", "KAFKA_PORT": str(self.port),
-                     "KAFKA_CONTROLLER_PORT": str(free_port())}
-
-    def _run(self, command: str) -> None:
-        subprocess.run(["bash", str(KAFKA), command], env={**os.environ, **self._env}, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
-
-    def start(self) -> None:
-        self._run("start")
-
-    def stop(self) -> None:
-        self._run("stop")
-
-    def reset(self) -> None:
-        self._run("reset")
-
-
-@pytest.fixture
-def scratch_kafka() -> Iterator[ScratchKafka]:
-    broker = ScratchKafka()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.reset()
+from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
+from tests.support import read_topic, running, wait_until
 
 
 @pytest.mark.slow

@@ -1,0 +1,162 @@
+"""The producer client against the real gateway: every event accepted once through a broker outage
+and a gateway restart, rejected items reported and never re-sent, 429 waited out, a full buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from ingest.auth import create_key
+from tally.client import AsyncTallyClient, BufferFull, TallyClient, event
+from tally.settings import Settings
+from tally.topics import create_topics
+from tests.processor.helpers import drained, wait_for
+from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
+from tests.support import TallyProcess, free_port, running, wait_until
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _key(settings: Settings, scopes: tuple[str, ...] = ("events:write", "logs:write")) -> tuple[str, str]:
+    tenant = f"client-{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        _, secret = await create_key(conn, tenant, "client-test", list(scopes))
+    finally:
+        await conn.close()
+    return tenant, secret
+
+
+async def _stored(db: asyncpg.Connection, tenant: str) -> dict[str, int]:
+    rows = await db.fetch("select id, count(*) as n from events where tenant = $1 group by id", tenant)
+    return {row["id"]: row["n"] for row in rows}
+
+
+@pytest.mark.slow
+async def test_every_event_is_stored_once_through_a_broker_outage_and_a_gateway_restart(
+    settings: Settings, db: asyncpg.Connection, scratch_kafka: ScratchKafka
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    own = settings.model_copy(update={
+        "kafka_bootstrap": scratch_kafka.bootstrap, "topic_prefix": f"{settings.topic_prefix}{run}.",
+        "consumer_group": f"{settings.consumer_group}-{run}", "processor_metrics_port": 0,
+    })
+    await asyncio.to_thread(create_topics, own)
+    tenant, secret = await _key(own)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def produce(client: TallyClient) -> None:
+        n = 0
+        while not stop.is_set():
+            item = event("order.placed", source="client-test", subject=f"customer-{n % 7}", data={"n": n})
+            client.send(item)
+            sent.append(item["id"])
+            n += 1
+            time.sleep(0.002)
+
+    with running("processor", ["process"], own):
+        gateway = TallyProcess("gateway", ["gateway", "--port", str(port)], own)
+        try:
+            await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+            client = TallyClient(url, secret, batch_size=50, retry_max_s=1.0, give_up_after_s=300)
+            producer = threading.Thread(target=produce, args=(client,))
+            producer.start()
+            await asyncio.sleep(2)
+            await asyncio.to_thread(scratch_kafka.stop)  # the gateway answers 503 now
+            await asyncio.sleep(3)
+            await asyncio.to_thread(scratch_kafka.start)
+            await asyncio.sleep(3)
+            gateway.stop()  # the gateway goes away: connections are refused until it is back
+            await asyncio.sleep(1)
+            gateway = TallyProcess("gateway", ["gateway", "--port", str(port)], own)
+            await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the restarted gateway")
+            await asyncio.sleep(2)
+            stop.set()
+            await asyncio.to_thread(producer.join)
+            assert await asyncio.to_thread(client.flush, 120), client.metrics
+            await asyncio.to_thread(client.close)
+        finally:
+            gateway.stop()
+        await wait_for(lambda: drained(own, db), 90, "the processor to drain the topic")
+
+    metrics = client.metrics
+    assert metrics.retried > 0, "the outage and the restart were met"
+    assert (metrics.sent, metrics.rejected, metrics.dropped) == (len(sent), 0, 0)
+    assert await _stored(db, tenant) == {event_id: 1 for event_id in sent}
+
+
+@pytest.fixture
+async def gateway_url(isolated: Settings):  # noqa: ANN201
+    settings = isolated.model_copy(update={"gateway_rate_limit_per_s": 4.0, "gateway_rate_limit_burst": 2})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running("gateway", ["gateway", "--port", str(port)], settings):
+        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        yield settings, url
+
+
+async def test_rejected_items_are_reported_once_and_429_is_waited_out(gateway_url: tuple[Settings, str]) -> None:
+    settings, url = gateway_url
+    _, secret = await _key(settings)
+    rejected: list[tuple[dict, dict]] = []
+    with TallyClient(url, secret, batch_size=10, on_rejected=lambda item, problem: rejected.append((item, problem)),
+                     retry_initial_s=0.05) as client:
+        good = [event("order.placed", source="client-test", subject="c", data={"n": n}) for n in range(60)]
+        bad = {"specversion": "1.0", "id": "no-type", "source": "client-test"}
+        for item in good[:5] + [bad] + good[5:]:
+            client.send(item)
+        assert await asyncio.to_thread(client.flush, 60)
+        metrics = client.metrics
+    assert [item["id"] for item, _ in rejected] == ["no-type"]
+    assert rejected[0][1]["status"] == 400 and "type" in str(rejected[0][1])
+    # 7 batches against a limit of 2 at once and 4 a second: some met 429 and were sent again.
+    assert metrics.retried > 0
+    assert (metrics.sent, metrics.rejected, metrics.dropped) == (60, 1, 0)
+
+
+async def test_the_async_client_delivers_every_event(gateway_url: tuple[Settings, str], db: asyncpg.Connection) -> None:
+    settings, url = gateway_url
+    tenant, secret = await _key(settings)
+    async with AsyncTallyClient(url, secret, batch_size=100, retry_initial_s=0.05) as client:
+        items = [event("order.placed", source="client-test", subject="c", data={"n": n}) for n in range(250)]
+        for item in items:
+            await client.send(item)
+        assert await client.flush(60)
+    assert (client.metrics.sent, client.metrics.dropped) == (250, 0)
+    with running("processor", ["process"], settings.model_copy(update={"processor_metrics_port": 0})):
+        await wait_for(lambda: drained(settings, db), 60, "the processor to drain the topic")
+    assert await _stored(db, tenant) == {item["id"]: 1 for item in items}
+
+
+def test_a_full_buffer_raises_or_blocks_and_close_counts_what_was_never_sent() -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    client = TallyClient(nowhere, "tly_none", max_buffer=10, when_full="raise", retry_initial_s=0.05)
+    for n in range(10):
+        client.send(event("t", source="s", data={"n": n}))
+    with pytest.raises(BufferFull):
+        client.send(event("t", source="s"))
+    client.close(timeout_s=0.5)
+    assert client.metrics.dropped == 10 and client.metrics.sent == 0
+
+    blocking = TallyClient(nowhere, "tly_none", max_buffer=2, block_timeout_s=0.3, retry_initial_s=0.05)
+    blocking.send(event("t", source="s"))
+    blocking.send(event("t", source="s"))
+    started = time.monotonic()
+    with pytest.raises(BufferFull):
+        blocking.send(event("t", source="s"))
+    assert time.monotonic() - started >= 0.3
+    blocking.close(timeout_s=0.2)
