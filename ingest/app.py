@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ingest import batch, events, logs, webhooks
+from ingest import batch, events, logs, values, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
@@ -73,10 +73,11 @@ class Gateway:
         c = self.config
         self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4)
         self.keys = KeyStore(self._pool, c.key_cache_ttl_s)
-        overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms}
+        overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms,
+                     "message.max.bytes": c.max_message_bytes}
         producer = EventProducer(producer_config(c.kafka_bootstrap, **overrides), c.queue_full_wait_s)
         self.metrics.track_queue(producer.queue_depth)
-        self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s)
+        self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s, c.max_message_bytes)
         self.guard = RedisGuard.connect(c.redis_url, c.redis_timeout_s, c.redis_failure_policy, self.metrics,
                                         c.retry_after_s)
         self.limiter = RateLimiter(self.guard, c.redis_prefix)
@@ -132,7 +133,7 @@ class Gateway:
         try:
             raw_key = request.headers.get(IDEMPOTENCY_HEADER)
             key = parse_key(raw_key) if raw_key is not None else None
-            body = await read_body(request, max_bytes)
+            body = await read_body(request, max_bytes, self.config.body_timeout_s)
             if key is None:
                 response = await handler(request, principal, body)
             else:
@@ -166,7 +167,8 @@ class Gateway:
         if media not in batch.BATCH_TYPES:
             raise unsupported(media, batch.BATCH_TYPES)
         now = utcnow()
-        items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s)
+        items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s,
+                                   values.Hazards.of(body))
         outcome = await self.publish_items("/v1/events/batch", items, principal, now)
         return _json(outcome.body, outcome.status)
 
@@ -177,13 +179,15 @@ class Gateway:
         media = media_type(request)
         if media not in logs.LOG_TYPES:
             raise unsupported(media, logs.LOG_TYPES)
-        values = batch.check_items(logs.split_body(media, body), self.config.max_batch_items, "a log request")
+        records = batch.check_items(logs.split_body(media, body, self.config.max_batch_items),
+                                    self.config.max_batch_items, "a log request")
         now = utcnow()
         limit = now + timedelta(seconds=self.config.max_future_s)
+        hazards = values.Hazards.of(body)
         items = []
-        for value in values:
+        for record in records:
             try:
-                items.append(batch.Item(event=fields(logs.to_event(value, limit))))
+                items.append(batch.Item(event=fields(logs.to_event(record, limit, hazards))))
             except Problem as problem:
                 items.append(batch.Item(problem=problem))
         outcome = await self.publish_items("/v1/logs", items, principal, now)
@@ -202,31 +206,37 @@ class Gateway:
 
     async def post_webhook(self, request: Request) -> Response:
         route = "/v1/webhooks/{source}"
-        client = request.client.host if request.client else "unknown"
-        decision = await self.limited(route, "webhooks", client, self.webhook_limit)
         name = request.path_params["source"]
         source = self.sources.get(name)
+        client = request.client.host if request.client else "unknown"
+        bucket = f"{name if source is not None else '(unknown)'}:{client}"
+        decision = await self.limited(route, "webhooks", bucket, self.webhook_limit)
         if source is None:
             raise Problem(404, "Unknown webhook source", f"no webhook source named {name!r} is configured",
                           headers=decision.headers)
-        body = await read_body(request, self.config.max_webhook_bytes)
+        body = await read_body(request, self.config.max_webhook_bytes, self.config.body_timeout_s)
         try:
-            signed = source.verify(body, request.headers)
+            signed = source.verify(body, request.headers, request.query_params)
         except SignatureError as exc:
             self.metrics.webhooks_refused.labels(name, exc.reason).inc()
             raise Problem(401, "Invalid signature", exc.detail, reason=exc.reason, headers=decision.headers) from None
-        key = webhooks.replay_key(source, signed, body)
-        if not await self.replays.first_time(key, source.replay_window_s):
+        key = webhooks.replay_key(source, signed)
+        seen = await self.replays.first_time(key, source.replay_window_s)
+        if seen is not None:
             self.metrics.webhooks_refused.labels(name, "replay").inc()
-            raise Problem(409, "Replayed webhook", "this signed message was already received", reason="replay",
-                          headers=decision.headers)
+            if seen:
+                return _json({"id": seen.decode(), "status": "already accepted"}, 200,
+                             {**decision.headers, "Idempotent-Replayed": "true"})
+            raise Problem(409, "Replayed webhook", "this signed message is still being accepted; retry shortly",
+                          reason="replay", headers={**decision.headers, "Retry-After": "1"})
         now = utcnow()
         try:
-            event = webhooks.to_event(source, signed, request.headers, media_type(request), body, now)
+            event = webhooks.to_event(source, signed, media_type(request), body, now)
             await self.publisher.publish_one(fields(event), source.tenant, now)
-        except Problem:
+        except BaseException:
             await self.replays.forget(key)
             raise
+        await self.replays.accepted(key, event.id)
         self.metrics.accepted.labels(route).inc()
         return _json({"id": event.id, "status": "accepted"}, 202, decision.headers)
 

@@ -9,6 +9,7 @@ Every other request, including binary mode and Idempotency-Key requests, goes to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingest import batch, events
-from ingest.body import check_declared_length, parse_json, too_large, unsupported
+from ingest import batch, events, values
+from ingest.body import check_declared_length, parse_json, too_large, too_slow, unsupported
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from schemas.envelope import utcnow
@@ -46,9 +47,18 @@ def _media(headers: dict[str, str]) -> str:
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """As `ingest.body.read_body`: 413 as soon as the declared or the counted size passes the limit."""
+async def _body(receive: Receive, headers: dict[str, str], limit: int, timeout_s: float) -> bytes:
+    """As `ingest.body.read_body`: 413 as soon as the declared or the counted size passes the limit, 408 past
+    the deadline."""
     check_declared_length(headers.get("content-length"), limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive(receive, limit)
+    except TimeoutError:
+        raise too_slow(timeout_s) from None
+
+
+async def _receive(receive: Receive, limit: int) -> bytes:
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         body: bytes = message.get("body", b"")
@@ -131,16 +141,17 @@ class HotRoutes:
         try:
             now = utcnow()
             if route == EVENTS:
-                body = await _body(receive, headers, config.max_event_bytes)
-                event = events.check(parse_json(body), now, config.max_future_s)
+                body = await _body(receive, headers, config.max_event_bytes, config.body_timeout_s)
+                event = events.check(parse_json(body), now, config.max_future_s, values.Hazards.of(body))
                 await gw.publisher.publish_one(event, principal.tenant, now)
                 self._accepted[EVENTS].inc()
                 status, payload = 202, orjson.dumps({"id": event["id"], "status": "accepted"})
             else:
-                body = await _body(receive, headers, config.max_batch_bytes)
+                body = await _body(receive, headers, config.max_batch_bytes, config.body_timeout_s)
                 if media not in batch.BATCH_TYPES:
                     raise unsupported(media, batch.BATCH_TYPES)
-                items = batch.check_events(parse_json(body), config.max_batch_items, now, config.max_future_s)
+                items = batch.check_events(parse_json(body), config.max_batch_items, now, config.max_future_s,
+                                           values.Hazards.of(body))
                 outcome = await gw.publish_items(BATCH, items, principal, now)
                 status, payload = outcome.status, orjson.dumps(outcome.body)
             return status, payload, JSON, decision.headers

@@ -38,6 +38,8 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        limit_concurrency=settings.gateway_limit_concurrency,
+        forwarded_allow_ips=settings.gateway_trusted_proxies,
     )
     return 0
 

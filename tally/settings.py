@@ -39,7 +39,13 @@ class Settings(BaseSettings):
     gateway_max_event_bytes: int = 256 * 1024
     gateway_max_batch_bytes: int = 8 * 1024 * 1024
     gateway_max_batch_items: int = 1000
-    gateway_max_webhook_bytes: int = 1024 * 1024
+    gateway_max_webhook_bytes: int = Field(512 * 1024, description="kept 16 KiB below gateway_max_message_bytes")
+    gateway_max_message_bytes: int = Field(1_000_000, description="librdkafka message.max.bytes; bigger events get 413")
+    gateway_body_timeout_s: float = Field(30.0, description="a request body not received whole by then gets 408")
+    gateway_limit_concurrency: int = Field(1000, description="connections and tasks uvicorn serves at once; "
+                                                             "more get 503")
+    gateway_trusted_proxies: str = Field("127.0.0.1", description="addresses whose X-Forwarded-For is believed "
+                                                                  "(comma-separated, * for any)")
     gateway_max_future_s: float = Field(900.0, description="refuse events whose time is further ahead than this")
     gateway_produce_timeout_ms: int = Field(10000, description="longest wait for Kafka's ack before 503")
     gateway_queue_full_wait_s: float = 2.0
