@@ -84,9 +84,11 @@ def is_json(media: str) -> bool:
 
 def from_binary(headers: Mapping[str, str], media: str, body: bytes) -> dict[str, Any]:
     """CloudEvents HTTP binary mode: attributes in percent-encoded ce-* headers, the body is `data`."""
-    attributes: dict[str, Any] = {
-        name[3:]: unquote(value) for name, value in headers.items() if name.startswith("ce-")
-    }
+    pairs = [(name[3:], unquote(value)) for name, value in headers.items() if name.startswith("ce-")]
+    attributes: dict[str, Any] = dict(pairs)
+    if len(attributes) < len(pairs):
+        repeated = sorted({name for name, _ in pairs if sum(1 for other, _ in pairs if other == name) > 1})
+        raise invalid([{"field": f"ce-{name}", "message": "sent more than once"} for name in repeated])
     if not body:
         data = None
     elif is_json(media):

@@ -103,19 +103,21 @@ class HotRoutes:
                 media = _media(headers)
                 route = scope["path"]
                 if route == EVENTS and events.is_structured(media, headers):
-                    await self._serve(route, receive, send, headers, media)
+                    await self._serve(route, scope, receive, send, headers, media)
                     return
                 if route == BATCH:
-                    await self._serve(route, receive, send, headers, media)
+                    await self._serve(route, scope, receive, send, headers, media)
                     return
         await self.app(scope, receive, send)
 
-    async def _serve(self, route: str, receive: Receive, send: Send, headers: dict[str, str], media: str) -> None:
+    async def _serve(self, route: str, scope: Scope, receive: Receive, send: Send, headers: dict[str, str],
+                     media: str) -> None:
         start = time.perf_counter()
         status = 500
         try:
             try:
-                answer = await self._answer(route, receive, headers, media)
+                client = scope["client"][0] if scope.get("client") else "unknown"
+                answer = await self._answer(route, receive, headers, media, client)
             except Exception:
                 log.exception("unhandled error on POST %s", route)
                 answer = (500, SERVER_ERROR, PROBLEM_TYPE.encode(), {})
@@ -128,12 +130,12 @@ class HotRoutes:
                 counter = self._requests[route, status] = self.gateway.metrics.requests.labels(route, str(status))
             counter.inc()
 
-    async def _answer(self, route: str, receive: Receive, headers: dict[str, str],
-                      media: str) -> tuple[int, bytes, bytes, dict[str, str]]:
+    async def _answer(self, route: str, receive: Receive, headers: dict[str, str], media: str,
+                      client: str) -> tuple[int, bytes, bytes, dict[str, str]]:
         """The same steps as `Gateway.write`, in the same order; a Problem becomes its response."""
         gw, config = self.gateway, self.gateway.config
         try:
-            principal = await gw.principal(headers.get("authorization", ""), "events:write")
+            principal = await gw.principal(headers.get("authorization", ""), "events:write", route, client)
             policy = "events" if route == EVENTS else "batch"
             decision = await gw.limited(route, policy, principal.key_id, gw.key_limit)
         except Problem as problem:
@@ -156,7 +158,6 @@ class HotRoutes:
                 status, payload = outcome.status, orjson.dumps(outcome.body)
             return status, payload, JSON, decision.headers
         except Problem as problem:
-            if problem.status in (400, 413, 415):
-                gw.metrics.rejected.labels(route, problem.reason()).inc()
+            gw.count_rejection(route, problem)
             return (problem.status, orjson.dumps(problem.body()), PROBLEM_TYPE.encode(),
                     {**problem.headers, **decision.headers})

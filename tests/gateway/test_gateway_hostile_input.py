@@ -138,3 +138,37 @@ async def test_an_ndjson_body_with_too_many_lines_is_refused_before_it_is_parsed
     async with gateway.client(secret) as client:
         response = await client.post("/v1/logs", content=lines, headers={"content-type": "application/x-ndjson"})
     assert response.status_code == 413, response.text
+
+
+async def test_a_repeated_ce_header_is_refused(gateway: Gateway, api_key: tuple[str, str]) -> None:
+    _, secret = api_key
+    headers = [("ce-specversion", "1.0"), ("ce-id", "A"), ("ce-id", "B"), ("ce-source", "s"), ("ce-type", "t"),
+               ("content-type", "application/json"), ("idempotency-key", uuid.uuid4().hex)]
+    async with gateway.client(secret) as client:
+        response = await client.post("/v1/events", content=b"{}", headers=headers)
+    assert response.status_code == 400 and response.json()["errors"][0]["field"] == "ce-id"
+
+
+@pytest.mark.parametrize("key", ['"abc', 'abc"', '"a b"', ""])
+async def test_an_idempotency_key_with_unbalanced_quotes_is_refused(
+    gateway: Gateway, api_key: tuple[str, str], key: str
+) -> None:
+    _, secret = api_key
+    async with gateway.client(secret) as client:
+        response = await client.post("/v1/events", json=event(), headers={"Idempotency-Key": key})
+    assert response.status_code == 400, response.text
+
+
+def _rejected(metrics: str, route: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("tally_gateway_events_rejected_total") and f'route="{route}"' in line)
+
+
+async def test_a_batch_without_a_valid_item_counts_each_item_once(gateway: Gateway, api_key: tuple[str, str]) -> None:
+    _, secret = api_key
+    async with gateway.client(secret) as client:
+        before = _rejected((await client.get("/metrics")).text, "/v1/events/batch")
+        response = await client.post("/v1/events/batch", json=[{"id": "x"}, 3])
+        after = _rejected((await client.get("/metrics")).text, "/v1/events/batch")
+    assert response.status_code == 400
+    assert after - before == 2
