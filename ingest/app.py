@@ -33,7 +33,7 @@ from ingest.hot import HotRoutes
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
 from ingest.metrics import Metrics, MetricsMiddleware
-from ingest.openapi import DOCS_PAGE, document
+from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from ingest.producer import EventProducer, producer_config
@@ -68,6 +68,7 @@ class Gateway:
         self.webhook_limit = Limit(config.webhook_rate_limit_per_s, config.webhook_rate_limit_burst)
         self.lookup_limit = Limit(config.key_lookup_rate_limit_per_s, config.key_lookup_rate_limit_burst)
         self.openapi = orjson.dumps(document(config))
+        self.assets = docs_assets()
         self._pool: asyncpg.Pool | None = None
         self._ready: tuple[float, bool, bool] | None = None
         self._probe: asyncio.Future[list[bool]] | None = None
@@ -292,6 +293,12 @@ class Gateway:
     async def docs(self, _request: Request) -> Response:
         return Response(DOCS_PAGE, 200, media_type="text/html")
 
+    async def docs_asset(self, request: Request) -> Response:
+        asset = self.assets.get(request.path_params["asset"])
+        if asset is None:
+            raise Problem(404, "Not Found")
+        return Response(asset[0], 200, media_type=asset[1], headers={"Cache-Control": "max-age=86400"})
+
 
 async def _problem(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
@@ -324,6 +331,7 @@ def create_app(config: GatewayConfig) -> ASGIApp:
             Route("/metrics", gateway.metrics_page, methods=["GET"]),
             Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
             Route("/docs", gateway.docs, methods=["GET"]),
+            Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
         exception_handlers={Problem: _problem, HTTPException: _http_error, Exception: _server_error},
