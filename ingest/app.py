@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -24,15 +25,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ingest import batch, events, logs, webhooks
+from ingest import batch, events, logs, values, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
 from ingest.hot import HotRoutes
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
-from ingest.idempotency import IdempotencyStore, fingerprint, parse_key
+from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
 from ingest.metrics import Metrics, MetricsMiddleware
-from ingest.openapi import DOCS_PAGE, document
+from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from ingest.producer import EventProducer, producer_config
@@ -52,6 +53,12 @@ def _json(body: object, status: int = 200, headers: dict[str, str] | None = None
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
+def _outcome(outcome: batch.Outcome) -> Response:
+    """A batch's answer; with items Kafka did not take it is not kept under its Idempotency-Key."""
+    response = _json(outcome.body, outcome.status)
+    return incomplete(response) if outcome.failed else response
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -59,8 +66,12 @@ class Gateway:
         self.sources = webhooks.load_sources(config.webhooks_file)
         self.key_limit = Limit(config.rate_limit_per_s, config.rate_limit_burst)
         self.webhook_limit = Limit(config.webhook_rate_limit_per_s, config.webhook_rate_limit_burst)
+        self.lookup_limit = Limit(config.key_lookup_rate_limit_per_s, config.key_lookup_rate_limit_burst)
         self.openapi = orjson.dumps(document(config))
+        self.assets = docs_assets()
         self._pool: asyncpg.Pool | None = None
+        self._ready: tuple[float, bool, bool] | None = None
+        self._probe: asyncio.Future[list[bool]] | None = None
         self.keys: KeyStore
         self.publisher: Publisher
         self.guard: RedisGuard
@@ -71,17 +82,20 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         c = self.config
-        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4)
-        self.keys = KeyStore(self._pool, c.key_cache_ttl_s)
-        overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms}
+        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4,
+                                               command_timeout=c.key_lookup_timeout_s)
+        self.keys = KeyStore(self._pool, c.key_cache_ttl_s, c.key_lookup_timeout_s)
+        overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms,
+                     "message.max.bytes": c.max_message_bytes}
         producer = EventProducer(producer_config(c.kafka_bootstrap, **overrides), c.queue_full_wait_s)
         self.metrics.track_queue(producer.queue_depth)
-        self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s)
+        self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s, c.max_message_bytes)
         self.guard = RedisGuard.connect(c.redis_url, c.redis_timeout_s, c.redis_failure_policy, self.metrics,
                                         c.retry_after_s)
         self.limiter = RateLimiter(self.guard, c.redis_prefix)
-        self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, c.idempotency_ttl_s,
-                                            c.idempotency_lock_s)
+        retention = Retention(c.idempotency_ttl_s, c.idempotency_error_ttl_s, c.idempotency_max_body_bytes,
+                              c.idempotency_tenant_budget_bytes)
+        self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, retention, c.idempotency_lock_s)
         self.replays = ReplayMemory(self.guard, c.redis_prefix)
         # What start-up built lives as long as the process: keep it out of every full collection.
         # Scanning it paused the loop 40-50 ms about once a second under batch load (ADR 2).
@@ -98,12 +112,16 @@ class Gateway:
             await self.guard.close()
             await self._pool.close()
 
-    async def principal(self, authorization: str, scope: str) -> Principal:
-        """The key's principal; the tenant of every write comes from here and nowhere else."""
+    async def principal(self, authorization: str, scope: str, route: str, client: str) -> Principal:
+        """The key's principal; the tenant of every write comes from here and nowhere else.
+
+        A token not in the cache costs a database query, so those lookups are rate-limited per address."""
         scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise Problem(401, "Unauthorized", "send Authorization: Bearer <api key>",
                           headers={"WWW-Authenticate": "Bearer"})
+        if not self.keys.cached(secret.strip())[0]:
+            await self.limited(route, "key_lookups", client, self.lookup_limit)
         try:
             principal = await self.keys.authenticate(secret.strip())
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
@@ -127,12 +145,13 @@ class Gateway:
     async def write(self, request: Request, route: str, policy: str, scope: str, max_bytes: int,
                     handler: Handler) -> Response:
         """The shared pipeline of the authenticated write routes."""
-        principal = await self.principal(request.headers.get("authorization", ""), scope)
+        client = request.client.host if request.client else "unknown"
+        principal = await self.principal(request.headers.get("authorization", ""), scope, route, client)
         decision = await self.limited(route, policy, principal.key_id, self.key_limit)
         try:
             raw_key = request.headers.get(IDEMPOTENCY_HEADER)
             key = parse_key(raw_key) if raw_key is not None else None
-            body = await read_body(request, max_bytes)
+            body = await read_body(request, max_bytes, self.config.body_timeout_s)
             if key is None:
                 response = await handler(request, principal, body)
             else:
@@ -140,11 +159,15 @@ class Gateway:
                 response = await self.idempotency.run(principal.tenant, route, key, fp,
                                                       lambda: handler(request, principal, body))
         except Problem as problem:
-            if problem.status in (400, 413, 415):
-                self.metrics.rejected.labels(route, problem.reason()).inc()
+            self.count_rejection(route, problem)
             response = problem.response()
         response.headers.update(decision.headers)
         return response
+
+    def count_rejection(self, route: str, problem: Problem) -> None:
+        """A refused request counts once; a batch without a valid item was counted item by item already."""
+        if problem.status in (400, 413, 415) and "results" not in problem.extensions:
+            self.metrics.rejected.labels(route, problem.reason()).inc()
 
     async def post_event(self, request: Request) -> Response:
         return await self.write(request, "/v1/events", "events", "events:write", self.config.max_event_bytes,
@@ -166,9 +189,10 @@ class Gateway:
         if media not in batch.BATCH_TYPES:
             raise unsupported(media, batch.BATCH_TYPES)
         now = utcnow()
-        items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s)
+        items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s,
+                                   values.Hazards.of(body))
         outcome = await self.publish_items("/v1/events/batch", items, principal, now)
-        return _json(outcome.body, outcome.status)
+        return _outcome(outcome)
 
     async def post_logs(self, request: Request) -> Response:
         return await self.write(request, "/v1/logs", "logs", "logs:write", self.config.max_batch_bytes, self._logs)
@@ -177,17 +201,19 @@ class Gateway:
         media = media_type(request)
         if media not in logs.LOG_TYPES:
             raise unsupported(media, logs.LOG_TYPES)
-        values = batch.check_items(logs.split_body(media, body), self.config.max_batch_items, "a log request")
+        records = batch.check_items(logs.split_body(media, body, self.config.max_batch_items),
+                                    self.config.max_batch_items, "a log request")
         now = utcnow()
         limit = now + timedelta(seconds=self.config.max_future_s)
+        hazards = values.Hazards.of(body)
         items = []
-        for value in values:
+        for record in records:
             try:
-                items.append(batch.Item(event=fields(logs.to_event(value, limit))))
+                items.append(batch.Item(event=fields(logs.to_event(record, limit, hazards))))
             except Problem as problem:
                 items.append(batch.Item(problem=problem))
         outcome = await self.publish_items("/v1/logs", items, principal, now)
-        return _json(outcome.body, outcome.status)
+        return _outcome(outcome)
 
     async def publish_items(self, route: str, items: list[batch.Item], principal: Principal,
                             now: datetime) -> batch.Outcome:
@@ -202,31 +228,37 @@ class Gateway:
 
     async def post_webhook(self, request: Request) -> Response:
         route = "/v1/webhooks/{source}"
-        client = request.client.host if request.client else "unknown"
-        decision = await self.limited(route, "webhooks", client, self.webhook_limit)
         name = request.path_params["source"]
         source = self.sources.get(name)
+        client = request.client.host if request.client else "unknown"
+        bucket = f"{name if source is not None else '(unknown)'}:{client}"
+        decision = await self.limited(route, "webhooks", bucket, self.webhook_limit)
         if source is None:
             raise Problem(404, "Unknown webhook source", f"no webhook source named {name!r} is configured",
                           headers=decision.headers)
-        body = await read_body(request, self.config.max_webhook_bytes)
+        body = await read_body(request, self.config.max_webhook_bytes, self.config.body_timeout_s)
         try:
-            signed = source.verify(body, request.headers)
+            signed = source.verify(body, request.headers, request.query_params)
         except SignatureError as exc:
             self.metrics.webhooks_refused.labels(name, exc.reason).inc()
             raise Problem(401, "Invalid signature", exc.detail, reason=exc.reason, headers=decision.headers) from None
-        key = webhooks.replay_key(source, signed, body)
-        if not await self.replays.first_time(key, source.replay_window_s):
+        key = webhooks.replay_key(source, signed)
+        seen = await self.replays.first_time(key, source.replay_window_s)
+        if seen is not None:
             self.metrics.webhooks_refused.labels(name, "replay").inc()
-            raise Problem(409, "Replayed webhook", "this signed message was already received", reason="replay",
-                          headers=decision.headers)
+            if seen:
+                return _json({"id": seen.decode(), "status": "already accepted"}, 200,
+                             {**decision.headers, "Idempotent-Replayed": "true"})
+            raise Problem(409, "Replayed webhook", "this signed message is still being accepted; retry shortly",
+                          reason="replay", headers={**decision.headers, "Retry-After": "1"})
         now = utcnow()
         try:
-            event = webhooks.to_event(source, signed, request.headers, media_type(request), body, now)
+            event = webhooks.to_event(source, signed, media_type(request), body, now)
             await self.publisher.publish_one(fields(event), source.tenant, now)
-        except Problem:
+        except BaseException:
             await self.replays.forget(key)
             raise
+        await self.replays.accepted(key, event.id)
         self.metrics.accepted.labels(route).inc()
         return _json({"id": event.id, "status": "accepted"}, 202, decision.headers)
 
@@ -234,10 +266,18 @@ class Gateway:
         return _json({"status": "ok"})
 
     async def readyz(self, _request: Request) -> Response:
-        """Kafka must answer; Redis too, unless the policy lets traffic through without it."""
-        kafka, redis = await asyncio.gather(
-            asyncio.to_thread(self.publisher.producer.reachable, self.config.topics.events, 2.0), self.guard.ping()
-        )
+        """Kafka must answer; Redis too, unless the policy lets traffic through without it.
+
+        One probe at a time, its answer shared for a second: a flood of probes costs no thread each."""
+        if self._ready is None or self._ready[0] <= time.monotonic():
+            probe = self._probe if self._probe is not None and not self._probe.done() else None
+            if probe is None:
+                probe = self._probe = asyncio.ensure_future(asyncio.gather(
+                    asyncio.to_thread(self.publisher.producer.reachable, self.config.topics.events, 2.0),
+                    self.guard.ping()))
+            kafka, redis = await asyncio.shield(probe)
+            self._ready = (time.monotonic() + 1.0, kafka, redis)
+        _, kafka, redis = self._ready
         ready = kafka and (redis or self.config.redis_failure_policy == "open")
         body = {"status": "ready" if ready else "unavailable", "kafka": "up" if kafka else "down",
                 "redis": "up" if redis else f"down (policy {self.config.redis_failure_policy})"}
@@ -252,6 +292,12 @@ class Gateway:
 
     async def docs(self, _request: Request) -> Response:
         return Response(DOCS_PAGE, 200, media_type="text/html")
+
+    async def docs_asset(self, request: Request) -> Response:
+        asset = self.assets.get(request.path_params["asset"])
+        if asset is None:
+            raise Problem(404, "Not Found")
+        return Response(asset[0], 200, media_type=asset[1], headers={"Cache-Control": "max-age=86400"})
 
 
 async def _problem(_request: Request, exc: Exception) -> Response:
@@ -285,6 +331,7 @@ def create_app(config: GatewayConfig) -> ASGIApp:
             Route("/metrics", gateway.metrics_page, methods=["GET"]),
             Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
             Route("/docs", gateway.docs, methods=["GET"]),
+            Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
         exception_handlers={Problem: _problem, HTTPException: _http_error, Exception: _server_error},

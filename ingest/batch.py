@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ingest import events
+from ingest import events, values
 from ingest.problems import Problem
-from ingest.publish import Event, Publisher, unavailable
+from ingest.publish import Event, Message, Publisher, headers, unavailable
 
 BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
 
@@ -27,6 +27,7 @@ class Outcome:
     body: dict[str, Any]
     accepted: int
     rejected: int
+    failed: int
 
 
 def check_items(value: Any, max_items: int, what: str = "a batch") -> list[Any]:
@@ -42,12 +43,13 @@ def check_items(value: Any, max_items: int, what: str = "a batch") -> list[Any]:
     return value
 
 
-def check_events(value: Any, max_items: int, now: datetime, max_future_s: float) -> list[Item]:
+def check_events(value: Any, max_items: int, now: datetime, max_future_s: float,
+                 hazards: values.Hazards) -> list[Item]:
     """A batch body's items, each valid or with its own problem."""
     items = []
     for obj in check_items(value, max_items):
         try:
-            items.append(Item(event=events.check(obj, now, max_future_s)))
+            items.append(Item(event=events.check(obj, now, max_future_s, hazards)))
         except Problem as problem:
             items.append(Item(problem=problem))
     return items
@@ -61,14 +63,25 @@ def _problem_body(problem: Problem) -> dict[str, Any]:
 
 async def publish_items(items: list[Item], tenant: str, received_at: datetime, publisher: Publisher,
                         retry_after_s: int) -> Outcome:
-    """Publish the valid items, report one result per item; 503 only if Kafka took none of them."""
-    valid = [(index, item.event) for index, item in enumerate(items) if item.event is not None]
-    errors = await publisher.publish([event for _, event in valid], tenant, received_at) if valid else []
+    """Publish the valid items, report one result per item; 503 only if Kafka took none of them.
+
+    Each item is encoded first: one that cannot be encoded or is too large becomes a rejected item.
+    """
+    shared = headers(tenant, received_at)
+    valid: list[tuple[int, Event, Message]] = []
+    for index, item in enumerate(items):
+        if item.event is None:
+            continue
+        try:
+            valid.append((index, item.event, publisher.message(item.event, tenant, shared, received_at)))
+        except Problem as problem:
+            item.problem, item.event = problem, None
+    errors = await publisher.send([message for _, _, message in valid]) if valid else []
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if item.problem is not None:
             results.append({"index": index, "status": "rejected", "problem": _problem_body(item.problem)})
-    for (index, event), error in zip(valid, errors, strict=True):
+    for (index, event, _), error in zip(valid, errors, strict=True):
         if error is None:
             results.append({"index": index, "id": event["id"], "status": "accepted"})
         else:
@@ -80,5 +93,5 @@ async def publish_items(items: list[Item], tenant: str, received_at: datetime, p
     failed = len(results) - accepted - rejected
     body = {"accepted": accepted, "rejected": rejected, "failed": failed, "results": results}
     if accepted:
-        return Outcome(202, body, accepted, rejected)
+        return Outcome(202, body, accepted, rejected, failed)
     raise Problem(400, "No valid events", "no item of the request is valid; see results", **body)

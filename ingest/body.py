@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from ingest.problems import Problem
+from ingest.values import check_integers
 
 
 def media_type(request: Request) -> str:
@@ -23,37 +25,51 @@ def too_large(limit: int) -> Problem:
 def check_declared_length(declared: str | None, limit: int) -> None:
     """Refuse a body by its Content-Length before reading any of it."""
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise Problem(400, "Invalid Content-Length", "Content-Length must be a non-negative integer")
         if int(declared) > limit:
             raise too_large(limit)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`."""
+def too_slow(timeout_s: float) -> Problem:
+    return Problem(408, "Request timeout", f"the body did not arrive whole within {timeout_s:g} s",
+                   headers={"Connection": "close"})
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`,
+    and with 408 when it has not arrived whole within `timeout_s` (a slow upload holds a connection)."""
     check_declared_length(request.headers.get("content-length"), limit)
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
     except ClientDisconnect:
         raise Problem(400, "Client disconnected", "the request body was not received whole") from None
+    except TimeoutError:
+        raise too_slow(timeout_s) from None
     return b"".join(chunks)
 
 
 def parse_json(body: bytes, what: str = "the body") -> Any:
-    """orjson is strict (no NaN, no lone surrogates), so whatever parses can be published as JSON again."""
+    """orjson is strict (no NaN, no lone surrogates), so whatever parses can be published as JSON again.
+
+    Integers beyond 64 bits are refused here; nesting and NUL characters per item (`ingest.values`).
+    """
     if not body:
         raise Problem(400, "Malformed JSON", f"{what} is empty", errors=[{"field": "(body)", "message": "empty"}])
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise Problem(400, "Malformed JSON", f"{what} is not valid JSON: {exc}",
                       errors=[{"field": "(body)", "message": str(exc)}]) from None
+    check_integers(body)
+    return value
 
 
 def unsupported(actual: str, allowed: tuple[str, ...]) -> Problem:

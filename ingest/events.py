@@ -9,14 +9,16 @@ from urllib.parse import unquote
 
 from pydantic import ValidationError
 
+from ingest import values
 from ingest.body import parse_json, unsupported
 from ingest.fastcheck import plain_event
 from ingest.problems import Problem, validation_errors
 from ingest.publish import Event, fields
-from schemas.envelope import CloudEvent
+from schemas.envelope import EVENT_FIELDS, LOG_EVENT_TYPE, MAX_BYTES, RESERVED_SOURCE_PREFIXES, CloudEvent
 
 STRUCTURED = ("application/cloudevents+json", "application/json")
 EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+ATTRIBUTES = frozenset(EVENT_FIELDS)
 
 
 def invalid(errors: list[dict[str, str]], detail: str = "the event is not a valid CloudEvent") -> Problem:
@@ -39,10 +41,41 @@ def validate(obj: Any, now: datetime, max_future_s: float) -> CloudEvent:
     return event
 
 
-def check(obj: Any, now: datetime, max_future_s: float) -> Event:
+def _attributes(obj: dict[str, Any]) -> list[dict[str, str]]:
+    """Attributes the envelope would drop: refused, so a 202 never means data was lost."""
+    unknown = obj.keys() - ATTRIBUTES
+    if not unknown:
+        return []
+    return [{"field": name, "message": "binary data is accepted in binary mode only (a body with ce-* headers)"
+             if name == "data_base64" else "not supported here (extension attributes are not kept)"}
+            for name in sorted(unknown)]
+
+
+def _bounds(event: Event) -> list[dict[str, str]]:
+    """Key attributes within their limit in UTF-8 bytes, and none of the gateway's own namespaces."""
+    errors = []
+    for name, limit in MAX_BYTES.items():
+        value = event.get(name)
+        if value is not None and not value.isascii() and len(value.encode()) > limit:
+            errors.append({"field": name, "message": f"longer than {limit} bytes in UTF-8"})
+    if event["source"].startswith(RESERVED_SOURCE_PREFIXES):
+        errors.append({"field": "source", "message": f"the prefixes {', '.join(RESERVED_SOURCE_PREFIXES)} are "
+                                                    "reserved for the gateway's logs and webhooks routes"})
+    if event["type"] == LOG_EVENT_TYPE:
+        errors.append({"field": "type", "message": f"{LOG_EVENT_TYPE} is reserved for /v1/logs"})
+    return errors
+
+
+def check(obj: Any, now: datetime, max_future_s: float, hazards: values.Hazards = values.UNKNOWN) -> Event:
     """The event's attributes: the quick check for plainly valid events, the model for the rest."""
     event = plain_event(obj, now, max_future_s)
-    return event if event is not None else fields(validate(obj, now, max_future_s))
+    if event is None:
+        event = fields(validate(obj, now, max_future_s))
+    errors = _attributes(obj) + _bounds(event)
+    if errors:
+        raise invalid(errors)
+    values.check(obj, hazards, "(event)")
+    return event
 
 
 def is_json(media: str) -> bool:
@@ -51,9 +84,11 @@ def is_json(media: str) -> bool:
 
 def from_binary(headers: Mapping[str, str], media: str, body: bytes) -> dict[str, Any]:
     """CloudEvents HTTP binary mode: attributes in percent-encoded ce-* headers, the body is `data`."""
-    attributes: dict[str, Any] = {
-        name[3:]: unquote(value) for name, value in headers.items() if name.startswith("ce-")
-    }
+    pairs = [(name[3:], unquote(value)) for name, value in headers.items() if name.startswith("ce-")]
+    attributes: dict[str, Any] = dict(pairs)
+    if len(attributes) < len(pairs):
+        repeated = sorted({name for name, _ in pairs if sum(1 for other, _ in pairs if other == name) > 1})
+        raise invalid([{"field": f"ce-{name}", "message": "sent more than once"} for name in repeated])
     if not body:
         data = None
     elif is_json(media):
@@ -76,8 +111,9 @@ def is_structured(media: str, headers: Mapping[str, str]) -> bool:
 
 def parse_single(headers: Mapping[str, str], media: str, body: bytes, now: datetime, max_future_s: float) -> Event:
     """One event in whichever mode the request uses; binary mode is chosen by a ce-specversion header."""
+    hazards = values.Hazards.of(body)
     if is_structured(media, headers):
-        return check(parse_json(body), now, max_future_s)
+        return check(parse_json(body), now, max_future_s, hazards)
     if "ce-specversion" in headers:
-        return check(from_binary(headers, media, body), now, max_future_s)
+        return check(from_binary(headers, media, body), now, max_future_s, hazards)
     raise unsupported(media, STRUCTURED + ("any type with ce-* headers (binary mode)",))

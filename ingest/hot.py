@@ -9,6 +9,7 @@ Every other request, including binary mode and Idempotency-Key requests, goes to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingest import batch, events
-from ingest.body import check_declared_length, parse_json, too_large, unsupported
+from ingest import batch, events, values
+from ingest.body import check_declared_length, parse_json, too_large, too_slow, unsupported
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from schemas.envelope import utcnow
@@ -46,9 +47,18 @@ def _media(headers: dict[str, str]) -> str:
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """As `ingest.body.read_body`: 413 as soon as the declared or the counted size passes the limit."""
+async def _body(receive: Receive, headers: dict[str, str], limit: int, timeout_s: float) -> bytes:
+    """As `ingest.body.read_body`: 413 as soon as the declared or the counted size passes the limit, 408 past
+    the deadline."""
     check_declared_length(headers.get("content-length"), limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive(receive, limit)
+    except TimeoutError:
+        raise too_slow(timeout_s) from None
+
+
+async def _receive(receive: Receive, limit: int) -> bytes:
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         body: bytes = message.get("body", b"")
@@ -93,19 +103,21 @@ class HotRoutes:
                 media = _media(headers)
                 route = scope["path"]
                 if route == EVENTS and events.is_structured(media, headers):
-                    await self._serve(route, receive, send, headers, media)
+                    await self._serve(route, scope, receive, send, headers, media)
                     return
                 if route == BATCH:
-                    await self._serve(route, receive, send, headers, media)
+                    await self._serve(route, scope, receive, send, headers, media)
                     return
         await self.app(scope, receive, send)
 
-    async def _serve(self, route: str, receive: Receive, send: Send, headers: dict[str, str], media: str) -> None:
+    async def _serve(self, route: str, scope: Scope, receive: Receive, send: Send, headers: dict[str, str],
+                     media: str) -> None:
         start = time.perf_counter()
         status = 500
         try:
             try:
-                answer = await self._answer(route, receive, headers, media)
+                client = scope["client"][0] if scope.get("client") else "unknown"
+                answer = await self._answer(route, receive, headers, media, client)
             except Exception:
                 log.exception("unhandled error on POST %s", route)
                 answer = (500, SERVER_ERROR, PROBLEM_TYPE.encode(), {})
@@ -118,12 +130,12 @@ class HotRoutes:
                 counter = self._requests[route, status] = self.gateway.metrics.requests.labels(route, str(status))
             counter.inc()
 
-    async def _answer(self, route: str, receive: Receive, headers: dict[str, str],
-                      media: str) -> tuple[int, bytes, bytes, dict[str, str]]:
+    async def _answer(self, route: str, receive: Receive, headers: dict[str, str], media: str,
+                      client: str) -> tuple[int, bytes, bytes, dict[str, str]]:
         """The same steps as `Gateway.write`, in the same order; a Problem becomes its response."""
         gw, config = self.gateway, self.gateway.config
         try:
-            principal = await gw.principal(headers.get("authorization", ""), "events:write")
+            principal = await gw.principal(headers.get("authorization", ""), "events:write", route, client)
             policy = "events" if route == EVENTS else "batch"
             decision = await gw.limited(route, policy, principal.key_id, gw.key_limit)
         except Problem as problem:
@@ -131,21 +143,21 @@ class HotRoutes:
         try:
             now = utcnow()
             if route == EVENTS:
-                body = await _body(receive, headers, config.max_event_bytes)
-                event = events.check(parse_json(body), now, config.max_future_s)
+                body = await _body(receive, headers, config.max_event_bytes, config.body_timeout_s)
+                event = events.check(parse_json(body), now, config.max_future_s, values.Hazards.of(body))
                 await gw.publisher.publish_one(event, principal.tenant, now)
                 self._accepted[EVENTS].inc()
                 status, payload = 202, orjson.dumps({"id": event["id"], "status": "accepted"})
             else:
-                body = await _body(receive, headers, config.max_batch_bytes)
+                body = await _body(receive, headers, config.max_batch_bytes, config.body_timeout_s)
                 if media not in batch.BATCH_TYPES:
                     raise unsupported(media, batch.BATCH_TYPES)
-                items = batch.check_events(parse_json(body), config.max_batch_items, now, config.max_future_s)
+                items = batch.check_events(parse_json(body), config.max_batch_items, now, config.max_future_s,
+                                           values.Hazards.of(body))
                 outcome = await gw.publish_items(BATCH, items, principal, now)
                 status, payload = outcome.status, orjson.dumps(outcome.body)
             return status, payload, JSON, decision.headers
         except Problem as problem:
-            if problem.status in (400, 413, 415):
-                gw.metrics.rejected.labels(route, problem.reason()).inc()
+            gw.count_rejection(route, problem)
             return (problem.status, orjson.dumps(problem.body()), PROBLEM_TYPE.encode(),
                     {**problem.headers, **decision.headers})

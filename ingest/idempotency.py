@@ -3,7 +3,14 @@
 State per (tenant, route, key) is a Redis hash: the request's fingerprint, then the final response.
 A repeat with the same fingerprint replays the stored response (marked `Idempotent-Replayed: true`),
 a repeat while the first is still running gets 409, the same key with another payload gets 422.
-Server errors (5xx) are not stored: the lock is released so the client's retry runs for real.
+Server errors (5xx) and batches with items Kafka did not take are not stored: the lock is released
+so the client's retry runs for real.
+
+What is stored is bounded, because every tenant shares the Redis that holds it (ADR 5): a response
+body over `max_body_bytes` is kept as a summary (its top-level counts and title, without per-item
+results), a 4xx is kept only for `error_ttl_s`, and each tenant may store at most `tenant_budget_bytes`
+per TTL window; past it, answers are not kept at all (a retry then runs again, and the processors
+drop the duplicate event by its id).
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import orjson
 
 from starlette.responses import Response
 
@@ -23,7 +33,8 @@ log = logging.getLogger("tally.gateway.idempotency")
 
 HEADER = "idempotency-key"
 REPLAYED = "Idempotent-Replayed"
-KEY_PATTERN = re.compile(r'^"?([\x21\x23-\x7e]{1,255})"?$')
+RECORD_OVERHEAD = 200  # bytes Redis spends on a record besides its body: key, fingerprint, fields
+KEY_PATTERN = re.compile(r'^(?:"([\x21\x23-\x7e]{1,255})"|([\x21\x23-\x7e]{1,255}))$')
 
 BEGIN = """
 local found = redis.call('HMGET', KEYS[1], 'fp', 'status', 'ctype', 'body')
@@ -35,13 +46,26 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return false
 """
 
+# KEYS: record, tenant budget; ARGV: fp, status, ctype, body, ttl_ms, budget_bytes, budget_window_ms.
+# A record costs its body plus RECORD_OVERHEAD; past the tenant's budget it is dropped, not stored.
 FINISH = """
-if redis.call('HGET', KEYS[1], 'fp') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'ctype', ARGV[3], 'body', ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if redis.call('HGET', KEYS[1], 'fp') ~= ARGV[1] then
+  return 0
 end
+local cost = #ARGV[4] + %d
+local used = redis.call('INCRBY', KEYS[2], cost)
+if redis.call('PTTL', KEYS[2]) < 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+if used > tonumber(ARGV[6]) then
+  redis.call('DECRBY', KEYS[2], cost)
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'ctype', ARGV[3], 'body', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
-"""
+""" % RECORD_OVERHEAD
 
 RELEASE = """
 if redis.call('HGET', KEYS[1], 'fp') == ARGV[1] and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
@@ -52,13 +76,14 @@ return 1
 
 
 def parse_key(raw: str) -> str:
-    """The header is a structured-field string; a bare token is accepted too. 1 to 255 visible characters."""
+    """A quoted string or a bare token of 1 to 255 visible characters (no spaces or escapes); unbalanced
+    quotes are refused, so `"abc` and `abc` are not the same key by accident."""
     match = KEY_PATTERN.match(raw.strip())
     if match is None:
         raise Problem(400, "Invalid Idempotency-Key",
                       "Idempotency-Key must be 1 to 255 visible ASCII characters, optionally in double quotes",
                       errors=[{"field": "Idempotency-Key", "message": "invalid value"}])
-    return match.group(1)
+    return match.group(1) or match.group(2)
 
 
 def fingerprint(method: str, path: str, headers: Mapping[str, str], body: bytes) -> bytes:
@@ -71,12 +96,38 @@ def fingerprint(method: str, path: str, headers: Mapping[str, str], body: bytes)
     return digest.digest()
 
 
+def summary(body: bytes) -> bytes:
+    """A stored stand-in for a response body too large to keep: its top-level scalars (counts, title)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        value = None
+    kept = {k: v for k, v in value.items() if not isinstance(v, (dict, list))} if isinstance(value, dict) else {}
+    kept["stored"] = "summary: the full response was too large to keep for replay"
+    return orjson.dumps(kept)
+
+
+def incomplete(response: Response) -> Response:
+    """Mark a response whose request had effects only in part: it is not stored, so a retry runs again."""
+    response.incomplete = True  # type: ignore[attr-defined]
+    return response
+
+
+@dataclass(frozen=True)
+class Retention:
+    ttl_s: int = 24 * 3600
+    error_ttl_s: int = 60
+    max_body_bytes: int = 4096
+    tenant_budget_bytes: int = 8 * 1024 * 1024
+
+
 class IdempotencyStore:
-    def __init__(self, guard: RedisGuard, prefix: str, metrics: Metrics, ttl_s: int, lock_s: int) -> None:
+    def __init__(self, guard: RedisGuard, prefix: str, metrics: Metrics, retention: Retention, lock_s: int) -> None:
         self._guard = guard
         self._prefix = f"{prefix}idem:"
+        self._budget_prefix = f"{prefix}idem-budget:"
         self._metrics = metrics
-        self._ttl_ms = ttl_s * 1000
+        self._retention = retention
         self._lock_ms = lock_s * 1000
         client = guard.client
         self._begin = client.register_script(BEGIN)
@@ -104,13 +155,24 @@ class IdempotencyStore:
         except BaseException:
             await self._quietly(self._release(keys=[redis_key], args=[fp]))
             raise
-        if response.status_code >= 500:
+        if response.status_code >= 500 or getattr(response, "incomplete", False):
             await self._quietly(self._release(keys=[redis_key], args=[fp]))
         else:
-            args = [fp, response.status_code, response.media_type or "application/json", bytes(response.body),
-                    self._ttl_ms]
-            await self._quietly(self._finish(keys=[redis_key], args=args))
+            await self._quietly(self._finish(keys=[redis_key, self._budget_key(tenant)],
+                                             args=self._stored(fp, response)))
         return response
+
+    def _budget_key(self, tenant: str) -> str:
+        return self._budget_prefix + hashlib.sha256(tenant.encode()).hexdigest()
+
+    def _stored(self, fp: bytes, response: Response) -> list[bytes | int | str]:
+        r = self._retention
+        body = bytes(response.body)
+        if len(body) > r.max_body_bytes:
+            body = summary(body)
+        ttl_s = r.error_ttl_s if response.status_code >= 400 else r.ttl_s
+        return [fp, response.status_code, response.media_type or "application/json", body, ttl_s * 1000,
+                r.tenant_budget_bytes, r.ttl_s * 1000]
 
     def _answer_repeat(self, route: str, fp: bytes, found: list[bytes | None]) -> Response:
         stored_fp, status, media_type, body = found

@@ -7,17 +7,22 @@ shipper's retry deduplicates), else a random one (two identical timeless lines a
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 import uuid
 from typing import Any
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ingest import values
 from ingest.body import parse_json
 from ingest.events import EARLIEST, invalid
 from ingest.problems import Problem, validation_errors
 from schemas.envelope import LOG_EVENT_TYPE, CloudEvent
 
+LINE = re.compile(rb"^[ \t\r]*\S[^\n]*", re.M)
+MAX_LOG_FIELD_BYTES = 128  # "logs/" + service stays within MAX_SOURCE, the id within MAX_ID
 LOG_TYPES = ("application/json", "application/x-ndjson")
 LEVELS = {
     "trace": "trace", "debug": "debug", "info": "info", "information": "info", "notice": "info",
@@ -38,6 +43,14 @@ class LogRecord(BaseModel):
     span_id: str | None = Field(None, pattern=r"^[0-9a-fA-F]{16}$")
     id: str | None = Field(None, min_length=1, max_length=256)
 
+    @field_validator("service", "id")
+    @classmethod
+    def bounded_bytes(cls, value: str | None) -> str | None:
+        """service names the source, id is the dedup id: both bounded in UTF-8 bytes as the envelope's keys."""
+        if value is not None and len(value.encode()) > MAX_LOG_FIELD_BYTES:
+            raise ValueError(f"longer than {MAX_LOG_FIELD_BYTES} bytes in UTF-8")
+        return value
+
     @field_validator("level")
     @classmethod
     def known_level(cls, value: str) -> str:
@@ -47,10 +60,15 @@ class LogRecord(BaseModel):
         return level
 
 
-def split_body(media: str, body: bytes) -> list[Any]:
-    """Records as parsed JSON values: NDJSON lines, or a JSON object or array."""
+def split_body(media: str, body: bytes, max_items: int) -> list[Any]:
+    """Records as parsed JSON values: NDJSON lines, or a JSON object or array.
+
+    NDJSON stops after one line more than `max_items`, so a long body is refused before it is parsed.
+    """
     if media == "application/x-ndjson":
-        lines = [line for line in body.split(b"\n") if line.strip()]
+        lines = list(itertools.islice((m.group() for m in LINE.finditer(body)), max_items + 1))
+        if len(lines) > max_items:
+            return lines
         return [parse_json(line, f"line {n + 1}") for n, line in enumerate(lines)]
     value = parse_json(body)
     return value if isinstance(value, list) else [value]
@@ -65,11 +83,12 @@ def record_id(record: LogRecord) -> str:
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
-def to_event(value: Any, now_limit: AwareDatetime) -> CloudEvent:
+def to_event(value: Any, now_limit: AwareDatetime, hazards: values.Hazards) -> CloudEvent:
     """One log record as a CloudEvent: source logs/<service>, subject the service, data the record."""
     if not isinstance(value, dict):
         raise Problem(400, "Invalid log record", "a log record is a JSON object",
                       errors=[{"field": "(record)", "message": "expected a JSON object"}])
+    values.check(value, hazards, "(record)")
     try:
         record = LogRecord.model_validate(value)
     except ValidationError as exc:

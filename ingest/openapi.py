@@ -1,14 +1,29 @@
-"""The OpenAPI 3.1 document, written by hand (no framework generates it), and a docs page that renders it."""
+"""The OpenAPI 3.1 document, written by hand (no framework generates it), and a docs page that renders it.
+
+Limits come from the same constants the server checks; tests hold the document to the server's
+answers (`test_gateway_openapi.py`). Swagger UI is served from the swagger-ui-bundle package, not a CDN.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from swagger_ui_bundle import swagger_ui_path
+
 from ingest.config import GatewayConfig
-from ingest.logs import LEVELS
+from ingest.fastcheck import MAX_CONTENT_TYPE, MAX_SCHEMA
+from ingest.logs import LEVELS, MAX_LOG_FIELD_BYTES
+from schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 STRING = {"type": "string"}
+# RFC 3339 with an offset, from 1970 on: what the server accepts (it refuses earlier times)
+_CLOCK = r"-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+# (1970 itself only at UTC or west of it: 1970-01-01T00:00:00+01:00 is still 1969)
+TIME_PATTERN = (rf"^((197[1-9]|19[89][0-9]|[2-9][0-9]{{3}}){_CLOCK}(Z|z|[+-][0-9]{{2}}:[0-9]{{2}})"
+                rf"|1970{_CLOCK}(Z|z|-[0-9]{{2}}:[0-9]{{2}}|[+-]00:00))$")
+BYTES = "at most {} bytes in UTF-8"
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -17,7 +32,9 @@ def _problem(description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {
+        200: "a replay of a webhook already accepted: the id it was accepted under",
         400: "malformed JSON, invalid event or header (the problem names the field)",
+        408: "the body did not arrive whole in time",
         401: "no, unknown or revoked API key / bad webhook signature",
         403: "the key lacks the scope",
         404: "unknown webhook source",
@@ -28,7 +45,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         429: "rate limited; see Retry-After and RateLimit",
         503: "Kafka (or Redis with policy closed) unavailable; see Retry-After",
     }
-    return {str(s): _problem(text[s]) for s in statuses}
+    return {str(s): _problem(text[s]) for s in statuses if s != 200}
 
 
 def _json_body(schema: dict[str, Any], *media: str) -> dict[str, Any]:
@@ -44,7 +61,7 @@ IDEMPOTENCY = {
 
 def document(config: GatewayConfig) -> dict[str, Any]:
     """The document for this configuration (limits shown are the configured ones)."""
-    write_errors = _errors(400, 401, 403, 409, 413, 415, 422, 429, 503)
+    write_errors = _errors(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -57,31 +74,35 @@ def document(config: GatewayConfig) -> dict[str, Any]:
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "tly_... API key"}},
             "schemas": {
                 "CloudEvent": {
-                    "type": "object", "required": ["id", "source", "type"],
+                    "type": "object", "required": ["id", "source", "type"], "additionalProperties": False,
                     "properties": {
                         "specversion": {"type": "string", "enum": ["1.0"]},
-                        "id": {"type": "string", "minLength": 1, "maxLength": 256},
-                        "source": {"type": "string", "minLength": 1, "maxLength": 512},
-                        "type": {"type": "string", "minLength": 1, "maxLength": 256},
-                        "time": {"type": "string", "format": "date-time",
-                                 "description": f"RFC 3339 with offset; at most {config.max_future_s:g} s ahead"},
-                        "subject": {"type": "string", "maxLength": 256},
-                        "datacontenttype": {"type": "string", "maxLength": 128},
-                        "dataschema": {"type": "string", "maxLength": 512},
-                        "data": {},
+                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID, "description": BYTES.format(MAX_ID)},
+                        "source": {"type": "string", "minLength": 1, "maxLength": MAX_SOURCE,
+                                   "description": BYTES.format(MAX_SOURCE) + "; not logs/… or webhooks/…"},
+                        "type": {"type": "string", "minLength": 1, "maxLength": MAX_TYPE,
+                                 "description": BYTES.format(MAX_TYPE) + "; not tally.log"},
+                        "time": {"type": "string", "format": "date-time", "pattern": TIME_PATTERN,
+                                 "description": f"RFC 3339 with offset, from 1970; at most {config.max_future_s:g} s ahead"},
+                        "subject": {"type": "string", "maxLength": MAX_SUBJECT, "description": BYTES.format(MAX_SUBJECT)},
+                        "datacontenttype": {"type": "string", "maxLength": MAX_CONTENT_TYPE},
+                        "dataschema": {"type": "string", "maxLength": MAX_SCHEMA},
+                        "data": {"description": "any JSON; nesting, NUL characters and integers beyond 64 bits are refused"},
                     },
                 },
                 "LogRecord": {
                     "type": "object", "required": ["service", "message"],
                     "properties": {
-                        "service": {"type": "string", "minLength": 1, "maxLength": 128},
+                        "service": {"type": "string", "minLength": 1, "maxLength": MAX_LOG_FIELD_BYTES,
+                                    "description": BYTES.format(MAX_LOG_FIELD_BYTES)},
                         "level": {"type": "string", "enum": sorted(LEVELS)},
                         "message": {"type": "string", "maxLength": 65536},
-                        "time": {"type": "string", "format": "date-time"},
+                        "time": {"type": "string", "format": "date-time", "pattern": TIME_PATTERN},
                         "attributes": {"type": "object"},
                         "trace_id": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
                         "span_id": {"type": "string", "pattern": "^[0-9a-fA-F]{16}$"},
-                        "id": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_LOG_FIELD_BYTES,
+                               "description": BYTES.format(MAX_LOG_FIELD_BYTES)},
                     },
                 },
                 "Accepted": {"type": "object", "properties": {"id": STRING, "status": {"const": "accepted"}}},
@@ -130,13 +151,15 @@ def document(config: GatewayConfig) -> dict[str, Any]:
                                           "$ref": "#/components/schemas/ItemResults"}}}}, **write_errors},
             }},
             "/v1/webhooks/{source}": {"post": {
-                "summary": "A third party's signed webhook (Stripe, Standard Webhooks or HMAC, per configured source)",
+                "summary": "A third party's signed webhook (Stripe, Standard Webhooks, MercadoPago or HMAC, per source)",
                 "parameters": [{"name": "source", "in": "path", "required": True,
                                 "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
                 "responses": {"202": {"description": "verified and acknowledged by Kafka", "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
-                    **_errors(400, 401, 404, 409, 413, 429, 503)},
+                    "200": {"description": "a replay of a webhook already accepted: the id it was accepted under",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
+                    **_errors(400, 401, 404, 408, 409, 413, 429, 503)},
             }},
             "/healthz": {"get": {"summary": "alive", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Kafka (and Redis) reachable", "responses": {
@@ -148,9 +171,20 @@ def document(config: GatewayConfig) -> dict[str, Any]:
 
 DOCS_PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Tally gateway API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script>
 </body></html>
 """
+DOCS_INIT = b'SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});\n'
+
+
+def docs_assets() -> dict[str, tuple[bytes, str]]:
+    """The page's files by name, read once from the installed package."""
+    folder = Path(swagger_ui_path)
+    return {
+        "swagger-ui-bundle.js": ((folder / "swagger-ui-bundle.js").read_bytes(), "text/javascript"),
+        "swagger-ui.css": ((folder / "swagger-ui.css").read_bytes(), "text/css"),
+        "init.js": (DOCS_INIT, "text/javascript"),
+    }

@@ -2,6 +2,8 @@
 
 Events arrive as attribute dicts (from the fast check, or `fields` of a validated model) and are
 encoded straight into envelope bytes by `schemas.envelope.encode`; no envelope model is built.
+Each event is encoded and measured before anything is produced: an event that cannot be encoded
+(400) or is larger than the producer takes (413) is refused on its own; retrying would never help.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import time
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from ingest.metrics import Metrics
 from ingest.problems import Problem
 from ingest.producer import EventProducer, Unavailable
 from schemas.envelope import CONTENT_TYPE, EVENT_FIELDS, SCHEMA_VERSION, CloudEvent, encode, message_key
 
 Event = dict[str, Any]
+Message = tuple[bytes, bytes, list[tuple[str, bytes]]]
+OVERHEAD = 512  # librdkafka's per-message framing, well above what it adds to key, value and headers
 
 
 def unavailable(reason: str, retry_after_s: int) -> Problem:
@@ -38,17 +44,35 @@ def headers(tenant: str, received_at: datetime) -> list[tuple[str, bytes]]:
     ]
 
 
+def too_large(size: int, limit: int) -> Problem:
+    return Problem(413, "Event too large", f"the encoded event takes {size} bytes; Kafka takes at most {limit}",
+                   max_bytes=limit, errors=[{"field": "(event)", "message": f"encoded size over {limit} bytes"}])
+
+
 class Publisher:
-    def __init__(self, producer: EventProducer, topic: str, metrics: Metrics, retry_after_s: int) -> None:
+    def __init__(self, producer: EventProducer, topic: str, metrics: Metrics, retry_after_s: int,
+                 max_message_bytes: int) -> None:
         self.producer = producer
         self._topic = topic
         self._metrics = metrics
         self._retry_after_s = retry_after_s
+        self._max_message_bytes = max_message_bytes
 
-    async def publish(self, events: list[Event], tenant: str, received_at: datetime) -> list[str | None]:
-        """One error text (or None when acked) per event; 503 when Kafka takes none of them."""
-        shared = headers(tenant, received_at)
-        messages = [(message_key(tenant, e["subject"]), encode(e, tenant, received_at), shared) for e in events]
+    def message(self, event: Event, tenant: str, shared: list[tuple[str, bytes]], received_at: datetime) -> Message:
+        """The Kafka message of one event, or the 4xx Problem that keeps it out of Kafka for good."""
+        try:
+            value = encode(event, tenant, received_at)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise Problem(400, "Invalid event", f"the event cannot be encoded as JSON: {exc}",
+                          errors=[{"field": "(event)", "message": str(exc)}]) from None
+        key = message_key(tenant, event["subject"])
+        size = len(key) + len(value) + sum(len(n) + len(v) for n, v in shared) + OVERHEAD
+        if size > self._max_message_bytes:
+            raise too_large(size, self._max_message_bytes)
+        return key, value, shared
+
+    async def send(self, messages: list[Message]) -> list[str | None]:
+        """One error text (or None when acked) per message; 503 when Kafka takes none of them."""
         start = time.perf_counter()
         try:
             errors = await self.producer.send_many(self._topic, messages)
@@ -61,4 +85,4 @@ class Publisher:
         return texts
 
     async def publish_one(self, event: Event, tenant: str, received_at: datetime) -> None:
-        await self.publish([event], tenant, received_at)
+        await self.send([self.message(event, tenant, headers(tenant, received_at), received_at)])

@@ -4,7 +4,10 @@ With policy "open" (the default) the request goes on without the Redis feature (
 stored idempotent response, no replay memory): events stay safe because the processors deduplicate by
 (tenant, source, id). With policy "closed" the request gets 503 and Retry-After. Either way a metric
 counts the failure and a log line says so, at most once per operation every few seconds.
-After a failure Redis is not asked again for a short while, so a dead Redis costs no timeout per request.
+After Redis is found unreachable it is not asked again for a short while, so a dead Redis costs no
+timeout per request. A full connection pool, an answer Redis refused (OOM, READONLY, a script error)
+says nothing about reachability: the policy decides that one call, and the breaker stays closed.
+Requests queue for a connection (up to the timeout) instead of failing at once when all are busy.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Awaitable
 from typing import NoReturn, TypeVar
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from ingest.config import RedisFailurePolicy
 from ingest.metrics import Metrics
@@ -25,6 +28,7 @@ log = logging.getLogger("tally.gateway.redis")
 T = TypeVar("T")
 
 LOG_EVERY_S = 10.0
+POOL_EXHAUSTED = "No connection available."  # redis-py's BlockingConnectionPool, after its timeout
 
 
 class RedisDown(Exception):
@@ -45,8 +49,10 @@ class RedisGuard:
     @classmethod
     def connect(cls, url: str, timeout_s: float, policy: RedisFailurePolicy, metrics: Metrics,
                 retry_after_s: int = 5) -> "RedisGuard":
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                      retry_on_timeout=False, max_connections=256)
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=256, timeout=timeout_s,
+                                                     socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                                     retry_on_timeout=False)
+        client = redis.Redis(connection_pool=pool)
         return cls(client, policy, metrics, retry_after_s)
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
@@ -58,7 +64,11 @@ class RedisGuard:
             self._failed(operation, "Redis marked down after a recent failure")
         try:
             return await awaitable
+        except (ResponseError, MaxConnectionsError) as exc:
+            self._failed(operation, f"{type(exc).__name__}: {exc}")
         except (RedisError, OSError) as exc:
+            if str(exc) == POOL_EXHAUSTED:
+                self._failed(operation, "every connection is busy")
             self._down_until = time.monotonic() + self._pause_s
             self._failed(operation, f"{type(exc).__name__}: {exc}")
 

@@ -21,6 +21,13 @@ MAX_ID = 256
 MAX_SOURCE = 512
 MAX_TYPE = 256
 MAX_SUBJECT = 256
+MAX_TENANT = 128
+# The dedup and message keys are built from these, so they are bounded in UTF-8 bytes, not characters
+# (the gateway checks them, the processor again): PostgreSQL's btree entries are bounded in bytes.
+MAX_BYTES = {"tenant": MAX_TENANT, "source": MAX_SOURCE, "id": MAX_ID, "subject": MAX_SUBJECT, "type": MAX_TYPE}
+MAX_NESTING = 64  # JSON containers inside an event; orjson encodes at most 254
+MAX_MESSAGE_BYTES = 1_000_000  # librdkafka's message.max.bytes; the broker's default allows a little more
+RESERVED_SOURCE_PREFIXES = ("logs/", "webhooks/")  # only the gateway's own routes make these
 
 
 class CloudEvent(BaseModel):

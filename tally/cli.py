@@ -38,6 +38,8 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        limit_concurrency=settings.gateway_limit_concurrency,
+        forwarded_allow_ips=settings.gateway_trusted_proxies,
     )
     return 0
 
@@ -145,7 +147,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"no active key with id {args.key_id}", file=sys.stderr)
                 return 1
             else:
-                print(f"revoked {args.key_id}")
+                print(f"revoked {args.key_id}; a gateway that cached it accepts it for up to "
+                      f"{settings.gateway_key_cache_ttl_s:g} s more (TALLY_GATEWAY_KEY_CACHE_TTL_S)")
             return 0
         finally:
             await conn.close()

@@ -35,11 +35,20 @@ class Settings(BaseSettings):
     # gateway (ingest/)
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
-    gateway_key_cache_ttl_s: float = 30.0
+    gateway_key_cache_ttl_s: float = Field(30.0, description="a revoked key keeps working this long in each gateway")
+    gateway_key_lookup_timeout_s: float = Field(2.0, description="key lookup in PostgreSQL; slower gets 503")
+    gateway_key_lookup_rate_limit_per_s: float = Field(20.0, description="uncached key lookups per client address")
+    gateway_key_lookup_rate_limit_burst: int = 100
     gateway_max_event_bytes: int = 256 * 1024
     gateway_max_batch_bytes: int = 8 * 1024 * 1024
     gateway_max_batch_items: int = 1000
-    gateway_max_webhook_bytes: int = 1024 * 1024
+    gateway_max_webhook_bytes: int = Field(512 * 1024, description="kept 16 KiB below gateway_max_message_bytes")
+    gateway_max_message_bytes: int = Field(1_000_000, description="librdkafka message.max.bytes; bigger events get 413")
+    gateway_body_timeout_s: float = Field(30.0, description="a request body not received whole by then gets 408")
+    gateway_limit_concurrency: int = Field(1000, description="connections and tasks uvicorn serves at once; "
+                                                             "more get 503")
+    gateway_trusted_proxies: str = Field("127.0.0.1", description="addresses whose X-Forwarded-For is believed "
+                                                                  "(comma-separated, * for any)")
     gateway_max_future_s: float = Field(900.0, description="refuse events whose time is further ahead than this")
     gateway_produce_timeout_ms: int = Field(10000, description="longest wait for Kafka's ack before 503")
     gateway_queue_full_wait_s: float = 2.0
@@ -49,6 +58,10 @@ class Settings(BaseSettings):
     gateway_redis_failure_policy: Literal["open", "closed"] = Field(
         "open", description="Redis unreachable: open lets requests through (metric + log), closed answers 503")
     gateway_idempotency_ttl_s: int = 24 * 3600
+    gateway_idempotency_error_ttl_s: int = Field(60, description="how long a 4xx answer is kept for replay")
+    gateway_idempotency_max_body_bytes: int = Field(4096, description="larger answers are kept as a summary")
+    gateway_idempotency_tenant_budget_bytes: int = Field(
+        8 * 1024 * 1024, description="stored answer bytes per tenant per TTL window; past it, summaries only")
     gateway_idempotency_lock_s: int = 60
     gateway_rate_limit_per_s: float = Field(1000.0, description="token refill per API key and route")
     gateway_rate_limit_burst: int = 2000

@@ -39,8 +39,11 @@ sources:
     scheme: hmac
     tenant: wh-tenant
     secrets: ["{WEBHOOK_SECRETS['github'][0]}"]
-    id_header: X-GitHub-Delivery
-    type_header: X-GitHub-Event
+  mercadopago:
+    scheme: mercadopago
+    tenant: wh-tenant
+    secrets: ["{WEBHOOK_SECRETS['mercadopago'][0]}"]
+    type: payment.notification
   slack:
     scheme: hmac
     tenant: wh-tenant

@@ -22,6 +22,7 @@ WEBHOOK_SECRETS = {
     "standard": ["whsec_" + base64.b64encode(b"standard-webhooks-test-secret-32b").decode()],
     "github": ["github-hook-secret"],
     "slack": ["slack-signing-secret"],
+    "mercadopago": ["mercadopago-secret-key"],
 }
 
 
@@ -95,3 +96,12 @@ def slack_headers(body: bytes, secret: str, timestamp: int | None = None) -> dic
     sig = hmac.new(secret.encode(), f"v0:{t}:".encode() + body, hashlib.sha256).hexdigest()
     return {"X-Slack-Signature": f"v0={sig}", "X-Slack-Request-Timestamp": str(t),
             "content-type": "application/x-www-form-urlencoded"}
+
+
+def mercadopago_headers(data_id: str, request_id: str, secret: str, ts: str | None = None) -> dict[str, str]:
+    """As MercadoPago documents it: HMAC-SHA256 (hex) of `id:<data.id>;request-id:<x-request-id>;ts:<ts>;`,
+    with an alphanumeric data.id in lower case."""
+    t = str(int(time.time())) if ts is None else ts
+    manifest = f"id:{data_id.lower()};request-id:{request_id};ts:{t};"
+    sig = hmac.new(secret.encode(), manifest.encode(), hashlib.sha256).hexdigest()
+    return {"x-signature": f"ts={t},v1={sig}", "x-request-id": request_id, "content-type": "application/json"}

@@ -1,4 +1,4 @@
-"""The gateway under failure and shutdown: a stopped broker gets 503, SIGTERM drains, fuzzing finds no 500."""
+"""The gateway under failure and shutdown: a stopped broker gets 503, SIGTERM drains (fuzzing: test_gateway_openapi)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -84,19 +82,3 @@ async def test_sigterm_stops_accepting_and_exits_cleanly_with_every_202_in_kafka
     assert all(status in (202, None) for _, status in results), results
     in_kafka = {v["id"] for v in for_tenant(gateway.messages(), tenant)}
     assert acked <= in_kafka
-
-
-async def test_schemathesis_finds_no_server_error(gateway_settings: Settings, api_key: tuple[str, str]) -> None:
-    _, secret = api_key
-    with start_gateway("gateway-fuzz", gateway_settings, TALLY_GATEWAY_RATE_LIMIT_BURST="100000") as gateway:
-        command = [
-            str(Path(sys.executable).parent / "schemathesis"), "run", f"{gateway.url}/openapi.json",
-            "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {secret}",
-            "--max-examples", "25", "--request-timeout", "15", "--max-time", "40", "--workers", "1",
-            "--suppress-health-check", "all",
-        ]
-        run = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=240, cwd=ROOT)
-        output = gateway.process.output()
-    print(run.stdout[-3000:])
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert "unhandled error" not in output, output[-4000:]

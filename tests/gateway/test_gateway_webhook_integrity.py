@@ -1,0 +1,105 @@
+"""Webhook integrity (review 2026-11): only what is signed names an event, respelled timestamps are
+still replays, a source whose timestamp is not signed cannot start, and MercadoPago as documented."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from ingest.signatures import mercadopago_manifest
+from ingest.webhooks import WebhookConfigError, load_sources
+from tests.gateway.helpers import (
+    WEBHOOK_SECRETS,
+    Gateway,
+    for_tenant,
+    github_headers,
+    mercadopago_headers,
+    standard_headers,
+    stripe_signature,
+)
+
+
+async def test_an_unsigned_delivery_id_or_event_type_never_names_the_event(gateway: Gateway) -> None:
+    body = orjson.dumps({"action": "opened", "number": uuid.uuid4().hex})  # GitHub bodies carry no id
+    secret = WEBHOOK_SECRETS["github"][0]
+    async with gateway.client() as client:
+        first = await client.post("/v1/webhooks/github", content=body, headers=github_headers(body, secret, "d-1"))
+        forged = {**github_headers(body, secret, "d-FORGED"), "X-GitHub-Event": "billing.charge"}
+        replay = await client.post("/v1/webhooks/github", content=body, headers=forged)
+    assert first.status_code == 202, first.text
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    [value] = [v for v in for_tenant(gateway.messages(), "wh-tenant") if v["id"] == first.json()["id"]]
+    assert value["type"] == "webhook" and value["id"] not in ("d-1", "d-FORGED")
+
+
+@pytest.mark.parametrize("spelling", ["0{t}", "+{t}", "{t}.5", "{t}.0"])
+async def test_a_respelled_timestamp_is_still_a_replay(gateway: Gateway, spelling: str) -> None:
+    t = int(time.time())
+    stripe_body = orjson.dumps({"id": f"evt_{uuid.uuid4().hex}", "type": "invoice.paid"})
+    stripe_secret = WEBHOOK_SECRETS["stripe"][-1]
+    respelled = stripe_signature(stripe_body, stripe_secret, t).replace(f"t={t}", "t=" + spelling.format(t=t))
+    standard_body = orjson.dumps({"id": uuid.uuid4().hex})
+    standard = standard_headers(standard_body, WEBHOOK_SECRETS["standard"][0], f"msg_{uuid.uuid4().hex}", t)
+    async with gateway.client() as client:
+        stripe_first = await client.post("/v1/webhooks/stripe", content=stripe_body, headers={
+            "Stripe-Signature": stripe_signature(stripe_body, stripe_secret, t), "content-type": "application/json"})
+        stripe_again = await client.post("/v1/webhooks/stripe", content=stripe_body, headers={
+            "Stripe-Signature": respelled, "content-type": "application/json"})
+        standard_first = await client.post("/v1/webhooks/standard", content=standard_body, headers=standard)
+        standard_again = await client.post("/v1/webhooks/standard", content=standard_body, headers={
+            **standard, "webhook-timestamp": spelling.format(t=t)})
+    assert stripe_first.status_code == standard_first.status_code == 202
+    for again in (stripe_again, standard_again):
+        assert again.status_code in (200, 401), again.text  # a replay, or a spelling the library refuses
+        assert again.status_code != 202
+
+
+def _sources(tmp_path: Path, spec: str) -> dict:
+    path = tmp_path / "webhooks.yaml"
+    path.write_text("sources:\n  s:\n    tenant: t\n    secrets: [x]\n" + spec)
+    return load_sources(path)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("    scheme: hmac\n    timestamp_header: X-Timestamp\n", "does not hold {timestamp}"),
+    ("    scheme: hmac\n    id_header: X-GitHub-Delivery\n", "unsigned header"),
+    ("    scheme: hmac\n    type_header: X-GitHub-Event\n", "unsigned header"),
+    ("    scheme: hmac\n    tenant: " + "\u00e9" * 65 + "\n", "longer than 128 bytes"),
+])
+def test_a_source_that_would_trust_unsigned_values_stops_the_gateway(tmp_path: Path, spec: str, message: str) -> None:
+    with pytest.raises(WebhookConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        _sources(tmp_path, spec)
+
+
+def test_mercadopago_is_a_scheme() -> None:
+    assert mercadopago_manifest("ABC123", "req-1", "1700000000") == "id:abc123;request-id:req-1;ts:1700000000;"
+    assert mercadopago_manifest("a-B_1", "req-1", "1") == "id:a-B_1;request-id:req-1;ts:1;"  # not alphanumeric
+    assert mercadopago_manifest(None, None, "1") == "ts:1;"  # parts missing from the request are left out
+
+
+async def test_a_mercadopago_notification_signed_as_documented_is_accepted(gateway: Gateway) -> None:
+    secret = WEBHOOK_SECRETS["mercadopago"][0]
+    data_id = f"PAY{uuid.uuid4().hex[:10].upper()}"
+    request_id = str(uuid.uuid4())
+    body = orjson.dumps({"action": "payment.updated", "type": "forged.type", "data": {"id": data_id}})
+    headers = mercadopago_headers(data_id, request_id, secret)
+    millis = mercadopago_headers(data_id, str(uuid.uuid4()), secret, str(int(time.time() * 1000)))
+    async with gateway.client() as client:
+        accepted = await client.post(f"/v1/webhooks/mercadopago?data.id={data_id}&type=payment", content=body,
+                                     headers=headers)
+        again = await client.post(f"/v1/webhooks/mercadopago?data.id={data_id}&type=payment",
+                                  content=body + b" ", headers=headers)  # the body is not signed: still a replay
+        in_millis = await client.post(f"/v1/webhooks/mercadopago?data.id={data_id}", content=body, headers=millis)
+        other_id = await client.post("/v1/webhooks/mercadopago?data.id=999", content=body, headers=headers)
+        missing = await client.post(f"/v1/webhooks/mercadopago?data.id={data_id}", content=body)
+    assert accepted.status_code == 202, accepted.text
+    assert again.status_code == 200 and again.json()["id"] == accepted.json()["id"]
+    assert in_millis.status_code == 202, in_millis.text
+    assert other_id.status_code == 401 and missing.status_code == 401
+    [value] = [v for v in for_tenant(gateway.messages(), "wh-tenant") if v["id"] == accepted.json()["id"]]
+    assert value["id"] == f"{data_id}.{request_id}"
+    assert value["type"] == "payment.notification"  # from the source's settings: MercadoPago signs no body
