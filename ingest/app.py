@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ingest import batch, events, logs, values, webhooks
+from ingest import batch, events, logs, otlp, values, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
@@ -51,6 +51,9 @@ Handler = Callable[[Request, Principal, bytes], Awaitable[Response]]
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+LOG_MEDIA = (*logs.LOG_TYPES, otlp.PROTOBUF)
 
 
 def _outcome(outcome: batch.Outcome) -> Response:
@@ -199,21 +202,50 @@ class Gateway:
 
     async def _logs(self, request: Request, principal: Principal, body: bytes) -> Response:
         media = media_type(request)
-        if media not in logs.LOG_TYPES:
-            raise unsupported(media, logs.LOG_TYPES)
-        records = batch.check_items(logs.split_body(media, body, self.config.max_batch_items),
-                                    self.config.max_batch_items, "a log request")
+        if media not in LOG_MEDIA:
+            raise unsupported(media, LOG_MEDIA)
+        if media == otlp.PROTOBUF:
+            return await self._otlp_logs(media, otlp.decode_protobuf(body), principal, ids_in_base64=True)
+        records = logs.split_body(media, body, self.config.max_batch_items)
+        if len(records) == 1 and otlp.is_otlp(media, records[0]):
+            return await self._otlp_logs(media, records[0], principal, ids_in_base64=False)
         now = utcnow()
+        items = self._log_items(batch.check_items(records, self.config.max_batch_items, "a log request"), now,
+                                values.Hazards.of(body))
+        return _outcome(await self.publish_items("/v1/logs", items, principal, now))
+
+    async def _otlp_logs(self, media: str, document: dict, principal: Principal, *, ids_in_base64: bool) -> Response:
+        """OTLP's answer: 200 with partial success for refused records; 503 (retried by exporters) when
+        Kafka did not take them all, since an exporter cannot re-send a part of its request."""
+        now = utcnow()
+        records = batch.check_items(otlp.records(document, ids_in_base64=ids_in_base64), self.config.max_batch_items,
+                                    "an OTLP request")
+        items = self._log_items(records, now, values.UNKNOWN)
+        try:
+            outcome = await self.publish_items("/v1/logs", items, principal, now)
+            body = outcome.body
+        except Problem as problem:
+            if problem.status != 400:
+                raise
+            body = problem.body()
+        if body.get("failed"):
+            raise Problem(503, "Service unavailable", f"Kafka did not take {body['failed']} of the log records",
+                          headers={"Retry-After": str(self.config.retry_after_s)})
+        reasons = [f"record {r['index']}: " + ("; ".join(f"{e['field']}: {e['message']}" for e in r["problem"].get("errors", []))
+                                             or r["problem"].get("detail", ""))
+                   for r in body.get("results", []) if r["status"] == "rejected"]
+        payload, content_type = otlp.answer(media, len(reasons), "; ".join(reasons[:3]))
+        return Response(payload, 200, media_type=content_type)
+
+    def _log_items(self, records: list, now: datetime, hazards: values.Hazards) -> list[batch.Item]:
         limit = now + timedelta(seconds=self.config.max_future_s)
-        hazards = values.Hazards.of(body)
         items = []
         for record in records:
             try:
                 items.append(batch.Item(event=fields(logs.to_event(record, limit, hazards))))
             except Problem as problem:
                 items.append(batch.Item(problem=problem))
-        outcome = await self.publish_items("/v1/logs", items, principal, now)
-        return _outcome(outcome)
+        return items
 
     async def publish_items(self, route: str, items: list[batch.Item], principal: Principal,
                             now: datetime) -> batch.Outcome:

@@ -142,13 +142,21 @@ def document(config: GatewayConfig) -> dict[str, Any]:
                                           "$ref": "#/components/schemas/ItemResults"}}}}, **write_errors},
             }},
             "/v1/logs": {"post": {
-                "summary": "Publish log records (an object, an array, or application/x-ndjson lines)",
+                "summary": "Publish log records (an object, an array, or application/x-ndjson lines), or OTLP/HTTP logs",
+                "description": "An OTLP ExportLogsServiceRequest (application/x-protobuf, or OTLP/JSON: an object with"
+                               " resourceLogs) is answered as OTLP expects: 200 with an ExportLogsServiceResponse whose"
+                               " partialSuccess counts the refused records.",
                 "security": [{"apiKey": []}], "parameters": [IDEMPOTENCY],
                 "requestBody": _json_body({"oneOf": [{"$ref": "#/components/schemas/LogRecord"}, {
                     "type": "array", "items": {"$ref": "#/components/schemas/LogRecord"}}]}, "application/json"),
                 "responses": {"202": {"description": "at least one record acknowledged by Kafka; see results",
                                       "content": {"application/json": {"schema": {
-                                          "$ref": "#/components/schemas/ItemResults"}}}}, **write_errors},
+                                          "$ref": "#/components/schemas/ItemResults"}}}},
+                              "200": {"description": "an OTLP request: every record acknowledged by Kafka or refused",
+                                      "content": {"application/json": {"schema": {"type": "object"}},
+                                                  "application/x-protobuf": {"schema": {"type": "string",
+                                                                                        "format": "binary"}}}},
+                              **write_errors},
             }},
             "/v1/webhooks/{source}": {"post": {
                 "summary": "A third party's signed webhook (Stripe, Standard Webhooks, MercadoPago or HMAC, per source)",

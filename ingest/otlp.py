@@ -33,7 +33,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 def is_otlp(media: str, value: Any) -> bool:
     """A protobuf body, or a JSON object with `resourceLogs` (Tally's own records never have one)."""
-    return media == PROTOBUF or (isinstance(value, dict) and "resourceLogs" in value)
+    return media == PROTOBUF or (media == JSON and isinstance(value, dict) and "resourceLogs" in value)
 
 
 def decode_protobuf(body: bytes) -> dict[str, Any]:
