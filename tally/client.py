@@ -80,10 +80,13 @@ class ClientConfig:
     give_up_after_s: float = 600.0
     idempotency_keys: bool = True
     timeout_s: float = 10.0
+    concurrency: int = 4  # batches in flight at once: one at a time leaves the gateway waiting on each round trip
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= MAX_ITEMS:
             raise ValueError(f"batch_size must be between 1 and {MAX_ITEMS}")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
 
 
 @dataclass
@@ -231,7 +234,7 @@ def _results(body: bytes) -> list[dict[str, Any]] | None:
 
 
 class TallyClient:
-    """Thread-safe; a background thread posts batches. `close()` runs at interpreter exit too."""
+    """Thread-safe; background threads post batches (`concurrency` of them). `close()` runs at interpreter exit too."""
 
     def __init__(self, url: str, api_key: str, *, route: str = EVENTS_ROUTE, on_rejected: Rejected | None = None,
                  transport: httpx.BaseTransport | None = None, **config: Any) -> None:
@@ -239,9 +242,12 @@ class TallyClient:
         self._http = httpx.Client(timeout=self._core.config.timeout_s, transport=transport)
         self._lock = threading.Condition()
         self._closing = False
+        self._closed = threading.Event()  # wakes senders waiting out a backoff
         self._flush_requested = False
-        self._thread = threading.Thread(target=self._run, name="tally-client", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"tally-client-{n}", daemon=True)
+                         for n in range(self._core.config.concurrency)]
+        for thread in self._threads:
+            thread.start()
         atexit.register(self.close)
 
     @property
@@ -258,8 +264,8 @@ class TallyClient:
                         lambda: not self._core.full() or self._closing, self._core.config.block_timeout_s):
                     raise BufferFull(f"{self._core.config.max_buffer} events are waiting for the gateway")
             self._core.admit(item)
-            if len(self._core.buffer) >= self._core.config.batch_size:
-                self._lock.notify_all()
+            if len(self._core.buffer) == self._core.config.batch_size:
+                self._lock.notify()
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every buffered event was accepted, rejected or dropped; False on timeout."""
@@ -278,8 +284,10 @@ class TallyClient:
         self.flush(timeout_s)
         with self._lock:
             self._closing = True
+            self._closed.set()
             self._lock.notify_all()
-        self._thread.join(self._core.config.timeout_s + 1)
+        for thread in self._threads:
+            thread.join(self._core.config.timeout_s + 1)
         with self._lock:
             self._core.drop_all()
         self._http.close()
@@ -313,12 +321,12 @@ class TallyClient:
                 verdict = self._core.judge(batch, status, reply_headers, reply)
                 self._core.settle(batch, verdict)
                 self._lock.notify_all()
-                if verdict.wait_s:
-                    self._lock.wait_for(lambda: self._closing, verdict.wait_s)
+            if verdict.wait_s:
+                self._closed.wait(verdict.wait_s)
 
 
 class AsyncTallyClient:
-    """The same client for asyncio: one task posts batches while the application sends."""
+    """The same client for asyncio: `concurrency` tasks post batches while the application sends."""
 
     def __init__(self, url: str, api_key: str, *, route: str = EVENTS_ROUTE, on_rejected: Rejected | None = None,
                  transport: httpx.AsyncBaseTransport | None = None, **config: Any) -> None:
@@ -327,7 +335,8 @@ class AsyncTallyClient:
         self._changed = asyncio.Condition()
         self._closing = False
         self._flush_requested = False
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks = [asyncio.get_running_loop().create_task(self._run())
+                       for _ in range(self._core.config.concurrency)]
 
     @property
     def metrics(self) -> ClientMetrics:
@@ -368,7 +377,7 @@ class AsyncTallyClient:
         async with self._changed:
             self._closing = True
             self._changed.notify_all()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._core.drop_all()
         await self._http.aclose()
 
