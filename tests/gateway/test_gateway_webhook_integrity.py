@@ -3,6 +3,7 @@ still replays, a source whose timestamp is not signed cannot start, and MercadoP
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from ingest.signatures import mercadopago_manifest
 from ingest.webhooks import WebhookConfigError, load_sources
+from tally.settings import Settings
 from tests.gateway.helpers import (
     WEBHOOK_SECRETS,
     Gateway,
@@ -19,6 +21,7 @@ from tests.gateway.helpers import (
     github_headers,
     mercadopago_headers,
     standard_headers,
+    start_gateway,
     stripe_signature,
 )
 
@@ -103,3 +106,32 @@ async def test_a_mercadopago_notification_signed_as_documented_is_accepted(gatew
     [value] = [v for v in for_tenant(gateway.messages(), "wh-tenant") if v["id"] == accepted.json()["id"]]
     assert value["id"] == f"{data_id}.{request_id}"
     assert value["type"] == "payment.notification"  # from the source's settings: MercadoPago signs no body
+
+
+async def test_webhook_buckets_are_per_source(gateway_settings: Settings) -> None:
+    with start_gateway("gateway-webhook-buckets", gateway_settings, TALLY_GATEWAY_WEBHOOK_RATE_LIMIT_BURST="3",
+                       TALLY_GATEWAY_WEBHOOK_RATE_LIMIT_PER_S="0.1") as gw:
+        async with gw.client() as client:
+            junk = [(await client.post("/v1/webhooks/stripe", content=b"{}")).status_code for _ in range(5)]
+            body = orjson.dumps({"id": f"gh-{uuid.uuid4().hex}"})
+            github = await client.post("/v1/webhooks/github", content=body,
+                                       headers=github_headers(body, WEBHOOK_SECRETS["github"][0], "d"))
+    assert junk == [401, 401, 401, 429, 429]
+    assert github.status_code == 202, github.text  # junk at one source does not starve another
+
+
+async def test_a_body_that_never_arrives_whole_gets_408(gateway_settings: Settings, api_key: tuple[str, str]) -> None:
+    _, secret = api_key
+    with start_gateway("gateway-slow-body", gateway_settings, TALLY_GATEWAY_BODY_TIMEOUT_S="1") as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        answers = []
+        for path, auth in (("/v1/events", secret), ("/v1/logs", secret), ("/v1/webhooks/stripe", None)):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+            if auth:
+                head += f"Authorization: Bearer {auth}\r\n"
+            writer.write(head.encode() + b"\r\n{")
+            await writer.drain()
+            answers.append(await asyncio.wait_for(reader.readline(), 10))
+            writer.close()
+    assert all(line.startswith(b"HTTP/1.1 408") for line in answers), answers
