@@ -174,5 +174,5 @@ async def test_one_send_of_many_and_many_concurrent_sends_all_resolve_after_the_
         assert await producer.send_many(own.topics.events, []) == []
     finally:
         assert producer.close() == 0
-    assert len(read_topic(own.kafka_bootstrap, own.topics.events, idle_s=1.0)) == 700
+    assert len(read_topic(own.kafka_bootstrap, own.topics.events)) == 700
 
