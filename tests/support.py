@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tally.settings import ROOT, Settings
 
@@ -92,6 +92,22 @@ def running(name: str, args: list[str], settings: Settings, **extra_env: str) ->
         process.stop()
 
 
+_NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                  KafkaError._UNKNOWN_PARTITION}
+
+
+def _watermarks(consumer: Consumer, topic: str, deadline: float) -> dict[int, tuple[int, int]]:
+    """(low, high) per partition; a topic created a moment ago may not have its leaders yet."""
+    while True:
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NO_LEADER_YET or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Message]:
     """Every message of a topic up to the end offsets it had when called: an empty answer means the
     topic was empty then, never that a fetch was slow. A message carrying an error fails the read."""
@@ -102,16 +118,11 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Mess
         "enable.partition.eof": True,
     })
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = {}
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = (low, high)
+        deadline = time.monotonic() + timeout_s
+        ends = {p: (low, high) for p, (low, high) in _watermarks(consumer, topic, deadline).items() if high > low}
         consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
         out: list[Message] = []
         reached: dict[int, int] = {p: low for p, (low, _) in ends.items()}
-        deadline = time.monotonic() + timeout_s
         while any(reached[p] < high for p, (_, high) in ends.items()):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{topic}: read up to {reached}, end offsets were {ends}")

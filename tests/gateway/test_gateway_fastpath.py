@@ -166,13 +166,20 @@ async def test_with_redis_down_every_waiting_check_gets_the_policy(policy: str) 
 async def test_one_send_of_many_and_many_concurrent_sends_all_resolve_after_the_acks(settings: Settings) -> None:
     own = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}fast{NOW.microsecond}."})
     create_topics(own)
-    producer = EventProducer(producer_config(own.kafka_bootstrap, **{"linger.ms": 1}))
+    # A long linger holds messages in the client for a second: a send that resolved before its ack
+    # would resolve while the topic still lacks them.
+    producer = EventProducer(producer_config(own.kafka_bootstrap, **{"linger.ms": 1000}))
+
+    def on_topic() -> list[bytes]:
+        return sorted(m.value() for m in read_topic(own.kafka_bootstrap, own.topics.events))
+
     try:
         many = [(b"k", orjson.dumps({"n": n}), [("h", b"v")]) for n in range(500)]
         assert await producer.send_many(own.topics.events, many) == [None] * 500
-        await asyncio.gather(*[producer.send(own.topics.events, b"k", orjson.dumps({"s": n}), []) for n in range(200)])
+        assert await asyncio.to_thread(on_topic) == sorted(value for _, value, _ in many)
+        single = [orjson.dumps({"s": n}) for n in range(200)]
+        await asyncio.gather(*[producer.send(own.topics.events, b"k", value, []) for value in single])
+        assert await asyncio.to_thread(on_topic) == sorted([value for _, value, _ in many] + single)
         assert await producer.send_many(own.topics.events, []) == []
     finally:
         assert producer.close() == 0
-    assert len(read_topic(own.kafka_bootstrap, own.topics.events)) == 700
-
