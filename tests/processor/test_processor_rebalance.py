@@ -44,6 +44,11 @@ def _owns_partitions(process: TallyProcess) -> bool:
     return re.search(r"assigned \[\d", process.output()) is not None
 
 
+def _moved(output: str, what: str) -> set[int]:
+    """Every partition a member logged as assigned (or revoked) so far."""
+    return {int(p) for found in re.findall(rf"{what} \[([\d, ]*)\]", output) for p in found.split(",") if p.strip()}
+
+
 async def test_members_joining_and_leaving_under_load_keep_counts_exact(
     isolated: Settings, db: asyncpg.Connection
 ) -> None:
@@ -74,9 +79,14 @@ async def test_members_joining_and_leaving_under_load_keep_counts_exact(
         await asyncio.to_thread(wait_until, lambda: _owns_partitions(members[0]), 30, 0.1, "a to own the partitions")
         members.append(TallyProcess("processor-b", ["process"], settings))
         await asyncio.to_thread(wait_until, lambda: _owns_partitions(members[1]), 30, 0.1, "b to share the partitions")
+        # Only a rebalance moves partitions from a running member to another: a gave up what b took.
+        assert _moved(members[0].output(), "revoked") == _moved(members[1].output(), "assigned") != set()
         assert members[0].stop() == 0
         members.append(TallyProcess("processor-c", ["process"], settings))
         await asyncio.to_thread(wait_until, lambda: _owns_partitions(members[2]), 30, 0.1, "c to share the partitions")
+        # c took partitions that a or b had given up
+        released = _moved(members[0].output(), "revoked") | _moved(members[1].output(), "revoked")
+        assert set() != _moved(members[2].output(), "assigned") <= released
         assert members[1].stop() == 0
         await asyncio.sleep(1.0)
         stop_load.set()
@@ -87,7 +97,6 @@ async def test_members_joining_and_leaving_under_load_keep_counts_exact(
         stop_load.set()
         for member in members:
             member.stop()
-    assert "revoked" in members[0].output() and "revoked" in members[1].output()
 
     events = list(produced)
     assert len(events) > 1000
