@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+import ingest.app
 from ingest import events
 from ingest.fastcheck import plain_event
 from ingest.metrics import Metrics
@@ -26,6 +27,8 @@ from ingest.publish import fields
 from ingest.ratelimit import Limit, RateLimiter
 from ingest.redisguard import RedisGuard
 from schemas.envelope import CloudEvent, Envelope, encode, message_key
+from sinks.kafka import KafkaPublisher
+from tally.cli import _gateway_config
 from tally.settings import Settings
 from tally.topics import create_topics
 from tests.support import free_port, read_topic
@@ -183,3 +186,28 @@ async def test_one_send_of_many_and_many_concurrent_sends_all_resolve_after_the_
         assert await producer.send_many(own.topics.events, []) == []
     finally:
         assert producer.close() == 0
+
+
+async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas_and_idempotence(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one broker acks=1 behaves like acks=all, so no outage test can tell them apart: check the config
+    each producer is really built with."""
+    built: list[dict[str, Any]] = []
+
+    class Recording(EventProducer):
+        def __init__(self, config: dict[str, Any], *args: Any) -> None:
+            built.append(config)
+            super().__init__(config, *args)
+
+    monkeypatch.setattr(ingest.app, "EventProducer", Recording)
+    app = ingest.app.create_app(_gateway_config(settings))
+    async with app.gateway.lifespan(app.app):
+        pass
+    publisher = KafkaPublisher(settings.kafka_bootstrap, 1000)
+    try:
+        for config in [*built, publisher._config]:
+            assert (config["acks"], config["enable.idempotence"]) == ("all", True), config
+    finally:
+        publisher.close()
+    assert len(built) == 1
