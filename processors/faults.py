@@ -2,7 +2,8 @@
 
 Tests use it to prove that a crash between the steps of a batch loses nothing and counts
 nothing twice. Points: after_share_commit (one of a batch's PostgreSQL transactions committed, the
-others possibly not), after_pg_commit (counters committed, nothing published), after_publish
+others possibly not), after_pg_commit (counters committed, nothing published), mid_relay (inside the
+outbox relay's loop: states acked by Kafka, their outbox rows not yet deleted), after_publish
 (counters and dead letters acked, offsets not committed). Unset in production.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_share_commit", "after_pg_commit", "after_publish")
+POINTS = ("after_share_commit", "after_pg_commit", "mid_relay", "after_publish")
 
 
 def crash_point(name: str, armed: str) -> None:

@@ -64,7 +64,8 @@ async def run(config: ServiceConfig) -> None:
     sinks = Sinks(
         store=PostgresSink(pool, validator.meters.aggregate, config.pg_writers,
                            partial(crash_point, "after_share_commit", config.processor.crash_at)),
-        relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic)),
+        relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic),
+                          on_published=partial(crash_point, "mid_relay", config.processor.crash_at)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),
         cache=cache,
     )

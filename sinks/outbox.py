@@ -8,6 +8,8 @@ the topic in commit order, and a crash anywhere leaves the keys queued for the n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 import orjson
 
@@ -25,10 +27,12 @@ for update of o skip locked
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, topic: CounterTopicSink, limit: int = 20000) -> None:
+    def __init__(self, pool: asyncpg.Pool, topic: CounterTopicSink, limit: int = 20000,
+                 on_published: Callable[[], None] = lambda: None) -> None:
         self._pool = pool
         self._topic = topic
         self._limit = limit
+        self._on_published = on_published  # a test hook: states acked, their keys not yet forgotten
 
     async def publish_once(self) -> list[EncodedState]:
         """Publish up to `limit` queued windows; returns their states (empty when nothing was free)."""
@@ -39,6 +43,7 @@ class OutboxRelay:
             states = [_state(r) for r in rows]
             await self._topic.write(states)
             await self._topic.flush()
+            self._on_published()
             await conn.execute("delete from counter_outbox where key = any($1::text[])", [s.key for s in states])
         return states
 

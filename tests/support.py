@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tally.settings import ROOT, Settings
 
@@ -92,26 +92,49 @@ def running(name: str, args: list[str], settings: Settings, **extra_env: str) ->
         process.stop()
 
 
-def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0, timeout_s: float = 30.0) -> list[Message]:
-    """Every message of a topic from the beginning, read until nothing new arrives for idle_s."""
+_NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                  KafkaError._UNKNOWN_PARTITION}
+
+
+def _watermarks(consumer: Consumer, topic: str, deadline: float) -> dict[int, tuple[int, int]]:
+    """(low, high) per partition; a topic created a moment ago may not have its leaders yet."""
+    while True:
+        try:
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NO_LEADER_YET or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Message]:
+    """Every message of a topic up to the end offsets it had when called: an empty answer means the
+    topic was empty then, never that a fetch was slow. A message carrying an error fails the read."""
     consumer = Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": f"test-reader-{time.monotonic_ns()}",
         "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
+        "enable.partition.eof": True,
     })
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = metadata.topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        out: list[Message] = []
         deadline = time.monotonic() + timeout_s
-        last = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+        ends = {p: (low, high) for p, (low, high) in _watermarks(consumer, topic, deadline).items() if high > low}
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
+        out: list[Message] = []
+        reached: dict[int, int] = {p: low for p, (low, _) in ends.items()}
+        while any(reached[p] < high for p, (_, high) in ends.items()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic}: read up to {reached}, end offsets were {ends}")
             for msg in consumer.consume(1000, 0.2):
-                if msg.error() is None:
+                error = msg.error()
+                if error is None:
                     out.append(msg)
-                    last = time.monotonic()
-        return out
+                    reached[msg.partition()] = max(reached[msg.partition()], msg.offset() + 1)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    reached[msg.partition()] = max(reached[msg.partition()], msg.offset())
+                else:
+                    raise AssertionError(f"{topic}: {error}")
+        return [m for m in out if m.offset() < ends[m.partition()][1]]
     finally:
         consumer.close()

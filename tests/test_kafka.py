@@ -21,7 +21,7 @@ async def test_produced_message_is_consumed_back_with_key_and_headers(isolated: 
     finally:
         producer.close()
     assert errors == [None]
-    messages = await asyncio.to_thread(read_topic, isolated.kafka_bootstrap, isolated.topics.events, 1.0)
+    messages = await asyncio.to_thread(read_topic, isolated.kafka_bootstrap, isolated.topics.events)
     assert [(m.key(), m.value(), m.headers()) for m in messages] == [
         (b"tenant-a/customer-1", value, [("tenant", b"tenant-a"), ("x-n", b"1")])
     ]

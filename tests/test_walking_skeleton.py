@@ -1,9 +1,11 @@
-"""End to end through every layer: HTTP -> Kafka -> processor -> PostgreSQL, exactly once across a restart."""
+"""End to end through every layer: HTTP -> Kafka -> processor -> PostgreSQL and the counter topic, exactly once."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import asyncpg
 import httpx
@@ -11,6 +13,9 @@ import pytest
 
 from ingest.auth import create_key
 from tally.settings import Settings
+from tests.processor.helpers import (
+    assert_topic_matches_postgres, counter_counts, drained, event_count, expected_counts, wait_for,
+)
 from tests.support import free_port, running, wait_until
 
 
@@ -89,3 +94,40 @@ async def test_gateway_refuses_a_request_without_a_valid_key(isolated: Settings)
         assert response.status_code == 401
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["status"] == 401
+
+
+async def test_events_accepted_over_http_are_counted_once_in_postgres_and_on_the_counter_topic(
+    isolated: Settings, db: asyncpg.Connection, api_key: tuple[str, str]
+) -> None:
+    tenant, secret = api_key
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    now = datetime.now(timezone.utc)
+    events = [{"specversion": "1.0", "id": f"evt-{n}", "source": "checkout", "type": f"order.{'placed' if n % 3 else 'paid'}",
+               "subject": f"customer-{n % 4}", "time": (now - timedelta(minutes=13 * n)).isoformat(), "data": {"n": n}}
+              for n in range(60)]
+    headers = {"Authorization": f"Bearer {secret}"}
+    settings = isolated.model_copy(update={"processor_metrics_port": 0})
+    with running("gateway", ["gateway", "--port", str(port)], settings) as gateway, \
+            running("processor", ["process"], settings):
+        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+            singles = [await client.post("/v1/events", json=e) for e in events[:30]]
+            batch = await client.post("/v1/events/batch", json=events[30:])
+            await wait_for(lambda: _drained_with(settings, db, tenant, 60), 60, "the first sends to be persisted")
+            # a client's retries, read in later batches: the same events again, one by one and in a batch
+            retries = [await client.post("/v1/events", json=e) for e in events[:5]]
+            retried_batch = await client.post("/v1/events/batch", json=events[25:35])
+        assert [r.status_code for r in singles + retries] == [202] * 35
+        assert batch.status_code == retried_batch.status_code == 202, (batch.text, retried_batch.text)
+        await wait_for(lambda: drained(settings, db), 60, "the processor to read the retries and publish")
+        assert gateway.alive()
+    expected = expected_counts(SimpleNamespace(tenant=tenant, time=datetime.fromisoformat(e["time"]),
+                                               subject=e["subject"], type=e["type"]) for e in events)
+    assert await event_count(db, tenant) == 60
+    assert await counter_counts(db, tenant) == expected
+    assert await assert_topic_matches_postgres(settings, db, tenant) == len(expected)
+
+
+async def _drained_with(settings: Settings, db: asyncpg.Connection, tenant: str, events: int) -> bool:
+    return await event_count(db, tenant) == events and await drained(settings, db)

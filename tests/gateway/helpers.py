@@ -36,8 +36,8 @@ class Gateway:
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30, **kwargs)
 
-    def messages(self, idle_s: float = 1.0) -> list[Any]:
-        return read_topic(self.settings.kafka_bootstrap, self.settings.topics.events, idle_s=idle_s)
+    def messages(self) -> list[Any]:
+        return read_topic(self.settings.kafka_bootstrap, self.settings.topics.events)
 
 
 def healthy(url: str) -> bool:

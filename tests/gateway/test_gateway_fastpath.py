@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+import ingest.app
 from ingest import events
 from ingest.fastcheck import plain_event
 from ingest.metrics import Metrics
@@ -26,6 +27,8 @@ from ingest.publish import fields
 from ingest.ratelimit import Limit, RateLimiter
 from ingest.redisguard import RedisGuard
 from schemas.envelope import CloudEvent, Envelope, encode, message_key
+from sinks.kafka import KafkaPublisher
+from tally.cli import _gateway_config
 from tally.settings import Settings
 from tally.topics import create_topics
 from tests.support import free_port, read_topic
@@ -166,13 +169,45 @@ async def test_with_redis_down_every_waiting_check_gets_the_policy(policy: str) 
 async def test_one_send_of_many_and_many_concurrent_sends_all_resolve_after_the_acks(settings: Settings) -> None:
     own = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}fast{NOW.microsecond}."})
     create_topics(own)
-    producer = EventProducer(producer_config(own.kafka_bootstrap, **{"linger.ms": 1}))
+    # A long linger holds messages in the client for a second: a send that resolved before its ack
+    # would resolve while the topic still lacks them.
+    producer = EventProducer(producer_config(own.kafka_bootstrap, **{"linger.ms": 1000}))
+
+    def on_topic() -> list[bytes]:
+        return sorted(m.value() for m in read_topic(own.kafka_bootstrap, own.topics.events))
+
     try:
         many = [(b"k", orjson.dumps({"n": n}), [("h", b"v")]) for n in range(500)]
         assert await producer.send_many(own.topics.events, many) == [None] * 500
-        await asyncio.gather(*[producer.send(own.topics.events, b"k", orjson.dumps({"s": n}), []) for n in range(200)])
+        assert await asyncio.to_thread(on_topic) == sorted(value for _, value, _ in many)
+        single = [orjson.dumps({"s": n}) for n in range(200)]
+        await asyncio.gather(*[producer.send(own.topics.events, b"k", value, []) for value in single])
+        assert await asyncio.to_thread(on_topic) == sorted([value for _, value, _ in many] + single)
         assert await producer.send_many(own.topics.events, []) == []
     finally:
         assert producer.close() == 0
-    assert len(read_topic(own.kafka_bootstrap, own.topics.events, idle_s=1.0)) == 700
 
+
+async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas_and_idempotence(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On one broker acks=1 behaves like acks=all, so no outage test can tell them apart: check the config
+    each producer is really built with."""
+    built: list[dict[str, Any]] = []
+
+    class Recording(EventProducer):
+        def __init__(self, config: dict[str, Any], *args: Any) -> None:
+            built.append(config)
+            super().__init__(config, *args)
+
+    monkeypatch.setattr(ingest.app, "EventProducer", Recording)
+    app = ingest.app.create_app(_gateway_config(settings))
+    async with app.gateway.lifespan(app.app):
+        pass
+    publisher = KafkaPublisher(settings.kafka_bootstrap, 1000)
+    try:
+        for config in [*built, publisher._config]:
+            assert (config["acks"], config["enable.idempotence"]) == ("all", True), config
+    finally:
+        publisher.close()
+    assert len(built) == 1

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import uuid
 
 import httpx
+import orjson
 import pytest
 
 from tally.settings import ROOT, Settings
 from tally.topics import create_topics
 from tests.gateway.helpers import event, for_tenant, start_gateway
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 KAFKA = ROOT / "deploy" / "local" / "kafka.sh"
 
@@ -57,28 +59,60 @@ async def test_with_the_broker_stopped_no_request_gets_202_and_clients_get_503(
         await asyncio.to_thread(_kafka, "reset", broker)
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def _start_request(port: int, secret: str, body: bytes) -> socket.socket:
+    """Send a request's head and half its body; return once the gateway has begun reading the body.
+
+    `Expect: 100-continue` makes the server answer "100 Continue" when the app first asks for the body,
+    so that answer proves the request is inside the gateway, not queued in the kernel."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {secret}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n")
+    conn.sendall(head.encode())
+    assert conn.recv(1024).startswith(b"HTTP/1.1 100 ")
+    conn.sendall(body[:len(body) // 2])
+    return conn
+
+
+def _finish_request(conn: socket.socket, body: bytes) -> bytes:
+    conn.sendall(body[len(body) // 2:])
+    response = b""
+    while chunk := conn.recv(65536):
+        response += chunk
+    conn.close()
+    return response
+
+
 async def test_sigterm_stops_accepting_and_exits_cleanly_with_every_202_in_kafka(
     gateway_settings: Settings, api_key: tuple[str, str]
 ) -> None:
     tenant, secret = api_key
+    bodies = [orjson.dumps(event(id=f"term-{n}")) for n in range(3)]
     with start_gateway("gateway-sigterm", gateway_settings) as gateway:
-        async with gateway.client(secret) as client:
-            async def post(n: int) -> tuple[str, int | None]:
-                try:
-                    response = await client.post("/v1/events", json=event(id=f"term-{n}"))
-                    return f"term-{n}", response.status_code
-                except httpx.HTTPError:
-                    return f"term-{n}", None
-
-            tasks = [asyncio.create_task(post(n)) for n in range(100)]
-            await asyncio.sleep(0.05)
-            code = await asyncio.to_thread(gateway.process.stop, 30)
-            results = await asyncio.gather(*tasks)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        in_flight = [await asyncio.to_thread(_start_request, port, secret, body) for body in bodies]
+        gateway.process.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_until, lambda: _refused(port), 15, 0.05, "the gateway to stop listening")
+        assert gateway.process.alive(), "the gateway exited before answering the requests in flight"
+        with pytest.raises(httpx.ConnectError):
+            async with gateway.client(secret) as client:
+                await client.post("/v1/events", json=event(id="term-after"))
+        responses = [await asyncio.to_thread(_finish_request, conn, body) for conn, body in zip(in_flight, bodies)]
+        code = await asyncio.to_thread(gateway.process.proc.wait, 30)
         output = gateway.process.output()
+    for response in responses:
+        assert response.startswith(b"HTTP/1.1 202 "), response
+        assert b"connection: close" in response.lower(), response
     assert code in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal after its graceful shutdown
     assert "gateway stopped: producer flushed, nothing undelivered" in output
     assert "Traceback" not in output
-    acked = {event_id for event_id, status in results if status == 202}
-    assert all(status in (202, None) for _, status in results), results
-    in_kafka = {v["id"] for v in for_tenant(gateway.messages(), tenant)}
-    assert acked <= in_kafka
+    in_kafka = sorted(v["id"] for v in for_tenant(gateway.messages(), tenant))
+    assert in_kafka == ["term-0", "term-1", "term-2"]
+

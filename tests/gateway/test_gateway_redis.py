@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import re
 
-import orjson
-import redis.asyncio as redis
-
-from ingest.idempotency import fingerprint
+import httpx
 from tally.settings import Settings
 from tests.gateway.helpers import Gateway, event, for_tenant, start_gateway
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 
 async def test_a_repeated_idempotency_key_replays_the_first_response(gateway: Gateway, api_key: tuple[str, str]) -> None:
@@ -43,20 +40,35 @@ async def test_keys_are_scoped_to_the_tenant(gateway: Gateway, new_key) -> None:
     assert "idempotent-replayed" not in two.headers
 
 
-async def test_a_repeat_while_the_first_is_in_flight_gets_409(gateway: Gateway, api_key: tuple[str, str]) -> None:
+def _queue_depth(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(re.search(r"^tally_gateway_producer_queue_depth (\S+)$", text, re.M)[1])
+
+
+async def test_a_repeat_while_the_first_is_in_flight_gets_409(
+    gateway_settings: Settings, api_key: tuple[str, str]
+) -> None:
     tenant, secret = api_key
-    body = orjson.dumps(event(id="inflight"))
-    # The first request holds the key but has no response yet: exactly what Redis holds mid-request.
-    scoped = hashlib.sha256(f"{tenant}\0/v1/events\0slow".encode()).hexdigest()
-    client_redis = redis.Redis.from_url(gateway.settings.redis_url)
-    fp = fingerprint("POST", "/v1/events", {"content-type": "application/json"}, body)
-    await client_redis.hset(f"{gateway.settings.redis_prefix}idem:{scoped}", "fp", fp)
-    await client_redis.aclose()
-    async with gateway.client(secret) as client:
-        response = await client.post("/v1/events", content=body,
-                                     headers={"Idempotency-Key": "slow", "content-type": "application/json"})
-    assert response.status_code == 409
-    assert response.headers["retry-after"] == "1"
+    body = event(id="inflight")
+    key = {"Idempotency-Key": "slow"}
+    # The producer holds each message for 3 s before sending it: the first request waits that long for its ack.
+    with start_gateway("gateway-inflight", gateway_settings, TALLY_GATEWAY_LINGER_MS="3000") as gateway:
+        async with gateway.client(secret) as client:
+            first = asyncio.create_task(client.post("/v1/events", json=body, headers=key))
+            await asyncio.to_thread(wait_until, lambda: _queue_depth(gateway.url) == 1, 10, 0.02,
+                                    "the first request to wait for its ack")
+            second = await client.post("/v1/events", json=body, headers=key)
+            answered_while_first_waited = not first.done()
+            first = await first
+            third = await client.post("/v1/events", json=body, headers=key)
+    assert first.status_code == 202 and "idempotent-replayed" not in first.headers
+    assert second.status_code == 409, second.text
+    assert answered_while_first_waited
+    assert second.headers["retry-after"] == "1"
+    assert second.headers["content-type"] == "application/problem+json"
+    assert third.status_code == 202 and third.headers["idempotent-replayed"] == "true"
+    assert third.content == first.content
+    assert [v["id"] for v in for_tenant(gateway.messages(), tenant)] == ["inflight"]
 
 
 async def test_concurrent_repeats_publish_once(gateway: Gateway, api_key: tuple[str, str]) -> None:

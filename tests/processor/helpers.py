@@ -86,7 +86,7 @@ async def drained(settings: Settings, db: asyncpg.Connection) -> bool:
 def latest_counter_states(settings: Settings) -> dict[str, CounterState]:
     """What a compacted-topic reader ends up with: the last state per key, in offset order."""
     latest: dict[str, CounterState] = {}
-    for msg in read_topic(settings.kafka_bootstrap, settings.topics.counters, idle_s=1.5):
+    for msg in read_topic(settings.kafka_bootstrap, settings.topics.counters):
         latest[msg.key().decode()] = CounterState.from_bytes(msg.value())
     return latest
 

@@ -75,7 +75,7 @@ async def test_broker_outage_with_a_batch_in_flight_is_waited_out_without_dead_l
         finally:
             await db.close()
         assert processor.alive(), processor.output()[-4000:]
-    assert read_topic(own.kafka_bootstrap, own.topics.dlq, idle_s=0.5) == []
+    assert read_topic(own.kafka_bootstrap, own.topics.dlq) == []
 
 
 async def _done(settings: Settings, db: asyncpg.Connection, tenant: str, events: int) -> bool:

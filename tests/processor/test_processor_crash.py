@@ -9,15 +9,16 @@ import uuid
 import asyncpg
 import pytest
 
+from processors.faults import POINTS
 from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, committed_all, counter_counts, drained, envelope, event_count, expected_counts,
     produce, wait_for,
 )
-from tests.support import TallyProcess, running
+from tests.support import TallyProcess, read_topic, running
 
 
-@pytest.mark.parametrize("point", ["after_share_commit", "after_pg_commit", "after_publish"])
+@pytest.mark.parametrize("point", POINTS)
 async def test_kill_9_between_the_steps_of_a_batch_loses_nothing_and_counts_nothing_twice(
     isolated: Settings, db: asyncpg.Connection, point: str
 ) -> None:
@@ -32,9 +33,12 @@ async def test_kill_9_between_the_steps_of_a_batch_loses_nothing_and_counts_noth
     persisted = await event_count(db, tenant)
     assert 0 < persisted < 600
     queued = await db.fetchval("select count(*) from counter_outbox")
+    published = len(await asyncio.to_thread(read_topic, settings.kafka_bootstrap, settings.topics.counters))
     # after_share_commit: one transaction of the batch committed, its counters unpublished;
-    # after_pg_commit: counters committed, none published; after_publish: published, offsets not committed.
+    # after_pg_commit: counters committed, none published; mid_relay: published, still queued (so published
+    # again after the restart); after_publish: published and dequeued, offsets not committed.
     assert (queued > 0) == (point != "after_publish")
+    assert (published > 0) == (point in ("mid_relay", "after_publish"))
     assert not await asyncio.to_thread(committed_all, settings)
 
     with running("processor", ["process"], settings):

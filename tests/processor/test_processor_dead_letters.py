@@ -32,7 +32,7 @@ def tally(settings: Settings, *args: str) -> str:
 
 def letters(settings: Settings) -> list[DeadLetter]:
     return [DeadLetter.from_message(m.headers(), m.key(), m.value())
-            for m in read_topic(settings.kafka_bootstrap, settings.topics.dlq, idle_s=1.0)]
+            for m in read_topic(settings.kafka_bootstrap, settings.topics.dlq)]
 
 
 async def test_poison_goes_to_the_dlq_with_its_reason_and_a_replay_after_the_fix_persists_it_once(

@@ -47,7 +47,7 @@ async def test_postgres_outage_under_load_is_waited_out_without_dead_letters(
             assert await assert_topic_matches_postgres(settings, db, tenant) == len(expected_counts(events))
         finally:
             await db.close()
-    assert read_topic(settings.kafka_bootstrap, settings.topics.dlq, idle_s=0.5) == []
+    assert read_topic(settings.kafka_bootstrap, settings.topics.dlq) == []
 
 
 def _outage_settings(isolated: Settings, scratch_pg: ScratchPostgres) -> Settings:
@@ -101,4 +101,4 @@ async def test_sigterm_while_postgres_is_down_exits_cleanly_and_loses_nothing(
             assert await assert_topic_matches_postgres(settings, db, tenant) == len(expected_counts(events))
         finally:
             await db.close()
-    assert read_topic(settings.kafka_bootstrap, settings.topics.dlq, idle_s=0.5) == []
+    assert read_topic(settings.kafka_bootstrap, settings.topics.dlq) == []
