@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -36,6 +36,7 @@ from ingest.metrics import Metrics, MetricsMiddleware
 from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
+from ingest.products import Product
 from ingest.producer import EventProducer, producer_config
 from ingest.publish import Publisher, fields
 from ingest.ratelimit import Decision, Limit, RateLimiter
@@ -63,14 +64,15 @@ def _outcome(outcome: batch.Outcome) -> Response:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, products: Sequence[Product] = ()) -> None:
         self.config = config
+        self.products = list(products)
         self.metrics = Metrics()
         self.sources = webhooks.load_sources(config.webhooks_file)
         self.key_limit = Limit(config.rate_limit_per_s, config.rate_limit_burst)
         self.webhook_limit = Limit(config.webhook_rate_limit_per_s, config.webhook_rate_limit_burst)
         self.lookup_limit = Limit(config.key_lookup_rate_limit_per_s, config.key_lookup_rate_limit_burst)
-        self.openapi = orjson.dumps(document(config))
+        self.openapi = orjson.dumps(document(config, [p.openapi_paths() for p in self.products]))
         self.assets = docs_assets()
         self._pool: asyncpg.Pool | None = None
         self._ready: tuple[float, bool, bool] | None = None
@@ -136,6 +138,17 @@ class Gateway:
         if scope not in principal.scopes:
             raise Problem(403, "Forbidden", f"this API key lacks the scope {scope}", required_scope=scope)
         return principal
+
+    async def tenant(self, request: Request, scope: str) -> str:
+        """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write."""
+        principal = await self.principal(request.headers.get("authorization", ""), scope)
+        await self.limited(request.url.path, "reads", principal.key_id, self.key_limit)
+        return principal.tenant
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "the pool exists once the app started"
+        return self._pool
 
     async def limited(self, route: str, policy: str, subject: str, limit: Limit) -> Decision:
         decision = await self.limiter.check(policy, subject, limit)
@@ -349,9 +362,9 @@ async def _server_error(request: Request, exc: Exception) -> Response:
                     500, media_type=PROBLEM_TYPE)
 
 
-def create_app(config: GatewayConfig) -> ASGIApp:
-    """The Starlette app behind the plain-ASGI hot routes (`ingest.hot`)."""
-    gateway = Gateway(config)
+def create_app(config: GatewayConfig, products: Sequence[Product] = ()) -> ASGIApp:
+    """The Starlette app behind the plain-ASGI hot routes (`ingest.hot`), with each product's routes."""
+    gateway = Gateway(config, products)
     app = Starlette(
         routes=[
             Route("/v1/events", gateway.post_event, methods=["POST"]),
@@ -364,6 +377,7 @@ def create_app(config: GatewayConfig) -> ASGIApp:
             Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
             Route("/docs", gateway.docs, methods=["GET"]),
             Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
+            *(route for product in gateway.products for route in product.routes(gateway)),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
         exception_handlers={Problem: _problem, HTTPException: _http_error, Exception: _server_error},

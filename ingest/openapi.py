@@ -6,6 +6,7 @@ answers (`test_gateway_openapi.py`). Swagger UI is served from the swagger-ui-bu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ IDEMPOTENCY = {
 }
 
 
-def document(config: GatewayConfig) -> dict[str, Any]:
-    """The document for this configuration (limits shown are the configured ones)."""
+def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The document for this configuration (limits shown are the configured ones), with the products' paths."""
     write_errors = _errors(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)
     return {
         "openapi": "3.1.0",
@@ -173,6 +174,7 @@ def document(config: GatewayConfig) -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Kafka (and Redis) reachable", "responses": {
                 "200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
+            **{path: item for paths in extra_paths for path, item in paths.items()},
         },
     }
 

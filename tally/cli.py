@@ -32,7 +32,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.app import create_app
 
     uvicorn.run(
-        create_app(_gateway_config(settings)),
+        create_app(_gateway_config(settings), _products(settings)),
         host=args.host or settings.gateway_host,
         port=args.port or settings.gateway_port,
         log_level="warning",
@@ -42,6 +42,11 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
         forwarded_allow_ips=settings.gateway_trusted_proxies,
     )
     return 0
+
+
+def _products(settings: Settings) -> list:
+    """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
+    return []
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
