@@ -20,7 +20,7 @@ import yaml
 
 from processors.windows import bounds
 from schemas.counters import CounterDelta, CounterKey, Scalar
-from schemas.meters import DEFAULT_METERS, Aggregation, Meter, MetersConfig, Window
+from schemas.meters import DEFAULT_METERS, Aggregation, Meter, MetersConfig, Window, with_built_ins
 from sinks.base import Record, StoredEvent
 
 _MISSING = object()
@@ -32,11 +32,12 @@ class MeterError(ValueError):
 
 
 def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
-    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set."""
+    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set; always with the
+    built-in logs meter that log stats read."""
     if inline.strip():
-        return MetersConfig.model_validate(yaml.safe_load(inline))
+        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(inline)))
     if path is not None:
-        return MetersConfig.model_validate(yaml.safe_load(path.read_text()))
+        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(path.read_text())))
     return DEFAULT_METERS
 
 

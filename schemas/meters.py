@@ -10,6 +10,8 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.envelope import LOG_EVENT_TYPE
+
 
 class Aggregation(str, Enum):
     COUNT = "COUNT"
@@ -63,6 +65,18 @@ class MetersConfig(BaseModel):
         return self
 
 
+# Built in: log records per service (their subject) and level, which `GET /v1/logs/stats` reads.
+LOGS_METER = Meter(slug="logs", event_type=LOG_EVENT_TYPE, group_by={"level": "data.level"},
+                   windows=(Window.MINUTE, Window.HOUR))
+
 DEFAULT_METERS = MetersConfig(meters=[
     Meter(slug="events", event_type="*", group_by={"type": "type"}, windows=(Window.HOUR, Window.DAY)),
+    LOGS_METER,
 ])
+
+
+def with_built_ins(config: MetersConfig) -> MetersConfig:
+    """A configured set plus the built-in logs meter, unless the configuration defines `logs` itself."""
+    if any(meter.slug == LOGS_METER.slug for meter in config.meters):
+        return config
+    return MetersConfig(meters=[*config.meters, LOGS_METER])

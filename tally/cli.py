@@ -46,7 +46,11 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 def _products(settings: Settings) -> list:
     """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
-    return []
+    from query.cache import AnswerCache
+    from query.routes import QueryProduct
+
+    return [QueryProduct(settings.query_cursor_secret,
+                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s))]
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     gateway_webhooks_file: str = Field("", description="YAML file of webhook sources; empty: none")
 
     # processors (processors/, sinks/)
+    query_cursor_secret: str = Field("", description="signs page cursors; set one value on every gateway, or a"
+                                     " cursor is good only on the gateway that made it")
+    query_stats_cache_s: float = Field(5.0, description="how long a stats answer is served from Redis")
     consumer_group: str = "tally-processor"
     batch_max_messages: int = Field(20000, description="bigger batches share per-batch costs (counter windows, commits)")
     batch_max_wait_ms: int = 200
