@@ -221,8 +221,7 @@ class Gateway:
         for item in items:
             if item.problem is not None:
                 self.metrics.rejected.labels(route, item.problem.reason()).inc()
-        outcome = await batch.publish_items(items, principal.tenant, now, self.publisher,
-                                            self.config.retry_after_s)
+        outcome = await batch.publish_items(items, principal.tenant, now, self.publisher)
         self.metrics.accepted.labels(route).inc(outcome.accepted)
         return outcome
 
