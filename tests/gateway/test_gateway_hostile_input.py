@@ -199,3 +199,17 @@ async def test_an_event_the_topic_refuses_for_good_is_a_413_not_a_503(
         assert response.status_code == 413, response.text
     finally:
         admin.delete_topics([own.topics.events])[own.topics.events].result(30)
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    ({"service": "\u00e9" * 65}, "service"),
+    ({"service": "s", "id": "\U0001F600" * 65}, "id"),
+])
+async def test_log_fields_that_become_keys_are_bounded_in_bytes(
+    gateway: Gateway, api_key: tuple[str, str], record: dict[str, str], field: str
+) -> None:
+    _, secret = api_key
+    async with gateway.client(secret) as client:
+        response = await client.post("/v1/logs", json={"message": "m", **record})
+    assert response.status_code == 400, response.text
+    assert response.json()["results"][0]["problem"]["errors"][0]["field"] == field
