@@ -102,6 +102,10 @@ class Gateway:
                               c.idempotency_tenant_budget_bytes)
         self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, retention, c.idempotency_lock_s)
         self.replays = ReplayMemory(self.guard, c.redis_prefix)
+        policy = await self.guard.eviction_policy()
+        if policy not in (None, "noeviction"):
+            log.warning("Redis evicts keys (maxmemory-policy %s): rate limits, replay memory and idempotency "
+                        "records can be lost when it fills; give the gateway a Redis with noeviction (ADR 5)", policy)
         # What start-up built lives as long as the process: keep it out of every full collection.
         # Scanning it paused the loop 40-50 ms about once a second under batch load (ADR 2).
         gc.freeze()
@@ -267,8 +271,7 @@ class Gateway:
         for item in items:
             if item.problem is not None:
                 self.metrics.rejected.labels(route, item.problem.reason()).inc()
-        outcome = await batch.publish_items(items, principal.tenant, now, self.publisher,
-                                            self.config.retry_after_s)
+        outcome = await batch.publish_items(items, principal.tenant, now, self.publisher)
         self.metrics.accepted.labels(route).inc(outcome.accepted)
         return outcome
 

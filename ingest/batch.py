@@ -8,7 +8,7 @@ from typing import Any
 
 from ingest import events, values
 from ingest.problems import Problem
-from ingest.publish import Event, Message, Publisher, headers, unavailable
+from ingest.publish import Event, Message, Publisher, headers
 
 BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")
 
@@ -61,8 +61,7 @@ def _problem_body(problem: Problem) -> dict[str, Any]:
     return body
 
 
-async def publish_items(items: list[Item], tenant: str, received_at: datetime, publisher: Publisher,
-                        retry_after_s: int) -> Outcome:
+async def publish_items(items: list[Item], tenant: str, received_at: datetime, publisher: Publisher) -> Outcome:
     """Publish the valid items, report one result per item; 503 only if Kafka took none of them.
 
     Each item is encoded first: one that cannot be encoded or is too large becomes a rejected item.
@@ -76,17 +75,19 @@ async def publish_items(items: list[Item], tenant: str, received_at: datetime, p
             valid.append((index, item.event, publisher.message(item.event, tenant, shared, received_at)))
         except Problem as problem:
             item.problem, item.event = problem, None
-    errors = await publisher.send([message for _, _, message in valid]) if valid else []
+    problems = await publisher.send([message for _, _, message in valid]) if valid else []
+    if problems and all(p is not None and p.status >= 500 for p in problems):
+        raise problems[0]  # Kafka took none of them: 503 for the whole request
     results: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         if item.problem is not None:
             results.append({"index": index, "status": "rejected", "problem": _problem_body(item.problem)})
-    for (index, event, _), error in zip(valid, errors, strict=True):
-        if error is None:
+    for (index, event, _), problem in zip(valid, problems, strict=True):
+        if problem is None:
             results.append({"index": index, "id": event["id"], "status": "accepted"})
         else:
-            results.append({"index": index, "id": event["id"], "status": "failed",
-                            "problem": _problem_body(unavailable(error, retry_after_s))})
+            results.append({"index": index, "id": event["id"], "problem": _problem_body(problem),
+                            "status": "rejected" if problem.status < 500 else "failed"})
     results.sort(key=lambda r: r["index"])
     accepted = sum(1 for r in results if r["status"] == "accepted")
     rejected = sum(1 for r in results if r["status"] == "rejected")

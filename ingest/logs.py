@@ -19,16 +19,22 @@ from ingest import values
 from ingest.body import parse_json
 from ingest.events import EARLIEST, invalid
 from ingest.problems import Problem, validation_errors
-from schemas.envelope import LOG_EVENT_TYPE, CloudEvent
+from schemas.envelope import LOG_EVENT_TYPE, MAX_ID, CloudEvent
 
 LINE = re.compile(rb"^[ \t\r]*\S[^\n]*", re.M)
-MAX_LOG_FIELD_BYTES = 128  # "logs/" + service stays within MAX_SOURCE, the id within MAX_ID
+MAX_SERVICE_BYTES = 128  # the service becomes the source "logs/<service>" and the subject
 LOG_TYPES = ("application/json", "application/x-ndjson")
 LEVELS = {
     "trace": "trace", "debug": "debug", "info": "info", "information": "info", "notice": "info",
     "warn": "warn", "warning": "warn", "error": "error", "err": "error",
     "fatal": "fatal", "critical": "fatal", "crit": "fatal", "emergency": "fatal", "alert": "fatal",
 }
+
+
+def _bounded(value: str, limit: int) -> str:
+    if len(value.encode()) > limit:
+        raise ValueError(f"longer than {limit} bytes in UTF-8")
+    return value
 
 
 class LogRecord(BaseModel):
@@ -43,13 +49,17 @@ class LogRecord(BaseModel):
     span_id: str | None = Field(None, pattern=r"^[0-9a-fA-F]{16}$")
     id: str | None = Field(None, min_length=1, max_length=256)
 
-    @field_validator("service", "id")
+    @field_validator("service")
     @classmethod
-    def bounded_bytes(cls, value: str | None) -> str | None:
-        """service names the source, id is the dedup id: both bounded in UTF-8 bytes as the envelope's keys."""
-        if value is not None and len(value.encode()) > MAX_LOG_FIELD_BYTES:
-            raise ValueError(f"longer than {MAX_LOG_FIELD_BYTES} bytes in UTF-8")
-        return value
+    def bounded_service(cls, value: str) -> str:
+        """The service names the source and the subject, which are bounded in UTF-8 bytes."""
+        return _bounded(value, MAX_SERVICE_BYTES)
+
+    @field_validator("id")
+    @classmethod
+    def bounded_id(cls, value: str | None) -> str | None:
+        """The id is the dedup id, bounded in UTF-8 bytes as the envelope's."""
+        return None if value is None else _bounded(value, MAX_ID)
 
     @field_validator("level")
     @classmethod

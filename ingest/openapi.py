@@ -14,7 +14,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from ingest.config import GatewayConfig
 from ingest.fastcheck import MAX_CONTENT_TYPE, MAX_SCHEMA
-from ingest.logs import LEVELS, MAX_LOG_FIELD_BYTES
+from ingest.logs import LEVELS, MAX_SERVICE_BYTES
 from schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
@@ -94,16 +94,16 @@ def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) 
                 "LogRecord": {
                     "type": "object", "required": ["service", "message"],
                     "properties": {
-                        "service": {"type": "string", "minLength": 1, "maxLength": MAX_LOG_FIELD_BYTES,
-                                    "description": BYTES.format(MAX_LOG_FIELD_BYTES)},
+                        "service": {"type": "string", "minLength": 1, "maxLength": MAX_SERVICE_BYTES,
+                                    "description": BYTES.format(MAX_SERVICE_BYTES)},
                         "level": {"type": "string", "enum": sorted(LEVELS)},
                         "message": {"type": "string", "maxLength": 65536},
                         "time": {"type": "string", "format": "date-time", "pattern": TIME_PATTERN},
                         "attributes": {"type": "object"},
                         "trace_id": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
                         "span_id": {"type": "string", "pattern": "^[0-9a-fA-F]{16}$"},
-                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_LOG_FIELD_BYTES,
-                               "description": BYTES.format(MAX_LOG_FIELD_BYTES)},
+                        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID,
+                               "description": BYTES.format(MAX_ID)},
                     },
                 },
                 "Accepted": {"type": "object", "properties": {"id": STRING, "status": {"const": "accepted"}}},

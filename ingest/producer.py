@@ -26,6 +26,14 @@ class Unavailable(Exception):
     """Kafka did not take the message within the bound: the client should retry later."""
 
 
+class Refused(Exception):
+    """Kafka refuses this message for good (too large): retrying cannot help."""
+
+
+# errors that say "never this message", not "not now"
+PERMANENT = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD})
+
+
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """Durable by default: idempotent, acks from every in-sync replica, bounded delivery time."""
     config: dict[str, Any] = {
@@ -142,6 +150,8 @@ class EventProducer:
                 produced += 1
         except KafkaException as exc:
             self._abandon(delivery, count - produced)
+            if exc.args and exc.args[0].code() in PERMANENT:
+                raise Refused(str(exc)) from exc
             raise Unavailable(str(exc)) from exc
         except BaseException:
             self._abandon(delivery, count - produced)

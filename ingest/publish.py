@@ -16,7 +16,7 @@ import orjson
 
 from ingest.metrics import Metrics
 from ingest.problems import Problem
-from ingest.producer import EventProducer, Unavailable
+from ingest.producer import PERMANENT, EventProducer, Refused, Unavailable
 from schemas.envelope import CONTENT_TYPE, EVENT_FIELDS, SCHEMA_VERSION, CloudEvent, encode, message_key
 
 Event = dict[str, Any]
@@ -49,6 +49,11 @@ def too_large(size: int, limit: int) -> Problem:
                    max_bytes=limit, errors=[{"field": "(event)", "message": f"encoded size over {limit} bytes"}])
 
 
+def refused(reason: str) -> Problem:
+    return Problem(413, "Event refused by Kafka", f"Kafka refuses this event for good: {reason}",
+                   errors=[{"field": "(event)", "message": reason}])
+
+
 class Publisher:
     def __init__(self, producer: EventProducer, topic: str, metrics: Metrics, retry_after_s: int,
                  max_message_bytes: int) -> None:
@@ -71,18 +76,20 @@ class Publisher:
             raise too_large(size, self._max_message_bytes)
         return key, value, shared
 
-    async def send(self, messages: list[Message]) -> list[str | None]:
-        """One error text (or None when acked) per message; 503 when Kafka takes none of them."""
+    async def send(self, messages: list[Message]) -> list[Problem | None]:
+        """One problem (or None when acked) per message: 413 when Kafka refuses it for good, else 503."""
         start = time.perf_counter()
         try:
             errors = await self.producer.send_many(self._topic, messages)
+        except Refused as exc:
+            raise refused(str(exc)) from exc
         except Unavailable as exc:
             raise unavailable(str(exc), self._retry_after_s) from exc
         self._metrics.produce_latency.observe(time.perf_counter() - start)
-        texts = [None if err is None else str(err) for err in errors]
-        if texts and all(texts):
-            raise unavailable(texts[0] or "", self._retry_after_s)
-        return texts
+        return [None if err is None else refused(str(err)) if err.code() in PERMANENT
+                else unavailable(str(err), self._retry_after_s) for err in errors]
 
     async def publish_one(self, event: Event, tenant: str, received_at: datetime) -> None:
-        await self.send([self.message(event, tenant, headers(tenant, received_at), received_at)])
+        [problem] = await self.send([self.message(event, tenant, headers(tenant, received_at), received_at)])
+        if problem is not None:
+            raise problem

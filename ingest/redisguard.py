@@ -83,6 +83,15 @@ class RedisGuard:
                           headers={"Retry-After": str(self._retry_after_s)})
         raise RedisDown(operation)
 
+    async def eviction_policy(self) -> str | None:
+        """Redis' maxmemory-policy when it has a memory limit (None without one, or if CONFIG is not allowed)."""
+        try:
+            config = await self.client.config_get("maxmemory*")
+        except (RedisError, OSError):
+            return None
+        policy = config.get("maxmemory-policy")
+        return policy if int(config.get("maxmemory", 0) or 0) > 0 else None
+
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())

@@ -14,7 +14,7 @@ DUPLICATES = Counter("tally_processor_duplicates_total", "Events recognised as d
 DEAD_LETTERED = Counter("tally_processor_dead_lettered_total", "Messages sent to the dead-letter topic",
                         ["stage", "error_class"])
 LATE = Counter("tally_processor_late_events_total", "Events older than the late horizon: stored, not counted")
-COUNTERS_PUBLISHED = Counter("tally_processor_counter_states_published_total", "Counter states acked by the topic")
+COUNTERS_PUBLISHED = Counter("tally_processor_states_published_total", "Counter states acked by the topic")
 RETRIES = Counter("tally_processor_retries_total", "Retries of a failed step", ["step"])
 ABANDONED = Counter("tally_processor_batches_abandoned_total", "Batches given up uncommitted", ["reason"])
 COMMIT_FAILURES = Counter("tally_processor_commit_failures_total", "Offset commits that failed for good")

@@ -140,6 +140,11 @@ def cmd_topics_create(_args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from ingest import auth
+    from schemas.envelope import MAX_TENANT
+
+    if args.keys_command == "create" and not 0 < len(args.tenant.encode()) <= MAX_TENANT:
+        print(f"the tenant must be 1 to {MAX_TENANT} bytes in UTF-8 (every event carries it)", file=sys.stderr)
+        return 2
 
     async def run() -> int:
         conn = await asyncpg.connect(settings.database_url)

@@ -5,6 +5,7 @@ SERVICE=test
 . "$(dirname "$0")/common.sh"
 
 bash "$ROOT/deploy/local/services.sh"
+bash "$ROOT/deploy/local/promtool.sh" || say "promtool could not be built; the metrics check will say so and skip"
 say "running the test suite"
 cd "$ROOT"
 exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

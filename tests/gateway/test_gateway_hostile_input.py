@@ -3,16 +3,26 @@ never a 503 that retrying cannot cure, and never a 202 that loses or changes dat
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
 
-import json
-
 import orjson
 import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.envelope import MAX_BYTES, MAX_NESTING
-from tests.gateway.helpers import WEBHOOK_SECRETS, Gateway, event, for_tenant, github_headers, stripe_signature
+from tally.settings import Settings
+from tests.gateway.helpers import (
+    WEBHOOK_SECRETS,
+    Gateway,
+    event,
+    for_tenant,
+    github_headers,
+    start_gateway,
+    stripe_signature,
+)
 
 PROBLEM = "application/problem+json"
 
@@ -172,3 +182,34 @@ async def test_a_batch_without_a_valid_item_counts_each_item_once(gateway: Gatew
         after = _rejected((await client.get("/metrics")).text, "/v1/events/batch")
     assert response.status_code == 400
     assert after - before == 2
+
+
+async def test_an_event_the_topic_refuses_for_good_is_a_413_not_a_503(
+    gateway_settings: Settings, api_key: tuple[str, str]
+) -> None:
+    _, secret = api_key
+    own = gateway_settings.model_copy(update={"topic_prefix": f"small{uuid.uuid4().hex[:6]}."})
+    admin = AdminClient({"bootstrap.servers": own.kafka_bootstrap})
+    topic = NewTopic(own.topics.events, num_partitions=1, replication_factor=1, config={"max.message.bytes": "20000"})
+    admin.create_topics([topic])[own.topics.events].result(30)
+    try:
+        with start_gateway("gateway-small-topic", own) as gw:
+            async with gw.client(secret) as client:
+                response = await client.post("/v1/events", json=event(data=os.urandom(40_000).hex()))
+        assert response.status_code == 413, response.text
+    finally:
+        admin.delete_topics([own.topics.events])[own.topics.events].result(30)
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    ({"service": "\u00e9" * 65}, "service"),
+    ({"service": "s", "id": "\U0001F600" * 65}, "id"),
+])
+async def test_log_fields_that_become_keys_are_bounded_in_bytes(
+    gateway: Gateway, api_key: tuple[str, str], record: dict[str, str], field: str
+) -> None:
+    _, secret = api_key
+    async with gateway.client(secret) as client:
+        response = await client.post("/v1/logs", json={"message": "m", **record})
+    assert response.status_code == 400, response.text
+    assert response.json()["results"][0]["problem"]["errors"][0]["field"] == field

@@ -8,6 +8,7 @@ import hashlib
 import uuid
 
 import pytest
+import redis as redis_sync
 import redis.asyncio as redis
 
 from starlette.responses import Response
@@ -107,3 +108,12 @@ def test_settings_that_would_switch_a_limit_off_stop_the_gateway(name: str) -> N
 def test_a_webhook_limit_kafka_could_not_take_stops_the_gateway() -> None:
     with pytest.raises(ValueError, match="max_webhook_bytes"):
         GatewayConfig("k", "d", "r", Topics(), max_webhook_bytes=1024 * 1024)
+
+
+def test_the_gateway_warns_when_its_redis_may_evict_its_state(gateway: Gateway) -> None:
+    policy = redis_sync.Redis.from_url(gateway.settings.redis_url).config_get("maxmemory*")
+    output = gateway.process.output()
+    if int(policy["maxmemory"]) > 0 and policy["maxmemory-policy"] != "noeviction":
+        assert f"Redis evicts keys (maxmemory-policy {policy['maxmemory-policy']})" in output
+    else:
+        assert "Redis evicts keys" not in output

@@ -4,6 +4,8 @@ still replays, a source whose timestamp is not signed cannot start, and MercadoP
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -135,3 +137,21 @@ async def test_a_body_that_never_arrives_whole_gets_408(gateway_settings: Settin
             answers.append(await asyncio.wait_for(reader.readline(), 10))
             writer.close()
     assert all(line.startswith(b"HTTP/1.1 408") for line in answers), answers
+
+
+async def test_a_webhook_the_processor_would_dead_letter_is_a_400(gateway: Gateway) -> None:
+    secret = WEBHOOK_SECRETS["github"][0]
+    nul = orjson.dumps({"id": f"gh-{uuid.uuid4().hex}", "text": "a\u0000b"})
+    long_type = orjson.dumps({"id": f"gh-{uuid.uuid4().hex}"})
+    async with gateway.client() as client:
+        with_nul = await client.post("/v1/webhooks/github", content=nul, headers=github_headers(nul, secret, "d"))
+        media = await client.post("/v1/webhooks/github", content=long_type, headers={
+            **github_headers(long_type, secret, "d"), "content-type": "application/" + "x" * 200 + "+json"})
+    assert with_nul.status_code == 400, with_nul.text
+    assert media.status_code == 400 and media.json()["errors"][0]["field"] == "datacontenttype"
+
+
+def test_a_tenant_longer_than_the_envelope_takes_gets_no_key() -> None:
+    run = subprocess.run([sys.executable, "-m", "tally.cli", "keys", "create", "--tenant", "\u00e9" * 65,
+                          "--name", "n"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "128 bytes" in run.stderr
