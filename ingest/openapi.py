@@ -63,7 +63,7 @@ IDEMPOTENCY = {
 def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The document for this configuration (limits shown are the configured ones), with the products' paths."""
     write_errors = _errors(400, 401, 403, 408, 409, 413, 415, 422, 429, 503)
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "Tally gateway",
@@ -174,9 +174,12 @@ def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) 
             "/readyz": {"get": {"summary": "Kafka (and Redis) reachable", "responses": {
                 "200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "metrics"}}}},
-            **{path: item for paths in extra_paths for path, item in paths.items()},
         },
     }
+    for paths in extra_paths:  # a product may add a method to an intake path (GET beside POST /v1/logs)
+        for path, item in paths.items():
+            doc["paths"][path] = {**doc["paths"].get(path, {}), **item}
+    return doc
 
 
 DOCS_PAGE = b"""<!doctype html>
