@@ -58,9 +58,10 @@ class Progress:
 
 
 class Harness:
-    def __init__(self, bench: Bench, args: argparse.Namespace) -> None:
+    def __init__(self, bench: Bench, args: argparse.Namespace, index: int = 1) -> None:
         self.bench = bench
         self.args = args
+        self.index = index  # which of the --repeat runs this is, from 1
         self.progress = Progress(args.budget)
         self.results: dict[str, Any] = {"run": bench.run, "gateway": {}, "processor": {}, "e2e": {}, "notes": []}
         broker = listener_pid(int(bench.settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]))
@@ -195,22 +196,34 @@ class Harness:
             section["copy_ceiling"] = await pg_bench.copy_ceiling(settings.database_url, self.bench.run, loaded.distinct)
             self.progress.say(f"  COPY: {section['copy_ceiling']['events_s']:,.0f} rows/s")
 
-        for instances in (1, 2):
-            group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-p{instances}"})
-            if self.progress.allows(f"Tally processor x{instances}: drain {count:,} events", 90):
-                await pg_bench.clear(settings.database_url)
-                section[f"tally_x{instances}"] = await self.drain(
-                    f"tally_x{instances}", group, loaded,
-                    lambda g=group, n=instances: [self.bench.processor(g, f"processor-{i}") for i in range(n)],
-                    pg_bench.verify)
-        if self.progress.allows(f"peer: Quix Streams doing the processor's job on {count:,} events", 120):
+        contenders = [("tally_x1", partial(self.tally_drain, settings, loaded, 1)),
+                      ("tally_x2", partial(self.tally_drain, settings, loaded, 2)),
+                      ("quix", partial(self.quix_drain, settings, loaded))]
+        # Each run starts with another contender, so none always runs first or straight after another's writes.
+        turn = (self.index - 1) % len(contenders)
+        contenders = contenders[turn:] + contenders[:turn]
+        section["order"] = [name for name, _ in contenders]
+        for _, contender in contenders:
+            await contender()
+
+    async def tally_drain(self, settings: Settings, loaded: kafka_bench.Loaded, instances: int) -> None:
+        group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-p{instances}"})
+        if self.progress.allows(f"Tally processor x{instances}: drain {loaded.messages:,} events", 90):
+            await pg_bench.clear(settings.database_url)
+            self.results["processor"][f"tally_x{instances}"] = await self.drain(
+                f"tally_x{instances}", group, loaded,
+                lambda: [self.bench.processor(group, f"processor-{i}") for i in range(instances)], pg_bench.verify)
+
+    async def quix_drain(self, settings: Settings, loaded: kafka_bench.Loaded) -> None:
+        if self.progress.allows(f"peer: Quix Streams doing the processor's job on {loaded.messages:,} events", 120):
             await pg_bench.clear(settings.database_url)
             group = f"{settings.consumer_group}-quix"
             counting = await pg_bench.counting(settings.database_url)
             argv = [str(QUIX_PYTHON), "-m", "benchmarks.peers.quix_processor", "--bootstrap", settings.kafka_bootstrap,
-                    "--topic", topic, "--group", group, "--dsn", settings.database_url] + (["--count"] if counting else [])
+                    "--topic", loaded.topic, "--group", group, "--dsn", settings.database_url]
+            argv += ["--count"] if counting else []
             peer_settings = settings.model_copy(update={"consumer_group": group})
-            section["quix"] = await self.drain(
+            self.results["processor"]["quix"] = await self.drain(
                 "quix", peer_settings, loaded, lambda: [self.bench.start("quix", argv, peer_settings)],
                 pg_bench.verify_quix)
             if not counting:
@@ -421,7 +434,7 @@ async def main(argv: list[str] | None = None) -> int:
 
 async def one_run(args: argparse.Namespace, n: int) -> dict[str, Any]:
     bench = Bench.create(Settings())
-    harness = Harness(bench, args)
+    harness = Harness(bench, args, n)
     harness.results["machine"] = await describe(bench.base)
     harness.results["args"] = vars(args)
     harness.progress.say(f"run {n} of {args.repeat} ({bench.run}): database {bench.db_name}, "

@@ -109,7 +109,7 @@ def processor(r: dict[str, Any]) -> list[str]:
     sp = r["spread"].get("processor") or {}
     lines = [f"{p['loaded']['messages']:,} events loaded into an isolated topic ({p['loaded']['distinct']:,} "
              "distinct, 10% duplicates), then drained into PostgreSQL by each contender with its own consumer "
-             "group, each after the tables were emptied. Every contender is timed by its committed offsets "
+             "group, each after the tables were emptied, in an order that rotates from run to run. Every contender is timed by its committed offsets "
              "the same way: *with start-up* is everything committed over the time from process start to "
              "drained; *once running* is what was committed after its first commit over the time after it "
              "(– when fewer than two commits were seen). The Quix Streams peer checkpoints within Tally's own "
