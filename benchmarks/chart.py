@@ -85,7 +85,7 @@ def draw(results: dict[str, Any], out: Path, k6_dir: Path) -> None:
         drain = processor.get(name)
         if drain:
             bottom.plot([s[0] for s in drain["series"]], [s[1] for s in drain["series"]],
-                        label=f"{label}: {drain['events_s']:,.0f} events/s")
+                        label=f"{label}: {drain['overall_events_s']:,.0f} events/s with start-up")
     bottom.set_title(f"Processor drain of {processor.get('loaded', {}).get('messages', 0):,} events "
                      "(10% duplicates): offsets committed")
     bottom.set_ylabel("events")
@@ -98,7 +98,8 @@ def draw(results: dict[str, Any], out: Path, k6_dir: Path) -> None:
 
 def main() -> None:
     results_path, out = Path(sys.argv[1]), Path(sys.argv[2])
-    results = json.loads(results_path.read_text())
+    # The last run's figures: its k6 files are the ones left in out/ (each run overwrites them).
+    results = json.loads(results_path.read_text())["runs"][-1]
     only = results.get("args", {}).get("only")
     if only and not {"processor", "e2e"} & set(only):
         print("chart: this run has no drains or end-to-end series; the picture is left as it was")

@@ -14,11 +14,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from benchmarks import kafka_bench, loadgen, pg_bench, stack
+from benchmarks.cpu import CpuMeter, listener_pid
 from benchmarks.machine import describe
+from benchmarks.spread import combine
 from benchmarks.stack import OUT, Bench
 from tally.settings import ROOT, Settings
 
@@ -55,11 +58,32 @@ class Progress:
 
 
 class Harness:
-    def __init__(self, bench: Bench, args: argparse.Namespace) -> None:
+    def __init__(self, bench: Bench, args: argparse.Namespace, index: int = 1) -> None:
         self.bench = bench
         self.args = args
+        self.index = index  # which of the --repeat runs this is, from 1
         self.progress = Progress(args.budget)
         self.results: dict[str, Any] = {"run": bench.run, "gateway": {}, "processor": {}, "e2e": {}, "notes": []}
+        broker = listener_pid(int(bench.settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]))
+        self.broker = [broker] if broker else []
+        if not broker:
+            self.note("the Kafka broker's process was not found: its CPU is not reported")
+
+    def meter(self, services: dict[str, list[stack.Service]], load_generator: bool) -> CpuMeter:
+        """CPU of these services, the run's PostgreSQL backends, the broker and (if any) the load generator."""
+        groups = {name: (lambda group=group: [s.process.pid for s in group]) for name, group in services.items()}
+        groups["kafka_broker"] = lambda: self.broker
+        return CpuMeter(groups, self.bench.base.database_url, self.bench.db_name, load_generator)
+
+    async def measured_load(self, section: str, name: str, services: dict[str, list[stack.Service]],
+                            call: Callable[[], loadgen.Load]) -> loadgen.Load:
+        """Run a load generator, with the CPU every process spent meanwhile per accepted event."""
+        meter = self.meter(services, load_generator=True)
+        before = await meter.snapshot()
+        load = await asyncio.to_thread(call)
+        load.cpu_us_per_event = CpuMeter.per_event(before, await meter.snapshot(), load.events_accepted)
+        self.record(section, name, load)
+        return load
 
     def note(self, text: str) -> None:
         self.progress.say(f"note: {text}")
@@ -67,8 +91,10 @@ class Harness:
 
     def record(self, section: str, name: str, load: loadgen.Load) -> None:
         self.results[section][name] = load.as_dict()
+        cpu = ", ".join(f"{k} {v:,.0f}" for k, v in load.cpu_us_per_event.items() if v is not None)
         self.progress.say(f"  {load.tool} {name}: {load.req_s:,.0f} req/s, {load.events_s:,.0f} events/s, "
-                          f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, failed {load.failed:.2%}")
+                          f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, failed {load.failed:.2%}; "
+                          f"CPU µs/event: {cpu}")
 
     def profiled(self, name: str, service: stack.Service | None) -> contextlib.AbstractContextManager[None]:
         """With --profile: sample the service with py-spy meanwhile; out/profile-NAME.txt holds the top frames."""
@@ -91,47 +117,52 @@ class Harness:
         webhooks = OUT / "webhooks.yaml"
         webhooks.write_text(f"sources:\n  stripe: {{scheme: stripe, tenant: bench, secrets: [{WEBHOOK_SECRET}]}}\n")
         gateway = self.bench.gateway(settings, TALLY_GATEWAY_WEBHOOKS_FILE=str(webhooks), **UNLIMITED)
-        urls = {name: f"http://127.0.0.1:{s.port}" for name, s in
-                (("raw_asgi", raw), ("starlette", bare), ("gateway_single", gateway))}
+        servers = {"raw_asgi": raw, "starlette": bare, "gateway_single": gateway}
+        urls = {name: f"http://127.0.0.1:{s.port}" for name, s in servers.items()}
+        self.gateway_service = gateway
         routes = probe_routes(urls["gateway_single"], self.bench.key)
         self.results["gateway"]["routes"] = routes
         for name, url in urls.items():
             if self.progress.allows(f"wrk {name} ({seconds}s, 64 connections)", seconds + 5):
-                self.record("gateway", f"wrk_{name}", loadgen.wrk(name, f"{url}/v1/events", self.bench.key,
-                                                                   f"{self.bench.run}-wrk", seconds))
+                await self.measured_load("gateway", f"wrk_{name}", self.served_by(servers[name]), partial(
+                    loadgen.wrk, name, f"{url}/v1/events", self.bench.key, f"{self.bench.run}-wrk", seconds))
         for name in ("raw_asgi", "gateway_single"):
             if self.progress.allows(f"k6 {name}, highest rate (closed loop, 32 users)", seconds + 5):
                 with self.profiled("gateway", gateway if name == "gateway_single" else None):
-                    self.record("gateway", f"k6_{name}_max", self.k6(
-                        f"{name}_max", urls[name], SCENARIO="bare" if name == "raw_asgi" else "single",
+                    await self.measured_load("gateway", f"k6_{name}_max", self.served_by(servers[name]), partial(
+                        self.k6, f"{name}_max", urls[name], SCENARIO="bare" if name == "raw_asgi" else "single",
                         MODE="max", VUS=32))
-        self.fixed_rate("gateway_single", urls["gateway_single"], "single", batch=1)
+        await self.fixed_rate("gateway_single", urls["gateway_single"], "single", batch=1)
         if routes["batch"]:
             if self.progress.allows("k6 batches of 100, highest rate (closed loop, 8 users)", seconds + 5):
-                self.record("gateway", "k6_gateway_batch_max", self.k6(
-                    "gateway_batch_max", urls["gateway_single"], SCENARIO="batch", MODE="max", VUS=8, P99_MS=200))
-            self.fixed_rate("gateway_batch", urls["gateway_single"], "batch", batch=100)
+                await self.measured_load("gateway", "k6_gateway_batch_max", self.served_by(gateway), partial(
+                    self.k6, "gateway_batch_max", urls["gateway_single"], SCENARIO="batch", MODE="max", VUS=8,
+                    P99_MS=200))
+            await self.fixed_rate("gateway_batch", urls["gateway_single"], "batch", batch=100)
         else:
             self.note("POST /v1/events/batch is not in the gateway yet: the batch scenarios were skipped")
         for scenario, rate, route in (("logs", 20, "logs"), ("webhook", 200, "webhook")):
             if not routes[route]:
                 self.note(f"the {route} route is not in the gateway yet: k6 scenario '{scenario}' was skipped")
             elif self.progress.allows(f"k6 {scenario} at {rate} req/s", seconds + 5):
-                self.record("gateway", f"k6_{scenario}", self.k6(scenario, urls["gateway_single"], SCENARIO=scenario,
-                                                                 RATE=rate, BATCH=100, P99_MS=200,
-                                                                 WEBHOOK_SECRET=WEBHOOK_SECRET))
+                await self.measured_load("gateway", f"k6_{scenario}", self.served_by(gateway), partial(
+                    self.k6, scenario, urls["gateway_single"], SCENARIO=scenario, RATE=rate, BATCH=100, P99_MS=200,
+                    WEBHOOK_SECRET=WEBHOOK_SECRET))
         for service in (raw, bare, gateway):
             self.bench.stop(service)
 
-    def fixed_rate(self, name: str, url: str, scenario: str, batch: int) -> None:
+    def served_by(self, service: stack.Service) -> dict[str, list[stack.Service]]:
+        return {"gateway" if service is self.gateway_service else "server": [service]}
+
+    async def fixed_rate(self, name: str, url: str, scenario: str, batch: int) -> None:
         """k6 at a constant arrival rate of 70% of the highest rate measured just before."""
         best = self.results["gateway"].get(f"k6_{name}_max")
         if best is None:
             return
         rate = max(1, int(best["req_s"] * 0.7))
         if self.progress.allows(f"k6 {name} at a constant {rate} req/s (70% of its highest)", self.args.seconds + 5):
-            self.record("gateway", f"k6_{name}_rate", self.k6(
-                f"{name}_rate", url, SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=batch,
+            await self.measured_load("gateway", f"k6_{name}_rate", self.served_by(self.gateway_service), partial(
+                self.k6, f"{name}_rate", url, SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=batch,
                 P99_MS=50, VUS=64, MAX_VUS=256))
 
     # -- processor ---------------------------------------------------------------------------------
@@ -165,21 +196,34 @@ class Harness:
             section["copy_ceiling"] = await pg_bench.copy_ceiling(settings.database_url, self.bench.run, loaded.distinct)
             self.progress.say(f"  COPY: {section['copy_ceiling']['events_s']:,.0f} rows/s")
 
-        for instances in (1, 2):
-            group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-p{instances}"})
-            if self.progress.allows(f"Tally processor x{instances}: drain {count:,} events", 90):
-                await pg_bench.clear(settings.database_url)
-                section[f"tally_x{instances}"] = await self.drain(
-                    f"tally_x{instances}", group, loaded,
-                    lambda g=group, n=instances: [self.bench.processor(g, f"processor-{i}") for i in range(n)],
-                    pg_bench.verify)
-        if self.progress.allows(f"peer: Quix Streams doing the processor's job on {count:,} events", 120):
+        contenders = [("tally_x1", partial(self.tally_drain, settings, loaded, 1)),
+                      ("tally_x2", partial(self.tally_drain, settings, loaded, 2)),
+                      ("quix", partial(self.quix_drain, settings, loaded))]
+        # Each run starts with another contender, so none always runs first or straight after another's writes.
+        turn = (self.index - 1) % len(contenders)
+        contenders = contenders[turn:] + contenders[:turn]
+        section["order"] = [name for name, _ in contenders]
+        for _, contender in contenders:
+            await contender()
+
+    async def tally_drain(self, settings: Settings, loaded: kafka_bench.Loaded, instances: int) -> None:
+        group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-p{instances}"})
+        if self.progress.allows(f"Tally processor x{instances}: drain {loaded.messages:,} events", 90):
+            await pg_bench.clear(settings.database_url)
+            self.results["processor"][f"tally_x{instances}"] = await self.drain(
+                f"tally_x{instances}", group, loaded,
+                lambda: [self.bench.processor(group, f"processor-{i}") for i in range(instances)], pg_bench.verify)
+
+    async def quix_drain(self, settings: Settings, loaded: kafka_bench.Loaded) -> None:
+        if self.progress.allows(f"peer: Quix Streams doing the processor's job on {loaded.messages:,} events", 120):
+            await pg_bench.clear(settings.database_url)
             group = f"{settings.consumer_group}-quix"
             counting = await pg_bench.counting(settings.database_url)
             argv = [str(QUIX_PYTHON), "-m", "benchmarks.peers.quix_processor", "--bootstrap", settings.kafka_bootstrap,
-                    "--topic", topic, "--group", group, "--dsn", settings.database_url] + (["--count"] if counting else [])
+                    "--topic", loaded.topic, "--group", group, "--dsn", settings.database_url]
+            argv += ["--count"] if counting else []
             peer_settings = settings.model_copy(update={"consumer_group": group})
-            section["quix"] = await self.drain(
+            self.results["processor"]["quix"] = await self.drain(
                 "quix", peer_settings, loaded, lambda: [self.bench.start("quix", argv, peer_settings)],
                 pg_bench.verify_quix)
             if not counting:
@@ -189,10 +233,14 @@ class Harness:
                     start: Callable[[], list[stack.Service]], verify: Callable[..., Any]) -> dict[str, Any]:
         """Start consumers, follow their committed offsets until the topic is drained, verify, stop."""
         lag = kafka_bench.Lag(settings.kafka_bootstrap, settings.consumer_group, loaded.topic)
+        services: list[stack.Service] = []
+        meter = self.meter({"processors": services}, load_generator=False)
+        before = await meter.snapshot()
         began = time.monotonic()
-        services = start()
+        services.extend(start())
         series: list[tuple[float, int]] = []
         first = drained_at = 0.0
+        cpu: dict[str, float | None] = {}
         try:
             with self.profiled(name, services[0] if name == "tally_x1" else None):
                 deadline = began + self.args.drain_timeout
@@ -203,6 +251,7 @@ class Harness:
                     first = first or (now if committed else 0.0)
                     if committed >= end:
                         drained_at = now
+                        cpu = CpuMeter.per_event(before, await meter.snapshot(), loaded.messages)
                         break
                     if any(s.process.poll() is not None for s in services):
                         self.note(f"{name} exited while draining; see benchmarks/out/logs/")
@@ -218,15 +267,19 @@ class Harness:
         committed = series[-1][1] if series else 0
         first_committed = next((c for _, c in series if c), 0)
         overall = committed / (stopped - began)
-        # Once running: from the first commit on, if commits were frequent enough to measure a rate.
+        # The same rule for every contender. With start-up: everything committed over process start to
+        # drained. Once running: what was committed after the first commit, over the time after it; with
+        # fewer than two distinct commits there is no such interval and no figure.
         commits = len({c for _, c in series if c})
-        steady = (committed - first_committed) / max(stopped - first, 1e-9) if commits >= 3 else overall
+        steady = (committed - first_committed) / (stopped - first) if commits >= 2 and stopped > first else None
         check = await verify(settings.database_url, loaded.distinct) if drained_at else {"exact": False}
         result = {"events_s": steady, "overall_events_s": overall, "commits_seen": commits,
                   "startup_s": (first - began) if first else None, "seconds": stopped - began,
-                  "drained": bool(drained_at), "check": check, "series": series}
-        self.progress.say(f"  {name}: {steady:,.0f} events/s once running ({result['overall_events_s']:,.0f} "
-                          f"with start-up), exact: {check['exact']}")
+                  "drained": bool(drained_at), "check": check, "series": series, "cpu_us_per_event": cpu}
+        once = "–" if steady is None else f"{steady:,.0f}"
+        self.progress.say(f"  {name}: {once} events/s once running ({overall:,.0f} with start-up), "
+                          f"{commits} commits seen, exact: {check['exact']}; CPU µs/event: "
+                          + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items() if v is not None))
         return result
 
     # -- end to end --------------------------------------------------------------------------------
@@ -246,43 +299,54 @@ class Harness:
         sampler = kafka_bench.LagSampler(settings.kafka_bootstrap, settings.consumer_group, settings.topics.events)
         sampler.start()
         seconds = self.args.seconds * 2
+        services = {"gateway": [gateway], "processors": processors}
+
+        async def measured(name: str, drain: str, call: Callable[[], loadgen.Load]) -> None:
+            """A load run and the drain after it, with the CPU of every process over both per accepted event."""
+            meter = self.meter(services, load_generator=True)
+            before = await meter.snapshot()
+            since = sampler.latest()
+            load = await asyncio.to_thread(call)
+            section[drain] = await sampler.until_drained(since, 60)
+            load.cpu_us_per_event = CpuMeter.per_event(before, await meter.snapshot(), load.events_accepted)
+            self.record("e2e", name, load)
+
         try:
             if self.progress.allows(f"end to end, highest rate: {scenario} (size {size}) for {seconds}s", seconds + 60):
-                since = sampler.latest()
-                self.record("e2e", "max", await asyncio.to_thread(
+                await measured("max", "max_drain", partial(
                     loadgen.k6, "e2e_max", OUT / "k6-e2e_max.json", OUT / "k6-e2e_max.csv", URL=url, KEY=self.bench.key,
                     RUN=f"{self.bench.run}-e2emax", DURATION=f"{seconds}s", SCENARIO=scenario, MODE="max",
                     VUS=8 if batch else 32, BATCH=size, P99_MS=1000))
-                section["max_drain"] = await sampler.until_drained(since, 60)
                 section["max_latency"] = await pg_bench.e2e_latency(settings.database_url, f"{self.bench.run}-e2emax-")
             rate = max(1, 5000 // size)
             if self.progress.allows(f"end to end at 5,000 events/s ({rate} req/s of {size}) for {seconds}s", seconds + 30):
                 run = f"{self.bench.run}-e2efix"
-                since = sampler.latest()
-                self.record("e2e", "fixed_5000", await asyncio.to_thread(
+                await measured("fixed_5000", "fixed_drain", partial(
                     loadgen.k6, "e2e_fixed", OUT / "k6-e2e_fixed.json", OUT / "k6-e2e_fixed.csv", URL=url, KEY=self.bench.key,
                     RUN=run, DURATION=f"{seconds}s", SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=size,
                     VUS=64, P99_MS=1000))
-                section["fixed_drain"] = await sampler.until_drained(since, 60)
                 section["fixed_latency"] = await pg_bench.e2e_latency(settings.database_url, f"{run}-")
             if self.progress.allows(f"retry-heavy mix: 30% of requests sent 2-3 times, for {self.args.seconds}s",
                                     self.args.seconds + 30):
-                since = sampler.latest()
-                self.record("e2e", "retry_mix", await asyncio.to_thread(
+                await measured("retry_mix", "retry_drain", partial(
                     loadgen.k6, "e2e_retry", OUT / "k6-e2e_retry.json", URL=url, KEY=self.bench.key, RUN=f"{self.bench.run}-retry",
                     DURATION=f"{self.args.seconds}s", SCENARIO="retry", MODE="rate", RATE=max(1, 2000 // size),
                     BATCH=size, VUS=64, P99_MS=1000))
-                section["retry_drain"] = await sampler.until_drained(since, 60)
-            self.progress.say("checking: every accepted event persisted once, counters equal distinct events")
-            section["accepted"] = sum(section[k]["events_accepted"] for k in ("max", "fixed_5000", "retry_mix")
-                                      if k in section)
+            self.progress.say("checking: every event the load generator got a 202 for is persisted and counted once")
+            runs = [section[k] for k in ("max", "fixed_5000", "retry_mix") if k in section]
+            section["accepted"] = sum(r["events_accepted"] for r in runs)
+            section["accepted_distinct"] = sum(r["events_accepted_distinct"] for r in runs)
             section["topic"] = kafka_bench.distinct_in_topic(settings.kafka_bootstrap, settings.topics.events,
                                                               f"{settings.consumer_group}-verify")
-            section["check"] = await pg_bench.verify(settings.database_url, section["topic"]["distinct"])
-            section["check"]["accepted_in_topic"] = section["topic"]["messages"] >= section["accepted"]
+            # PostgreSQL against the 202s: every count must equal the events accepted at least once
+            check = await pg_bench.verify(settings.database_url, section["accepted_distinct"])
+            check["on_topic_distinct"] = section["topic"]["distinct"]
+            check["exact"] = check["exact"] and section["topic"]["distinct"] == section["accepted_distinct"]
+            section["check"] = check
             section["series"] = sampler.series
-            self.progress.say(f"  {section['accepted']:,} accepted, {section['topic']['distinct']:,} distinct, "
-                              f"exact: {section['check']['exact']}")
+            self.progress.say(f"  {section['accepted_distinct']:,} accepted ({section['accepted']:,} 202s), "
+                              f"{section['topic']['distinct']:,} distinct on the topic, {check['events']:,} persisted, "
+                              f"exact: {check['exact']}")
         finally:
             await sampler.close()
             for service in [gateway, *processors]:
@@ -347,19 +411,34 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000, help="events loaded for each processor drain")
     parser.add_argument("--e2e-processors", type=int, default=2)
     parser.add_argument("--drain-timeout", type=int, default=90)
-    parser.add_argument("--budget", type=int, default=540, help="seconds; steps that would overrun are skipped")
+    parser.add_argument("--budget", type=int, default=540, help="seconds per run; steps that would overrun are skipped")
     parser.add_argument("--keep", action="store_true", help="keep the run's database and topics")
     parser.add_argument("--profile", action="store_true",
                         help="sample the gateway (single events) and the processor (drain) with py-spy")
     parser.add_argument("--only", action="append", choices=["gateway", "processor", "e2e"],
                         help="run only these parts (repeatable); default all")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="whole runs, one after another, each on a fresh slice; figures are their median and range")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    runs: list[dict[str, Any]] = []
+    for n in range(1, args.repeat + 1):
+        runs.append(await one_run(args, n))
+        summary = {**combine(runs), "runs": len(runs), "seconds": time.monotonic() - began}
+        (OUT / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))
+    print(f"[bench] {len(runs)} run(s) done in {time.monotonic() - began:.0f}s; figures in benchmarks/out/results.json",
+          flush=True)
+    return 0
+
+
+async def one_run(args: argparse.Namespace, n: int) -> dict[str, Any]:
     bench = Bench.create(Settings())
-    harness = Harness(bench, args)
+    harness = Harness(bench, args, n)
     harness.results["machine"] = await describe(bench.base)
     harness.results["args"] = vars(args)
-    harness.progress.say(f"run {bench.run}: database {bench.db_name}, topic prefix {bench.settings.topic_prefix}")
+    harness.progress.say(f"run {n} of {args.repeat} ({bench.run}): database {bench.db_name}, "
+                         f"topic prefix {bench.settings.topic_prefix}")
     try:
         await bench.setup()
         parts = {"gateway": harness.gateway, "processor": harness.processor, "e2e": harness.end_to_end}
@@ -369,10 +448,8 @@ async def main(argv: list[str] | None = None) -> int:
     finally:
         harness.results["skipped"] = harness.progress.skipped
         harness.results["seconds"] = harness.progress.elapsed()
-        (OUT / "results.json").write_text(json.dumps(harness.results, indent=1, default=str))
         await bench.teardown(keep=args.keep)
-    harness.progress.say(f"done in {harness.progress.elapsed():.0f}s; figures in benchmarks/out/results.json")
-    return 0
+    return harness.results
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tally.settings import ROOT
@@ -30,6 +30,9 @@ class Load:
     failed: float
     thresholds_ok: bool = True
     events_accepted: int = 0
+    # events accepted at least once: a re-sent event that got a 202 twice counts once here
+    events_accepted_distinct: int = 0
+    cpu_us_per_event: dict[str, float | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -45,7 +48,7 @@ def wrk(target: str, url: str, key: str, run: str, seconds: int, connections: in
     ok = r["requests"] - r["non2xx"]
     return Load("wrk", target, r["requests"], r["requests"] / seconds_run, ok / seconds_run,
                 r["p50_us"] / 1000, r["p95_us"] / 1000, r["p99_us"] / 1000,
-                (r["non2xx"] + r["errors"]) / max(r["requests"], 1), events_accepted=ok)
+                (r["non2xx"] + r["errors"]) / max(r["requests"], 1), events_accepted=ok, events_accepted_distinct=ok)
 
 
 def k6(target: str, summary: Path, csv: Path | None = None, **env: str | int | float) -> Load:
@@ -63,6 +66,7 @@ def k6(target: str, summary: Path, csv: Path | None = None, **env: str | int | f
     duration = metrics["http_req_duration"]["values"]
     seconds = data["state"]["testRunDurationMs"] / 1000
     accepted = int(metrics.get("events_accepted", {}).get("values", {}).get("count", 0))
+    distinct = int(metrics.get("events_accepted_distinct", {}).get("values", {}).get("count", 0))
     return Load("k6", target, int(metrics["http_reqs"]["values"]["count"]), metrics["http_reqs"]["values"]["rate"],
                 accepted / seconds, duration["med"], duration["p(95)"], duration["p(99)"],
-                metrics["http_req_failed"]["values"]["rate"], proc.returncode == 0, accepted)
+                metrics["http_req_failed"]["values"]["rate"], proc.returncode == 0, accepted, distinct)

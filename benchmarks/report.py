@@ -16,6 +16,25 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
 
 
+def fig(value: float | None, spread: list[float] | None, digits: int = 0) -> str:
+    """The median, and the lowest and highest run's figure when they differ."""
+    if value is None or not spread or fmt(spread[0], digits) == fmt(spread[1], digits):
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} ({fmt(spread[0], digits)}–{fmt(spread[1], digits)})"
+
+
+CPU_GROUPS = (("gateway", "gw"), ("server", "server"), ("processors", "proc"), ("postgresql", "pg"),
+              ("kafka_broker", "kafka"), ("load_generator", "load gen"))
+
+
+def cpu(figures: dict[str, Any], spread: dict[str, Any] | None) -> str:
+    """CPU µs per event per process group, e.g. `gw 310 · pg 40 · kafka 55 · load gen 120`."""
+    cpu_us, cpu_spread = figures.get("cpu_us_per_event") or {}, (spread or {}).get("cpu_us_per_event") or {}
+    parts = [f"{short} {fig(cpu_us[name], cpu_spread.get(name))}" for name, short in CPU_GROUPS
+             if cpu_us.get(name) is not None]
+    return " · ".join(parts) or "–"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "–" if not a or not b else f"{a / b:.2f}"
 
@@ -24,31 +43,34 @@ def aim(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "**not met**")
 
 
-def load_table(rows: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]) -> list[str]:
-    lines = ["| endpoint | tool | req/s | events/s | p50 ms | p95 ms | p99 ms | failed | vs raw ASGI |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, load, base in rows:
+def load_table(rows: list[tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]],
+               spread: dict[str, Any]) -> list[str]:
+    lines = ["| endpoint | tool | req/s | events/s | p50 ms | p99 ms | failed | vs raw ASGI | CPU µs per event |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for label, key, load, base in rows:
         if load:
-            lines.append(f"| {label} | {load['tool']} | {fmt(load['req_s'])} | {fmt(load['events_s'])} | "
-                         f"{fmt(load['p50_ms'], 1)} | {fmt(load['p95_ms'], 1)} | {fmt(load['p99_ms'], 1)} | "
-                         f"{load['failed']:.2%} | {ratio(load['req_s'], base and base['req_s'])} |")
+            s = spread.get(key) or {}
+            lines.append(f"| {label} | {load['tool']} | {fig(load['req_s'], s.get('req_s'))} | "
+                         f"{fig(load['events_s'], s.get('events_s'))} | {fig(load['p50_ms'], s.get('p50_ms'), 1)} | "
+                         f"{fig(load['p99_ms'], s.get('p99_ms'), 1)} | {load['failed']:.2%} | "
+                         f"{ratio(load['req_s'], base and base['req_s'])} | {cpu(load, s)} |")
     return lines
 
 
 def gateway(r: dict[str, Any]) -> list[str]:
     g = r["gateway"]
     raw_wrk, raw_k6 = g.get("wrk_raw_asgi"), g.get("k6_raw_asgi_max")
-    rows = [
-        ("bare raw ASGI + orjson", raw_wrk, raw_wrk), ("bare Starlette", g.get("wrk_starlette"), raw_wrk),
-        ("gateway, single events", g.get("wrk_gateway_single"), raw_wrk),
-        ("bare raw ASGI + orjson, highest rate", raw_k6, raw_k6),
-        ("gateway, single events, highest rate", g.get("k6_gateway_single_max"), raw_k6),
-        ("gateway, single events, 70% of highest", g.get("k6_gateway_single_rate"), None),
-        ("gateway, batches of 100, highest rate", g.get("k6_gateway_batch_max"), None),
-        ("gateway, batches of 100, 70% of highest", g.get("k6_gateway_batch_rate"), None),
-        ("gateway, log records (100 a request)", g.get("k6_logs"), None),
-        ("gateway, signed Stripe webhooks", g.get("k6_webhook"), None),
-    ]
+    rows = [(label, key, g.get(key), base) for label, key, base in (
+        ("bare raw ASGI + orjson", "wrk_raw_asgi", raw_wrk), ("bare Starlette", "wrk_starlette", raw_wrk),
+        ("gateway, single events", "wrk_gateway_single", raw_wrk),
+        ("bare raw ASGI + orjson, highest rate", "k6_raw_asgi_max", raw_k6),
+        ("gateway, single events, highest rate", "k6_gateway_single_max", raw_k6),
+        ("gateway, single events, 70% of highest", "k6_gateway_single_rate", None),
+        ("gateway, batches of 100, highest rate", "k6_gateway_batch_max", None),
+        ("gateway, batches of 100, 70% of highest", "k6_gateway_batch_rate", None),
+        ("gateway, log records (100 a request)", "k6_logs", None),
+        ("gateway, signed Stripe webhooks", "k6_webhook", None),
+    )]
     single = g.get("wrk_gateway_single")
     batch = g.get("k6_gateway_batch_max")
     reported = g.get("k6_gateway_single_rate")
@@ -56,9 +78,12 @@ def gateway(r: dict[str, Any]) -> list[str]:
         "Single events carry auth (cached API key), the per-key rate limiter (limits lifted, still run) and the "
         "Kafka ack (acks=all, idempotent) on every request. wrk: 1 thread, 64 connections; k6: 32 closed-loop "
         "users for the highest rate, then a constant arrival rate at 70% of it. k6 takes a core of its own here, "
-        "so its figures sit below wrk's for every endpoint alike.",
+        "so its figures sit below wrk's for every endpoint alike. "
+        f"{runs_text(r)} CPU µs per event: /proc CPU time of each process over the load run divided by the "
+        "events accepted (gw: the gateway or, for bare rows, the server; pg: PostgreSQL backends of the run's "
+        "database; kafka: the broker, which other work on the machine shares; load gen: wrk or k6).",
         "",
-        *load_table(rows),
+        *load_table(rows, r["spread"].get("gateway") or {}),
         "",
         f"- Aim: single events ≥ 50% of raw ASGI req/s (wrk): {ratio(single and single['req_s'], raw_wrk and raw_wrk['req_s'])}"
         f" — {aim(bool(single and raw_wrk and single['req_s'] >= 0.5 * raw_wrk['req_s']) if single and raw_wrk else None)}",
@@ -73,44 +98,65 @@ def processor(r: dict[str, Any]) -> list[str]:
     p = r["processor"]
     if "loaded" not in p:
         return ["Not measured in this run."]
-    ceilings = {"Kafka ProducerPerformance (acks=all, idempotent, lz4)": p.get("produce_ceiling"),
-                "bare confluent-kafka produce loop (the loader)": p.get("loaded"),
-                "bare confluent-kafka consume (+ JSON parse)": p.get("consume_ceiling"),
-                "PostgreSQL COPY of the distinct rows": p.get("copy_ceiling")}
+    ceilings = {"Kafka ProducerPerformance (acks=all, idempotent, lz4; unkeyed, linger 5 ms, own topic)":
+                ("produce_ceiling", p.get("produce_ceiling")),
+                "bare confluent-kafka produce loop (the loader)": ("loaded", p.get("loaded")),
+                "bare confluent-kafka consume of the drain topic (+ JSON parse)":
+                ("consume_ceiling", p.get("consume_ceiling")),
+                "PostgreSQL COPY of as many synthetic rows, one transaction, no dedup":
+                ("copy_ceiling", p.get("copy_ceiling"))}
     lower = min((p[k]["events_s"] for k in ("consume_ceiling", "copy_ceiling") if k in p), default=None)
+    sp = r["spread"].get("processor") or {}
     lines = [f"{p['loaded']['messages']:,} events loaded into an isolated topic ({p['loaded']['distinct']:,} "
              "distinct, 10% duplicates), then drained into PostgreSQL by each contender with its own consumer "
-             "group. Rates are measured from the first committed batch to the last (start-up and group join "
-             "are shown apart) where at least three commits were seen, else over the whole drain.", "",
+             "group, each after the tables were emptied, in an order that rotates from run to run. Every contender is timed by its committed offsets "
+             "the same way: *with start-up* is everything committed over the time from process start to "
+             "drained; *once running* is what was committed after its first commit over the time after it "
+             "(– when fewer than two commits were seen). The Quix Streams peer checkpoints within Tally's own "
+             "bounds (every 0.2 s or 20,000 messages) and keeps the same per-subject hourly and daily counters; "
+             "it keeps no counter outbox, publishes no counter states to Kafka, writes nothing to Redis, "
+             "validates no envelopes and has no dead-letter topic. "
+             f"{runs_text(r)} CPU µs per event: over the whole drain, per message consumed (proc: the "
+             "contender's processes; pg, kafka as above).", "",
              "| ceiling | events/s |", "|---|---:|"]
-    lines += [f"| {name} | {fmt(c['events_s'])} |" for name, c in ceilings.items() if c]
-    lines += ["", "| contender | events/s | with start-up | start-up s | vs lower ceiling | vs Quix, both with start-up | exact counts |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {name} | {fig(c['events_s'], (sp.get(key) or {}).get('events_s'))} |"
+              for name, (key, c) in ceilings.items() if c]
+    lines += ["", "| contender | events/s once running | with start-up | start-up s | vs lower ceiling | "
+                  "vs Quix, once running | CPU µs per event | exact counts |",
+              "|---|---:|---:|---:|---:|---:|---|---|"]
     quix = p.get("quix")
     for key, label in (("tally_x1", "Tally processor ×1"), ("tally_x2", "Tally processor ×2 (same group)"),
                        ("quix", "Quix Streams peer")):
         d = p.get(key)
         if d:
-            lines.append(f"| {label} | {fmt(d['events_s'])} | {fmt(d['overall_events_s'])} | "
-                         f"{fmt(d['startup_s'] if d['commits_seen'] >= 3 else None, 1)} | {ratio(d['events_s'], lower)} | "
-                         f"{ratio(d['overall_events_s'], quix and quix['overall_events_s'])} | {check_text(d['check'])} |")
+            s = sp.get(key) or {}
+            lines.append(f"| {label} | {fig(d['events_s'], s.get('events_s'))} | "
+                         f"{fig(d['overall_events_s'], s.get('overall_events_s'))} | "
+                         f"{fig(d['startup_s'], s.get('startup_s'), 1)} | {ratio(d['events_s'], lower)} | "
+                         f"{ratio(d['events_s'], quix and quix['events_s'])} | {cpu(d, s)} | {check_text(d['check'])} |")
     x1 = p.get("tally_x1")
     lines += [
         "",
-        f"- Aim: ≥ 50,000 events/s: {fmt(x1 and x1['events_s'])} — {aim(x1['events_s'] >= 50_000 if x1 else None)}",
+        f"- Aim: ≥ 50,000 events/s: {fmt(x1 and x1['events_s'])}"
+        f" — {aim(x1['events_s'] >= 50_000 if x1 and x1['events_s'] else None)}",
         f"- Aim: ≥ half the lower ceiling ({fmt(lower)}): {ratio(x1 and x1['events_s'], lower)}"
-        f" — {aim(x1['events_s'] >= lower / 2 if x1 and lower else None)}",
-        f"- Aim: ≥ 2× the Quix Streams peer (rates with start-up, since Quix commits every 5 s): "
-        f"{ratio(x1 and x1['overall_events_s'], quix and quix['overall_events_s'])}"
-        f" — {aim(x1['overall_events_s'] >= 2 * quix['overall_events_s'] if x1 and quix else None)}",
+        f" — {aim(x1['events_s'] >= lower / 2 if x1 and x1['events_s'] and lower else None)}",
+        f"- Aim: ≥ 2× the Quix Streams peer (once running): {ratio(x1 and x1['events_s'], quix and quix['events_s'])}"
+        f" — {aim(x1['events_s'] >= 2 * quix['events_s'] if x1 and quix and x1['events_s'] and quix['events_s'] else None)}",
     ]
     return lines
+
+
+def runs_text(r: dict[str, Any]) -> str:
+    n = r.get("runs", 1)
+    return ("One run." if n == 1 else
+            f"Median of {n} runs, lowest–highest run in brackets where they differ.")
 
 
 def check_text(check: dict[str, Any]) -> str:
     if "expected" not in check:
         return "not drained"
-    found = ", ".join(f"{k} {v:,}" for k, v in check.items() if k not in ("expected", "exact", "accepted_in_topic"))
+    found = ", ".join(f"{k} {v:,}" for k, v in check.items() if k not in ("expected", "exact"))
     return f"{'yes' if check['exact'] else '**no**'} ({check['expected']:,} expected: {found})"
 
 
@@ -118,27 +164,40 @@ def end_to_end(r: dict[str, Any], command: str) -> list[str]:
     e = r["e2e"]
     lines: list[str] = []
     if e:
-        maxed, fixed, fixed_latency = e.get("max"), e.get("fixed_5000"), e.get("fixed_latency") or {}
+        maxed, fixed_latency = e.get("max"), e.get("fixed_latency") or {}
         drain = e.get("max_drain") or {}
         lines += [
             f"Gateway and {e['processors']} processor(s) in one group on one topic, requests of {e['batch_size']} event(s). "
             "Receipt-to-commit latency is `persisted_at − received_at` of each event in PostgreSQL "
             "(persisted_at is the processor transaction's start, so the commit itself adds a few ms).", "",
-            "| run | accepted events/s | processed events/s (to drained) | HTTP p99 ms | receipt→commit p50 / p95 / p99 ms |",
-            "|---|---:|---:|---:|---:|",
+            f"{runs_text(r)} CPU µs per event: over the load run and the drain after it, per event accepted.", "",
+            "| run | accepted events/s | processed events/s (to drained) | HTTP p99 ms | receipt→commit p50 / p95 / p99 ms |"
+            " CPU µs per event |",
+            "|---|---:|---:|---:|---:|---|",
         ]
-        for label, load, drained, latency in (("highest rate", maxed, drain, e.get("max_latency") or {}),
-                                              ("5,000 events/s", fixed, e.get("fixed_drain") or {}, fixed_latency),
-                                              ("retry-heavy mix (30% re-sent 2–3×)", e.get("retry_mix"),
-                                               e.get("retry_drain") or {}, {})):
+        se = r["spread"].get("e2e") or {}
+        for label, key, drain_key, latency_key in (("highest rate", "max", "max_drain", "max_latency"),
+                                                   ("5,000 events/s", "fixed_5000", "fixed_drain", "fixed_latency"),
+                                                   ("retry-heavy mix (30% re-sent 2–3×)", "retry_mix", "retry_drain",
+                                                    None)):
+            load, drained = e.get(key), e.get(drain_key) or {}
+            latency = (e.get(latency_key) or {}) if latency_key else {}
             if load:
-                lines.append(f"| {label} | {fmt(load['events_s'])} | {fmt(drained.get('events_s'))} | "
-                             f"{fmt(load['p99_ms'], 1)} | {fmt(latency.get('p50_ms'))} / {fmt(latency.get('p95_ms'))}"
-                             f" / {fmt(latency.get('p99_ms'))} |")
+                s, sd, sl = se.get(key) or {}, se.get(drain_key) or {}, (se.get(latency_key) or {}) if latency_key else {}
+                lines.append(f"| {label} | {fig(load['events_s'], s.get('events_s'))} | "
+                             f"{fig(drained.get('events_s'), sd.get('events_s'))} | {fig(load['p99_ms'], s.get('p99_ms'), 1)} | "
+                             f"{fig(latency.get('p50_ms'), sl.get('p50_ms'))} / {fig(latency.get('p95_ms'), sl.get('p95_ms'))}"
+                             f" / {fig(latency.get('p99_ms'), sl.get('p99_ms'))} | {cpu(load, s)} |")
         if "check" in e:
-            lines += ["", f"Exact counts over the whole run: {e['accepted']:,} events accepted (202), "
-                          f"{e['topic']['messages']:,} messages on the topic, {e['topic']['distinct']:,} distinct; "
-                          f"persisted and counted: {check_text(e['check'])}."]
+            c = e["check"]
+            lines += ["", "Exact counts, PostgreSQL against the 202s the load generator received "
+                          f"({'every run' if r.get('runs', 1) > 1 else 'the run'}; medians shown): "
+                          f"{e['accepted']:,} events answered 202, {e['accepted_distinct']:,} of them distinct "
+                          f"(the retry mix re-sends); on the topic {e['topic']['messages']:,} messages, "
+                          f"{e['topic']['distinct']:,} distinct; persisted {c['events']:,}; counted "
+                          + ", ".join(f"{k.removeprefix('counted_')} {v:,}" for k, v in c.items() if k.startswith("counted_"))
+                          + f". Every figure equal to the distinct accepted: {'yes' if c['exact'] else '**no**'}. "
+                          "Accepted events are counted by k6 from each answer; the ids themselves are not compared."]
         sustained = min(maxed["events_s"], drain.get("events_s") or 0) if maxed else None
         lines += [
             "",
@@ -151,7 +210,8 @@ def end_to_end(r: dict[str, Any], command: str) -> list[str]:
     m = r["machine"]
     lines += [
         "", "### How these figures were made", "",
-        f"Command: `{command}` (from a checkout, after `bash deploy/local/up.sh`; {r['seconds']:.0f} s).  ",
+        f"Command: `{command}` (from a checkout, after `bash deploy/local/up.sh`; {r['seconds']:.0f} s"
+        f" for {r.get('runs', 1)} run(s)).  ",
         f"Machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, Linux {m['kernel']}; Kafka, "
         "PostgreSQL, Redis, the load generators and every contender share it.  ",
         f"Code: revision {m['revision']}. Versions: Python {m['python']}, Kafka {m['kafka']}, PostgreSQL "
@@ -171,7 +231,8 @@ def profile(path: Path, what: str, limit: int = 10) -> list[str]:
     head, _, rest = path.read_text().partition("self %   frame\n")
     frames = rest.split("\n\n")[0].splitlines()[:limit]
     return ["", f"Where the time goes ({what}; py-spy, {head.strip()}, share of samples spent in the frame itself;"
-            " sampled during that measured run, which therefore carries py-spy's overhead):",
+            " sampled during the last run's k6 highest-rate run for the gateway, or its ×1 drain for the processor,"
+            " which therefore carry py-spy's overhead; the other rows were not sampled):",
             "", "```", *frames, "```"]
 
 
@@ -182,7 +243,7 @@ def fill(text: str, section: str, lines: list[str]) -> str:
 
 def main() -> None:
     results_path, target, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].strip()
-    results = json.loads(results_path.read_text())
+    results = json.loads(results_path.read_text())["summary"]
     text = target.read_text()
     out = results_path.parent
     only = results.get("args", {}).get("only") or ["gateway", "processor", "e2e"]

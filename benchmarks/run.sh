@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for every benchmark: bash benchmarks/run.sh [--seconds N] [--events N] ...
+# One command for every benchmark: bash benchmarks/run.sh [--repeat N] [--seconds N] [--events N] ...
 # Needs the local stack (bash deploy/local/up.sh or services.sh). Installs its tools on first use,
 # runs within its time budget on an isolated database and topic prefix, then writes
 # benchmarks/RESULTS.md and benchmarks/results.png. Figures and logs: benchmarks/out/.
@@ -14,8 +14,15 @@ exec 9>benchmarks/.venv/run.lock
 if ! flock -n 9; then say "another benchmark run is going on; waiting for it to finish"; flock 9; fi
 [ -x .venv/bin/python ] || die "the project's virtual environment is missing" "run bash deploy/local/up.sh first"
 rm -rf benchmarks/out && mkdir -p benchmarks/out
-# The harness skips what would overrun its budget (--budget, 540 s); timeout is the last guard.
-timeout -s INT 600 .venv/bin/python -m benchmarks.harness "$@"
+# The harness skips what would overrun its budget (--budget, 540 s a run); timeout is the last guard.
+repeat=1
+previous=""
+for arg in "$@"; do
+  [ "$previous" = --repeat ] && repeat=$arg
+  case $arg in --repeat=*) repeat=${arg#--repeat=} ;; esac
+  previous=$arg
+done
+timeout -s INT $((600 * repeat)) .venv/bin/python -m benchmarks.harness "$@"
 benchmarks/.venv/bin/python -m benchmarks.chart benchmarks/out/results.json benchmarks/results.png
 .venv/bin/python -m benchmarks.report benchmarks/out/results.json benchmarks/RESULTS.md "bash benchmarks/run.sh $*"
 say "wrote benchmarks/RESULTS.md and benchmarks/results.png"

@@ -27,6 +27,9 @@ from tally.settings import ROOT, Settings
 from tally.topics import create_topics
 
 VENV_BIN = ROOT / ".venv" / "bin"
+# `python -m` from the checkout, not the venv's `tally` script: that one runs whichever checkout the
+# venv was installed from, which need not be the one being measured.
+TALLY = [str(VENV_BIN / "python"), "-m", "tally.cli"]
 OUT = ROOT / "benchmarks" / "out"
 
 
@@ -129,11 +132,11 @@ class Bench:
 
     def gateway(self, settings: Settings, **env: str) -> Service:
         port = free_port()
-        return self.start("gateway", [str(VENV_BIN / "tally"), "gateway", "--port", str(port)], settings, port,
+        return self.start("gateway", [*TALLY, "gateway", "--port", str(port)], settings, port,
                           health=f"http://127.0.0.1:{port}/healthz", **env)
 
     def processor(self, settings: Settings, name: str = "processor") -> Service:
-        return self.start(name, [str(VENV_BIN / "tally"), "process"], settings)
+        return self.start(name, [*TALLY, "process"], settings)
 
     def bare(self, app: str) -> Service:
         port = free_port()

@@ -2,8 +2,14 @@
 StreamingDataFrame over the events topic, and a custom BatchingSink for PostgreSQL.
 
 The sink dedups by (tenant, source, id), persists only new events and (with --count) adds them
-to hourly and daily counters per event type (Tally's default `events` meter), all in one transaction per batch; Quix commits offsets after the sink's
-flush, so redelivery is absorbed by the dedup table as in Tally.
+to hourly and daily counters per subject and event type, as Tally's default `events` meter keeps
+them, all in one transaction per batch; Quix commits offsets after the sink's flush, so redelivery
+is absorbed by the dedup table as in Tally. It batches within Tally's own bounds: a checkpoint
+every 0.2 s or 20,000 messages (Tally: batch_max_wait_ms=200, batch_max_messages=20000).
+
+What it still does not do that Tally does: no counter outbox, no publication of counter states to
+the compacted counter topic, no Redis counter cache, no envelope validation, accepted-types or
+late-horizon check, and no dead-letter topic; it writes on one connection where Tally writes on two.
 
 Runs in its own environment (benchmarks/.venv-quix): it pins its own confluent-kafka.
     python -m benchmarks.peers.quix_processor --bootstrap ... --topic ... --group ... --dsn ...
@@ -28,7 +34,8 @@ create index if not exists quix_events_tenant_time on quix_events (tenant, time)
 create index if not exists quix_events_tenant_type_time on quix_events (tenant, type, time);
 create table if not exists quix_counters (
     tenant text not null, meter text not null, window_name text not null, window_start timestamptz not null,
-    type text not null, value bigint not null, primary key (tenant, meter, window_name, window_start, type));
+    subject text not null, type text not null, value bigint not null,
+    primary key (tenant, meter, window_name, window_start, subject, type));
 """
 
 CLAIM = """
@@ -37,11 +44,16 @@ select * from unnest(%s::text[], %s::text[], %s::text[]) on conflict do nothing 
 """
 
 COUNT = """
-insert into quix_counters (tenant, meter, window_name, window_start, type, value)
-select t, 'events', w, s, y, v from unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[])
-  as u(t, w, s, y, v)
-on conflict (tenant, meter, window_name, window_start, type) do update set value = quix_counters.value + excluded.value
+insert into quix_counters (tenant, meter, window_name, window_start, subject, type, value)
+select t, 'events', w, s, j, y, v
+from unnest(%s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::bigint[]) as u(t, w, s, j, y, v)
+on conflict (tenant, meter, window_name, window_start, subject, type)
+do update set value = quix_counters.value + excluded.value
 """
+
+# Tally's batch bounds (tally/settings.py: batch_max_wait_ms, batch_max_messages)
+COMMIT_INTERVAL_S = 0.2
+COMMIT_EVERY = 20000
 
 COPY = ("copy quix_events (tenant, source, id, type, subject, time, received_at, data, kafka_partition, kafka_offset)"
         " from stdin")
@@ -76,7 +88,7 @@ class PostgresEventsSink(BatchingSink):
                                     event.get("subject"), event["time"], event["received_at"],
                                     json.dumps(event.get("data")), batch.partition, offset))
             if self._count and new:
-                windows = Counter((e["tenant"], name, start, e["type"])
+                windows = Counter((e["tenant"], name, start, e.get("subject") or "", e["type"])
                                   for e, _ in new for name, start in windows_of(e["time"]))
                 cur.execute(COUNT, [*(list(column) for column in zip(*windows)), list(windows.values())])
 
@@ -95,7 +107,8 @@ def main() -> None:
     parser.add_argument("--count", action="store_true", help="also keep hourly and daily counters of new events")
     args = parser.parse_args()
 
-    app = Application(broker_address=args.bootstrap, consumer_group=args.group, auto_offset_reset="earliest")
+    app = Application(broker_address=args.bootstrap, consumer_group=args.group, auto_offset_reset="earliest",
+                      commit_interval=COMMIT_INTERVAL_S, commit_every=COMMIT_EVERY)
     topic = app.topic(args.topic, value_deserializer="json")
     sdf = app.dataframe(topic)
     sdf.sink(PostgresEventsSink(args.dsn, args.count))

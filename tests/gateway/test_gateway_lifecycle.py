@@ -15,7 +15,7 @@ import pytest
 
 from tally.settings import ROOT, Settings
 from tally.topics import create_topics
-from tests.gateway.helpers import event, for_tenant, start_gateway
+from tests.gateway.helpers import Gateway, event, for_tenant, start_gateway
 from tests.support import free_port, wait_until
 
 KAFKA = ROOT / "deploy" / "local" / "kafka.sh"
@@ -116,3 +116,55 @@ async def test_sigterm_stops_accepting_and_exits_cleanly_with_every_202_in_kafka
     in_kafka = sorted(v["id"] for v in for_tenant(gateway.messages(), tenant))
     assert in_kafka == ["term-0", "term-1", "term-2"]
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("redis", ["up", "down"])
+async def test_schemathesis_finds_no_server_error(gateway_settings: Settings, api_key: tuple[str, str], redis: str) -> None:
+    """Generated requests with Redis reachable and with Redis gone (the default open policy); half the bodies
+    carry nesting up to 120 deep or numbers past 64 bits (tests/gateway/fuzz_hooks.py)."""
+    _, secret = api_key
+    own = gateway_settings if redis == "up" else gateway_settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with start_gateway(f"gateway-fuzz-redis-{redis}", own, TALLY_GATEWAY_RATE_LIMIT_BURST="100000") as gateway:
+        command = [
+            str(Path(sys.executable).parent / "schemathesis"), "run", f"{gateway.url}/openapi.json",
+            "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {secret}",
+            "--max-examples", "100", "--request-timeout", "15", "--max-time", "90", "--workers", "2",
+            "--suppress-health-check", "all", "--seed", "14",
+        ]
+        run = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                                      env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.gateway.fuzz_hooks"})
+        output = gateway.process.output()
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert "unhandled error" not in output, output[-4000:]
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+# Beyond what the fuzzer can carry (its JSON copy stops at 255 levels): written as raw text.
+ODD_DATA = [
+    pytest.param(_deep(300), id="nested 300 deep"),
+    pytest.param(_deep(100_000), id="nested 100,000 deep"),
+    pytest.param("1" + "0" * 400, id="integer of 400 digits"),
+    pytest.param("-18446744073709551617", id="negative integer past 64 bits"),
+    pytest.param("1e999", id="float past a double"),
+    pytest.param("1e-999", id="float below a double"),
+]
+
+
+@pytest.mark.parametrize("data", ODD_DATA)
+@pytest.mark.parametrize("route", ["/v1/events", "/v1/events/batch"])
+async def test_deep_nesting_and_huge_numbers_get_an_answer_not_a_server_error(
+    gateway: Gateway, api_key: tuple[str, str], data: str, route: str
+) -> None:
+    _, secret = api_key
+    one = f'{{"specversion":"1.0","id":"odd-{uuid.uuid4().hex}","source":"tests","type":"t","data":{data}}}'
+    body = one if route == "/v1/events" else f"[{one}]"
+    errors_before = gateway.process.output().count("unhandled error")
+    async with gateway.client(secret) as client:
+        response = await client.post(route, content=body, headers={"content-type": "application/json"})
+    assert response.status_code < 500, response.text
+    assert gateway.process.output().count("unhandled error") == errors_before

@@ -57,8 +57,10 @@ async def counter_counts(db: asyncpg.Connection, tenant: str, meter: str = "even
     rows = await db.fetch(
         "select window_name, window_start, subject, grp->>'type' as type, value from counters"
         " where tenant = $1 and meter = $2", tenant, meter)
-    return Counter({(tenant, r["window_name"], r["window_start"].isoformat(), r["subject"], r["type"]): int(r["value"])
-                    for r in rows})
+    counts: Counter = Counter()
+    for r in rows:  # added up: two rows for one window would show as a doubled count, not collapse into one
+        counts[(tenant, r["window_name"], r["window_start"].isoformat(), r["subject"], r["type"])] += int(r["value"])
+    return counts
 
 
 async def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:  # noqa: ANN001

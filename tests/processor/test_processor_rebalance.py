@@ -21,7 +21,8 @@ from tests.processor.helpers import (
 from tests.support import TallyProcess, wait_until
 
 
-def downstream_counters(bootstrap: str, topic: str, group: str, idle_s: float = 2.0) -> dict[str, dict]:
+def downstream_counters(bootstrap: str, topic: str, group: str, idle_s: float = 2.0,
+                        timeout_s: float = 60.0) -> dict[str, dict]:
     """A user's consumer of tally.counters.v1: subscribe, keep the latest JSON value per key."""
     import json
 
@@ -29,8 +30,10 @@ def downstream_counters(bootstrap: str, topic: str, group: str, idle_s: float = 
     consumer.subscribe([topic])
     latest: dict[str, dict] = {}
     last = time.monotonic()
+    deadline = last + timeout_s
     try:
         while time.monotonic() - last < idle_s or not latest:
+            assert time.monotonic() < deadline, f"no counter states on {topic} within {timeout_s}s"
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
