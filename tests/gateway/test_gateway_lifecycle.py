@@ -7,7 +7,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import orjson
@@ -129,7 +131,7 @@ async def test_schemathesis_finds_no_server_error(gateway_settings: Settings, ap
         command = [
             str(Path(sys.executable).parent / "schemathesis"), "run", f"{gateway.url}/openapi.json",
             "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {secret}",
-            "--max-examples", "100", "--request-timeout", "15", "--max-time", "90", "--workers", "2",
+            "--max-examples", "100", "--request-timeout", "15", "--max-time", "90", "--workers", "1",
             "--suppress-health-check", "all", "--seed", "14",
         ]
         run = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=300, cwd=ROOT,
