@@ -28,11 +28,11 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from processors import metrics
 from processors.batch import Batch, Validator
-from processors.dlq import conflict_letter
+from processors.dlq import conflict_letter, dead_letter
 from processors.faults import crash_point
 from processors.retry import Abandoned, retrying
 from schemas.counters import PublishedState
-from schemas.deadletter import DeadLetter
+from schemas.deadletter import STORE_STAGE, DeadLetter
 from sinks.dlq_topic import DeadLetterSink
 from sinks.outbox import OutboxRelay
 from sinks.postgres import PostgresSink
@@ -192,7 +192,7 @@ class Processor:
         try:
             if batch.records:
                 await self._step("postgres", partial(self._store, batch.records), in_flight)
-                batch.dead_letters.extend(self._conflict_letters(batch))
+                batch.dead_letters.extend(self._store_letters(batch))
             crash_point("after_pg_commit", self.config.crash_at)
             if batch.dead_letters:
                 await self._step("dead letters", partial(self._send_dead_letters, batch), in_flight)
@@ -228,14 +228,17 @@ class Processor:
         metrics.PERSISTED.inc(len(store.last.new))
         metrics.DUPLICATES.inc(store.last.duplicates)
 
-    def _conflict_letters(self, batch: Batch) -> list[DeadLetter]:
-        conflicts = self.sinks.store.last.conflicts
-        if not conflicts:
+    def _store_letters(self, batch: Batch) -> list[DeadLetter]:
+        """Dead letters for the copies step 2 found in conflict and the events PostgreSQL refused alone."""
+        last = self.sinks.store.last
+        if not last.conflicts and not last.poison:
             return []
         messages = {(m.partition(), m.offset()): m for m in batch.messages}
         now = datetime.now(timezone.utc)
         return [conflict_letter(messages[(c.record.partition, c.record.offset)], c.kept_partition, c.kept_offset, now)
-                for c in conflicts]
+                for c in last.conflicts] + [
+            dead_letter(messages[(p.record.partition, p.record.offset)], STORE_STAGE, p.error_class, p.message, now)
+            for p in last.poison]
 
     async def _send_dead_letters(self, batch: Batch) -> None:
         await self.sinks.dead_letters.write(batch.dead_letters)

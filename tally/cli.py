@@ -99,8 +99,14 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from sinks.kafka import KafkaPublisher
 
+        cut = [item for item in letters if item.letter.truncated_from is not None]
+        for item in cut:
+            d = item.letter
+            print(f"skipped {item.partition}:{item.offset}: truncated; the whole message is at {d.topic}[{d.partition}]"
+                  f"@{d.offset} until the topic's retention", file=sys.stderr)
         publisher = KafkaPublisher(settings.kafka_bootstrap, settings.publish_timeout_ms)
-        dlq.replay(letters, publisher, lambda done, total: print(f"replayed {done}/{total}", flush=True))
+        dlq.replay([item for item in letters if item.letter.truncated_from is None], publisher,
+                   lambda done, total: print(f"replayed {done}/{total}", flush=True))
     return 0
 
 
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (dlq_list, dlq_replay):
         p.add_argument("--position", type=_dlq_position, help="only PARTITION:OFFSET")
     for p in (dlq_list, dlq_show, dlq_replay):
-        p.add_argument("--stage", help="only letters of this stage (decode, validate, meter)")
+        p.add_argument("--stage", help="only letters of this stage (decode, validate, meter, store, conflict)")
         p.add_argument("--error-class", help="only letters of this error class")
         p.set_defaults(func=cmd_dlq)
 
