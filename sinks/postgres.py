@@ -50,8 +50,8 @@ _EVENT_COLUMNS = (
 )
 
 # Counter windows upserted and queued for publication in one statement, both in key order (the lock order).
-# The queue uses DO UPDATE rather than DO NOTHING: it waits for a publisher holding the row, so a publisher
-# can never delete a queued key after reading an older counter state than the one this transaction commits.
+# The queue entry carries the revision committed here: the relay deletes an entry only up to the revision it
+# published, so an update committed while a relay publishes an older state stays queued (sinks.outbox).
 _UPSERT_AND_QUEUE = """
 with upserted as (
     insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end,
@@ -73,10 +73,10 @@ with upserted as (
         latest_time = greatest(c.latest_time, excluded.latest_time),
         revision = c.revision + 1,
         updated_at = now()
-    returning key
+    returning key, revision
 )
-insert into counter_outbox (key) select key from upserted order by key
-on conflict (key) do update set queued_at = now()
+insert into counter_outbox (key, revision) select key, revision from upserted order by key
+on conflict (key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
 """
 
 
