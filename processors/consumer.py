@@ -56,7 +56,15 @@ class ProcessorConfig:
     retry_max_s: float = 10.0
     idle_relay_s: float = 5.0
     partitions_every_s: float = 6 * 3600
+    # Longest single attempt of a step: below max.poll.interval.ms, so a hung attempt is given up and
+    # retried (the consumer polls between attempts) before the group evicts this member.
+    attempt_timeout_s: float = 120.0
+    max_poll_interval_ms: int = 300000
     crash_at: str = ""
+
+    def __post_init__(self) -> None:
+        if self.attempt_timeout_s * 1000 >= self.max_poll_interval_ms:
+            raise ValueError("attempt_timeout_s must be shorter than max.poll.interval.ms")
 
 
 def consumer_config(config: ProcessorConfig, **overrides: Any) -> dict[str, Any]:
@@ -69,7 +77,7 @@ def consumer_config(config: ProcessorConfig, **overrides: Any) -> dict[str, Any]
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
-        "max.poll.interval.ms": 300000,
+        "max.poll.interval.ms": config.max_poll_interval_ms,
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
     }
@@ -112,7 +120,7 @@ class Processor:
     async def run(self) -> None:
         await self._kafka(partial(self._consumer.subscribe, [self.config.topic], on_assign=self._on_assign,
                                   on_revoke=self._on_revoke, on_lost=self._on_lost))
-        last_relay = last_partitions = 0.0
+        last_relay, last_partitions = 0.0, float("-inf")  # partitions are looked after at start
         ahead: asyncio.Task[Batch | None] | None = None
         try:
             while not self._stopping.is_set():
@@ -297,7 +305,7 @@ class Processor:
         try:
             async for attempt in retry:
                 with attempt:
-                    await call()
+                    await asyncio.wait_for(call(), self.config.attempt_timeout_s)
         finally:
             if self._paused:
                 await self._kafka(self._resume)

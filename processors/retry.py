@@ -20,8 +20,9 @@ from sinks.kafka import PublishError
 log = logging.getLogger("tally.processor.retry")
 
 # SQLSTATE classes that pass: connection exception, transaction rollback (deadlock, serialization),
-# insufficient resources, operator intervention (shutdown), system error.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+# insufficient resources, object in use (lock_timeout), operator intervention (shutdown, statement
+# timeout), system error.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
 
 
 class Abandoned(Exception):

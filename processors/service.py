@@ -45,6 +45,34 @@ class ServiceConfig:
     publish_timeout_ms: int = 30000
     redis_counter_ttl_s: int = 7 * 24 * 3600
     pg_writers: int = 2  # transactions per batch, side by side (sinks.postgres)
+    pg_command_timeout_s: float = 60.0
+    pg_lock_timeout_ms: int = 20000
+    pg_idle_in_transaction_timeout_ms: int = 90000
+    pg_keepalives_idle_s: int = 30
+
+    def __post_init__(self) -> None:
+        # The relay waits for Kafka acks inside its transaction, and an attempt must outlast that wait: a
+        # relay given up while its messages are in flight could let an older state land after a newer one.
+        if not self.publish_timeout_ms < self.pg_idle_in_transaction_timeout_ms:
+            raise ValueError("pg_idle_in_transaction_timeout_ms must be longer than publish_timeout_ms")
+        if not self.publish_timeout_ms < self.processor.attempt_timeout_s * 1000:
+            raise ValueError("attempt_timeout_s must be longer than publish_timeout_ms")
+
+
+def pool_settings(config: ServiceConfig) -> dict:
+    """Bounds on every database wait: a statement, a row lock, a transaction whose client went quiet (the
+    relay's waits for Kafka acks stay inside it), and keepalives so the server drops a vanished client's
+    locks in about a minute rather than two hours."""
+    return {
+        "command_timeout": config.pg_command_timeout_s,
+        "server_settings": {
+            "lock_timeout": str(config.pg_lock_timeout_ms),
+            "idle_in_transaction_session_timeout": str(config.pg_idle_in_transaction_timeout_ms),
+            "tcp_keepalives_idle": str(config.pg_keepalives_idle_s),
+            "tcp_keepalives_interval": "10",
+            "tcp_keepalives_count": "3",
+        },
+    }
 
 
 def validator_for(config: ServiceConfig) -> Validator:
@@ -58,7 +86,8 @@ async def run(config: ServiceConfig) -> None:
     log.info("meters: %s", ", ".join(m.slug for m in validator.meters.meters) or "none")
     metrics.serve(config.metrics_host, config.metrics_port)
     # One connection per writer, one for the outbox relay, one for partition upkeep.
-    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 2)
+    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 2,
+                                     **pool_settings(config))
     publisher = KafkaPublisher(config.processor.kafka_bootstrap, config.publish_timeout_ms)
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
     sinks = Sinks(

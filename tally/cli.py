@@ -55,6 +55,8 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
             batch_max_wait_s=settings.batch_max_wait_ms / 1000,
             retry_initial_s=settings.retry_initial_ms / 1000,
             retry_max_s=settings.retry_max_ms / 1000,
+            attempt_timeout_s=settings.attempt_timeout_s,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
             crash_at=settings.crash_at,
         ),
         database_url=settings.database_url,
@@ -70,6 +72,10 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
         metrics_port=settings.processor_metrics_port,
         publish_timeout_ms=settings.publish_timeout_ms,
         redis_counter_ttl_s=settings.redis_counter_ttl_s,
+        pg_command_timeout_s=settings.pg_command_timeout_s,
+        pg_lock_timeout_ms=settings.pg_lock_timeout_ms,
+        pg_idle_in_transaction_timeout_ms=settings.pg_idle_in_transaction_timeout_ms,
+        pg_keepalives_idle_s=settings.pg_keepalives_idle_s,
     )
 
 

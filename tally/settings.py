@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     retry_initial_ms: int = 100
     retry_max_ms: int = 10000
     publish_timeout_ms: int = 30000
+    attempt_timeout_s: float = Field(120.0, description="longest single attempt of a step; below max_poll_interval_ms"
+                                     " and above publish_timeout_ms")
+    max_poll_interval_ms: int = Field(300000, description="librdkafka max.poll.interval.ms of the processor")
+    pg_command_timeout_s: float = Field(60.0, description="longest database statement before the attempt is retried")
+    pg_lock_timeout_ms: int = Field(20000, description="longest wait for a row lock (a stuck member's, say)")
+    pg_idle_in_transaction_timeout_ms: int = Field(
+        90000, description="the server ends a transaction whose client went quiet this long; above publish_timeout_ms")
+    pg_keepalives_idle_s: int = Field(30, description="TCP keepalive idle time of the server side of each connection")
     redis_counter_ttl_s: int = Field(7 * 24 * 3600, description="how long a counter stays cached after its window")
     crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
 
