@@ -34,6 +34,7 @@ from processors.retry import Abandoned, retrying
 from schemas.counters import PublishedState
 from schemas.deadletter import STORE_STAGE, DeadLetter
 from sinks.dlq_topic import DeadLetterSink
+from sinks.maintenance import Maintenance
 from sinks.outbox import OutboxRelay
 from sinks.postgres import PostgresSink
 from sinks.redis_cache import RedisCounterCache
@@ -55,7 +56,7 @@ class ProcessorConfig:
     retry_initial_s: float = 0.1
     retry_max_s: float = 10.0
     idle_relay_s: float = 5.0
-    partitions_every_s: float = 6 * 3600
+    maintenance_every_s: float = 6 * 3600
     # Longest single attempt of a step: below max.poll.interval.ms, so a hung attempt is given up and
     # retried (the consumer polls between attempts) before the group evicts this member.
     attempt_timeout_s: float = 120.0
@@ -90,6 +91,7 @@ class Sinks:
     store: PostgresSink
     relay: OutboxRelay
     dead_letters: DeadLetterSink
+    maintenance: Maintenance
     cache: RedisCounterCache | None = None
 
 
@@ -120,14 +122,14 @@ class Processor:
     async def run(self) -> None:
         await self._kafka(partial(self._consumer.subscribe, [self.config.topic], on_assign=self._on_assign,
                                   on_revoke=self._on_revoke, on_lost=self._on_lost))
-        last_relay, last_partitions = 0.0, float("-inf")  # partitions are looked after at start
+        last_relay, last_upkeep = 0.0, float("-inf")  # storage is looked after at start
         ahead: asyncio.Task[Batch | None] | None = None
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
-                if now - last_partitions > self.config.partitions_every_s:
-                    await self._step("partitions", lambda: self.sinks.store.ensure_partitions(1, 2), set())
-                    last_partitions = now
+                if now - last_upkeep > self.config.maintenance_every_s:
+                    await self._step("maintenance", self._maintain, set())
+                    last_upkeep = now
                 batch = await (ahead or self._prepare())
                 ahead = None
                 if batch is not None:
@@ -260,6 +262,9 @@ class Processor:
         if states and self.sinks.cache is not None:
             await self.sinks.cache.write(states)
             await self.sinks.cache.flush()
+
+    async def _maintain(self) -> None:
+        log.info("maintenance: %s", (await self.sinks.maintenance.run()).summary())
 
     async def _commit(self) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in self._assigned]

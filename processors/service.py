@@ -21,6 +21,7 @@ from processors.meters import MeterSet, load_meters
 from sinks.counter_topic import CounterTopicSink
 from sinks.dlq_topic import DeadLetterSink
 from sinks.kafka import KafkaPublisher
+from sinks.maintenance import Maintenance, Retention
 from sinks.outbox import OutboxRelay
 from sinks.postgres import PostgresSink
 from sinks.redis_cache import RedisCounterCache
@@ -49,6 +50,7 @@ class ServiceConfig:
     pg_lock_timeout_ms: int = 20000
     pg_idle_in_transaction_timeout_ms: int = 90000
     pg_keepalives_idle_s: int = 30
+    retention: Retention = Retention()
 
     def __post_init__(self) -> None:
         # The relay waits for Kafka acks inside its transaction, and an attempt must outlast that wait: a
@@ -57,6 +59,9 @@ class ServiceConfig:
             raise ValueError("pg_idle_in_transaction_timeout_ms must be longer than publish_timeout_ms")
         if not self.publish_timeout_ms < self.processor.attempt_timeout_s * 1000:
             raise ValueError("attempt_timeout_s must be longer than publish_timeout_ms")
+        # A window pruned while late events may still count in it would come back holding only those.
+        if any(0 < days * 86400 <= self.late_horizon_s for days in self.retention.counter_days.values()):
+            raise ValueError("a counter retention must be longer than the late-event horizon")
 
 
 def pool_settings(config: ServiceConfig) -> dict:
@@ -95,6 +100,7 @@ async def run(config: ServiceConfig) -> None:
                            partial(crash_point, "after_share_commit", config.processor.crash_at)),
         relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),
+        maintenance=Maintenance(pool, config.retention),
         cache=cache,
     )
     processor = Processor(config.processor, validator, sinks)

@@ -190,11 +190,6 @@ class PostgresSink:
         return StoreResult(new=new, duplicates=len(share) - len(new) - len(conflicts), counters=len(deltas),
                            conflicts=conflicts)
 
-    async def ensure_partitions(self, months_back: int, months_ahead: int) -> int:
-        """Create the monthly events partitions around now; returns how many were created."""
-        async with self._pool.acquire() as conn:
-            return await conn.fetchval("select tally_ensure_event_partitions($1, $2)", months_back, months_ahead)
-
 
 def _reason(exc: BaseException) -> str:
     sqlstate = getattr(exc, "sqlstate", None)

@@ -57,6 +57,7 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
             retry_max_s=settings.retry_max_ms / 1000,
             attempt_timeout_s=settings.attempt_timeout_s,
             max_poll_interval_ms=settings.max_poll_interval_ms,
+            maintenance_every_s=settings.maintenance_every_s,
             crash_at=settings.crash_at,
         ),
         database_url=settings.database_url,
@@ -76,7 +77,28 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
         pg_lock_timeout_ms=settings.pg_lock_timeout_ms,
         pg_idle_in_transaction_timeout_ms=settings.pg_idle_in_transaction_timeout_ms,
         pg_keepalives_idle_s=settings.pg_keepalives_idle_s,
+        retention=_retention(settings),
     )
+
+
+def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
+    from sinks.maintenance import Retention
+
+    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days)
+
+
+def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.maintenance import Maintenance
+
+    async def run() -> str:
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            return (await Maintenance(pool, _retention(settings)).run()).summary()
+        finally:
+            await pool.close()
+
+    print(asyncio.run(run()))
+    return 0
 
 
 def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
@@ -182,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("process", help="run a stream processor (one consumer-group member)").set_defaults(func=cmd_process)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("maintenance", help="create events partitions (also for months left in the default one) and"
+                   " prune event keys and counter windows past their retention").set_defaults(func=cmd_maintenance)
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters").add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq.add_parser("list", help="one line per dead letter: position, stage, error, origin, message")
