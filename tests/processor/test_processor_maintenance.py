@@ -11,7 +11,8 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 
 from tally.settings import ROOT, Settings
-from tests.support import env_for
+from tests.processor.helpers import wait_for
+from tests.support import env_for, running
 
 
 async def test_maintenance_partitions_every_month_with_events_and_prunes_by_age(
@@ -45,3 +46,14 @@ async def test_maintenance_partitions_every_month_with_events_and_prunes_by_age(
     kept = {r[0] for r in await db.fetch("select window_name from counters where tenant = $1", tenant)}
     assert kept == {"hour", "day"}  # hours are kept 400 days, days for ever
     assert await db.fetchval("select count(*) from counter_outbox where key = $1", f"{tenant}/minute") == 0
+
+
+async def test_a_processor_looks_after_storage_as_it_starts(isolated: Settings, db: asyncpg.Connection) -> None:
+    """At start, whatever the host's uptime (it used to wait six hours from boot)."""
+    tenant = f"upkeep-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    await db.execute("insert into events (tenant, source, id, type, time, received_at, kafka_partition, kafka_offset)"
+                     " values ($1, 's', 'old', 't', $2, $3, 0, 0)", tenant, datetime(2002, 7, 1, tzinfo=timezone.utc), now)
+    with running("processor", ["process"], isolated):
+        await wait_for(lambda: db.fetchval("select to_regclass('events_y2002m07') is not null"), 30,
+                       "the processor to partition the backfilled month")
