@@ -75,12 +75,19 @@ def _number(raw: Any, meter: Meter) -> Decimal:
     return value
 
 
-def _group_value(raw: Any, name: str, meter: Meter) -> Scalar:
-    """A group value as it goes into the counter's key, refused when it is too long for that key."""
-    value = _scalar(raw)
-    if isinstance(value, str) and over_bytes(value, MAX_GROUP_VALUE_BYTES):
+def _check_group_value(raw: Any, name: str, meter: Meter) -> None:
+    """Refuse a group value too long for the counter's key (text of at most a quarter of the limit in
+    characters always fits: UTF-8 takes at most 4 bytes a character)."""
+    if type(raw) is str:
+        if len(raw) * 4 <= MAX_GROUP_VALUE_BYTES:
+            return
+        value = raw
+    elif raw is _MISSING or raw is None or isinstance(raw, (int, float, bool)):
+        return
+    else:
+        value = _scalar(raw)
+    if over_bytes(value, MAX_GROUP_VALUE_BYTES):
         raise MeterError(f"meter {meter.slug}: group {name} is longer than {MAX_GROUP_VALUE_BYTES} bytes")
-    return value
 
 
 def _scalar(raw: Any) -> Scalar:
@@ -138,7 +145,7 @@ class MeterSet:
             if not c.counts:
                 _number(_resolve(envelope, c.value_path), c.meter)
             for name, parts in c.group_by:
-                _group_value(_resolve(envelope, parts), name, c.meter)
+                _check_group_value(_resolve(envelope, parts), name, c.meter)
 
     def aggregate(self, records: Iterable[Record]) -> list[tuple[str, CounterDelta]]:
         """One delta per counter window touched by these records, sorted by key text (the lock order).
