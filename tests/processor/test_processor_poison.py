@@ -22,13 +22,15 @@ METERS = """
 meters:
   - {slug: events, event_type: "*", group_by: {type: type}, windows: [hour, day]}
   - {slug: models, event_type: "*", group_by: {model: data.model}, per_subject: false, windows: [day]}
+  - {slug: wide, event_type: "*", group_by: {a: data.w.a, b: data.w.b, c: data.w.c, d: data.w.d, e: data.w.e,
+                                             f: data.w.f}, windows: [day]}
 """
 HEADERS = [("tenant", b"poison"), ("content-type", b"application/cloudevents+json"), ("schema-version", b"1")]
 
 
-def _astral(n: int) -> str:
+def _astral(n: int, seed: int = 0) -> str:
     """`n` random characters from outside the BMP: 4 bytes each in UTF-8, and incompressible."""
-    rng = random.Random(n)
+    rng = random.Random(n * 100 + seed)
     return "".join(chr(rng.randrange(0x20000, 0x2A000)) for _ in range(n))
 
 
@@ -45,6 +47,8 @@ def _poison(tenant: str, kind: str) -> bytes:
         return _raw(tenant, source=_astral(512), id=_astral(256))
     if kind == "astral-group":  # C1: a group value over the counter key's limit
         return _raw(tenant, data={"model": _astral(700)})
+    if kind == "counter-key-over-the-btree-limit":  # every group value within its limit, the key over 2704 bytes
+        return _raw(tenant, data={"model": "m", "w": {name: _astral(128, n) for n, name in enumerate("abcdef")}})
     if kind == "integer-beyond-64-bits":  # M1, from a producer other than the gateway
         return _raw(tenant, data={"model": "m", "n": 2**70})
     if kind == "year-9999":  # M1
@@ -55,8 +59,11 @@ def _poison(tenant: str, kind: str) -> bytes:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["astral-source", "astral-group", "integer-beyond-64-bits", "year-9999",
-                                  "too-large-for-the-dlq"])
+STAGES = {"astral-source": "decode", "astral-group": "meter", "counter-key-over-the-btree-limit": "store",
+          "integer-beyond-64-bits": "decode", "year-9999": "decode", "too-large-for-the-dlq": "decode"}
+
+
+@pytest.mark.parametrize("kind", list(STAGES))
 async def test_a_message_that_can_never_be_written_is_dead_lettered_and_the_rest_goes_through(
     isolated: Settings, db: asyncpg.Connection, kind: str
 ) -> None:
@@ -76,7 +83,7 @@ async def test_a_message_that_can_never_be_written_is_dead_lettered_and_the_rest
     letters = [item.letter for item in read_letters(settings.kafka_bootstrap, settings.topics.dlq)]
     assert len(letters) == 1, [(d.stage, d.error_class, d.message) for d in letters]
     letter: DeadLetter = letters[0]
-    assert letter.stage in ("decode", "meter", "store") and letter.message
+    assert letter.stage == STAGES[kind] and letter.message
     assert [h for h in letter.original_headers if h[0] in dict(HEADERS)] == HEADERS
     if kind == "too-large-for-the-dlq":
         assert letter.truncated_from == len(poison) and letter.value == poison[:len(letter.value or b"")]
