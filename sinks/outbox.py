@@ -1,13 +1,15 @@
 """The counter outbox relay: publish committed counter windows, then forget what was published.
 
-A relay takes a transaction-level advisory lock per queued key (try, skip the taken: relays never
-wait on each other, and writers never take them), then reads the counters in a statement of its
-own, so under READ COMMITTED it sees every update committed before it held the key. It publishes
-those states, waits for the acks and deletes each key's queue entry only up to the revision it
-published: an update committed meanwhile re-queued the key with a higher revision, which stays for
-the next relay. One relay at a time publishes a key, each reading a state no older than the last
-one published, so the topic's latest state per key ends equal to PostgreSQL. No row is locked while
-the relay waits for Kafka; a crash anywhere leaves the keys queued (docs/adr/0016).
+Queued keys fall into 256 buckets by hash. A relay takes a transaction-level advisory lock per
+bucket as it meets the bucket's keys (try, skip the taken: relays never wait on each other, writers
+never take them, and a round holds at most 256 locks however many windows it publishes), then reads
+the counters in a statement of its own, so under READ COMMITTED it sees every update committed before
+it held the keys. It publishes those states, waits for the acks and deletes each key's queue entry
+only up to the revision it published: an update committed meanwhile re-queued the key with a higher
+revision, which stays for the next relay. One relay at a time publishes a key, each reading a state
+no older than the last one published, so the topic's latest state per key ends equal to PostgreSQL.
+No row is locked while the relay waits for Kafka; a crash anywhere leaves the keys queued
+(docs/adr/0016).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import orjson
 from schemas.counters import EncodedState, encode_state
 from sinks.counter_topic import CounterTopicSink
 
-# Advisory lock class of the relay's per-key locks (the two-integer key space does not meet the
+# Advisory lock class of the relay's bucket locks (the two-integer key space does not meet the
 # one-bigint locks the migrations and partition upkeep take).
 _RELAY_LOCK_CLASS = 0x7A12
+_BUCKETS = 256
 
+# Keys in key order whose bucket this transaction holds or could take now.
 _CLAIM = """
-select key from (select key from counter_outbox order by key limit $1) queued
-where pg_try_advisory_xact_lock($2, hashtext(key))
+select key from counter_outbox
+where pg_try_advisory_xact_lock($2, hashtext(key) & ($3 - 1))
+order by key
+limit $1
 """
 
 _COUNTERS = """
@@ -52,7 +58,7 @@ class OutboxRelay:
     async def publish_once(self) -> list[EncodedState]:
         """Publish up to `limit` queued windows; returns their states (empty when nothing was free)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            keys = [row[0] for row in await conn.fetch(_CLAIM, self._limit, _RELAY_LOCK_CLASS)]
+            keys = [row[0] for row in await conn.fetch(_CLAIM, self._limit, _RELAY_LOCK_CLASS, _BUCKETS)]
             if not keys:
                 return []
             rows = await conn.fetch(_COUNTERS, keys)

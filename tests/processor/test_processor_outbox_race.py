@@ -82,3 +82,30 @@ async def test_the_topic_ends_equal_to_postgres_with_members_and_relays_racing_o
         for p in publishers:
             p.close()
         await pool.close()
+
+
+async def test_one_relay_round_publishes_more_windows_than_the_lock_table_holds(
+    isolated: Settings, db: asyncpg.Connection
+) -> None:
+    """PostgreSQL's shared lock table holds max_locks_per_transaction × max_connections entries (6,400 by
+    default): a relay round must not take a lock per window."""
+    tenant = f"wide-{uuid.uuid4().hex[:8]}"
+    windows = 25000
+    await db.execute("""
+        with made as (
+            insert into counters (key, tenant, meter, aggregation, window_name, window_start, window_end, value, count,
+                                  latest_time)
+            select format('["%s",%s]', $1::text, n), $1, 'm', 'COUNT', 'day', now(), now(), 1, 1, now()
+            from generate_series(1, $2) n
+            returning key, revision
+        )
+        insert into counter_outbox (key, revision) select key, revision from made""", tenant, windows)
+    pool = await asyncpg.create_pool(isolated.database_url, min_size=1, max_size=1)
+    publisher = KafkaPublisher(isolated.kafka_bootstrap)
+    try:
+        states = await OutboxRelay(pool, CounterTopicSink(publisher, isolated.topics.counters)).publish_all()
+        assert len([s for s in states if tenant in s.key]) == windows
+        assert await db.fetchval("select count(*) from counter_outbox where key like $1", f'["{tenant}"%') == 0
+    finally:
+        publisher.close()
+        await pool.close()
