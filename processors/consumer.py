@@ -264,7 +264,9 @@ class Processor:
             await self.sinks.cache.flush()
 
     async def _maintain(self) -> None:
-        log.info("maintenance: %s", (await self.sinks.maintenance.run()).summary())
+        # Batches wait while this runs: prune for a part of one attempt and carry on at the next run.
+        upkeep = await self.sinks.maintenance.run(budget_s=self.config.attempt_timeout_s / 4)
+        log.info("maintenance: %s", upkeep.summary())
 
     async def _commit(self) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in self._assigned]

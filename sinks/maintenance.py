@@ -2,12 +2,14 @@
 
 The processor runs it at start and every few hours; `tally maintenance` runs it once. Each part is
 safe to run from several places at once: partitions are created under an advisory lock, and pruning
-deletes in small batches, oldest first, so it never holds many row locks or runs one long statement
-(docs/adr/0011, docs/adr/0017).
+deletes in small batches, oldest first, so it never holds many row locks or runs one long statement.
+The processor gives pruning a time budget (its batches wait meanwhile) and carries on next time;
+the command prunes until done (docs/adr/0011, docs/adr/0017).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -69,8 +71,10 @@ class Maintenance:
         self._pool = pool
         self._retention = retention
 
-    async def run(self, now: datetime | None = None) -> Upkeep:
-        now = now or datetime.now(timezone.utc)
+    async def run(self, budget_s: float | None = None) -> Upkeep:
+        """Partitions, then pruning until done or, with a budget, until `budget_s` seconds have passed."""
+        now = datetime.now(timezone.utc)
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         r = self._retention
         upkeep = Upkeep()
         async with self._pool.acquire() as conn:
@@ -82,18 +86,19 @@ class Maintenance:
                 await conn.execute(_PARTITION_LOCK_TIMEOUT)
                 upkeep.partitions += await conn.fetchval("select tally_partition_default_months()")
             if r.event_keys_days > 0:
-                upkeep.event_keys = await _batches(conn, _PRUNE_KEYS, now - timedelta(days=r.event_keys_days))
+                upkeep.event_keys = await _batches(conn, deadline, _PRUNE_KEYS, now - timedelta(days=r.event_keys_days))
             for window, days in r.counter_days.items():
                 if days > 0:
-                    upkeep.counters[window] = await _batches(conn, _PRUNE_COUNTERS, window, now - timedelta(days=days))
+                    upkeep.counters[window] = await _batches(conn, deadline, _PRUNE_COUNTERS, window,
+                                                             now - timedelta(days=days))
         return upkeep
 
 
-async def _batches(conn: asyncpg.Connection, statement: str, *args: object) -> int:
-    """Run a batched delete until it deletes less than a batch; returns how many rows went."""
+async def _batches(conn: asyncpg.Connection, deadline: float | None, statement: str, *args: object) -> int:
+    """Run a batched delete until it deletes less than a batch or the deadline passed; how many rows went."""
     total = 0
     while True:
         deleted = await conn.fetchval(statement, *args, _BATCH)
         total += deleted
-        if deleted < _BATCH:
+        if deleted < _BATCH or (deadline is not None and time.monotonic() > deadline):
             return total
