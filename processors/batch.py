@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from processors.decode import decode
 from processors.dlq import dead_letter
 from processors.meters import MeterError, MeterSet
+from processors.storable import Unstorable, check_bounds, check_no_nul
 from schemas.deadletter import DeadLetter
 from sinks.base import Record
 
@@ -65,16 +66,18 @@ class Validator:
             if raw is None:
                 out.dead_letters.append(dead_letter(msg, "decode", "EmptyMessage", "message has no value", now))
                 continue
-            if b"\\u0000" in raw:
-                out.dead_letters.append(dead_letter(msg, "decode", "UnstorableValue",
-                                                    "a NUL character (\\u0000) cannot be stored in PostgreSQL", now))
-                continue
             try:
                 event = decode(raw)
+                check_bounds(event)
+                if b"\\u0000" in raw:  # the escape, or a literal backslash before "u0000": only the first is a NUL
+                    check_no_nul(event)
             except ValidationError as exc:
                 invalid_json = any(err["type"] == "json_invalid" for err in exc.errors())
                 error_class = "InvalidJSON" if invalid_json else "SchemaMismatch"
                 out.dead_letters.append(dead_letter(msg, "decode", error_class, _summary(exc), now))
+                continue
+            except Unstorable as exc:
+                out.dead_letters.append(dead_letter(msg, "decode", "UnstorableValue", str(exc), now))
                 continue
             if not accepted(event.type):
                 out.dead_letters.append(

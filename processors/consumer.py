@@ -28,12 +28,13 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from processors import metrics
 from processors.batch import Batch, Validator
-from processors.dlq import conflict_letter
+from processors.dlq import conflict_letter, dead_letter
 from processors.faults import crash_point
 from processors.retry import Abandoned, retrying
 from schemas.counters import PublishedState
-from schemas.deadletter import DeadLetter
+from schemas.deadletter import STORE_STAGE, DeadLetter
 from sinks.dlq_topic import DeadLetterSink
+from sinks.maintenance import Maintenance
 from sinks.outbox import OutboxRelay
 from sinks.postgres import PostgresSink
 from sinks.redis_cache import RedisCounterCache
@@ -55,8 +56,16 @@ class ProcessorConfig:
     retry_initial_s: float = 0.1
     retry_max_s: float = 10.0
     idle_relay_s: float = 5.0
-    partitions_every_s: float = 6 * 3600
+    maintenance_every_s: float = 6 * 3600
+    # Longest single attempt of a step: below max.poll.interval.ms, so a hung attempt is given up and
+    # retried (the consumer polls between attempts) before the group evicts this member.
+    attempt_timeout_s: float = 120.0
+    max_poll_interval_ms: int = 300000
     crash_at: str = ""
+
+    def __post_init__(self) -> None:
+        if self.attempt_timeout_s * 1000 >= self.max_poll_interval_ms:
+            raise ValueError("attempt_timeout_s must be shorter than max.poll.interval.ms")
 
 
 def consumer_config(config: ProcessorConfig, **overrides: Any) -> dict[str, Any]:
@@ -69,7 +78,7 @@ def consumer_config(config: ProcessorConfig, **overrides: Any) -> dict[str, Any]
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
-        "max.poll.interval.ms": 300000,
+        "max.poll.interval.ms": config.max_poll_interval_ms,
         "fetch.min.bytes": 1,
         "queued.max.messages.kbytes": 65536,
     }
@@ -82,6 +91,7 @@ class Sinks:
     store: PostgresSink
     relay: OutboxRelay
     dead_letters: DeadLetterSink
+    maintenance: Maintenance
     cache: RedisCounterCache | None = None
 
 
@@ -112,14 +122,14 @@ class Processor:
     async def run(self) -> None:
         await self._kafka(partial(self._consumer.subscribe, [self.config.topic], on_assign=self._on_assign,
                                   on_revoke=self._on_revoke, on_lost=self._on_lost))
-        last_relay = last_partitions = 0.0
+        last_relay, last_upkeep = 0.0, float("-inf")  # storage is looked after at start
         ahead: asyncio.Task[Batch | None] | None = None
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
-                if now - last_partitions > self.config.partitions_every_s:
-                    await self._step("partitions", lambda: self.sinks.store.ensure_partitions(1, 2), set())
-                    last_partitions = now
+                if now - last_upkeep > self.config.maintenance_every_s:
+                    await self._step("maintenance", self._maintain, set())
+                    last_upkeep = now
                 batch = await (ahead or self._prepare())
                 ahead = None
                 if batch is not None:
@@ -192,7 +202,7 @@ class Processor:
         try:
             if batch.records:
                 await self._step("postgres", partial(self._store, batch.records), in_flight)
-                batch.dead_letters.extend(self._conflict_letters(batch))
+                batch.dead_letters.extend(self._store_letters(batch))
             crash_point("after_pg_commit", self.config.crash_at)
             if batch.dead_letters:
                 await self._step("dead letters", partial(self._send_dead_letters, batch), in_flight)
@@ -228,14 +238,17 @@ class Processor:
         metrics.PERSISTED.inc(len(store.last.new))
         metrics.DUPLICATES.inc(store.last.duplicates)
 
-    def _conflict_letters(self, batch: Batch) -> list[DeadLetter]:
-        conflicts = self.sinks.store.last.conflicts
-        if not conflicts:
+    def _store_letters(self, batch: Batch) -> list[DeadLetter]:
+        """Dead letters for the copies step 2 found in conflict and the events PostgreSQL refused alone."""
+        last = self.sinks.store.last
+        if not last.conflicts and not last.poison:
             return []
         messages = {(m.partition(), m.offset()): m for m in batch.messages}
         now = datetime.now(timezone.utc)
         return [conflict_letter(messages[(c.record.partition, c.record.offset)], c.kept_partition, c.kept_offset, now)
-                for c in conflicts]
+                for c in last.conflicts] + [
+            dead_letter(messages[(p.record.partition, p.record.offset)], STORE_STAGE, p.error_class, p.message, now)
+            for p in last.poison]
 
     async def _send_dead_letters(self, batch: Batch) -> None:
         await self.sinks.dead_letters.write(batch.dead_letters)
@@ -249,6 +262,11 @@ class Processor:
         if states and self.sinks.cache is not None:
             await self.sinks.cache.write(states)
             await self.sinks.cache.flush()
+
+    async def _maintain(self) -> None:
+        # Batches wait while this runs: prune for a part of one attempt and carry on at the next run.
+        upkeep = await self.sinks.maintenance.run(budget_s=self.config.attempt_timeout_s / 4)
+        log.info("maintenance: %s", upkeep.summary())
 
     async def _commit(self) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in self._assigned]
@@ -294,7 +312,7 @@ class Processor:
         try:
             async for attempt in retry:
                 with attempt:
-                    await call()
+                    await asyncio.wait_for(call(), self.config.attempt_timeout_s)
         finally:
             if self._paused:
                 await self._kafka(self._resume)

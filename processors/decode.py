@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from processors.storable import check_integers
 from schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE, Envelope
 
 MAX_TENANT = 128
@@ -44,9 +45,15 @@ class Event:
 
 
 def decode(raw: bytes) -> Event:
-    """The event in `raw`, or the model's ValidationError for the message (as Envelope.from_bytes raises)."""
+    """The event in `raw`, or the model's ValidationError for the message (as Envelope.from_bytes raises).
+
+    Only the model keeps integers beyond 64 bits, which storage cannot write: those raise Unstorable.
+    """
     event = _fast(raw)
-    return event if event is not None else from_envelope(Envelope.from_bytes(raw))
+    if event is None:
+        event = from_envelope(Envelope.from_bytes(raw))
+        check_integers(event.data)
+    return event
 
 
 def from_envelope(envelope: Envelope) -> Event:

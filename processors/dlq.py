@@ -20,12 +20,26 @@ from sinks.kafka import KafkaPublisher
 
 def dead_letter(msg: Message, stage: str, error_class: str, message: str, now: datetime,
                 kept: tuple[int, int] | None = None) -> DeadLetter:
-    headers = dict(msg.headers() or [])
-    attempts = int(headers.get(REPLAY_ATTEMPTS, b"0")) + 1
-    first_seen = datetime.fromisoformat(headers[REPLAY_FIRST_SEEN].decode()) if REPLAY_FIRST_SEEN in headers else now
+    """A letter for `msg` with its key, value and headers (but any old `tally.dlq.*` reason)."""
+    original = tuple((name, value or b"") for name, value in msg.headers() or [] if not name.startswith(PREFIX))
+    attempts, first_seen = _history(dict(original), now)
     kept_partition, kept_offset = kept if kept is not None else (None, None)
     return DeadLetter(stage, error_class, message, msg.topic(), msg.partition(), msg.offset(), first_seen,
-                      attempts, msg.key(), msg.value(), kept_partition, kept_offset)
+                      attempts, msg.key(), msg.value(), kept_partition, kept_offset, original)
+
+
+def _history(headers: dict[str, bytes], now: datetime) -> tuple[int, datetime]:
+    """Attempts and first sighting from a replayed message's headers; a garbled header starts the history
+    afresh rather than stopping the processor (only a producer other than `tally dlq replay` writes one)."""
+    try:
+        attempts = int(headers.get(REPLAY_ATTEMPTS, b"0")) + 1
+    except ValueError:
+        attempts = 1
+    try:
+        first_seen = datetime.fromisoformat(headers[REPLAY_FIRST_SEEN].decode()) if REPLAY_FIRST_SEEN in headers else now
+    except (ValueError, UnicodeDecodeError):
+        first_seen = now
+    return attempts, first_seen
 
 
 def conflict_letter(msg: Message, kept_partition: int, kept_offset: int, now: datetime) -> DeadLetter:

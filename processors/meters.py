@@ -11,20 +11,25 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
 
+from processors.storable import over_bytes
 from processors.windows import bounds
 from schemas.counters import CounterDelta, CounterKey, Scalar
+from schemas.envelope import MAX_GROUP_VALUE_BYTES
 from schemas.meters import DEFAULT_METERS, Aggregation, Meter, MetersConfig, Window, with_built_ins
 from sinks.base import Record, StoredEvent
 
 _MISSING = object()
 _MAX_EXPONENT = 100  # far inside PostgreSQL numeric's range, far beyond any real usage value
+# Values have digits from 10^100 down to 10^-100 (201 places); a sum of up to 2^63 of them needs 20 more.
+# The fold traps Inexact, so a SUM is exact whatever the batching, as PostgreSQL's numeric addition is.
+_EXACT = Context(prec=2 * _MAX_EXPONENT + 30, Emax=999_999, Emin=-999_999, traps=[Inexact, InvalidOperation])
 
 
 class MeterError(ValueError):
@@ -65,9 +70,25 @@ def _number(raw: Any, meter: Meter) -> Decimal:
         value = Decimal(str(raw))
     except InvalidOperation:
         raise MeterError(f"meter {meter.slug}: value at {meter.value_path} is not a number") from None
-    if not value.is_finite() or abs(value.adjusted()) > _MAX_EXPONENT:
-        raise MeterError(f"meter {meter.slug}: value at {meter.value_path} is not finite or out of range")
+    if not value.is_finite() or abs(value.adjusted()) > _MAX_EXPONENT or value.as_tuple().exponent < -_MAX_EXPONENT:
+        raise MeterError(f"meter {meter.slug}: value at {meter.value_path} is not finite, out of range or has digits"
+                         f" below 1e-{_MAX_EXPONENT}")
     return value
+
+
+def _check_group_value(raw: Any, name: str, meter: Meter) -> None:
+    """Refuse a group value too long for the counter's key (text of at most a quarter of the limit in
+    characters always fits: UTF-8 takes at most 4 bytes a character)."""
+    if type(raw) is str:
+        if len(raw) * 4 <= MAX_GROUP_VALUE_BYTES:
+            return
+        value = raw
+    elif raw is _MISSING or raw is None or isinstance(raw, (int, float, bool)):
+        return
+    else:
+        value = _scalar(raw)
+    if over_bytes(value, MAX_GROUP_VALUE_BYTES):
+        raise MeterError(f"meter {meter.slug}: group {name} is longer than {MAX_GROUP_VALUE_BYTES} bytes")
 
 
 def _scalar(raw: Any) -> Scalar:
@@ -109,20 +130,23 @@ class MeterSet:
             for m in config.meters
         ]
         self._by_type: dict[str, list[tuple[int, _Compiled]]] = {}
-        self._valued_by_type: dict[str, list[_Compiled]] = {}
+        self._checked_by_type: dict[str, list[_Compiled]] = {}
         self._bounds: dict[tuple[Window, int], tuple[datetime, datetime]] = {}
         self._minutes: dict[datetime, int] = {}
 
     def check(self, envelope: StoredEvent) -> None:
-        """Raise MeterError if a meter that matches this event cannot read its value."""
-        valued = self._valued_by_type.get(envelope.type)
-        if valued is None:
-            valued = [c for _, c in self._matching(envelope.type) if not c.counts]
-            if len(self._valued_by_type) > 10_000:
-                self._valued_by_type.clear()
-            self._valued_by_type[envelope.type] = valued
-        for c in valued:
-            _number(_resolve(envelope, c.value_path), c.meter)
+        """Raise MeterError if a meter that matches this event cannot read its value or group it."""
+        checked = self._checked_by_type.get(envelope.type)
+        if checked is None:
+            checked = [c for _, c in self._matching(envelope.type) if not c.counts or c.group_by]
+            if len(self._checked_by_type) > 10_000:
+                self._checked_by_type.clear()
+            self._checked_by_type[envelope.type] = checked
+        for c in checked:
+            if not c.counts:
+                _number(_resolve(envelope, c.value_path), c.meter)
+            for name, parts in c.group_by:
+                _check_group_value(_resolve(envelope, parts), name, c.meter)
 
     def aggregate(self, records: Iterable[Record]) -> list[tuple[str, CounterDelta]]:
         """One delta per counter window touched by these records, sorted by key text (the lock order).
@@ -138,7 +162,8 @@ class MeterSet:
             minute = self._minute(at)
             for index, c in self._matching(e.type):
                 meter = c.meter
-                group = tuple([(name, _scalar(_resolve(e, parts))) for name, parts in c.group_by])
+                # The type is part of the group: true, 1 and 1.0 are equal in Python but not the same group.
+                group = tuple([(name, type(v), v) for name, parts in c.group_by for v in (_scalar(_resolve(e, parts)),)])
                 key = (index, minute, e.tenant, e.subject if meter.per_subject else None, group)
                 current = minutes.get(key)
                 if c.counts:
@@ -167,7 +192,7 @@ class MeterSet:
                     _fold(current, value, count, latest)
         out = []
         for (tenant, slug, window_name, start, subject, group), (aggregation, value, count, latest, end) in windows.items():
-            key = CounterKey(tenant, slug, window_name, start, subject, group)
+            key = CounterKey(tenant, slug, window_name, start, subject, tuple((name, v) for name, _, v in group))
             total = Decimal(count) if aggregation is Aggregation.COUNT else value
             out.append((key.to_text(), CounterDelta(key, end, aggregation, total, count, latest)))
         out.sort(key=lambda item: item[0])
@@ -206,7 +231,7 @@ def _fold(current: list, value: Decimal | None, count: int, at: datetime) -> Non
     [aggregation, value, count, latest_time, ...]; COUNT keeps no value, only the count."""
     aggregation = current[0]
     if aggregation is Aggregation.SUM:
-        current[1] += value
+        current[1] = _EXACT.add(current[1], value)
     elif aggregation is Aggregation.MAX:
         current[1] = max(current[1], value)
     elif aggregation is Aggregation.MIN:

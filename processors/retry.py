@@ -1,8 +1,9 @@
 """Backoff for failures that pass: exponential with jitter (tenacity), for as long as it takes.
 
-Every failure of a step that writes (PostgreSQL, the counter topic, the dead-letter topic) is
-retried, because poison was set aside in step 1: what fails now is the environment, and
-giving up would drop data. The caller's sleep keeps the consumer alive in the group while it
+Every failure that reaches here is retried: poison was set aside in step 1, and what step 1 did
+not foresee is isolated by the sinks themselves (a PostgreSQL share is bisected down to the record
+it refuses, a dead letter too large is cut to fit; sinks.errors tells the two apart). What fails
+now is the environment, and giving up would drop data. The caller's sleep keeps the consumer alive in the group while it
 waits, and raises Abandoned when the batch must be given up (shutdown, partitions revoked).
 """
 
@@ -19,8 +20,9 @@ from sinks.kafka import PublishError
 log = logging.getLogger("tally.processor.retry")
 
 # SQLSTATE classes that pass: connection exception, transaction rollback (deadlock, serialization),
-# insufficient resources, operator intervention (shutdown), system error.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+# insufficient resources, object in use (lock_timeout), operator intervention (shutdown, statement
+# timeout), system error.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
 
 
 class Abandoned(Exception):

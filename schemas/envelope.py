@@ -29,6 +29,15 @@ MAX_NESTING = 64  # JSON containers inside an event; orjson encodes at most 254
 MAX_MESSAGE_BYTES = 1_000_000  # librdkafka's message.max.bytes; the broker's default allows a little more
 RESERVED_SOURCE_PREFIXES = ("logs/", "webhooks/")  # only the gateway's own routes make these
 
+# Limits in UTF-8 bytes, beside the character limits above: (tenant, source, id) is one btree entry of
+# event_keys and the subject and group values go into the counters' key, and PostgreSQL refuses a btree
+# entry over 2704 bytes (about 2,300 bytes is left for these three with room for the entry's overhead).
+MAX_TENANT_BYTES = 256
+MAX_SOURCE_BYTES = 1024
+MAX_ID_BYTES = 1024
+MAX_SUBJECT_BYTES = 512
+MAX_GROUP_VALUE_BYTES = 512
+
 
 class CloudEvent(BaseModel):
     """A CloudEvent 1.0 in structured mode, as a producer posts it. `time` must carry its offset (RFC 3339)."""

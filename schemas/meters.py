@@ -49,6 +49,8 @@ class Meter(BaseModel):
             raise ValueError(f"meter {self.slug}: {self.aggregation.value} needs a value_path")
         if not self.windows:
             raise ValueError(f"meter {self.slug}: at least one window")
+        if len(set(self.windows)) != len(self.windows):
+            raise ValueError(f"meter {self.slug}: a window is listed twice (it would be counted twice)")
         return self
 
 

@@ -1,9 +1,15 @@
-"""The counter outbox relay: publish committed counter windows, then forget them.
+"""The counter outbox relay: publish committed counter windows, then forget what was published.
 
-A relay locks queued keys (skip locked, so relays never wait on each other), publishes the
-counters' current committed state, waits for the acks and deletes the keys in the same
-transaction. A writer queuing a key a relay holds waits for it, so states of one window reach
-the topic in commit order, and a crash anywhere leaves the keys queued for the next relay.
+Queued keys fall into 256 buckets by hash. A relay takes a transaction-level advisory lock per
+bucket as it meets the bucket's keys (try, skip the taken: relays never wait on each other, writers
+never take them, and a round holds at most 256 locks however many windows it publishes), then reads
+the counters in a statement of its own, so under READ COMMITTED it sees every update committed before
+it held the keys. It publishes those states, waits for the acks and deletes each key's queue entry
+only up to the revision it published: an update committed meanwhile re-queued the key with a higher
+revision, which stays for the next relay. One relay at a time publishes a key, each reading a state
+no older than the last one published, so the topic's latest state per key ends equal to PostgreSQL.
+No row is locked while the relay waits for Kafka; a crash anywhere leaves the keys queued
+(docs/adr/0016).
 """
 
 from __future__ import annotations
@@ -16,13 +22,32 @@ import orjson
 from schemas.counters import EncodedState, encode_state
 from sinks.counter_topic import CounterTopicSink
 
-_PENDING = """
-select c.key, c.tenant, c.meter, c.aggregation, c.window_name, c.window_start, c.window_end, c.subject,
-       c.grp::text as grp, c.value::text as value, c.count, c.revision, c.updated_at
-from counter_outbox o join counters c on c.key = o.key
-order by o.key
+# Advisory lock class of the relay's bucket locks (the two-integer key space does not meet the
+# one-bigint locks the migrations and partition upkeep take).
+_RELAY_LOCK_CLASS = 0x7A12
+_BUCKETS = 256
+
+# Keys in key order whose bucket this transaction holds or could take now.
+_CLAIM = """
+select key from counter_outbox
+where pg_try_advisory_xact_lock($2, hashtext(key) & ($3 - 1))
+order by key
 limit $1
-for update of o skip locked
+"""
+
+_COUNTERS = """
+select key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp::text as grp,
+       value::text as value, count, revision, updated_at
+from counters where key = any($1::text[])
+order by key
+"""
+
+_EVERY_REVISION = 2**63 - 1  # for a queued key whose counter row is gone: forget the entry whatever its revision
+
+_FORGET = """
+delete from counter_outbox o
+using unnest($1::text[], $2::bigint[]) as p(key, revision)
+where o.key = p.key and o.revision <= p.revision
 """
 
 
@@ -37,14 +62,16 @@ class OutboxRelay:
     async def publish_once(self) -> list[EncodedState]:
         """Publish up to `limit` queued windows; returns their states (empty when nothing was free)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_PENDING, self._limit)
-            if not rows:
+            keys = [row[0] for row in await conn.fetch(_CLAIM, self._limit, _RELAY_LOCK_CLASS, _BUCKETS)]
+            if not keys:
                 return []
+            rows = await conn.fetch(_COUNTERS, keys)
             states = [_state(r) for r in rows]
             await self._topic.write(states)
             await self._topic.flush()
             self._on_published()
-            await conn.execute("delete from counter_outbox where key = any($1::text[])", [s.key for s in states])
+            published = {s.key: s.revision for s in states}
+            await conn.execute(_FORGET, keys, [published.get(k, _EVERY_REVISION) for k in keys])
         return states
 
     async def publish_all(self) -> list[EncodedState]:

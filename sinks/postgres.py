@@ -5,6 +5,10 @@ applied, the touched windows queued for publication) or not at all, so a re-deli
 always a duplicate and never counted twice. Keys and counters are touched in sorted order so
 that concurrent consumers lock rows in the same order and do not deadlock.
 
+A share that fails for a reason of its records (sinks.errors) is bisected: its halves are written in
+transactions of their own until the records that can never be written are found alone; those are
+returned as poison for the dead-letter topic and everything else is stored once (docs/adr/0015).
+
 The first copy of a (tenant, source, id) to commit is kept. A later copy with the same content
 digest is a duplicate; one with other content is a conflict, returned with where the kept copy
 was read, for the processor to report (docs/adr/0014). Nothing is substituted silently.
@@ -22,6 +26,7 @@ import orjson
 from schemas.counters import CounterDelta
 from schemas.envelope import content_digest
 from sinks.base import Record
+from sinks.errors import is_poison
 
 _CLAIM = """
 insert into event_keys (tenant, source, id, digest, kafka_partition, kafka_offset)
@@ -45,8 +50,8 @@ _EVENT_COLUMNS = (
 )
 
 # Counter windows upserted and queued for publication in one statement, both in key order (the lock order).
-# The queue uses DO UPDATE rather than DO NOTHING: it waits for a publisher holding the row, so a publisher
-# can never delete a queued key after reading an older counter state than the one this transaction commits.
+# The queue entry carries the revision committed here: the relay deletes an entry only up to the revision it
+# published, so an update committed while a relay publishes an older state stays queued (sinks.outbox).
 _UPSERT_AND_QUEUE = """
 with upserted as (
     insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end,
@@ -68,10 +73,10 @@ with upserted as (
         latest_time = greatest(c.latest_time, excluded.latest_time),
         revision = c.revision + 1,
         updated_at = now()
-    returning key
+    returning key, revision
 )
-insert into counter_outbox (key) select key from upserted order by key
-on conflict (key) do update set queued_at = now()
+insert into counter_outbox (key, revision) select key, revision from upserted order by key
+on conflict (key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
 """
 
 
@@ -84,12 +89,26 @@ class Conflict:
     kept_offset: int
 
 
+@dataclass(frozen=True)
+class Poison:
+    """A record that failed alone for a reason of its own: it can never be written."""
+
+    record: Record
+    error_class: str
+    message: str
+
+
 @dataclass
 class StoreResult:
     new: list[Record] = field(default_factory=list)
     duplicates: int = 0
     counters: int = 0
     conflicts: list[Conflict] = field(default_factory=list)
+    poison: list[Poison] = field(default_factory=list)
+
+    def __add__(self, other: "StoreResult") -> "StoreResult":
+        return StoreResult(self.new + other.new, self.duplicates + other.duplicates, self.counters + other.counters,
+                           self.conflicts + other.conflicts, self.poison + other.poison)
 
 
 Aggregate = Callable[[Sequence[Record]], list[tuple[str, CounterDelta]]]
@@ -127,12 +146,23 @@ class PostgresSink:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        new = [record for result in results for record in result.new]
-        conflicts = [conflict for result in results for conflict in result.conflicts]
-        self.last = StoreResult(new=new, duplicates=len(records) - len(new) - len(conflicts),
-                                counters=sum(r.counters for r in results), conflicts=conflicts)
+        self.last = sum(results, StoreResult())
 
     async def _store(self, share: list[Record]) -> StoreResult:
+        """The share in one transaction; if its records make it fail, each half in its own, down to the
+        single records that fail alone. Halves are written in order, so the first copy of a key still
+        commits first."""
+        try:
+            return await self._transaction(share)
+        except Exception as exc:  # noqa: BLE001 - anything that is not poison is raised again
+            if not is_poison(exc):
+                raise
+            if len(share) == 1:
+                return StoreResult(poison=[Poison(share[0], type(exc).__name__, _reason(exc))])
+        half = len(share) // 2
+        return await self._store(share[:half]) + await self._store(share[half:])
+
+    async def _transaction(self, share: list[Record]) -> StoreResult:
         """One transaction: claim the keys, store the new events, apply and queue their counter windows,
         and tell the copies that repeat a kept event's id with other content from plain duplicates."""
         first: dict[tuple[str, str, str], tuple[Record, bytes]] = {}
@@ -160,10 +190,10 @@ class PostgresSink:
         return StoreResult(new=new, duplicates=len(share) - len(new) - len(conflicts), counters=len(deltas),
                            conflicts=conflicts)
 
-    async def ensure_partitions(self, months_back: int, months_ahead: int) -> int:
-        """Create the monthly events partitions around now; returns how many were created."""
-        async with self._pool.acquire() as conn:
-            return await conn.fetchval("select tally_ensure_event_partitions($1, $2)", months_back, months_ahead)
+
+def _reason(exc: BaseException) -> str:
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"PostgreSQL refused the event (SQLSTATE {sqlstate}): {exc}" if sqlstate else f"the event cannot be stored: {exc}"
 
 
 async def _conflicts(conn: asyncpg.Connection, repeats: list[tuple[Record, bytes]]) -> list[Conflict]:

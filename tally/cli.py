@@ -66,6 +66,9 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
             batch_max_wait_s=settings.batch_max_wait_ms / 1000,
             retry_initial_s=settings.retry_initial_ms / 1000,
             retry_max_s=settings.retry_max_ms / 1000,
+            attempt_timeout_s=settings.attempt_timeout_s,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            maintenance_every_s=settings.maintenance_every_s,
             crash_at=settings.crash_at,
         ),
         database_url=settings.database_url,
@@ -81,7 +84,32 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
         metrics_port=settings.processor_metrics_port,
         publish_timeout_ms=settings.publish_timeout_ms,
         redis_counter_ttl_s=settings.redis_counter_ttl_s,
+        pg_command_timeout_s=settings.pg_command_timeout_s,
+        pg_lock_timeout_ms=settings.pg_lock_timeout_ms,
+        pg_idle_in_transaction_timeout_ms=settings.pg_idle_in_transaction_timeout_ms,
+        pg_keepalives_idle_s=settings.pg_keepalives_idle_s,
+        retention=_retention(settings),
     )
+
+
+def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
+    from sinks.maintenance import Retention
+
+    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days)
+
+
+def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:
+    from sinks.maintenance import Maintenance
+
+    async def run() -> str:
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            return (await Maintenance(pool, _retention(settings)).run()).summary()
+        finally:
+            await pool.close()
+
+    print(asyncio.run(run()))
+    return 0
 
 
 def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
@@ -110,8 +138,14 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from sinks.kafka import KafkaPublisher
 
+        cut = [item for item in letters if item.letter.truncated_from is not None]
+        for item in cut:
+            d = item.letter
+            print(f"skipped {item.partition}:{item.offset}: truncated; the whole message is at {d.topic}[{d.partition}]"
+                  f"@{d.offset} until the topic's retention", file=sys.stderr)
         publisher = KafkaPublisher(settings.kafka_bootstrap, settings.publish_timeout_ms)
-        dlq.replay(letters, publisher, lambda done, total: print(f"replayed {done}/{total}", flush=True))
+        dlq.replay([item for item in letters if item.letter.truncated_from is None], publisher,
+                   lambda done, total: print(f"replayed {done}/{total}", flush=True))
     return 0
 
 
@@ -187,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("process", help="run a stream processor (one consumer-group member)").set_defaults(func=cmd_process)
     sub.add_parser("migrate", help="apply pending database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("maintenance", help="create events partitions (also for months left in the default one) and"
+                   " prune event keys and counter windows past their retention").set_defaults(func=cmd_maintenance)
 
     dlq = sub.add_parser("dlq", help="inspect and replay dead letters").add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq.add_parser("list", help="one line per dead letter: position, stage, error, origin, message")
@@ -197,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (dlq_list, dlq_replay):
         p.add_argument("--position", type=_dlq_position, help="only PARTITION:OFFSET")
     for p in (dlq_list, dlq_show, dlq_replay):
-        p.add_argument("--stage", help="only letters of this stage (decode, validate, meter)")
+        p.add_argument("--stage", help="only letters of this stage (decode, validate, meter, store, conflict)")
         p.add_argument("--error-class", help="only letters of this error class")
         p.set_defaults(func=cmd_dlq)
 

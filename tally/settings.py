@@ -85,7 +85,23 @@ class Settings(BaseSettings):
     retry_initial_ms: int = 100
     retry_max_ms: int = 10000
     publish_timeout_ms: int = 30000
+    attempt_timeout_s: float = Field(120.0, description="longest single attempt of a step; below max_poll_interval_ms"
+                                     " and above publish_timeout_ms")
+    max_poll_interval_ms: int = Field(300000, description="librdkafka max.poll.interval.ms of the processor")
+    pg_command_timeout_s: float = Field(60.0, description="longest database statement before the attempt is retried")
+    pg_lock_timeout_ms: int = Field(20000, description="longest wait for a row lock (a stuck member's, say)")
+    pg_idle_in_transaction_timeout_ms: int = Field(
+        90000, description="the server ends a transaction whose client went quiet this long; above publish_timeout_ms")
+    pg_keepalives_idle_s: int = Field(30, description="TCP keepalive idle time of the server side of each connection")
     redis_counter_ttl_s: int = Field(7 * 24 * 3600, description="how long a counter stays cached after its window")
+    maintenance_every_s: int = Field(6 * 3600, description="partition upkeep and pruning, also at start")
+    event_keys_retention_days: int = Field(
+        0, description="prune dedup keys first seen longer ago (0 keeps them); a re-sent event older than this counts"
+                       " again, so keep it far beyond every producer's retry horizon")
+    counter_retention_minute_days: int = Field(31, description="prune minute windows this long after they end (0 keeps)")
+    counter_retention_hour_days: int = Field(400, description="prune hour windows this long after they end (0 keeps)")
+    counter_retention_day_days: int = Field(0, description="prune day windows this long after they end (0 keeps)")
+    counter_retention_month_days: int = Field(0, description="prune month windows this long after they end (0 keeps)")
     crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
@@ -93,6 +109,11 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> Topics:
         return Topics(prefix=self.topic_prefix)
+
+    @property
+    def counter_retention_days(self) -> dict[str, int]:
+        return {"minute": self.counter_retention_minute_days, "hour": self.counter_retention_hour_days,
+                "day": self.counter_retention_day_days, "month": self.counter_retention_month_days}
 
 
 @lru_cache(maxsize=1)

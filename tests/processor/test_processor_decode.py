@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from processors.decode import Event, _fast, decode, from_envelope
+from processors.storable import Unstorable, check_integers
 from schemas.counters import CounterState, encode_state
 from schemas.envelope import Envelope
 
@@ -24,16 +25,19 @@ GOOD: dict[str, Any] = {
 
 
 def model_verdict(raw: bytes) -> Event | str:
+    """The model's verdict, and storage's on what the model accepts: integers beyond 64 bits cannot be stored."""
     try:
-        return from_envelope(Envelope.from_bytes(raw))
-    except ValidationError as exc:
+        event = from_envelope(Envelope.from_bytes(raw))
+        check_integers(event.data)
+        return event
+    except (ValidationError, Unstorable) as exc:
         return str(exc)
 
 
 def verdict(raw: bytes) -> Event | str:
     try:
         return decode(raw)
-    except ValidationError as exc:
+    except (ValidationError, Unstorable) as exc:
         return str(exc)
 
 
@@ -52,6 +56,7 @@ def test_the_gateway_shape_takes_the_fast_path_with_the_model_values() -> None:
     {"time": "2026-03-01T10:00:00"}, {"time": "2026-03-01T24:00:00Z"}, {"time": "2026-02-30T10:00:00Z"},
     {"time": 1772359200}, {"time": "2026-03-01T10:00:00.1234567Z"}, {"time": "2026-03-01T10:00:00+05:30"},
     {"time": "0000-03-01T10:00:00Z"}, {"received_at": None}, {"data": 123456789012345678901234567890},
+    {"data": {"n": [2**64 - 1, -(2**63)]}}, {"data": {"n": [-(2**63) - 1]}},
     {"data": 1e300}, {"data": [1, "two", None, {"x": False}]}, {"extra": "ignored"},
 ])
 def test_each_rule_gives_the_model_verdict(change: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import Context, Decimal
 
 import pytest
 
@@ -74,7 +74,35 @@ def test_meters_filter_by_type_and_group_by_paths() -> None:
     ]
 
 
-@pytest.mark.parametrize("data", [{}, {"v": None}, {"v": "abc"}, {"v": True}, {"v": [1]}, {"v": "NaN"}, {"v": "1e999"}])
+def test_group_values_of_different_json_types_are_different_groups_in_any_order() -> None:
+    ms = meters(Meter(slug="m", group_by={"g": "data.g"}, windows=(Window.DAY,)))
+    for order in ([True, 1, 1.0], [1.0, 1, True]):
+        deltas = ms.aggregate([Record(event(n, {"g": g}), 0, n) for n, g in enumerate(order)])
+        assert sorted((text, d.count) for text, d in deltas) == sorted(
+            (f'["t1","m","day","2026-03-01T00:00:00+00:00","c1",{{"g":{g}}}]', 1) for g in ("true", "1", "1.0"))
+
+
+@pytest.mark.parametrize("split", [[3], [1, 2], [2, 1], [1, 1, 1]])
+def test_a_sum_is_exact_however_the_events_are_batched(split: list[int]) -> None:
+    ms = meters(Meter(slug="m", aggregation=Aggregation.SUM, value_path="data.v", windows=(Window.DAY,)))
+    records = [Record(event(n, {"v": v}), 0, n) for n, v in enumerate(["1e30", "1", "1e-28"])]
+    total, start = Decimal(0), 0
+    for size in split:
+        [(_, delta)] = ms.aggregate(records[start:start + size])
+        total = Context(prec=100).add(total, delta.value)  # as PostgreSQL's numeric addition, exactly
+        start += size
+    assert total == Decimal("1000000000000000000000000000001.0000000000000000000000000001")
+
+
+def test_a_group_value_too_long_for_the_counter_key_refuses_the_event() -> None:
+    ms = meters(Meter(slug="m", group_by={"g": "data.g"}))
+    ms.check(event(1, {"g": "\U00020000" * 128}))
+    with pytest.raises(MeterError, match="longer than 512 bytes"):
+        ms.check(event(1, {"g": "\U00020000" * 129}))
+
+
+@pytest.mark.parametrize("data", [{}, {"v": None}, {"v": "abc"}, {"v": True}, {"v": [1]}, {"v": "NaN"}, {"v": "1e999"},
+                                  {"v": "1e-101"}, {"v": "0." + "0" * 100 + "1"}])
 def test_a_meter_that_cannot_read_its_value_refuses_the_event(data: object) -> None:
     ms = meters(Meter(slug="m", aggregation=Aggregation.SUM, value_path="data.v"))
     with pytest.raises(MeterError):
@@ -89,6 +117,8 @@ def test_meter_definitions_are_checked() -> None:
     config = load_meters(inline="meters: [{slug: tokens, event_type: 'llm.*', aggregation: SUM, value_path: data.t,"
                                 " windows: [minute, month]}]")
     assert config.meters[0].windows == (Window.MINUTE, Window.MONTH)
+    with pytest.raises(ValueError, match="listed twice"):
+        Meter(slug="m", windows=(Window.DAY, Window.DAY))
     assert [m.slug for m in load_meters().meters] == ["events"]
 
 
@@ -136,9 +166,42 @@ def test_validation_sets_poison_aside_with_its_reason_and_marks_late_events() ->
     assert [(tp.partition, tp.offset) for tp in batch.commit_offsets()] == [(0, 8)]
 
 
+def test_validation_dead_letters_what_storage_could_never_take_and_keeps_a_literal_backslash_u0000() -> None:
+    validator = Validator(meters(Meter(slug="m")), ["*"], timedelta(days=1))
+    now = at(2026, 3, 1, 12)
+    good = event(0, {"v": 1})
+    raw = {
+        1: good.model_copy(update={"source": "\U00020000" * 257}).to_bytes(),  # 1028 bytes
+        2: good.model_copy(update={"id": "\U00020000" * 256, "source": "s" * 512}).to_bytes(),  # fits
+        3: good.to_bytes().replace(b'"2026-03-01T10:00:00Z"', b'"9999-12-31T23:30:00-05:00"', 1),
+        4: good.to_bytes().replace(b'"2026-03-01T10:00:00Z"', b'"0001-01-01T00:30:00+01:00"', 1),
+        5: good.to_bytes().replace(b'{"v":1}', b'{"v":1,"n":18446744073709551616}'),
+        6: event(6, {"path": "C:\\u0000dir"}).to_bytes(),
+        7: event(7, {"a\u0000": 1}).to_bytes(),
+    }
+    batch = validator.batch([FakeMessage(value, offset) for offset, value in raw.items()], now)  # type: ignore[arg-type]
+    assert [(d.offset, d.error_class) for d in batch.dead_letters] == [
+        (1, "UnstorableValue"), (3, "UnstorableValue"), (4, "UnstorableValue"), (5, "UnstorableValue"),
+        (7, "UnstorableValue")]
+    assert [r.offset for r in batch.records] == [2, 6]
+
+
 def test_dead_letter_headers_round_trip() -> None:
-    letter = DeadLetter("decode", "InvalidJSON", "bad", "events", 2, 41, at(2026, 3, 1), 2, b"k", b"v")
+    letter = DeadLetter("decode", "InvalidJSON", "bad", "events", 2, 41, at(2026, 3, 1), 2, b"k", b"v",
+                        original_headers=(("tenant", b"t1"), ("schema-version", b"1")))
     assert DeadLetter.from_message(letter.headers(), b"k", b"v") == letter
+
+
+def test_a_dead_letter_too_large_is_cut_to_fit_and_points_at_the_original() -> None:
+    letter = DeadLetter("decode", "UnstorableValue", "NUL", "events", 2, 41, at(2026, 3, 1), 1, b"k", b"v" * 5000,
+                        original_headers=(("tenant", b"t1"),))
+    assert letter.fitted(10_000) is letter
+    cut = letter.fitted(2000)
+    assert cut.wire_size() <= 2000 and cut.truncated_from == 5000 and cut.value == b"v" * len(cut.value or b"")
+    assert (cut.topic, cut.partition, cut.offset, cut.original_headers) == ("events", 2, 41, (("tenant", b"t1"),))
+    assert DeadLetter.from_message(cut.headers(), cut.key, cut.value) == cut
+    pointer = cut.pointer()
+    assert (pointer.value, pointer.truncated_from, pointer.offset) == (None, 5000, 41)
 
 
 def test_counter_state_round_trips_with_an_exact_decimal_value() -> None:

@@ -1,0 +1,104 @@
+"""Storage upkeep: monthly events partitions and retention of event keys and counter windows.
+
+The processor runs it at start and every few hours; `tally maintenance` runs it once. Each part is
+safe to run from several places at once: partitions are created under an advisory lock, and pruning
+deletes in small batches, oldest first, so it never holds many row locks or runs one long statement.
+The processor gives pruning a time budget (its batches wait meanwhile) and carries on next time;
+the command prunes until done (docs/adr/0011, docs/adr/0017).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+
+_BATCH = 5000
+
+# Each statement deletes one batch and answers how many rows went.
+_PRUNE_KEYS = """
+with gone as (
+    delete from event_keys where ctid = any(array(
+        select ctid from event_keys where first_seen < $1 order by first_seen limit $2))
+    returning 1
+)
+select count(*) from gone
+"""
+
+# A pruned window's queue entry goes with it (the relay also forgets a key whose counter row is gone).
+_PRUNE_COUNTERS = """
+with gone as (
+    delete from counters where key = any(array(
+        select key from counters where window_name = $1 and window_end < $2 order by window_end limit $3))
+    returning key
+), unqueued as (
+    delete from counter_outbox where key in (select key from gone)
+)
+select count(*) from gone
+"""
+# Creating a month attaches it beside the default partition under an exclusive lock on that partition:
+# give up quickly rather than queue every writer behind the lock request; the next run tries again.
+_PARTITION_LOCK_TIMEOUT = "set local lock_timeout = '5s'"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long to keep what; zero keeps for ever. Counter windows are kept per window size, counted from
+    the window's end."""
+
+    months_back: int = 1
+    months_ahead: int = 2
+    event_keys_days: int = 0
+    counter_days: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Upkeep:
+    partitions: int = 0
+    event_keys: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        counters = ", ".join(f"{n} {window}" for window, n in self.counters.items()) or "none"
+        return (f"partitions created: {self.partitions}; event keys pruned: {self.event_keys};"
+                f" counter windows pruned: {counters}")
+
+
+class Maintenance:
+    def __init__(self, pool: asyncpg.Pool, retention: Retention) -> None:
+        self._pool = pool
+        self._retention = retention
+
+    async def run(self, budget_s: float | None = None) -> Upkeep:
+        """Partitions, then pruning until done or, with a budget, until `budget_s` seconds have passed."""
+        now = datetime.now(timezone.utc)
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        r = self._retention
+        upkeep = Upkeep()
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(_PARTITION_LOCK_TIMEOUT)
+                upkeep.partitions = await conn.fetchval("select tally_ensure_event_partitions($1, $2)",
+                                                        r.months_back, r.months_ahead)
+            async with conn.transaction():
+                await conn.execute(_PARTITION_LOCK_TIMEOUT)
+                upkeep.partitions += await conn.fetchval("select tally_partition_default_months()")
+            if r.event_keys_days > 0:
+                upkeep.event_keys = await _batches(conn, deadline, _PRUNE_KEYS, now - timedelta(days=r.event_keys_days))
+            for window, days in r.counter_days.items():
+                if days > 0:
+                    upkeep.counters[window] = await _batches(conn, deadline, _PRUNE_COUNTERS, window,
+                                                             now - timedelta(days=days))
+        return upkeep
+
+
+async def _batches(conn: asyncpg.Connection, deadline: float | None, statement: str, *args: object) -> int:
+    """Run a batched delete until it deletes less than a batch or the deadline passed; how many rows went."""
+    total = 0
+    while True:
+        deleted = await conn.fetchval(statement, *args, _BATCH)
+        total += deleted
+        if deleted < _BATCH or (deadline is not None and time.monotonic() > deadline):
+            return total
