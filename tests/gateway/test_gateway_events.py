@@ -143,7 +143,7 @@ async def test_auth_problems(gateway: Gateway, new_key) -> None:  # noqa: ANN001
 async def test_unknown_routes_and_methods_are_problems_too(gateway: Gateway) -> None:
     async with gateway.client() as client:
         missing = await client.get("/v2/nothing")
-        method = await client.get("/v1/events")
+        method = await client.delete("/v1/events")
     assert missing.status_code == 404 and missing.headers["content-type"] == PROBLEM
     assert method.status_code == 405 and method.headers["content-type"] == PROBLEM
     assert "POST" in method.headers["allow"]
