@@ -252,6 +252,9 @@ def main() -> None:
         "processor": lambda: processor(results) + profile(out / "profile-tally_x1.txt", "processor ×1 drain"),
         "e2e": lambda: end_to_end(results, command),
     }
+    if not results.get("args", {}).get("only"):  # a full run replaces every section: say which run that was
+        text = fill(text, "about", [f"Every figure below comes from `{command}` at revision "
+                                    f"{results['machine']['revision']}: {runs_text(results).lower().rstrip('.')}."])
     for part, lines in sections.items():
         if part not in only:
             continue  # a partial run (--only) leaves the other sections' figures as they were
