@@ -16,7 +16,8 @@ from sinks.counter_topic import CounterTopicSink
 
 _PENDING = """
 select c.key, c.tenant, c.meter, c.aggregation, c.window_name, c.window_start, c.window_end, c.subject,
-       c.grp::text as grp, c.value::text as value, c.count, c.revision, c.updated_at
+       c.grp::text as grp, c.value::text as value, c.count, c.revision, c.updated_at,
+       c.total::text as total, c.level::text as level, c.integrated_until, c.sample_level
 from counter_outbox o join counters c on c.key = o.key
 order by o.key
 limit $1
@@ -52,6 +53,8 @@ class OutboxRelay:
 
 
 def _state(row: asyncpg.Record) -> EncodedState:
-    key, tenant, meter, aggregation, window, start, end, subject, grp, value, count, revision, updated_at = row
+    (key, tenant, meter, aggregation, window, start, end, subject, grp, value, count, revision, updated_at,
+     total, level, integrated_until, sample_level) = row
     return encode_state(key, tenant, meter, aggregation, window, start, end, subject, orjson.loads(grp), value, count,
-                        revision, updated_at)
+                        revision, updated_at, total, level, integrated_until,
+                        None if sample_level is None else sample_level > 0)
