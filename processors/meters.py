@@ -103,7 +103,7 @@ class _Compiled:
 
 @dataclass(frozen=True)
 class StatefulInput:
-    """One new event's part in a UNIQUE_COUNT or WEIGHTED_SUM meter: its value and the windows it falls in."""
+    """One counted event's part in a UNIQUE_COUNT or WEIGHTED_SUM meter: its series and its value."""
 
     meter: Meter
     tenant: str

@@ -21,7 +21,9 @@ from sinks.distinct import CLAIM, DROP_ABOVE, STATES, threshold, value_hash, win
 
 
 @dataclass
-class Window:
+class Pending:
+    """A counter window's share of the new events: their value hashes, how many, the latest time."""
+
     meter: Meter
     key: CounterKey
     end: datetime
@@ -30,9 +32,9 @@ class Window:
     hashes: set[int] = field(default_factory=set)
 
 
-def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Window]:
+def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Pending]:
     """The new events' value hashes per counter window, keyed by the window's key text."""
-    out: dict[str, Window] = {}
+    out: dict[str, Pending] = {}
     for i in inputs:
         h = value_hash(i.value)
         at = i.event.time
@@ -42,14 +44,14 @@ def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Window]:
             text = key.to_text()
             w = out.get(text)
             if w is None:
-                w = out[text] = Window(i.meter, key, end, at)
+                w = out[text] = Pending(i.meter, key, end, at)
             w.events += 1
             w.latest = max(w.latest, at)
             w.hashes.add(h)
     return out
 
 
-async def apply(conn: asyncpg.Connection, found: dict[str, Window]) -> list[tuple[str, CounterDelta]]:
+async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tuple[str, CounterDelta]]:
     if not found:
         return []
     stored = {r["key"]: (r["value"], r["sample_level"] or 0) for r in await conn.fetch(STATES, list(found))}
