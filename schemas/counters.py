@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -67,8 +67,8 @@ class CounterState(BaseModel):
     - AVG: `sum`; `value` is sum / count, `sum` and `count` are exact.
     - WEIGHTED_SUM: `value` is level × time in the meter's unit up to `integrated_until` (the window
       end once a later level is known, else the time of the last level); `level` holds from there on,
-      so a reader extrapolates value + level × (t - integrated_until). `sum` is the same integral,
-      exact, in level × seconds. A window with no level change has no state: the level of the
+      so a reader extrapolates value + level × (t - integrated_until) (`level_seconds_at`). `sum` is
+      the same integral, exact, in level × seconds. A window with no level change has no state: the level of the
       window before it holds throughout (ADR 0031).
     - UNIQUE_COUNT: `approximate`: false while every distinct value is kept; true once the window
       kept more than the meter's `max_distinct` and switched to a sample (ADR 0030).
@@ -100,6 +100,15 @@ class CounterState(BaseModel):
     @classmethod
     def from_bytes(cls, raw: bytes) -> "CounterState":
         return cls.model_validate_json(raw)
+
+    def level_seconds_at(self, at: datetime) -> Decimal:
+        """WEIGHTED_SUM: the window's integral in level × seconds up to `at` (capped at the window end),
+        extrapolating the current level past `integrated_until`. Divide by the meter's unit in seconds."""
+        if self.sum is None or self.level is None or self.integrated_until is None:
+            raise ValueError(f"{self.aggregation.value} state {self.key} carries no level")
+        span = max(min(at, self.window_end) - self.integrated_until, timedelta(0))
+        seconds = Decimal(span.days * 86400 + span.seconds) + Decimal(span.microseconds).scaleb(-6)
+        return Decimal(self.sum) + Decimal(self.level) * seconds
 
 
 _OPTIONAL = ("sum", "level", "integrated_until", "approximate")

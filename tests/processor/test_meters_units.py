@@ -75,3 +75,12 @@ def test_optional_state_fields_are_the_model_bytes_and_old_states_still_read() -
     assert CounterState.from_bytes(encoded.to_bytes()) == state
     old = encode_state(*base).to_bytes()
     assert b"level" not in old and CounterState.from_bytes(old).level is None
+
+
+def test_a_reader_extrapolates_an_open_weighted_window_up_to_its_end() -> None:
+    state = CounterState(key="k", tenant="t", meter="gb", aggregation="WEIGHTED_SUM", window="day", window_start=NOW,
+                         window_end=NOW + 24 * H, subject=None, group={}, value="120", count=1, revision=1,
+                         updated_at=NOW, sum="432000", level="150", integrated_until=NOW + H)
+    assert state.level_seconds_at(NOW + H) == 432000
+    assert state.level_seconds_at(NOW + 3 * H) / 3600 == 120 + 150 * 2
+    assert state.level_seconds_at(NOW + 48 * H) / 3600 == 120 + 150 * 23
