@@ -107,8 +107,12 @@ class CounterState(BaseModel):
         if self.sum is None or self.level is None or self.integrated_until is None:
             raise ValueError(f"{self.aggregation.value} state {self.key} carries no level")
         span = max(min(at, self.window_end) - self.integrated_until, timedelta(0))
-        seconds = Decimal(span.days * 86400 + span.seconds) + Decimal(span.microseconds).scaleb(-6)
-        return Decimal(self.sum) + Decimal(self.level) * seconds
+        return Decimal(self.sum) + Decimal(self.level) * exact_seconds(span)
+
+
+def exact_seconds(span: timedelta) -> Decimal:
+    """A timedelta in seconds as an exact decimal (microseconds included)."""
+    return Decimal((span.days * 86400 + span.seconds) * 1_000_000 + span.microseconds).scaleb(-6)
 
 
 _OPTIONAL = ("sum", "level", "integrated_until", "approximate")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Context, Decimal
 from typing import Any
 
 import asyncpg
 import orjson
+
+from schemas.counters import exact_seconds
 
 # Levels are within 1e±100 (processors.meters) and spans within years of microseconds: 250 digits hold
 # every product and sum exactly.
@@ -78,11 +80,11 @@ def integrate(points: Sequence[tuple[datetime, Decimal]], start: datetime, end: 
     for at, new_level in points:
         if at >= end:
             if level is not None:
-                total = WIDE.add(total, WIDE.multiply(level, _seconds(end - cursor)))
+                total = WIDE.add(total, WIDE.multiply(level, exact_seconds(end - cursor)))
             return Integral(total, level, end)
         if at > cursor:
             if level is not None:
-                total = WIDE.add(total, WIDE.multiply(level, _seconds(at - cursor)))
+                total = WIDE.add(total, WIDE.multiply(level, exact_seconds(at - cursor)))
             cursor = at
         level = new_level
     return Integral(total, level, cursor)
@@ -93,10 +95,6 @@ def in_unit(level_seconds: Decimal, unit_seconds: int) -> Decimal:
     value = WIDE.divide(level_seconds, Decimal(unit_seconds)).quantize(_PLACES, context=WIDE)
     return value.normalize(WIDE).quantize(Decimal(1), context=WIDE) if value == value.to_integral_value() \
         else value.normalize(WIDE)
-
-
-def _seconds(span: timedelta) -> Decimal:
-    return Decimal((span.days * 86400 + span.seconds) * 1_000_000 + span.microseconds).scaleb(-6)
 
 
 async def weighted_sum_over(conn: asyncpg.Connection, tenant: str, meter: str, subject: str | None,
