@@ -22,7 +22,7 @@ from processors.storable import over_bytes
 from processors.windows import bounds
 from schemas.counters import CounterDelta, CounterKey, Scalar
 from schemas.envelope import MAX_GROUP_VALUE_BYTES
-from schemas.meters import DEFAULT_METERS, Aggregation, Meter, MetersConfig, Window, with_built_ins
+from schemas.meters import DEFAULT_METERS, STATEFUL, Aggregation, Meter, MetersConfig, Window, with_built_ins
 from sinks.base import Record, StoredEvent
 
 _MISSING = object()
@@ -91,6 +91,13 @@ def _check_group_value(raw: Any, name: str, meter: Meter) -> None:
         raise MeterError(f"meter {meter.slug}: group {name} is longer than {MAX_GROUP_VALUE_BYTES} bytes")
 
 
+def _present(raw: Any, meter: Meter) -> Any:
+    """A UNIQUE_COUNT value: any JSON value but null."""
+    if raw is _MISSING or raw is None:
+        raise MeterError(f"meter {meter.slug}: no value at {meter.value_path}")
+    return raw
+
+
 def _scalar(raw: Any) -> Scalar:
     if raw is _MISSING:
         return None
@@ -112,6 +119,20 @@ class _Compiled:
     value_path: tuple[str, ...]
     group_by: tuple[tuple[str, tuple[str, ...]], ...]
     counts: bool  # COUNT: no value to read, only events to count
+    read: Callable[[Any, Meter], Any]  # the value an event gives, or MeterError
+    stateful: bool  # folded by processors/stateful.py against what is stored, not here
+
+
+@dataclass(frozen=True)
+class StatefulInput:
+    """One counted event's part in a UNIQUE_COUNT or WEIGHTED_SUM meter: its series and its value."""
+
+    meter: Meter
+    tenant: str
+    subject: str | None
+    group: tuple[tuple[str, Scalar], ...]
+    event: StoredEvent
+    value: Any  # UNIQUE_COUNT: the raw value; WEIGHTED_SUM: the new level
 
 
 class MeterSet:
@@ -126,9 +147,12 @@ class MeterSet:
         self._compiled = [
             _Compiled(m, re.compile(fnmatch.translate(m.event_type)).match, tuple((m.value_path or "").split(".")),
                       tuple((name, tuple(path.split("."))) for name, path in sorted(m.group_by.items())),
-                      m.aggregation is Aggregation.COUNT)
+                      m.aggregation is Aggregation.COUNT,
+                      _present if m.aggregation is Aggregation.UNIQUE_COUNT else _number,
+                      m.aggregation in STATEFUL)
             for m in config.meters
         ]
+        self.has_stateful = any(c.stateful for c in self._compiled)
         self._by_type: dict[str, list[tuple[int, _Compiled]]] = {}
         self._checked_by_type: dict[str, list[_Compiled]] = {}
         self._bounds: dict[tuple[Window, int], tuple[datetime, datetime]] = {}
@@ -144,7 +168,7 @@ class MeterSet:
             self._checked_by_type[envelope.type] = checked
         for c in checked:
             if not c.counts:
-                _number(_resolve(envelope, c.value_path), c.meter)
+                c.read(_resolve(envelope, c.value_path), c.meter)
             for name, parts in c.group_by:
                 _check_group_value(_resolve(envelope, parts), name, c.meter)
 
@@ -161,6 +185,8 @@ class MeterSet:
             at = e.time
             minute = self._minute(at)
             for index, c in self._matching(e.type):
+                if c.stateful:
+                    continue
                 meter = c.meter
                 # The type is part of the group: true, 1 and 1.0 are equal in Python but not the same group.
                 group = tuple([(name, type(v), v) for name, parts in c.group_by for v in (_scalar(_resolve(e, parts)),)])
@@ -194,9 +220,28 @@ class MeterSet:
         for (tenant, slug, window_name, start, subject, group), (aggregation, value, count, latest, end) in windows.items():
             key = CounterKey(tenant, slug, window_name, start, subject, tuple((name, v) for name, _, v in group))
             total = Decimal(count) if aggregation is Aggregation.COUNT else value
-            out.append((key.to_text(), CounterDelta(key, end, aggregation, total, count, latest)))
+            # AVG: the sum goes in `total`; the upsert divides the stored sum by the stored count.
+            out.append((key.to_text(), CounterDelta(key, end, aggregation, total, count, latest,
+                                                    value if aggregation is Aggregation.AVG else None)))
         out.sort(key=lambda item: item[0])
         return out
+
+    def stateful_inputs(self, records: Iterable[Record]) -> list[StatefulInput]:
+        """The counted events' values for the UNIQUE_COUNT and WEIGHTED_SUM meters they match."""
+        out = []
+        for e, _, _, counted in records:
+            if not counted:
+                continue
+            for _, c in self._matching(e.type):
+                if c.stateful:
+                    group = tuple([(name, _scalar(_resolve(e, parts))) for name, parts in c.group_by])
+                    out.append(StatefulInput(c.meter, e.tenant, e.subject if c.meter.per_subject else None, group, e,
+                                             c.read(_resolve(e, c.value_path), c.meter)))
+        return out
+
+    def window(self, window: Window, at: datetime) -> tuple[datetime, datetime]:
+        """The [start, end) of the window containing `at` (every window starts on a UTC minute)."""
+        return self._window(window, self._minute(at))
 
     def _matching(self, event_type: str) -> list[tuple[int, _Compiled]]:
         """The meters whose type filter matches, memoised per type."""
@@ -230,7 +275,7 @@ def _fold(current: list, value: Decimal | None, count: int, at: datetime) -> Non
     """Merge `count` events (their folded value, latest time `at`) into a running
     [aggregation, value, count, latest_time, ...]; COUNT keeps no value, only the count."""
     aggregation = current[0]
-    if aggregation is Aggregation.SUM:
+    if aggregation is Aggregation.SUM or aggregation is Aggregation.AVG:
         current[1] = _EXACT.add(current[1], value)
     elif aggregation is Aggregation.MAX:
         current[1] = max(current[1], value)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import asyncpg
 
-from processors import metrics
+from processors import metrics, stateful
 from processors.batch import Validator
 from processors.consumer import Processor, ProcessorConfig, Sinks
 from processors.faults import crash_point
@@ -97,7 +97,8 @@ async def run(config: ServiceConfig) -> None:
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
     sinks = Sinks(
         store=PostgresSink(pool, validator.meters.aggregate, config.pg_writers,
-                           partial(crash_point, "after_share_commit", config.processor.crash_at)),
+                           partial(crash_point, "after_share_commit", config.processor.crash_at),
+                           partial(stateful.apply, validator.meters) if validator.meters.has_stateful else None),
         relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic),
                           on_published=partial(crash_point, "mid_relay", config.processor.crash_at)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),

@@ -19,6 +19,14 @@ class Aggregation(str, Enum):
     MAX = "MAX"
     MIN = "MIN"
     LATEST = "LATEST"
+    AVG = "AVG"  # kept as sum and count; the value is their quotient
+    UNIQUE_COUNT = "UNIQUE_COUNT"  # distinct values per window, exact up to max_distinct (ADR 0030)
+    WEIGHTED_SUM = "WEIGHTED_SUM"  # level × time, events carry the new level (ADR 0031)
+
+
+# Aggregations whose window value depends on what is already stored, not only on the new events:
+# they are applied under a lock inside the writing transaction (processors/stateful.py).
+STATEFUL = frozenset({Aggregation.UNIQUE_COUNT, Aggregation.WEIGHTED_SUM})
 
 
 class Window(str, Enum):
@@ -26,6 +34,17 @@ class Window(str, Enum):
     HOUR = "hour"
     DAY = "day"
     MONTH = "month"
+
+
+class Unit(str, Enum):
+    """The time unit a WEIGHTED_SUM integrates in: level × hours (GB-hours) or level × days (seat-days)."""
+
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def seconds(self) -> int:
+        return 3600 if self is Unit.HOUR else 86400
 
 
 class Meter(BaseModel):
@@ -40,6 +59,8 @@ class Meter(BaseModel):
     group_by: dict[str, str] = Field(default_factory=dict)
     per_subject: bool = True
     windows: tuple[Window, ...] = (Window.HOUR, Window.DAY)
+    max_distinct: int = Field(100_000, ge=1, description="UNIQUE_COUNT: values kept per window before sampling")
+    unit: Unit | None = Field(None, description="WEIGHTED_SUM: level × hour or level × day")
 
     @model_validator(mode="after")
     def _value_path_fits_aggregation(self) -> "Meter":
@@ -47,6 +68,8 @@ class Meter(BaseModel):
             raise ValueError(f"meter {self.slug}: COUNT takes no value_path")
         if self.aggregation is not Aggregation.COUNT and not self.value_path:
             raise ValueError(f"meter {self.slug}: {self.aggregation.value} needs a value_path")
+        if (self.aggregation is Aggregation.WEIGHTED_SUM) != (self.unit is not None):
+            raise ValueError(f"meter {self.slug}: a unit (hour or day) goes with WEIGHTED_SUM and only with it")
         if not self.windows:
             raise ValueError(f"meter {self.slug}: at least one window")
         if len(set(self.windows)) != len(self.windows):

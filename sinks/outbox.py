@@ -37,7 +37,8 @@ limit $1
 
 _COUNTERS = """
 select key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp::text as grp,
-       value::text as value, count, revision, updated_at
+       value::text as value, count, revision, updated_at,
+       total::text as total, level::text as level, integrated_until, sample_level
 from counters where key = any($1::text[])
 order by key
 """
@@ -84,6 +85,8 @@ class OutboxRelay:
 
 
 def _state(row: asyncpg.Record) -> EncodedState:
-    key, tenant, meter, aggregation, window, start, end, subject, grp, value, count, revision, updated_at = row
+    (key, tenant, meter, aggregation, window, start, end, subject, grp, value, count, revision, updated_at,
+     total, level, integrated_until, sample_level) = row
     return encode_state(key, tenant, meter, aggregation, window, start, end, subject, orjson.loads(grp), value, count,
-                        revision, updated_at)
+                        revision, updated_at, total, level, integrated_until,
+                        None if sample_level is None else sample_level > 0)

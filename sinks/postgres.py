@@ -17,7 +17,7 @@ was read, for the processor to report (docs/adr/0014). Nothing is substituted si
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -55,11 +55,12 @@ _EVENT_COLUMNS = (
 _UPSERT_AND_QUEUE = """
 with upserted as (
     insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end,
-                               subject, grp, value, count, latest_time)
-    select k, t, m, a, w, ws, we, s, g::jsonb, v, n, lt
+                               subject, grp, value, count, latest_time, total, level, integrated_until, sample_level)
+    select k, t, m, a, w, ws, we, s, g::jsonb, case when a = 'AVG' then tot / n else v end, n, lt, tot, lv, iu, sl
     from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
-                $8::text[], $9::text[], $10::numeric[], $11::bigint[], $12::timestamptz[])
-         as u(k, t, m, a, w, ws, we, s, g, v, n, lt)
+                $8::text[], $9::text[], $10::numeric[], $11::bigint[], $12::timestamptz[],
+                $13::numeric[], $14::numeric[], $15::timestamptz[], $16::smallint[])
+         as u(k, t, m, a, w, ws, we, s, g, v, n, lt, tot, lv, iu, sl)
     order by k
     on conflict (key) do update set
         value = case c.aggregation
@@ -67,8 +68,16 @@ with upserted as (
             when 'SUM' then c.value + excluded.value
             when 'MAX' then greatest(c.value, excluded.value)
             when 'MIN' then least(c.value, excluded.value)
+            when 'AVG' then (c.total + excluded.total) / (c.count + excluded.count)
+            -- computed against the stored state under the window's lock (processors/stateful.py)
+            when 'UNIQUE_COUNT' then excluded.value
+            when 'WEIGHTED_SUM' then excluded.value
             else case when excluded.latest_time >= c.latest_time then excluded.value else c.value end
         end,
+        total = case c.aggregation when 'AVG' then c.total + excluded.total else excluded.total end,
+        level = excluded.level,
+        integrated_until = excluded.integrated_until,
+        sample_level = excluded.sample_level,
         count = c.count + excluded.count,
         latest_time = greatest(c.latest_time, excluded.latest_time),
         revision = c.revision + 1,
@@ -112,6 +121,8 @@ class StoreResult:
 
 
 Aggregate = Callable[[Sequence[Record]], list[tuple[str, CounterDelta]]]
+# Deltas computed against stored state, inside the transaction (UNIQUE_COUNT, WEIGHTED_SUM).
+StatefulAggregate = Callable[[asyncpg.Connection, Sequence[Record]], Awaitable[list[tuple[str, CounterDelta]]]]
 
 
 class PostgresSink:
@@ -125,9 +136,10 @@ class PostgresSink:
     """
 
     def __init__(self, pool: asyncpg.Pool, aggregate: Aggregate, parallel: int = 1,
-                 on_commit: Callable[[], None] | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None, stateful: StatefulAggregate | None = None) -> None:
         self._pool = pool
         self._aggregate = aggregate
+        self._stateful = stateful
         self._parallel = max(1, parallel)
         self._on_commit = on_commit  # called after each transaction commits (the tests' crash hook)
         self._pending: list[Record] = []
@@ -181,6 +193,8 @@ class PostgresSink:
             if new:
                 await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
             deltas = self._aggregate(new)
+            if self._stateful is not None and new:
+                deltas = sorted(deltas + await self._stateful(conn, new), key=lambda item: item[0])
             if deltas:
                 await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
             repeats += [first[key] for key in first if key not in claimed]
@@ -219,12 +233,13 @@ def _claim_columns(first: dict[tuple[str, str, str], tuple[Record, bytes]]) -> l
 
 
 def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:
-    columns: list[list] = [[] for _ in range(12)]
+    columns: list[list] = [[] for _ in range(16)]
     for text, d in deltas:
         k = d.key
         for column, value in zip(columns, (
             text, k.tenant, k.meter, d.aggregation.value, k.window, k.window_start, d.window_end,
             k.subject, orjson.dumps(dict(k.group)).decode(), d.value, d.count, d.latest_time,
+            d.total, d.level, d.integrated_until, d.sample_level,
         )):
             column.append(value)
     return columns

@@ -1,0 +1,105 @@
+"""WEIGHTED_SUM storage: every level change of a series, and the integral of level × time over a span.
+
+A series is a meter's (tenant, subject, group). Its level changes are kept in `weighted_points`, so a
+late or out-of-order change re-integrates exactly the windows it affects, and re-delivery (a dedup
+duplicate, never a new point) changes nothing. Integrals are exact decimals in level × seconds;
+the value in the meter's unit is that divided by the unit, rounded to 18 decimal places (docs/adr/0031).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Context, Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+
+from schemas.counters import exact_seconds
+
+# Levels are within 1e±100 (processors.meters) and spans within years of microseconds: 250 digits hold
+# every product and sum exactly.
+WIDE = Context(prec=250)
+_PLACES = Decimal("1e-18")
+
+INSERT = """
+insert into weighted_points (series, at, source, id, level)
+select * from unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::numeric[])
+order by 1, 2, 3, 4
+on conflict do nothing
+"""
+
+# Per series: the last level change before `lo` and the first after `hi`.
+NEIGHBOURS = """
+select u.series,
+       (select max(at) from weighted_points w where w.series = u.series and w.at < u.lo) as before,
+       (select min(at) from weighted_points w where w.series = u.series and w.at > u.hi) as after
+from unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) as u(series, lo, hi)
+"""
+
+# Per series: the level changes in [lo, hi), the last one before lo (the level entering) and the first
+# at or after hi (which says the level is known up to hi).
+SPAN = """
+select u.series, p.at, p.level
+from unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) as u(series, lo, hi)
+cross join lateral (
+    (select at, source, id, level from weighted_points w where w.series = u.series and w.at < u.lo
+     order by at desc, source desc, id desc limit 1)
+    union all
+    (select at, source, id, level from weighted_points w where w.series = u.series and w.at >= u.lo and w.at < u.hi)
+    union all
+    (select at, source, id, level from weighted_points w where w.series = u.series and w.at >= u.hi
+     order by at, source, id limit 1)
+    order by at, source, id
+) p
+"""
+
+
+def series_text(tenant: str, meter: str, subject: str | None, group: dict[str, Any]) -> str:
+    return orjson.dumps([tenant, meter, subject, group]).decode()
+
+
+@dataclass(frozen=True)
+class Integral:
+    """level × seconds over [start, until), and the level from `until` on (None before the first change)."""
+
+    level_seconds: Decimal
+    level: Decimal | None
+    until: datetime
+
+
+def integrate(points: Sequence[tuple[datetime, Decimal]], start: datetime, end: datetime) -> Integral:
+    """Integrate the level over [start, end) from level changes sorted by time (changes at one instant in
+    their (source, id) order, the last holding). Before the first change the level is unknown and counts
+    nothing; after the last it is known only up to that change, so `until` stops there."""
+    level: Decimal | None = None
+    cursor = start
+    total = Decimal(0)
+    for at, new_level in points:
+        if at >= end:
+            if level is not None:
+                total = WIDE.add(total, WIDE.multiply(level, exact_seconds(end - cursor)))
+            return Integral(total, level, end)
+        if at > cursor:
+            if level is not None:
+                total = WIDE.add(total, WIDE.multiply(level, exact_seconds(at - cursor)))
+            cursor = at
+        level = new_level
+    return Integral(total, level, cursor)
+
+
+def in_unit(level_seconds: Decimal, unit_seconds: int) -> Decimal:
+    """level × seconds in level × unit, rounded half-even to 18 decimal places, trailing zeros dropped."""
+    value = WIDE.divide(level_seconds, Decimal(unit_seconds)).quantize(_PLACES, context=WIDE)
+    return value.normalize(WIDE).quantize(Decimal(1), context=WIDE) if value == value.to_integral_value() \
+        else value.normalize(WIDE)
+
+
+async def weighted_sum_over(conn: asyncpg.Connection, tenant: str, meter: str, subject: str | None,
+                            group: dict[str, Any], start: datetime, end: datetime) -> Integral:
+    """The exact integral of a WEIGHTED_SUM series over any [start, end), from its level changes."""
+    series = series_text(tenant, meter, subject, group)
+    rows = await conn.fetch(SPAN, [series], [start], [end])
+    return integrate([(r["at"], r["level"]) for r in rows], start, end)
