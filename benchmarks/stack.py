@@ -158,7 +158,16 @@ class Bench:
             return
         conn = await asyncpg.connect(self.base.database_url)
         try:
-            await conn.execute(f'drop database if exists "{self.db_name}" with (force)')
+            for attempt in range(30):
+                try:
+                    await conn.execute(f'drop database if exists "{self.db_name}" with (force)')
+                    break
+                except asyncpg.InsufficientPrivilegeError:
+                    # A session of another role (an autovacuum worker after the bulk load) is still in it:
+                    # it ends by itself within seconds, and FORCE may not end it for us.
+                    if attempt == 29:
+                        raise
+                    await asyncio.sleep(1)
         finally:
             await conn.close()
         admin = AdminClient({"bootstrap.servers": self.base.kafka_bootstrap})
