@@ -141,7 +141,8 @@ class Gateway:
 
     async def tenant(self, request: Request, scope: str) -> str:
         """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write."""
-        principal = await self.principal(request.headers.get("authorization", ""), scope)
+        client = request.client.host if request.client else "unknown"
+        principal = await self.principal(request.headers.get("authorization", ""), scope, request.url.path, client)
         await self.limited(request.url.path, "reads", principal.key_id, self.key_limit)
         return principal.tenant
 

@@ -46,7 +46,9 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 def _products(settings: Settings) -> list:
     """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
-    return []
+    from usage.api import UsageProduct
+
+    return [UsageProduct(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s)]
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
@@ -116,6 +118,12 @@ def _dlq_position(text: str) -> tuple[int, int]:
     return int(partition), int(offset)
 
 
+def _date(text: str):  # noqa: ANN202 - a datetime.date
+    from datetime import date
+
+    return date.fromisoformat(text)
+
+
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     from sinks.migrations import migrate
 
@@ -154,6 +162,60 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 print(f"revoked {args.key_id}; a gateway that cached it accepts it for up to "
                       f"{settings.gateway_key_cache_ttl_s:g} s more (TALLY_GATEWAY_KEY_CACHE_TTL_S)")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from usage.plans import Plan, load_plans, save_plan
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.plans_command == "create":
+                with open(args.file) as f:
+                    plan = Plan.model_validate(yaml.safe_load(f))
+                await save_plan(conn, args.tenant, plan)
+                print(f"saved plan {plan.id} for {args.tenant}: {len(plan.meters)} meter(s)")
+            else:
+                for plan in await load_plans(conn, args.tenant):
+                    for m in plan.meters:
+                        print(f"{plan.id:16} {m.meter:16} included {m.included} {m.limit_mode:4} "
+                              f"overage {m.overage_price}/unit thresholds {m.thresholds}")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import date
+
+    from usage.plans import Subscription, UnknownPlan, load_subscriptions, subscribe
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.subscriptions_command == "set":
+                sub = Subscription(subject=args.subject, plan_id=args.plan, stripe_customer_id=args.stripe_customer,
+                                   anchor_day=args.anchor_day, time_zone=args.time_zone,
+                                   start_date=args.start_date or date.today())
+                try:
+                    await subscribe(conn, args.tenant, sub)
+                except UnknownPlan as exc:
+                    print(exc, file=sys.stderr)
+                    return 1
+                print(f"{args.subject} is on plan {sub.plan_id} (anchor day {sub.anchor_day}, {sub.time_zone})")
+            else:
+                for tenant, sub in await load_subscriptions(conn, args.tenant):
+                    print(f"{tenant:20} {sub.subject:20} {sub.plan_id:16} day {sub.anchor_day:2} {sub.time_zone:20} "
+                          f"from {sub.start_date} stripe {sub.stripe_customer_id or '-'}")
             return 0
         finally:
             await conn.close()
@@ -206,6 +268,29 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     for p in (create, listing, revoke):
         p.set_defaults(func=cmd_keys)
+
+    plans = sub.add_parser("plans", help="usage plans").add_subparsers(dest="plans_command", required=True)
+    plan_create = plans.add_parser("create", help="create or replace a plan from a YAML or JSON file")
+    plan_create.add_argument("--file", required=True)
+    plan_list = plans.add_parser("list", help="one line per plan and meter")
+    for p in (plan_create, plan_list):
+        p.add_argument("--tenant", required=True)
+        p.set_defaults(func=cmd_plans)
+
+    subs = sub.add_parser("subscriptions", help="subjects' plans").add_subparsers(dest="subscriptions_command",
+                                                                                   required=True)
+    sub_set = subs.add_parser("set", help="subscribe a subject to a plan (a different plan is a change from now)")
+    sub_set.add_argument("--tenant", required=True)
+    sub_set.add_argument("--subject", required=True)
+    sub_set.add_argument("--plan", required=True)
+    sub_set.add_argument("--stripe-customer")
+    sub_set.add_argument("--anchor-day", type=int, default=1)
+    sub_set.add_argument("--time-zone", default="UTC")
+    sub_set.add_argument("--start-date", type=_date, help="YYYY-MM-DD; default today")
+    sub_list = subs.add_parser("list")
+    sub_list.add_argument("--tenant")
+    for p in (sub_set, sub_list):
+        p.set_defaults(func=cmd_subscriptions)
 
     demo = sub.add_parser("demo", help="post a few events to the gateway and show them persisted")
     demo.add_argument("--url", default=None)

@@ -1,0 +1,147 @@
+"""The usage product's HTTP routes: plans and subscriptions (scope admin:write to change, usage:read to
+read), `GET /v1/usage` and `GET /v1/usage/history`. The tenant always comes from the API key."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from ingest.problems import Problem, validation_errors
+from ingest.products import Edge
+from usage.figures import NotFound, UsageService
+from usage.periods import PeriodError
+from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
+from usage.windows import WindowReader
+
+ADMIN, READ = "admin:write", "usage:read"
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status, media_type="application/json")
+
+
+async def _body(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Invalid JSON", str(exc)) from None
+
+
+def _invalid(exc: ValidationError | ValueError) -> Problem:
+    if isinstance(exc, ValidationError):
+        return Problem(400, "Invalid request", "the request does not match the schema", errors=validation_errors(exc))
+    return Problem(400, "Invalid request", str(exc))
+
+
+class UsageProduct:
+    """`ingest.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
+
+    def __init__(self, redis_url: str, redis_prefix: str, cache_ttl_s: int) -> None:
+        self._redis_url = redis_url
+        self._prefix = redis_prefix
+        self._cache_ttl_s = cache_ttl_s
+        self._service: UsageService | None = None
+        self._edge: Edge
+
+    def routes(self, edge: Edge) -> list[BaseRoute]:
+        self._edge = edge
+        return [
+            Route("/v1/plans", self.put_plan, methods=["POST"]),
+            Route("/v1/plans", self.get_plans, methods=["GET"]),
+            Route("/v1/subscriptions/{subject}", self.put_subscription, methods=["PUT"]),
+            Route("/v1/subscriptions", self.get_subscriptions, methods=["GET"]),
+            Route("/v1/usage", self.get_usage, methods=["GET"]),
+            Route("/v1/usage/history", self.get_history, methods=["GET"]),
+        ]
+
+    def service(self) -> UsageService:
+        if self._service is None:
+            client = redis.Redis.from_url(self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            self._service = UsageService(self._edge.pool, WindowReader(self._edge.pool, client, self._prefix,
+                                                                       self._cache_ttl_s))
+        return self._service
+
+    async def put_plan(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, ADMIN)
+        try:
+            plan = Plan.model_validate(await _body(request))
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        async with self._edge.pool.acquire() as conn:
+            await save_plan(conn, tenant, plan)
+        return _json(plan.model_dump(mode="json"), 201)
+
+    async def get_plans(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, READ)
+        return _json({"plans": [p.model_dump(mode="json") for p in await load_plans(self._edge.pool, tenant)]})
+
+    async def put_subscription(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, ADMIN)
+        body = await _body(request)
+        try:
+            sub = Subscription.model_validate({**(body if isinstance(body, dict) else {}),
+                                               "subject": request.path_params["subject"]})
+        except (ValidationError, PeriodError) as exc:
+            raise _invalid(exc) from None
+        async with self._edge.pool.acquire() as conn:
+            try:
+                await subscribe(conn, tenant, sub)
+            except UnknownPlan as exc:
+                raise Problem(404, "Unknown plan", str(exc)) from None
+        return _json(sub.model_dump(mode="json"))
+
+    async def get_subscriptions(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, READ)
+        subs = await load_subscriptions(self._edge.pool, tenant, request.query_params.get("subject"))
+        return _json({"subscriptions": [s.model_dump(mode="json") for _, s in subs]})
+
+    async def get_usage(self, request: Request) -> Response:
+        return await self._read(request, self.service().usage)
+
+    async def get_history(self, request: Request) -> Response:
+        return await self._read(request, self.service().history)
+
+    async def _read(self, request: Request, read: Any) -> Response:
+        tenant = await self._edge.tenant(request, READ)
+        q = request.query_params
+        subject = q.get("subject")
+        if not subject:
+            raise Problem(400, "Invalid request", "subject is required",
+                          errors=[{"field": "subject", "message": "required"}])
+        try:
+            body = await read(tenant, subject, q.get("meter"), q.get("period", "current"), datetime.now(timezone.utc))
+        except PeriodError as exc:
+            raise Problem(400, "Invalid request", str(exc), errors=[{"field": "period", "message": str(exc)}]) from None
+        except NotFound as exc:
+            raise Problem(404, "Not Found", str(exc)) from None
+        return _json(body)
+
+    def openapi_paths(self) -> dict[str, Any]:
+        def op(summary: str, scope: str, params: list[str] = ()) -> dict[str, Any]:
+            return {"summary": summary, "description": f"Needs an API key with scope `{scope}`.",
+                    "parameters": [{"name": p, "in": "query", "required": p == "subject", "schema": {"type": "string"}}
+                                   for p in params],
+                    "responses": {"200": {"description": "OK"}, "400": {"description": "invalid request"},
+                                  "404": {"description": "no such subscription, plan or meter"}}}
+
+        json_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+        return {
+            "/v1/plans": {"post": {**op("Create or replace a plan", ADMIN), **json_body},
+                          "get": op("List plans", READ)},
+            "/v1/subscriptions/{subject}": {"put": {
+                **op("Subscribe a subject to a plan (a different plan is a plan change from now)", ADMIN),
+                "parameters": [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}],
+                **json_body}},
+            "/v1/subscriptions": {"get": op("List subscriptions", READ, ["subject"])},
+            "/v1/usage": {"get": op("A subject's usage per meter in a billing period", READ,
+                                    ["subject", "meter", "period"])},
+            "/v1/usage/history": {"get": op("A subject's usage per day of a billing period", READ,
+                                            ["subject", "meter", "period"])},
+        }
