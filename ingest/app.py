@@ -25,13 +25,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ingest import batch, events, logs, otlp, values, webhooks
+from ingest import batch, events, limits, logs, otlp, values, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
 from ingest.hot import HotRoutes
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
+from ingest.limits import UsageLimits
 from ingest.metrics import Metrics, MetricsMiddleware
 from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
@@ -83,6 +84,7 @@ class Gateway:
         self.limiter: RateLimiter
         self.idempotency: IdempotencyStore
         self.replays: ReplayMemory
+        self.limits: UsageLimits
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -102,6 +104,8 @@ class Gateway:
                               c.idempotency_tenant_budget_bytes)
         self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, retention, c.idempotency_lock_s)
         self.replays = ReplayMemory(self.guard, c.redis_prefix)
+        self.limits = UsageLimits(self.guard.client, c.redis_prefix, c.usage_limits_refresh_s)
+        self.limits.start()
         # What start-up built lives as long as the process: keep it out of every full collection.
         # Scanning it paused the loop 40-50 ms about once a second under batch load (ADR 2).
         gc.freeze()
@@ -109,6 +113,7 @@ class Gateway:
         try:
             yield
         finally:
+            await self.limits.stop()
             left = producer.close()
             if left:
                 log.error("shutdown: %d message(s) still undelivered after the flush", left)
@@ -181,9 +186,24 @@ class Gateway:
         response.headers.update(decision.headers)
         return response
 
+    def within_limits(self, tenant: str, event: dict, now: datetime) -> None:
+        """Raise the usage-limit problem for an event past a hard limit (`ingest.limits`)."""
+        problem = self.limits.refused(tenant, event, now)
+        if problem is not None:
+            raise problem
+
+    def items_within_limits(self, tenant: str, items: list[batch.Item], now: datetime) -> None:
+        """A batch's events past a hard limit become rejected items; the others go on."""
+        for item in items:
+            if item.event is not None:
+                problem = self.limits.refused(tenant, item.event, now)
+                if problem is not None:
+                    item.event, item.problem = None, problem
+
     def count_rejection(self, route: str, problem: Problem) -> None:
         """A refused request counts once; a batch without a valid item was counted item by item already."""
-        if problem.status in (400, 413, 415) and "results" not in problem.extensions:
+        refused = problem.status in (400, 413, 415) or problem.type == limits.PROBLEM_TYPE
+        if refused and "results" not in problem.extensions:
             self.metrics.rejected.labels(route, problem.reason()).inc()
 
     async def post_event(self, request: Request) -> Response:
@@ -193,6 +213,7 @@ class Gateway:
     async def _event(self, request: Request, principal: Principal, body: bytes) -> Response:
         now = utcnow()
         event = events.parse_single(request.headers, media_type(request), body, now, self.config.max_future_s)
+        self.within_limits(principal.tenant, event, now)
         await self.publisher.publish_one(event, principal.tenant, now)
         self.metrics.accepted.labels("/v1/events").inc()
         return _json({"id": event["id"], "status": "accepted"}, 202)
@@ -208,6 +229,7 @@ class Gateway:
         now = utcnow()
         items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s,
                                    values.Hazards.of(body))
+        self.items_within_limits(principal.tenant, items, now)
         outcome = await self.publish_items("/v1/events/batch", items, principal, now)
         return _outcome(outcome)
 

@@ -223,6 +223,63 @@ def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
+    from pathlib import Path
+
+    from billing.context import BillingConfig
+    from schemas.meters import load_meters
+
+    return BillingConfig(
+        database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,
+        redis_counter_ttl_s=settings.redis_counter_ttl_s,
+        meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
+        limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
+        tick_s=settings.jobs_tick_s,
+        close_grace_s=settings.late_horizon_s if settings.close_grace_s is None else settings.close_grace_s,
+        stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
+        stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
+        stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
+        counters_topic=settings.topics.counters,
+    )
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from billing.context import JobContext
+    from billing.jobs import run_job, work
+    from billing.registry import BY_NAME, SCHEDULED
+
+    async def run() -> int:
+        ctx = await JobContext.open(_billing_config(settings))
+        try:
+            if args.jobs_command == "run":
+                job = BY_NAME.get(args.name)
+                if job is None:
+                    print(f"no job {args.name!r}; jobs: {', '.join(sorted(BY_NAME))}", file=sys.stderr)
+                    return 1
+                from datetime import datetime, timezone
+
+                now = datetime.now(timezone.utc)
+                result = await run_job(ctx, job, args.key or job.key(now), now, force=True)
+                print(f"{result.job} {result.key}: {result.status} {result.figures}")
+                return 0 if result.status == "ok" else 1
+            if args.jobs_command == "list":
+                for name, job in sorted(BY_NAME.items()):
+                    print(f"{name:16} {job.doc}")
+                return 0
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await work(ctx, SCHEDULED, stop)
+            return 0
+        finally:
+            await ctx.close()
+
+    return asyncio.run(run())
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tally.demo import run_demo
 
@@ -291,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub_list.add_argument("--tenant")
     for p in (sub_set, sub_list):
         p.set_defaults(func=cmd_subscriptions)
+
+    jobs = sub.add_parser("jobs", help="the billing jobs worker (hard limits, Stripe reports, close, reconcile)")
+    jobs.set_defaults(func=cmd_jobs, jobs_command="work")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command")
+    jobs_run = jobs_sub.add_parser("run", help="run one job now, recorded like the worker's runs")
+    jobs_run.add_argument("name")
+    jobs_run.add_argument("--key", help="the period or day to run it for (default: the one due now)")
+    jobs_sub.add_parser("list", help="the jobs and what they do")
 
     demo = sub.add_parser("demo", help="post a few events to the gateway and show them persisted")
     demo.add_argument("--url", default=None)

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     gateway_rate_limit_burst: int = 2000
     gateway_webhook_rate_limit_per_s: float = Field(50.0, description="token refill per client address")
     gateway_webhook_rate_limit_burst: int = 100
+    gateway_usage_limits_refresh_s: float = Field(0.5, description="how often the gateway copies hard-limit "
+                                                                   "blocks from Redis (docs/adr/0042)")
     gateway_webhooks_file: str = Field("", description="YAML file of webhook sources; empty: none")
 
     # processors (processors/, sinks/)
@@ -84,6 +86,17 @@ class Settings(BaseSettings):
     publish_timeout_ms: int = 30000
     redis_counter_ttl_s: int = Field(7 * 24 * 3600, description="how long a counter stays cached after its window")
     crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
+
+    # usage and billing (usage/, billing/)
+    usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")
+    usage_limits_ttl_s: int = Field(300, description="blocks lapse this long after the last refresh (fail open)")
+    jobs_tick_s: float = Field(5.0, description="how often `tally jobs` looks for due jobs")
+    stripe_api_key: str = Field("sk_test_123", description="the Stripe secret key; stripe-mock takes any")
+    stripe_max_attempts: int = Field(4, description="tries per meter event before the row stays pending")
+    stripe_breaker_fail_max: int = Field(5, description="consecutive Stripe failures that open the breaker")
+    stripe_breaker_reset_s: float = Field(30.0, description="an open breaker lets one call through after this")
+    close_grace_s: int | None = Field(None, description="a period is closed this long after its end; "
+                                                        "default TALLY_LATE_HORIZON_S")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
