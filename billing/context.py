@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import redis.asyncio as redis
@@ -29,6 +31,7 @@ class BillingConfig:
     stripe_breaker_reset_s: float = 30.0
     kafka_bootstrap: str = "127.0.0.1:9092"
     counters_topic: str = "tally.counters.v1"
+    hook: Callable[[str], None] = lambda _point: None  # tests: kill the job at a named point
 
 
 @dataclass
@@ -36,6 +39,7 @@ class JobContext:
     config: BillingConfig
     pool: asyncpg.Pool
     redis: redis.Redis
+    shared: dict[str, Any] = field(default_factory=dict)  # what lives as long as the worker (the Stripe breaker)
 
     @property
     def reader(self) -> WindowReader:

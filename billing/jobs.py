@@ -59,6 +59,9 @@ async def run_job(ctx: JobContext, job: Job, key: str, now: datetime | None = No
                     "select true from job_runs where job = $1 and run_key = $2 and status = 'ok' limit 1",
                     job.name, key):
                 return RunResult(job.name, key, "done", {})
+            # A run still marked running under a lock we now hold was interrupted (kill -9).
+            await conn.execute("update job_runs set status = 'failed', finished_at = now(), error = 'interrupted'"
+                               " where job = $1 and run_key = $2 and status = 'running'", job.name, key)
             run_id = await conn.fetchval("insert into job_runs (job, run_key, status) values ($1, $2, 'running')"
                                          " returning id", job.name, key)
             try:

@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from billing.context import JobContext
-from billing.jobs import Job, refresh_limits
+from billing.jobs import Job, daily, refresh_limits
+from billing.stripe_report import StripeSender, report
 
 
 async def _limits(ctx: JobContext, _key: str, _now: datetime) -> dict[str, Any]:
@@ -16,5 +17,19 @@ async def _limits(ctx: JobContext, _key: str, _now: datetime) -> dict[str, Any]:
 LIMITS = Job("limits", _limits, lambda now: now.isoformat(timespec="seconds"),
              "decide hard-limit blocks now (the worker does it continuously)")
 
-SCHEDULED: list[Job] = []
+def sender(ctx: JobContext) -> StripeSender:
+    """One sender per worker, so its circuit breaker remembers failures across runs."""
+    if "stripe" not in ctx.shared:
+        ctx.shared["stripe"] = StripeSender(ctx.config)
+    return ctx.shared["stripe"]
+
+
+async def _stripe_report(ctx: JobContext, _key: str, now: datetime) -> dict[str, Any]:
+    return await report(ctx, sender(ctx), now, ctx.config.hook)
+
+
+STRIPE_REPORT = Job("stripe_report", _stripe_report, daily,
+                    "report billable usage of current and previous periods to Stripe Billing Meter Events")
+
+SCHEDULED: list[Job] = [STRIPE_REPORT]
 BY_NAME = {job.name: job for job in [LIMITS, *SCHEDULED]}

@@ -226,7 +226,10 @@ def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
 def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
     from pathlib import Path
 
+    from functools import partial
+
     from billing.context import BillingConfig
+    from processors.faults import crash_point
     from schemas.meters import load_meters
 
     return BillingConfig(
@@ -240,6 +243,7 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
         stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
         stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
         counters_topic=settings.topics.counters,
+        hook=partial(crash_point, armed=settings.crash_at),
     )
 
 

@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     retry_max_ms: int = 10000
     publish_timeout_ms: int = 30000
     redis_counter_ttl_s: int = Field(7 * 24 * 3600, description="how long a counter stays cached after its window")
-    crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
+    crash_at: str = Field("", description="test hook only: SIGKILL the processor or a job at this point "
+                                         "(processors/faults.py)")
 
     # usage and billing (usage/, billing/)
     usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")

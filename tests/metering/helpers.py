@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
 from ingest.auth import create_key
-from tally.settings import Settings
+from schemas.envelope import Envelope
+from tally.settings import ROOT, Settings
 from tests.gateway.helpers import Gateway, start_gateway
-from tests.support import running
+from tests.support import env_for, running
+from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 METERS = """
 meters:
@@ -41,3 +46,26 @@ async def tenant_keys(settings: Settings) -> tuple[str, str, str]:
     finally:
         await conn.close()
     return tenant, admin, writer
+
+
+def run_tally(args: list[str], settings: Settings, **env: str) -> tuple[int, str]:
+    """Run one `tally` command to its end; (return code, output). A kill -9 returns -9."""
+    result = subprocess.run([sys.executable, "-m", "tally.cli", *args], env=env_for(settings, **env),
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return result.returncode, result.stdout + result.stderr
+
+
+async def billed_subject(db: asyncpg.Connection, tenant: str, subject: str, customer: str, included: int,
+                         report: str = "overage") -> None:
+    """A plan with api_calls (COUNT) soft-limited at `included`, and `subject` on it since 40 days ago."""
+    plan = Plan(id="metered", report=report, meters=[PlanMeter(meter="api_calls", included=included,
+                                                               limit_mode="soft", stripe_event="api_calls")])
+    await save_plan(db, tenant, plan)
+    await subscribe(db, tenant, Subscription(subject=subject, plan_id="metered", stripe_customer_id=customer,
+                                             start_date=date.today() - timedelta(days=40)))
+
+
+def calls(tenant: str, subject: str, n: int, first: int = 0) -> list[Envelope]:
+    now = datetime.now(timezone.utc)
+    return [Envelope(id=f"call-{first + i}", source="app", type="api.call", subject=subject,
+                     time=now - timedelta(seconds=30), received_at=now, data={}, tenant=tenant) for i in range(n)]
