@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from billing.context import JobContext
+from billing.close import close_periods
 from billing.jobs import Job, daily, refresh_limits
 from billing.stripe_report import StripeSender, report
 
@@ -31,5 +32,14 @@ async def _stripe_report(ctx: JobContext, _key: str, now: datetime) -> dict[str,
 STRIPE_REPORT = Job("stripe_report", _stripe_report, daily,
                     "report billable usage of current and previous periods to Stripe Billing Meter Events")
 
-SCHEDULED: list[Job] = [STRIPE_REPORT]
+async def _period_close(ctx: JobContext, _key: str, now: datetime) -> dict[str, Any]:
+    """The last report of each period due, then its usage frozen: what follows is an adjustment."""
+    reported = await report(ctx, sender(ctx), now, ctx.config.hook)
+    return {**await close_periods(ctx, now), "report": reported}
+
+
+PERIOD_CLOSE = Job("period_close", _period_close, lambda now: now.strftime("%Y-%m-%dT%H"),
+                   "hourly: report and freeze the usage of periods past their end plus the grace")
+
+SCHEDULED: list[Job] = [STRIPE_REPORT, PERIOD_CLOSE]
 BY_NAME = {job.name: job for job in [LIMITS, *SCHEDULED]}
