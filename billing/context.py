@@ -32,6 +32,7 @@ class BillingConfig:
     kafka_bootstrap: str = "127.0.0.1:9092"
     counters_topic: str = "tally.counters.v1"
     hook: Callable[[str], None] = lambda _point: None  # tests: kill the job at a named point
+    topic_states: Callable[[str | None], dict[str, Any]] | None = None  # the counter topic's latest states
 
 
 @dataclass

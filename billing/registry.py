@@ -8,6 +8,7 @@ from typing import Any
 from billing.context import JobContext
 from billing.close import close_periods
 from billing.jobs import Job, daily, refresh_limits
+from billing.reconcile import default_since, reconcile
 from billing.stripe_report import StripeSender, report
 
 
@@ -41,5 +42,13 @@ async def _period_close(ctx: JobContext, _key: str, now: datetime) -> dict[str, 
 PERIOD_CLOSE = Job("period_close", _period_close, lambda now: now.strftime("%Y-%m-%dT%H"),
                    "hourly: report and freeze the usage of periods past their end plus the grace")
 
-SCHEDULED: list[Job] = [STRIPE_REPORT, PERIOD_CLOSE]
+async def _reconcile(ctx: JobContext, _key: str, now: datetime) -> dict[str, Any]:
+    report_ = await reconcile(ctx, default_since(now), topic_states=ctx.config.topic_states)
+    return report_.figures()
+
+
+RECONCILE = Job("reconcile", _reconcile, daily,
+                "daily: recompute the last two days' counter windows and record drift (no fix)")
+
+SCHEDULED: list[Job] = [STRIPE_REPORT, PERIOD_CLOSE, RECONCILE]
 BY_NAME = {job.name: job for job in [LIMITS, *SCHEDULED]}

@@ -244,7 +244,18 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
         stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
         counters_topic=settings.topics.counters,
         hook=partial(crash_point, armed=settings.crash_at),
+        topic_states=partial(_counter_topic_states, settings),
     )
+
+
+def _counter_topic_states(settings: Settings, tenant: str | None) -> dict:
+    """The latest state per counter key on the counter topic, read as any downstream reader does."""
+    from tally.counters import CounterReader
+
+    with CounterReader(settings.kafka_bootstrap, topic=settings.topics.counters, tenant=tenant) as reader:
+        if not reader.wait_caught_up(120):
+            raise TimeoutError("the counter topic was not read to its end in 120 s")
+        return {state.key: state for state in reader}
 
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
@@ -272,6 +283,10 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
                 for name, job in sorted(BY_NAME.items()):
                     print(f"{name:16} {job.doc}")
                 return 0
+            if settings.jobs_metrics_port:
+                from prometheus_client import start_http_server
+
+                start_http_server(settings.jobs_metrics_port, settings.processor_metrics_host)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -280,6 +295,30 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         finally:
             await ctx.close()
+
+    return asyncio.run(run())
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime
+
+    from billing.context import JobContext
+    from billing.reconcile import reconcile
+
+    async def run() -> int:
+        config = _billing_config(settings)
+        ctx = await JobContext.open(config)
+        try:
+            report = await reconcile(ctx, datetime.fromisoformat(args.since),
+                                     datetime.fromisoformat(args.until) if args.until else None, args.tenant,
+                                     args.fix, config.topic_states)
+        finally:
+            await ctx.close()
+        for d in report.drift:
+            print(f"drift {d.place:8} {d.key}  expected {d.expected}  found {d.found}")
+        print(f"{report.windows} windows from {report.since:%Y-%m-%d %H:%M} to {report.until:%Y-%m-%d %H:%M} UTC: "
+              f"{len(report.drift)} drift(s)" + (f", {report.fixed} counter window(s) fixed" if args.fix else ""))
+        return 1 if report.drift and not args.fix else 0
 
     return asyncio.run(run())
 
@@ -360,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_run.add_argument("name")
     jobs_run.add_argument("--key", help="the period or day to run it for (default: the one due now)")
     jobs_sub.add_parser("list", help="the jobs and what they do")
+
+    rec = sub.add_parser("reconcile", help="recompute counter windows from raw events; compare counters, Redis, "
+                                           "the counter topic and Stripe reports (exit 1 on drift)")
+    rec.add_argument("--since", required=True, help="ISO date or time (from the start of that UTC day)")
+    rec.add_argument("--until", help="ISO time; default the end of today (UTC)")
+    rec.add_argument("--tenant")
+    rec.add_argument("--fix", action="store_true", help="repair counters through the transaction and outbox")
+    rec.set_defaults(func=cmd_reconcile)
 
     demo = sub.add_parser("demo", help="post a few events to the gateway and show them persisted")
     demo.add_argument("--url", default=None)

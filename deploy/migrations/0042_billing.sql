@@ -44,14 +44,15 @@ create table period_usage (
 );
 
 -- What reconciliation found: a counter window whose stored, cached or published value differs from
--- the value recomputed from the raw events, and whether --fix repaired it.
+-- the value recomputed from the raw events (key: the counter key), or a period whose Stripe rows do not
+-- sum to its billable quantity (key: tenant/subject/meter/period); and whether --fix repaired it.
 create table drift_reports (
     id           bigserial primary key,
     run_at       timestamptz not null default now(),
     key          text not null,
     tenant       text not null,
     meter        text not null,
-    place        text not null check (place in ('counters', 'redis', 'topic')),
+    place        text not null check (place in ('counters', 'redis', 'topic', 'stripe')),
     expected     numeric,
     found        numeric,
     fixed        boolean not null default false
