@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import httpx
 import orjson
 
 from billing.context import JobContext
-from usage import limits
+from sinks.kafka import KafkaPublisher
+from usage import alerts, limits
 
 log = logging.getLogger("tally.jobs")
 
@@ -92,9 +94,30 @@ async def _limits_loop(ctx: JobContext) -> None:
         await asyncio.sleep(ctx.config.limits_refresh_s)
 
 
+async def deliver_alerts(ctx: JobContext, publisher: KafkaPublisher, client: httpx.AsyncClient) -> dict[str, Any]:
+    """Record thresholds crossed, publish new alerts to the alerts topic, send pending ones to Slack."""
+    new = await alerts.detect(ctx.pool, ctx.reader)
+    published = await alerts.publish(ctx.pool, publisher, ctx.config.alerts_topic)
+    return {"new": new, "published": published, "slack": await alerts.notify_slack(ctx.pool, client)}
+
+
+async def _alerts_loop(ctx: JobContext) -> None:
+    publisher = KafkaPublisher(ctx.config.kafka_bootstrap)
+    async with httpx.AsyncClient() as client:
+        try:
+            while True:
+                try:
+                    await deliver_alerts(ctx, publisher, client)
+                except Exception:
+                    log.exception("usage alerts failed")
+                await asyncio.sleep(ctx.config.alerts_refresh_s)
+        finally:
+            publisher.close()
+
+
 async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
-    """Until `stop`: refresh hard limits continuously and run each job once per key when due."""
-    limiter = asyncio.create_task(_limits_loop(ctx))
+    """Until `stop`: refresh hard limits and usage alerts continuously, and run each job once per key when due."""
+    loops = [asyncio.create_task(_limits_loop(ctx)), asyncio.create_task(_alerts_loop(ctx))]
     try:
         while not stop.is_set():
             now = datetime.now(timezone.utc)
@@ -107,4 +130,6 @@ async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
             except TimeoutError:
                 pass
     finally:
-        limiter.cancel()
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)

@@ -242,7 +242,8 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
         stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
         stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
         stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
-        counters_topic=settings.topics.counters,
+        counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
+        alerts_refresh_s=settings.usage_alerts_refresh_s,
         hook=partial(crash_point, armed=settings.crash_at),
         topic_states=partial(_counter_topic_states, settings),
     )

@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     # usage and billing (usage/, billing/)
     usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")
     usage_limits_ttl_s: int = Field(300, description="blocks lapse this long after the last refresh (fail open)")
+    usage_alerts_refresh_s: float = Field(5.0, description="how often `tally jobs` looks for thresholds crossed")
     jobs_metrics_port: int = Field(9103, description="`tally jobs` serves /metrics here (drift found, ...); 0: off")
     jobs_tick_s: float = Field(5.0, description="how often `tally jobs` looks for due jobs")
     stripe_api_key: str = Field("sk_test_123", description="the Stripe secret key; stripe-mock takes any")

@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
+from usage.alerts import message
 from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
 from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
@@ -59,6 +60,9 @@ class UsageProduct:
             Route("/v1/subscriptions", self.get_subscriptions, methods=["GET"]),
             Route("/v1/usage", self.get_usage, methods=["GET"]),
             Route("/v1/usage/history", self.get_history, methods=["GET"]),
+            Route("/v1/usage/alerts", self.get_alerts, methods=["GET"]),
+            Route("/v1/usage/alerts/{id:int}/read", self.read_alert, methods=["POST"]),
+            Route("/v1/usage/slack", self.put_slack, methods=["PUT"]),
         ]
 
     def service(self) -> UsageService:
@@ -108,6 +112,38 @@ class UsageProduct:
     async def get_history(self, request: Request) -> Response:
         return await self._read(request, self.service().history)
 
+    async def get_alerts(self, request: Request) -> Response:
+        """Newest first; `subject` narrows to one subject, `unread=true` to those not yet read."""
+        tenant = await self._edge.tenant(request, READ)
+        q = request.query_params
+        rows = await self._edge.pool.fetch(
+            "select * from usage_alerts where tenant = $1 and ($2::text is null or subject = $2)"
+            " and (not $3 or read_at is null) order by id desc limit 200",
+            tenant, q.get("subject"), q.get("unread") == "true")
+        return _json({"alerts": [message(r) for r in rows]})
+
+    async def read_alert(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, READ)
+        row = await self._edge.pool.fetchrow(
+            "update usage_alerts set read_at = coalesce(read_at, now()) where tenant = $1 and id = $2 returning *",
+            tenant, request.path_params["id"])
+        if row is None:
+            raise Problem(404, "Not Found", "no such alert")
+        return _json(message(row))
+
+    async def put_slack(self, request: Request) -> Response:
+        """The tenant's Slack incoming-webhook URL for usage alerts (null turns Slack off)."""
+        tenant = await self._edge.tenant(request, ADMIN)
+        body = await _body(request)
+        url = body.get("webhook_url") if isinstance(body, dict) else None
+        if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
+            raise Problem(400, "Invalid request", "webhook_url is an http(s) URL or null",
+                          errors=[{"field": "webhook_url", "message": "an http(s) URL or null"}])
+        await self._edge.pool.execute(
+            "insert into usage_settings (tenant, slack_webhook_url) values ($1, $2) on conflict (tenant)"
+            " do update set slack_webhook_url = excluded.slack_webhook_url, updated_at = now()", tenant, url)
+        return _json({"webhook_url": url})
+
     async def _read(self, request: Request, read: Any) -> Response:
         tenant = await self._edge.tenant(request, READ)
         q = request.query_params
@@ -144,4 +180,10 @@ class UsageProduct:
                                     ["subject", "meter", "period"])},
             "/v1/usage/history": {"get": op("A subject's usage per day of a billing period", READ,
                                             ["subject", "meter", "period"])},
+            "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, ["subject", "unread"])},
+            "/v1/usage/alerts/{id}/read": {"post": {
+                **op("Mark an alert read", READ),
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]}},
+            "/v1/usage/slack": {"put": {**op("Set the Slack incoming-webhook URL for usage alerts", ADMIN),
+                                        **json_body}},
         }
