@@ -48,7 +48,8 @@ def _products(settings: Settings) -> list:
     """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
     from usage.api import UsageProduct
 
-    return [UsageProduct(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s)]
+    return [UsageProduct(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s,
+                         settings.usage_link_secret, settings.usage_page_poll_s)]
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type

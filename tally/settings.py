@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # usage and billing (usage/, billing/)
     usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")
     usage_limits_ttl_s: int = Field(300, description="blocks lapse this long after the last refresh (fail open)")
+    usage_link_secret: str = Field("", description="signs usage-page links (HMAC-SHA256); empty: no links")
+    usage_page_poll_s: float = Field(30.0, description="how often the usage page refreshes its figures")
     usage_alerts_refresh_s: float = Field(5.0, description="how often `tally jobs` looks for thresholds crossed")
     jobs_metrics_port: int = Field(9103, description="`tally jobs` serves /metrics here (drift found, ...); 0: off")
     jobs_tick_s: float = Field(5.0, description="how often `tally jobs` looks for due jobs")

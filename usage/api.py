@@ -3,8 +3,11 @@ read), `GET /v1/usage` and `GET /v1/usage/history`. The tenant always comes from
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import redis.asyncio as redis
@@ -15,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
+from usage import links
 from usage.alerts import message
 from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
@@ -22,6 +26,12 @@ from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscr
 from usage.windows import WindowReader
 
 ADMIN, READ = "admin:write", "usage:read"
+STATIC = Path(__file__).parent / "static"
+PAGE = (STATIC / "page.html").read_text()
+ASSETS = {"page.js": ((STATIC / "page.js").read_bytes(), "text/javascript"),
+          "page.css": ((STATIC / "page.css").read_bytes(), "text/css")}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -44,10 +54,13 @@ def _invalid(exc: ValidationError | ValueError) -> Problem:
 class UsageProduct:
     """`ingest.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
-    def __init__(self, redis_url: str, redis_prefix: str, cache_ttl_s: int) -> None:
+    def __init__(self, redis_url: str, redis_prefix: str, cache_ttl_s: int, link_secret: str = "",
+                 page_poll_s: float = 30.0) -> None:
         self._redis_url = redis_url
         self._prefix = redis_prefix
         self._cache_ttl_s = cache_ttl_s
+        self._link_secret = link_secret
+        self._page_poll_s = page_poll_s
         self._service: UsageService | None = None
         self._edge: Edge
 
@@ -63,6 +76,10 @@ class UsageProduct:
             Route("/v1/usage/alerts", self.get_alerts, methods=["GET"]),
             Route("/v1/usage/alerts/{id:int}/read", self.read_alert, methods=["POST"]),
             Route("/v1/usage/slack", self.put_slack, methods=["PUT"]),
+            Route("/v1/usage/links", self.post_link, methods=["POST"]),
+            Route("/usage/{subject}", self.page, methods=["GET"]),
+            Route("/usage/{subject}/data", self.page_data, methods=["GET"]),
+            Route("/usage-assets/{name}", self.asset, methods=["GET"]),
         ]
 
     def service(self) -> UsageService:
@@ -144,6 +161,62 @@ class UsageProduct:
             " do update set slack_webhook_url = excluded.slack_webhook_url, updated_at = now()", tenant, url)
         return _json({"webhook_url": url})
 
+    async def post_link(self, request: Request) -> Response:
+        """A signed link to one subject's usage page, valid `ttl_s` seconds (default 7 days, at most 90)."""
+        tenant = await self._edge.tenant(request, READ)
+        if not self._link_secret:
+            raise Problem(503, "Usage links are not configured", "set TALLY_USAGE_LINK_SECRET on the gateway")
+        body = await _body(request)
+        subject = body.get("subject") if isinstance(body, dict) else None
+        ttl_s = body.get("ttl_s", 7 * 86400) if isinstance(body, dict) else None
+        if not isinstance(subject, str) or not subject or "/" in subject:
+            raise Problem(400, "Invalid request", "subject is required",
+                          errors=[{"field": "subject", "message": "a subject without '/'"}])
+        if not isinstance(ttl_s, int) or not 60 <= ttl_s <= 90 * 86400:
+            raise Problem(400, "Invalid request", "ttl_s is 60 to 7776000 seconds",
+                          errors=[{"field": "ttl_s", "message": "60 to 7776000"}])
+        expires = int(time.time()) + ttl_s
+        token = links.sign(self._link_secret, tenant, subject, expires)
+        return _json({"url": f"/usage/{quote(subject, safe='')}?token={token}",
+                      "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat()}, 201)
+
+    def _link_tenant(self, request: Request) -> str:
+        if not self._link_secret:
+            raise Problem(404, "Not Found")
+        try:
+            return links.verify(self._link_secret, request.query_params.get("token", ""),
+                                request.path_params["subject"])
+        except links.BadLink as exc:
+            raise Problem(403, "Forbidden", str(exc)) from None
+
+    async def page(self, request: Request) -> Response:
+        """The usage page itself; everything it loads comes from this server (CSP default-src 'self')."""
+        self._link_tenant(request)
+        html = PAGE.replace("{poll_s}", f"{self._page_poll_s:g}")
+        return Response(html, 200, PAGE_HEADERS, media_type="text/html")
+
+    async def page_data(self, request: Request) -> Response:
+        """What the page polls: the subject's current usage, its days and unread alerts."""
+        tenant = self._link_tenant(request)
+        subject = request.path_params["subject"]
+        now = datetime.now(timezone.utc)
+        try:
+            usage = await self.service().usage(tenant, subject, None, "current", now)
+            history = await self.service().history(tenant, subject, None, "current", now)
+        except NotFound as exc:
+            raise Problem(404, "Not Found", str(exc)) from None
+        alerts = await self._edge.pool.fetch(
+            "select * from usage_alerts where tenant = $1 and subject = $2 and read_at is null order by id desc"
+            " limit 20", tenant, subject)
+        return Response(orjson.dumps({"usage": usage, "history": history, "alerts": [message(a) for a in alerts]}),
+                        200, {"Cache-Control": "no-store"}, media_type="application/json")
+
+    async def asset(self, request: Request) -> Response:
+        found = ASSETS.get(request.path_params["name"])
+        if found is None:
+            raise Problem(404, "Not Found")
+        return Response(found[0], 200, {"Cache-Control": "max-age=300"}, media_type=found[1])
+
     async def _read(self, request: Request, read: Any) -> Response:
         tenant = await self._edge.tenant(request, READ)
         q = request.query_params
@@ -186,4 +259,6 @@ class UsageProduct:
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]}},
             "/v1/usage/slack": {"put": {**op("Set the Slack incoming-webhook URL for usage alerts", ADMIN),
                                         **json_body}},
+            "/v1/usage/links": {"post": {**op("A signed, expiring link to a subject's usage page", READ),
+                                         **json_body}},
         }
