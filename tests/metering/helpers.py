@@ -26,7 +26,7 @@ meters:
 
 
 def metered(settings: Settings) -> Settings:
-    return settings.model_copy(update={"meters": METERS, "batch_max_wait_ms": 50})
+    return settings.model_copy(update={"meters": METERS, "batch_max_wait_ms": 50, "jobs_metrics_port": 0})
 
 
 @contextmanager
