@@ -172,6 +172,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
     import yaml
+    from pydantic import ValidationError
 
     from usage.plans import Plan, load_plans, save_plan
 
@@ -180,7 +181,11 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
         try:
             if args.plans_command == "create":
                 with open(args.file) as f:
-                    plan = Plan.model_validate(yaml.safe_load(f))
+                    try:
+                        plan = Plan.model_validate(yaml.safe_load(f))
+                    except ValidationError as exc:
+                        print(f"{args.file}: not a valid plan\n{exc}", file=sys.stderr)
+                        return 1
                 await save_plan(conn, args.tenant, plan)
                 print(f"saved plan {plan.id} for {args.tenant}: {len(plan.meters)} meter(s)")
             else:
@@ -198,15 +203,21 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import date
 
+    from pydantic import ValidationError
+
     from usage.plans import Subscription, UnknownPlan, load_subscriptions, subscribe
 
     async def run() -> int:
         conn = await asyncpg.connect(settings.database_url)
         try:
             if args.subscriptions_command == "set":
-                sub = Subscription(subject=args.subject, plan_id=args.plan, stripe_customer_id=args.stripe_customer,
-                                   anchor_day=args.anchor_day, time_zone=args.time_zone,
-                                   start_date=args.start_date or date.today())
+                try:
+                    sub = Subscription(subject=args.subject, plan_id=args.plan,
+                                       stripe_customer_id=args.stripe_customer, anchor_day=args.anchor_day,
+                                       time_zone=args.time_zone, start_date=args.start_date or date.today())
+                except ValidationError as exc:
+                    print(f"not a valid subscription\n{exc}", file=sys.stderr)
+                    return 1
                 try:
                     await subscribe(conn, args.tenant, sub)
                 except UnknownPlan as exc:

@@ -14,7 +14,6 @@ accepted past a limit is the processing delay plus the refresh and gateway inter
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from datetime import datetime, timezone
 
 import asyncpg
@@ -51,10 +50,10 @@ async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
     """tenant -> subject -> blocks, for every tenant with hard limits (an empty dict when none is blocked)."""
     now = now or datetime.now(timezone.utc)
     types = {m.slug: m.event_type for m in meters.meters}
-    out: dict[str, dict[str, list[list[str]]]] = defaultdict(dict)
+    out: dict[str, dict[str, list[list[str]]]] = {}
     for row in await pool.fetch(_HARD, now):
         tenant, subject = row["tenant"], row["subject"]
-        out[tenant]
+        subjects = out.setdefault(tenant, {})  # a tenant with hard limits is listed even when none is blocked
         sub = Subscription(subject=subject, plan_id=row["plan_id"], anchor_day=row["anchor_day"],
                            time_zone=row["time_zone"], start_date=row["start_date"])
         try:
@@ -70,8 +69,8 @@ async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
             if combine(list(windows[meter].values())) >= included:
                 blocks.append([types[meter], meter, period.end.isoformat()])
         if blocks:
-            out[tenant][subject] = blocks
-    return dict(out)
+            subjects[subject] = blocks
+    return out
 
 
 async def publish(client: redis.Redis, prefix: str, decision: dict[str, dict[str, list[list[str]]]],
