@@ -153,6 +153,12 @@ class Harness:
                 if self.progress.allows(f"wrk single events, {name} hard limits, round {round_}", seconds + 5):
                     self.record("usage", f"wrk_single_{name}_{round_}", loadgen.wrk(
                         f"single_{name}", f"{url}/v1/events", key, f"{self.bench.run}-{name}{round_}", seconds))
+        # Reads are measured with the pipeline idle: the processor first counts what the writes posted.
+        if self.progress.allows("waiting for the processor to count the posted events", 120):
+            drained = await usage_bench.drained(settings, 120)
+            self.results["usage"]["drained_before_reads"] = drained
+            if not drained:
+                self.note("the processor had not counted every posted event when the reads started")
         if self.progress.allows("k6 GET /v1/usage at a constant 1,000 req/s", seconds + 5):
             self.record("usage", "k6_usage_read", self.k6(
                 "usage_read", url, key=keys.reader, SCENARIO="usage", MODE="rate", RATE=1000, P95_MS=10,

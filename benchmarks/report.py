@@ -86,9 +86,10 @@ def usage(r: dict[str, Any]) -> list[str]:
     return [
         "One gateway and one processor. Single events alternate between a tenant without hard limits and one "
         f"with hard limits configured ({u.get('blocked_subjects', 0):,} blocked subjects, none of them the ones "
-        "posted for, so every event is checked and accepted); wrk, 1 thread, 64 connections. Then k6 reads "
-        "`GET /v1/usage` for 500 subscribed subjects (a month of hour windows each, Redis then PostgreSQL) at a "
-        "constant arrival rate.",
+        "posted for, so every event is checked and accepted); wrk, 1 thread, 64 connections. Once the processor "
+        f"counted them (drained: {'yes' if u.get('drained_before_reads') else 'no'}), k6 reads `GET /v1/usage` "
+        "for the 500 subscribed subjects (a period of 20 days so far: settled windows folded in memory, the last "
+        "day's hour windows from Redis) at a constant arrival rate.",
         "",
         "| load | tool | req/s | p50 ms | p95 ms | p99 ms | failed |",
         "|---|---|---:|---:|---:|---:|---:|",

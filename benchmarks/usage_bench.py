@@ -4,6 +4,8 @@ that reads usage for the subjects the load posts for."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
@@ -11,6 +13,7 @@ import asyncpg
 import redis.asyncio as redis
 
 from ingest import auth
+from processors.progress import caught_up
 from tally.settings import Settings
 from usage.limits import publish
 from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
@@ -49,3 +52,19 @@ async def prepare(settings: Settings) -> Keys:
     finally:
         await client.aclose()
     return Keys(free, limited, reader)
+
+
+async def drained(settings: Settings, timeout_s: float) -> bool:
+    """True once the processor committed every posted event and published every counter window."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            outbox = await conn.fetchval("select count(*) from counter_outbox")
+        finally:
+            await conn.close()
+        if outbox == 0 and await asyncio.to_thread(caught_up, settings.kafka_bootstrap, settings.consumer_group,
+                                                   settings.topics.events):
+            return True
+        await asyncio.sleep(1)
+    return False

@@ -1,7 +1,7 @@
 """Period close: once a period's end plus the grace (the late-event horizon) has passed, its usage is
 frozen as `period_usage` rows, after a last Stripe report for it (docs/adr/0043).
 
-The grace equals `TALLY_LATE_HORIZON_S` by default: no event received later than that after its
+The grace is at least `TALLY_LATE_HORIZON_S` (both one day by default): no event received later than that after its
 event time is counted, so after end + grace no event the gateway receives can change the period.
 One that was received in time but processed later (a backlog) still changes the live counters; the
 next Stripe report sends the difference as an adjustment, and reconciliation shows it.

@@ -250,7 +250,7 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
         meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
         limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
         tick_s=settings.jobs_tick_s,
-        close_grace_s=settings.late_horizon_s if settings.close_grace_s is None else settings.close_grace_s,
+        close_grace_s=settings.close_grace_s,
         stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
         stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
         stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,

@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     stripe_max_attempts: int = Field(4, description="tries per meter event before the row stays pending")
     stripe_breaker_fail_max: int = Field(5, description="consecutive Stripe failures that open the breaker")
     stripe_breaker_reset_s: float = Field(30.0, description="an open breaker lets one call through after this")
-    close_grace_s: int | None = Field(None, description="a period is closed this long after its end; "
-                                                        "default TALLY_LATE_HORIZON_S")
+    close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
+                                                 "TALLY_LATE_HORIZON_S (docs/adr/0043)")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 

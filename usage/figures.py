@@ -6,6 +6,7 @@ time zone. `as_of` is the newest commit time of any window behind the figure: ho
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -70,12 +71,29 @@ class Selected:
 
 
 class UsageService:
-    def __init__(self, pool: asyncpg.Pool, reader: WindowReader) -> None:
+    """Usage figures; a selection (subscription, period, plan) is kept `select_ttl_s`, so a plan change
+    or a new period shows in reads within that time."""
+
+    def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0) -> None:
         self._pool = pool
         self._reader = reader
+        self._select_ttl_s = select_ttl_s
+        self._selected: dict[tuple, tuple[float, Selected]] = {}
 
     async def select(self, tenant: str, subject: str, meter: str | None, spec: str,
                      now: datetime | None = None) -> Selected:
+        key = (tenant, subject, meter, spec)
+        hit = self._selected.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        selected = await self._select(tenant, subject, meter, spec, now)
+        if len(self._selected) >= 100_000:
+            self._selected.clear()
+        self._selected[key] = (time.monotonic() + self._select_ttl_s, selected)
+        return selected
+
+    async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,
+                      now: datetime | None = None) -> Selected:
         now = now or datetime.now(timezone.utc)
         found = await load_subscriptions(self._pool, tenant, subject)
         if not found:
@@ -91,9 +109,9 @@ class UsageService:
             raise NotFound(f"plan {plan.id} has no meter {meter!r}")
         return Selected(tenant, sub, anchor, period, plan, meters)
 
-    async def windows(self, s: Selected) -> Windows:
+    async def windows(self, s: Selected, buckets: list[tuple[datetime, datetime]] | None = None) -> Windows:
         return await self._reader.read(s.tenant, s.subscription.subject, [m.meter for m in s.meters],
-                                       s.period.start, s.period.end)
+                                       s.period.start, s.period.end, buckets=buckets)
 
     async def usage(self, tenant: str, subject: str, meter: str | None = None, spec: str = "current",
                     now: datetime | None = None) -> dict[str, Any]:
@@ -108,13 +126,14 @@ class UsageService:
                       now: datetime | None = None) -> dict[str, Any]:
         """Per local day of the period: each meter's usage that day and the running total."""
         s = await self.select(tenant, subject, meter, spec, now)
-        windows = await self.windows(s)
+        local_days = days(s.anchor, s.period)
+        windows = await self.windows(s, [(start, end) for _, start, end in local_days])
         out = []
         for pm in s.meters:
             by_hour = windows[pm.meter]
             running: list[HourWindow] = []
             rows = []
-            for day, start, end in days(s.anchor, s.period):
+            for day, start, end in local_days:
                 today = [w for at, w in by_hour.items() if start <= at < end]
                 running += today
                 rows.append({"date": day.isoformat(), "used": _text(combine(today)),
