@@ -160,9 +160,10 @@ class Harness:
             if not drained:
                 self.note("the processor had not counted every posted event when the reads started")
         if self.progress.allows("k6 GET /v1/usage at a constant 1,000 req/s", seconds + 5):
-            self.record("usage", "k6_usage_read", self.k6(
-                "usage_read", url, key=keys.reader, SCENARIO="usage", MODE="rate", RATE=1000, P95_MS=10,
-                P99_MS=10, VUS=64, MAX_VUS=256))
+            with self.profiled("usage", gateway):
+                self.record("usage", "k6_usage_read", self.k6(
+                    "usage_read", url, key=keys.reader, SCENARIO="usage", MODE="rate", RATE=1000, P95_MS=10,
+                    P99_MS=10, VUS=64, MAX_VUS=256))
         self.results["usage"]["blocked_subjects"] = usage_bench.BLOCKED
 
     # -- processor ---------------------------------------------------------------------------------

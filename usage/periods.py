@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -37,8 +38,11 @@ class Period:
     label: date
 
 
+@lru_cache(maxsize=1024)
 def check_zone(zone: str) -> None:
-    """Refuse unknown zones and zones with an offset that is not whole hours (now or in 2000-2040)."""
+    """Refuse unknown zones and zones with an offset that is not whole hours (now or in 2000-2040).
+
+    Memoised: every Subscription built from a row checks its zone."""
     try:
         tz = ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):

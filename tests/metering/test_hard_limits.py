@@ -1,6 +1,7 @@
 """Hard limits at intake: at a stated rate the gateway starts refusing within the bound of ADR 0042, with
 its own problem type, the meter, the period end and Retry-After; a soft limit keeps accepting; an upgrade
-lets the subject through again; tenants without hard limits are never refused."""
+lets the subject through again; tenants without hard limits are never refused; the soft meter's overage
+(and the hard meter's overshoot) is reported to Stripe."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import asyncpg
 
 from ingest.limits import PROBLEM_TYPE
 from tally.settings import Settings
-from tests.metering.helpers import metered, pipeline, tenant_keys
+from tests.metering.helpers import metered, pipeline, run_tally, tenant_keys
 from tests.processor.helpers import drained, wait_for
 from tests.support import running
 
@@ -35,7 +36,7 @@ async def test_hard_limit_refuses_within_the_bound_and_soft_keeps_accepting(isol
     settings = metered(isolated).model_copy(update={"jobs_tick_s": 1.0})
     tenant, admin, writer = await tenant_keys(settings)
     _, _, other_writer = await tenant_keys(settings)
-    subject = "limited-customer"
+    subject, customer = "limited-customer", f"cus_{uuid.uuid4().hex[:10]}"
     with pipeline(settings) as gw, running("jobs", ["jobs"], settings):
         async with gw.client(admin) as api, gw.client(writer) as writes, gw.client(other_writer) as others:
             plan = {"id": "starter", "meters": [
@@ -43,8 +44,8 @@ async def test_hard_limit_refuses_within_the_bound_and_soft_keeps_accepting(isol
                 {"meter": "tokens", "included": 100, "limit_mode": "soft", "overage_price": "0.002"}]}
             assert (await api.post("/v1/plans", json=plan)).status_code == 201
             start = (date.today() - timedelta(days=40)).isoformat()
-            assert (await api.put(f"/v1/subscriptions/{subject}",
-                                  json={"plan_id": "starter", "start_date": start})).status_code == 200
+            assert (await api.put(f"/v1/subscriptions/{subject}", json={
+                "plan_id": "starter", "start_date": start, "stripe_customer_id": customer})).status_code == 200
 
             accepted, refusal, t0 = 0, None, time.monotonic()
             for n in range(BOUND * 3):
@@ -78,6 +79,15 @@ async def test_hard_limit_refuses_within_the_bound_and_soft_keeps_accepting(isol
             assert Decimal(usage["api_calls"]["used"]) == accepted
             assert Decimal(usage["tokens"]["used"]) == accepted * 10 + 1
             assert Decimal(usage["tokens"]["overage"]) == accepted * 10 + 1 - 100
+            # the soft meter's overage, and the hard meter's overshoot, are billed (stripe-mock)
+            code, out = run_tally(["jobs", "run", "stripe_report"], settings)
+            assert code == 0, out
+            reported = {r["meter"]: (r["value"], r["status"]) for r in await db.fetch(
+                "select meter, value, status from stripe_reports where stripe_customer_id = $1", customer)}
+            expected = {"tokens": (accepted * 10 + 1 - 100, "sent")}
+            if overshoot:
+                expected["api_calls"] = (overshoot, "sent")
+            assert reported == expected
 
             plan["meters"][0]["included"] = accepted + 1000  # an upgrade lifts the block
             assert (await api.post("/v1/plans", json=plan)).status_code == 201
