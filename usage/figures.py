@@ -95,13 +95,14 @@ class UsageService:
     async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,
                       now: datetime | None = None) -> Selected:
         now = now or datetime.now(timezone.utc)
-        found = await load_subscriptions(self._pool, tenant, subject)
-        if not found:
-            raise NotFound(f"subject {subject!r} has no subscription")
-        sub = found[0][1]
-        anchor = sub.anchor()
-        period = resolve_period(anchor, spec, now)
-        plan = await plan_for_period(self._pool, tenant, subject, period.end)
+        async with self._pool.acquire() as conn:
+            found = await load_subscriptions(conn, tenant, subject)
+            if not found:
+                raise NotFound(f"subject {subject!r} has no subscription")
+            sub = found[0][1]
+            anchor = sub.anchor()
+            period = resolve_period(anchor, spec, now)
+            plan = await plan_for_period(conn, tenant, subject, period.end)
         if plan is None:
             raise NotFound(f"subject {subject!r} had no plan in that period")
         meters = [m for m in plan.meters if meter is None or m.meter == meter]

@@ -142,13 +142,17 @@ async def load_subscriptions(conn: asyncpg.Connection | asyncpg.Pool, tenant: st
     return [(r["tenant"], _subscription(r)) for r in rows]
 
 
+_PLAN_AT = """
+select p.id, p.name, p.report, m.meter, m.included, m.limit_mode, m.overage_price, m.thresholds, m.stripe_event
+from plans p join plan_meters m on m.tenant = p.tenant and m.plan_id = p.id
+where p.tenant = $1 and p.id = (select plan_id from subscription_plans where tenant = $1 and subject = $2
+                                and effective_at < $3 order by effective_at desc limit 1)
+order by m.meter
+"""
+
+
 async def plan_for_period(conn: asyncpg.Connection | asyncpg.Pool, tenant: str, subject: str,
                           period_end: datetime) -> Plan | None:
     """The plan in force for the period ending at `period_end`: the newest change effective before it."""
-    plan_id = await conn.fetchval(
-        "select plan_id from subscription_plans where tenant = $1 and subject = $2 and effective_at < $3"
-        " order by effective_at desc limit 1", tenant, subject, period_end)
-    if plan_id is None:
-        return None
-    plans = await load_plans(conn, tenant, plan_id)
-    return plans[0] if plans else None
+    rows = await conn.fetch(_PLAN_AT, tenant, subject, period_end)
+    return _plan(rows[0], rows) if rows else None
