@@ -89,6 +89,7 @@ class WindowReader:
         self._settled_max = settled_max
         self._settled: dict[tuple, tuple[float, Windows]] = {}
         self._states: AsyncScript | None = None
+        self._key_lists: dict[tuple, tuple[list[tuple[str, datetime]], list[str]]] = {}
         self.source = "postgres"  # where the last read's recent windows came from, for tests and logs
 
     async def read(self, tenant: str, subject: str, meters: list[str], start: datetime, end: datetime,
@@ -143,8 +144,7 @@ class WindowReader:
         assert self._client is not None
         if self._states is None:
             self._states = self._client.register_script(_STATES)
-        wanted = [(m, at) for m in meters for at in hours(start, end)]
-        keys = [cache_key(self._prefix, CounterKey(tenant, m, HOUR, at, subject, ()).to_text()) for m, at in wanted]
+        wanted, keys = self._keys(tenant, subject, tuple(meters), start, end)
         out: Windows = {m: {} for m in meters}
         for (m, at), raw in zip(wanted, await self._states(keys=keys) if keys else []):
             if raw:
@@ -152,6 +152,20 @@ class WindowReader:
                 out[m][at] = HourWindow(at, state["aggregation"], Decimal(state["value"]),
                                         datetime.fromisoformat(state["updated_at"]))
         return out
+
+
+    def _keys(self, tenant: str, subject: str, meters: tuple[str, ...], start: datetime,
+              end: datetime) -> tuple[list[tuple[str, datetime]], list[str]]:
+        """The windows wanted and their cache keys, memoised: they change once an hour per subject."""
+        found = self._key_lists.get((tenant, subject, meters, start, end))
+        if found is None:
+            wanted = [(m, at) for m in meters for at in hours(start, end)]
+            keys = [cache_key(self._prefix, CounterKey(tenant, m, HOUR, at, subject, ()).to_text())
+                    for m, at in wanted]
+            if len(self._key_lists) >= self._settled_max:
+                self._key_lists.clear()
+            found = self._key_lists[(tenant, subject, meters, start, end)] = (wanted, keys)
+        return found
 
 
 def _hour(at: datetime) -> datetime:
