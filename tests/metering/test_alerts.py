@@ -1,5 +1,6 @@
-"""Usage alerts fire once per threshold per period across a processor kill -9 and a replay of the same
-events; they reach tally.alerts.v1, the in-app list and the Slack double; a failing Slack is visible."""
+"""Usage alerts fire once per threshold per period across a processor kill -9, a re-delivery of the same
+events and two replays from the dead-letter topic; they reach tally.alerts.v1, the in-app list and the
+Slack double; a failing Slack is visible."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import orjson
 from schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.gateway.helpers import start_gateway
-from tests.metering.helpers import metered, tenant_keys
+from tests.metering.helpers import metered, run_tally, tenant_keys
 from tests.metering.recording_server import recording_server
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import TallyProcess, read_topic, running
@@ -72,9 +73,22 @@ async def test_each_threshold_alerts_once_across_a_restart_and_a_replay(isolated
                 await asyncio.sleep(2)  # several alert refreshes
                 assert [a["threshold"] for a in await _alerts(api)] == [80]
 
+                # The last two calls are dead-lettered by a processor that refuses their type, then replayed
+                # from the dead-letter topic twice by one that accepts it: 100% fires once.
+                processor.stop()
+                processor = TallyProcess("processor", ["process"], settings, TALLY_ACCEPT_TYPES="llm.*")
                 for n in range(8, 10):
                     assert (await writes.post("/v1/events", json=_event(n, at))).status_code == 202
+                await wait_for(lambda: drained(settings, db), 60, "the two calls to be dead-lettered")
+                assert len(await _alerts(api)) == 1
+                processor.stop()
+                processor = TallyProcess("processor", ["process"], settings)
+                for _ in range(2):
+                    code, out = run_tally(["dlq", "replay", "--stage", "validate"], settings)
+                    assert code == 0 and "replayed 2/2" in out, out
+                    await wait_for(lambda: drained(settings, db), 60, "the replay to be processed")
                 await wait_for(lambda: alerted(2), 60, "the 100% alert")
+                await asyncio.sleep(2)  # several alert refreshes
 
                 async def slack_done() -> bool:
                     mine = [a for a in await _alerts(api) if a["slack"] == "sent"]
