@@ -91,7 +91,8 @@ def slack_blocks(row: asyncpg.Record) -> dict[str, Any]:
     text = (f"{row['subject']} used {row['threshold']}% of its included {row['meter']} "
             f"({row['used']} of {row['included']}) in the period ending {row['period_end']:%Y-%m-%d}")
     return {"text": text, "blocks": [
-        {"type": "header", "text": {"type": "plain_text", "text": f"Usage alert: {row['threshold']}% of {row['meter']}"}},
+        {"type": "header",
+         "text": {"type": "plain_text", "text": f"Usage alert: {row['threshold']}% of {row['meter']}"}},
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": f"tenant {row['tenant']} · alert {row['id']}"}]},
     ]}

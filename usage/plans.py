@@ -114,7 +114,8 @@ async def subscribe(conn: asyncpg.Connection, tenant: str, sub: Subscription, at
         previous = await conn.fetchval(
             "select plan_id from subscriptions where tenant = $1 and subject = $2 for update", tenant, sub.subject)
         await conn.execute(
-            "insert into subscriptions (tenant, subject, plan_id, stripe_customer_id, anchor_day, time_zone, start_date)"
+            "insert into subscriptions (tenant, subject, plan_id, stripe_customer_id, anchor_day, time_zone,"
+            " start_date)"
             " values ($1, $2, $3, $4, $5, $6, $7) on conflict (tenant, subject) do update set"
             " plan_id = excluded.plan_id, stripe_customer_id = excluded.stripe_customer_id,"
             " anchor_day = excluded.anchor_day, time_zone = excluded.time_zone, start_date = excluded.start_date,"
