@@ -2,14 +2,15 @@
 compare them with `counters`, the Redis cache and the latest state on the counter topic; compare each
 period's Stripe rows with its billable quantity. Every difference is a `drift_reports` row.
 
-`--fix` repairs counters through the pipeline's own path: the absolute recomputed value is written with
-its outbox row in one transaction (revision + 1), then the outbox relay publishes it to the counter
-topic and the cache, exactly as after a processor batch. Stripe differences are not fixed here: an
+`--fix` repairs every drifting window through the pipeline's own path: the absolute recomputed value is
+written with its outbox row in one transaction (revision + 1), then the outbox relay publishes it to the
+counter topic and the cache, exactly as after a processor batch. Stripe differences are not fixed here: an
 under-report is sent by the next report run, an over-report is not taken back (docs/adr/0044).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -125,7 +126,7 @@ async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = N
         if value != want(key):
             report.drift.append(_drift(key, expected, stored.get(key), "redis", value))
     if topic_states is not None:
-        latest = topic_states(tenant)
+        latest = await asyncio.to_thread(topic_states, tenant)  # a Kafka read: off the event loop
         for key in keys:
             state = latest.get(key)
             if state is not None and Decimal(state.value) != want(key):
@@ -133,7 +134,10 @@ async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = N
     report.drift += await _stripe_drift(ctx, lo, tenant)
 
     if fix:
-        report.fixed = await _fix(ctx, [d for d in report.drift if d.place == "counters"], expected)
+        # Any place out of step is repaired the same way: the recomputed value with a new revision,
+        # which the outbox relay then carries to the topic and the cache.
+        windows = {d.key: d for d in report.drift if d.place != "stripe"}
+        report.fixed = await _fix(ctx, list(windows.values()), expected)
     await _record(ctx, report, fix)
     for d in report.drift:
         DRIFT.labels(d.place).inc()
@@ -222,7 +226,7 @@ async def _fix(ctx: JobContext, drift: list[Drift], expected: dict[str, CounterD
 async def _record(ctx: JobContext, report: ReconcileReport, fixed: bool) -> None:
     await ctx.pool.executemany(
         "insert into drift_reports (key, tenant, meter, place, expected, found, fixed) values ($1, $2, $3, $4, $5, $6,"
-        " $7)", [(d.key, d.tenant, d.meter, d.place, d.expected, d.found, fixed and d.place == "counters")
+        " $7)", [(d.key, d.tenant, d.meter, d.place, d.expected, d.found, fixed and d.place != "stripe")
                  for d in report.drift])
 
 

@@ -1,5 +1,5 @@
-"""Reconciliation finds a counter row changed by hand and `--fix` repairs it through the outbox, so the
-counter topic and the cache follow; a second run finds nothing."""
+"""Reconciliation finds a counter row changed by hand and a cached state changed by hand, and `--fix`
+repairs both through the outbox, so the counter topic and the cache follow; a second run finds nothing."""
 
 from __future__ import annotations
 
@@ -33,20 +33,27 @@ async def test_reconcile_finds_injected_drift_and_fix_repairs_it_through_the_out
     key, revision = await db.fetchrow("select key, revision from counters where tenant = $1 and subject = 'acme'"
                                       " and window_name = 'hour' and meter = 'api_calls'", tenant)
     await db.execute("update counters set value = value + 5, count = count + 5 where key = $1", key)
+    other = await db.fetchval("select key from counters where tenant = $1 and subject = 'other'"
+                              " and window_name = 'day' and meter = 'api_calls'", tenant)
+    cache = redis.Redis.from_url(settings.redis_url)
+    state = orjson.loads(cache.hget(cache_key(settings.redis_prefix, other), "state"))
+    cache.hset(cache_key(settings.redis_prefix, other), "state", orjson.dumps({**state, "value": "30"}))
     code, out = run_tally(args, settings)
     assert code == 1, out
     assert f"drift counters {key}  expected 12  found 17" in out
+    assert f"drift redis    {other}  expected 3  found 30" in out
     drift = await db.fetch("select place, expected, found, fixed from drift_reports where key = $1", key)
     assert [(d["place"], d["expected"], d["found"], d["fixed"]) for d in drift] == [("counters", 12, 17, False)]
 
     code, out = run_tally([*args, "--fix"], settings)
-    assert code == 0 and "1 counter window(s) fixed" in out, out
+    assert code == 0 and "2 counter window(s) fixed" in out, out
+    assert orjson.loads(cache.hget(cache_key(settings.redis_prefix, other), "state"))["value"] == "3"
     row = await db.fetchrow("select value, count, revision from counters where key = $1", key)
     assert (row["value"], row["count"], row["revision"]) == (12, 12, revision + 1)
     assert await db.fetchval("select count(*) from counter_outbox where key = $1", key) == 0
     await assert_topic_matches_postgres(settings, db, tenant)
     assert (await asyncio.to_thread(latest_counter_states, settings))[key].revision == revision + 1
-    cached = redis.Redis.from_url(settings.redis_url).hget(cache_key(settings.redis_prefix, key), "state")
+    cached = cache.hget(cache_key(settings.redis_prefix, key), "state")
     assert orjson.loads(cached)["revision"] == revision + 1
     code, out = run_tally(args, settings)
     assert code == 0 and "0 drift(s)" in out, out
