@@ -6,6 +6,7 @@ time zone. `as_of` is the newest commit time of any window behind the figure: ho
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -89,7 +90,8 @@ class UsageService:
         selected = await self._select(tenant, subject, meter, spec, now)
         if len(self._selected) >= 100_000:
             self._selected.clear()
-        self._selected[key] = (time.monotonic() + self._select_ttl_s, selected)
+        # Spread over half the TTL, so entries filled together do not expire (and hit the database) together.
+        self._selected[key] = (time.monotonic() + self._select_ttl_s * random.uniform(0.5, 1.0), selected)
         return selected
 
     async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,

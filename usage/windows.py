@@ -9,6 +9,7 @@ billable (a plan's meter has one window per hour and subject; docs/adr/0041).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -119,7 +120,7 @@ class WindowReader:
                                                max(w.updated_at for w in inside))
         if len(self._settled) >= self._settled_max:
             self._settled.clear()
-        self._settled[key] = (time.monotonic() + self._settled_ttl_s, folded)
+        self._settled[key] = (time.monotonic() + self._settled_ttl_s * random.uniform(0.5, 1.0), folded)
         return folded
 
     async def _recent(self, tenant: str, subject: str, meters: list[str], start: datetime, end: datetime,
