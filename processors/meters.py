@@ -1,4 +1,4 @@
-"""Meters: check events against them, fold new events into counter deltas.
+"""Meters: load their definitions, check events against them, fold new events into counter deltas.
 
 Every event is checked while its batch is validated, so an event a meter cannot read (a SUM whose
 value is missing or not a number) is a dead letter before anything is written, never a silent zero.
@@ -12,13 +12,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from processors.windows import bounds
 from schemas.counters import CounterDelta, CounterKey, Scalar
-from schemas.meters import Aggregation, Meter, MetersConfig, Window
+from schemas.meters import DEFAULT_METERS, Aggregation, Meter, MetersConfig, Window
 from sinks.base import Record, StoredEvent
 
 _MISSING = object()
@@ -27,6 +29,15 @@ _MAX_EXPONENT = 100  # far inside PostgreSQL numeric's range, far beyond any rea
 
 class MeterError(ValueError):
     """An event matched a meter but the meter cannot take a value from it."""
+
+
+def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
+    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set."""
+    if inline.strip():
+        return MetersConfig.model_validate(yaml.safe_load(inline))
+    if path is not None:
+        return MetersConfig.model_validate(yaml.safe_load(path.read_text()))
+    return DEFAULT_METERS
 
 
 _ROOTS = frozenset({"type", "source", "subject", "id", "data"})

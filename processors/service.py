@@ -17,8 +17,7 @@ from processors import metrics
 from processors.batch import Validator
 from processors.consumer import Processor, ProcessorConfig, Sinks
 from processors.faults import crash_point
-from processors.meters import MeterSet
-from schemas.meters import load_meters
+from processors.meters import MeterSet, load_meters
 from sinks.counter_topic import CounterTopicSink
 from sinks.dlq_topic import DeadLetterSink
 from sinks.kafka import KafkaPublisher

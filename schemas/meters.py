@@ -7,9 +7,6 @@ the event (except COUNT), groups by paths into the event, and keeps one counter 
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
-
-import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -69,13 +66,3 @@ class MetersConfig(BaseModel):
 DEFAULT_METERS = MetersConfig(meters=[
     Meter(slug="events", event_type="*", group_by={"type": "type"}, windows=(Window.HOUR, Window.DAY)),
 ])
-
-
-def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
-    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set (the processor's
-    meters and the usage product's hard limits read the same declarations)."""
-    if inline.strip():
-        return MetersConfig.model_validate(yaml.safe_load(inline))
-    if path is not None:
-        return MetersConfig.model_validate(yaml.safe_load(path.read_text()))
-    return DEFAULT_METERS

@@ -242,7 +242,7 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
 
     from billing.context import BillingConfig
     from processors.faults import crash_point
-    from schemas.meters import load_meters
+    from processors.meters import load_meters
 
     return BillingConfig(
         database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,

@@ -13,8 +13,8 @@ import asyncpg
 
 from billing.context import BillingConfig, JobContext
 from billing.jobs import Job, run_job
+from processors.meters import load_meters
 from schemas.envelope import Envelope
-from schemas.meters import load_meters
 from tally.settings import Settings
 from tests.metering.helpers import METERS, metered, run_tally
 from tests.metering.stripe_double import stripe_double

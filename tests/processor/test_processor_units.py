@@ -8,8 +8,7 @@ from decimal import Decimal
 import pytest
 
 from processors.batch import Validator
-from processors.meters import MeterError, MeterSet
-from schemas.meters import load_meters
+from processors.meters import MeterError, MeterSet, load_meters
 from processors.windows import bounds
 from schemas.counters import CounterState
 from schemas.deadletter import DeadLetter
