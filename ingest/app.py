@@ -99,13 +99,13 @@ class Gateway:
         self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s, c.max_message_bytes)
         self.guard = RedisGuard.connect(c.redis_url, c.redis_timeout_s, c.redis_failure_policy, self.metrics,
                                         c.retry_after_s)
+        self.limits = UsageLimits(self.guard.client, c.redis_prefix, c.usage_limits_refresh_s)
+        self.limits.start()
         self.limiter = RateLimiter(self.guard, c.redis_prefix)
         retention = Retention(c.idempotency_ttl_s, c.idempotency_error_ttl_s, c.idempotency_max_body_bytes,
                               c.idempotency_tenant_budget_bytes)
         self.idempotency = IdempotencyStore(self.guard, c.redis_prefix, self.metrics, retention, c.idempotency_lock_s)
         self.replays = ReplayMemory(self.guard, c.redis_prefix)
-        self.limits = UsageLimits(self.guard.client, c.redis_prefix, c.usage_limits_refresh_s)
-        self.limits.start()
         # What start-up built lives as long as the process: keep it out of every full collection.
         # Scanning it paused the loop 40-50 ms about once a second under batch load (ADR 2).
         gc.freeze()
