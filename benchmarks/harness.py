@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import kafka_bench, loadgen, pg_bench, stack
+from benchmarks import kafka_bench, loadgen, pg_bench, stack, usage_bench
 from benchmarks.cpu import CpuMeter, listener_pid
 from benchmarks.machine import describe
 from benchmarks.spread import combine
@@ -63,7 +63,8 @@ class Harness:
         self.args = args
         self.index = index  # which of the --repeat runs this is, from 1
         self.progress = Progress(args.budget)
-        self.results: dict[str, Any] = {"run": bench.run, "gateway": {}, "processor": {}, "e2e": {}, "notes": []}
+        self.results: dict[str, Any] = {"run": bench.run, "gateway": {}, "usage": {}, "processor": {}, "e2e": {},
+                                        "notes": []}
         broker = listener_pid(int(bench.settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]))
         self.broker = [broker] if broker else []
         if not broker:
@@ -102,9 +103,10 @@ class Harness:
             return contextlib.nullcontext()
         return profiling(service, OUT / f"profile-{name}")
 
-    def k6(self, name: str, url: str, csv: bool = False, **env: str | int | float) -> loadgen.Load:
+    def k6(self, name: str, url: str, csv: bool = False, key: str | None = None,
+           **env: str | int | float) -> loadgen.Load:
         summary = OUT / f"k6-{name}.json"
-        return loadgen.k6(name, summary, OUT / f"k6-{name}.csv" if csv else None, URL=url, KEY=self.bench.key,
+        return loadgen.k6(name, summary, OUT / f"k6-{name}.csv" if csv else None, URL=url, KEY=key or self.bench.key,
                           RUN=f"{self.bench.run}-{name}", DURATION=f"{self.args.seconds}s", **env)
 
     # -- gateway -----------------------------------------------------------------------------------
@@ -164,6 +166,36 @@ class Harness:
             await self.measured_load("gateway", f"k6_{name}_rate", self.served_by(self.gateway_service), partial(
                 self.k6, f"{name}_rate", url, SCENARIO=scenario, MODE="rate", RATE=rate, BATCH=batch,
                 P99_MS=50, VUS=64, MAX_VUS=256))
+
+    # -- usage -------------------------------------------------------------------------------------
+
+    async def usage(self) -> None:
+        """Single events with and without hard limits configured, alternating, then GET /v1/usage at a
+        constant 1,000 requests/s over the subjects those events were counted for."""
+        seconds = self.args.seconds
+        settings = self.bench.scoped("usage", meters=usage_bench.METERS)
+        self.bench.topics(settings)
+        keys = await usage_bench.prepare(settings)
+        gateway = self.bench.gateway(settings, **UNLIMITED)
+        self.bench.processor(settings, "usage-processor")
+        url = f"http://127.0.0.1:{gateway.port}"
+        for round_ in (1, 2):
+            for name, key in (("without", keys.free), ("with", keys.limited)):
+                if self.progress.allows(f"wrk single events, {name} hard limits, round {round_}", seconds + 5):
+                    self.record("usage", f"wrk_single_{name}_{round_}", loadgen.wrk(
+                        f"single_{name}", f"{url}/v1/events", key, f"{self.bench.run}-{name}{round_}", seconds))
+        # Reads are measured with the pipeline idle: the processor first counts what the writes posted.
+        if self.progress.allows("waiting for the processor to count the posted events", 120):
+            drained = await usage_bench.drained(settings, 120)
+            self.results["usage"]["drained_before_reads"] = drained
+            if not drained:
+                self.note("the processor had not counted every posted event when the reads started")
+        if self.progress.allows("k6 GET /v1/usage at a constant 1,000 req/s", seconds + 5):
+            with self.profiled("usage", gateway):
+                self.record("usage", "k6_usage_read", self.k6(
+                    "usage_read", url, key=keys.reader, SCENARIO="usage", MODE="rate", RATE=1000, P95_MS=10,
+                    P99_MS=10, VUS=64, MAX_VUS=256))
+        self.results["usage"]["blocked_subjects"] = usage_bench.BLOCKED
 
     # -- processor ---------------------------------------------------------------------------------
 
@@ -415,7 +447,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run's database and topics")
     parser.add_argument("--profile", action="store_true",
                         help="sample the gateway (single events) and the processor (drain) with py-spy")
-    parser.add_argument("--only", action="append", choices=["gateway", "processor", "e2e"],
+    parser.add_argument("--only", action="append", choices=["gateway", "usage", "processor", "e2e"],
                         help="run only these parts (repeatable); default all")
     parser.add_argument("--repeat", type=int, default=1,
                         help="whole runs, one after another, each on a fresh slice; figures are their median and range")
@@ -441,7 +473,8 @@ async def one_run(args: argparse.Namespace, n: int) -> dict[str, Any]:
                          f"topic prefix {bench.settings.topic_prefix}")
     try:
         await bench.setup()
-        parts = {"gateway": harness.gateway, "processor": harness.processor, "e2e": harness.end_to_end}
+        parts = {"gateway": harness.gateway, "usage": harness.usage, "processor": harness.processor,
+                 "e2e": harness.end_to_end}
         for name, part in parts.items():
             if not args.only or name in args.only:
                 await part()

@@ -94,6 +94,40 @@ def gateway(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def usage(r: dict[str, Any]) -> list[str]:
+    u = r.get("usage") or {}
+    if not u:
+        return ["Not measured in this run."]
+    rows = [(f"single events, {name} hard limits, round {n}", u.get(f"wrk_single_{name}_{n}"))
+            for n in (1, 2) for name in ("without", "with")]
+    rows.append(("GET /v1/usage, constant 1,000 req/s", u.get("k6_usage_read")))
+
+    def mean(name: str) -> float | None:
+        found = [u[k]["req_s"] for k in (f"wrk_single_{name}_1", f"wrk_single_{name}_2") if k in u]
+        return sum(found) / len(found) if found else None
+
+    without, with_ = mean("without"), mean("with")
+    read = u.get("k6_usage_read")
+    return [
+        "One gateway and one processor. Single events alternate between a tenant without hard limits and one "
+        f"with hard limits configured ({u.get('blocked_subjects', 0):,} blocked subjects, none of them the ones "
+        "posted for, so every event is checked and accepted); wrk, 1 thread, 64 connections. Once the processor "
+        f"counted them (drained: {'yes' if u.get('drained_before_reads') else 'no'}), k6 reads `GET /v1/usage` "
+        "for the 500 subscribed subjects (a period of 20 days so far: settled windows folded in memory, the last "
+        "day's hour windows from Redis) at a constant arrival rate.",
+        "",
+        "| load | tool | req/s | p50 ms | p95 ms | p99 ms | failed |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *[f"| {label} | {load['tool']} | {fmt(load['req_s'])} | {fmt(load['p50_ms'], 1)} | {fmt(load['p95_ms'], 1)} | "
+          f"{fmt(load['p99_ms'], 1)} | {load['failed']:.2%} |" for label, load in rows if load],
+        "",
+        f"- Aim: single events with hard limits within 10% of without: {ratio(with_, without)}"
+        f" — {aim(with_ >= 0.9 * without if with_ and without else None)}",
+        f"- Aim: GET /v1/usage p99 ≤ 10 ms at 1,000 req/s: {fmt(read and read['p99_ms'], 1)} ms at "
+        f"{fmt(read and read['req_s'])} req/s — {aim(read['p99_ms'] <= 10 and read['req_s'] >= 950 if read else None)}",
+    ]
+
+
 def processor(r: dict[str, Any]) -> list[str]:
     p = r["processor"]
     if "loaded" not in p:
@@ -246,9 +280,10 @@ def main() -> None:
     results = json.loads(results_path.read_text())["summary"]
     text = target.read_text()
     out = results_path.parent
-    only = results.get("args", {}).get("only") or ["gateway", "processor", "e2e"]
+    only = results.get("args", {}).get("only") or ["gateway", "usage", "processor", "e2e"]
     sections = {
         "gateway": lambda: gateway(results) + profile(out / "profile-gateway.txt", "gateway, single events"),
+        "usage": lambda: usage(results),
         "processor": lambda: processor(results) + profile(out / "profile-tally_x1.txt", "processor ×1 drain"),
         "e2e": lambda: end_to_end(results, command),
     }

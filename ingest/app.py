@@ -25,13 +25,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ingest import batch, events, logs, otlp, values, webhooks
+from ingest import batch, events, limits, logs, otlp, values, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
 from ingest.hot import HotRoutes
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
+from ingest.limits import UsageLimits
 from ingest.metrics import Metrics, MetricsMiddleware
 from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
@@ -83,6 +84,7 @@ class Gateway:
         self.limiter: RateLimiter
         self.idempotency: IdempotencyStore
         self.replays: ReplayMemory
+        self.limits: UsageLimits
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -97,6 +99,8 @@ class Gateway:
         self.publisher = Publisher(producer, c.topics.events, self.metrics, c.retry_after_s, c.max_message_bytes)
         self.guard = RedisGuard.connect(c.redis_url, c.redis_timeout_s, c.redis_failure_policy, self.metrics,
                                         c.retry_after_s)
+        self.limits = UsageLimits(self.guard.client, c.redis_prefix, c.usage_limits_refresh_s)
+        self.limits.start()
         self.limiter = RateLimiter(self.guard, c.redis_prefix)
         retention = Retention(c.idempotency_ttl_s, c.idempotency_error_ttl_s, c.idempotency_max_body_bytes,
                               c.idempotency_tenant_budget_bytes)
@@ -113,6 +117,7 @@ class Gateway:
         try:
             yield
         finally:
+            await self.limits.stop()
             left = producer.close()
             if left:
                 log.error("shutdown: %d message(s) still undelivered after the flush", left)
@@ -185,9 +190,24 @@ class Gateway:
         response.headers.update(decision.headers)
         return response
 
+    def within_limits(self, tenant: str, event: dict, now: datetime) -> None:
+        """Raise the usage-limit problem for an event past a hard limit (`ingest.limits`)."""
+        problem = self.limits.refused(tenant, event, now)
+        if problem is not None:
+            raise problem
+
+    def items_within_limits(self, tenant: str, items: list[batch.Item], now: datetime) -> None:
+        """A batch's events past a hard limit become rejected items; the others go on."""
+        for item in items:
+            if item.event is not None:
+                problem = self.limits.refused(tenant, item.event, now)
+                if problem is not None:
+                    item.event, item.problem = None, problem
+
     def count_rejection(self, route: str, problem: Problem) -> None:
         """A refused request counts once; a batch without a valid item was counted item by item already."""
-        if problem.status in (400, 413, 415) and "results" not in problem.extensions:
+        refused = problem.status in (400, 413, 415) or problem.type == limits.PROBLEM_TYPE
+        if refused and "results" not in problem.extensions:
             self.metrics.rejected.labels(route, problem.reason()).inc()
 
     async def post_event(self, request: Request) -> Response:
@@ -197,6 +217,7 @@ class Gateway:
     async def _event(self, request: Request, principal: Principal, body: bytes) -> Response:
         now = utcnow()
         event = events.parse_single(request.headers, media_type(request), body, now, self.config.max_future_s)
+        self.within_limits(principal.tenant, event, now)
         await self.publisher.publish_one(event, principal.tenant, now)
         self.metrics.accepted.labels("/v1/events").inc()
         return _json({"id": event["id"], "status": "accepted"}, 202)
@@ -212,6 +233,7 @@ class Gateway:
         now = utcnow()
         items = batch.check_events(parse_json(body), self.config.max_batch_items, now, self.config.max_future_s,
                                    values.Hazards.of(body))
+        self.items_within_limits(principal.tenant, items, now)
         outcome = await self.publish_items("/v1/events/batch", items, principal, now)
         return _outcome(outcome)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import asyncpg
 
 PREFIX = "tly_"
-SCOPES = ("events:write", "logs:write")
-DEFAULT_SCOPES = SCOPES
+SCOPES = ("events:write", "logs:write", "usage:read", "admin:write")
+DEFAULT_SCOPES = ("events:write", "logs:write")
 
 
 @dataclass(frozen=True)

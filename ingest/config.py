@@ -53,6 +53,9 @@ class GatewayConfig:
     webhook_rate_limit_per_s: float = 50.0
     webhook_rate_limit_burst: int = 100
 
+    # hard usage limits: how often the blocks written by the usage product are copied from Redis
+    usage_limits_refresh_s: float = 0.5
+
     # webhook sources (YAML: source -> scheme, tenant, secrets); none means the route answers 404
     webhooks_file: Path | None = None
 

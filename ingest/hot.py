@@ -145,6 +145,7 @@ class HotRoutes:
             if route == EVENTS:
                 body = await _body(receive, headers, config.max_event_bytes, config.body_timeout_s)
                 event = events.check(parse_json(body), now, config.max_future_s, values.Hazards.of(body))
+                gw.within_limits(principal.tenant, event, now)
                 await gw.publisher.publish_one(event, principal.tenant, now)
                 self._accepted[EVENTS].inc()
                 status, payload = 202, orjson.dumps({"id": event["id"], "status": "accepted"})
@@ -154,6 +155,7 @@ class HotRoutes:
                     raise unsupported(media, batch.BATCH_TYPES)
                 items = batch.check_events(parse_json(body), config.max_batch_items, now, config.max_future_s,
                                            values.Hazards.of(body))
+                gw.items_within_limits(principal.tenant, items, now)
                 outcome = await gw.publish_items(BATCH, items, principal, now)
                 status, payload = outcome.status, orjson.dumps(outcome.body)
             return status, payload, JSON, decision.headers

@@ -4,7 +4,9 @@ Tests use it to prove that a crash between the steps of a batch loses nothing an
 nothing twice. Points: after_share_commit (one of a batch's PostgreSQL transactions committed, the
 others possibly not), after_pg_commit (counters committed, nothing published), mid_relay (inside the
 outbox relay's loop: states acked by Kafka, their outbox rows not yet deleted), after_publish
-(counters and dead letters acked, offsets not committed). Unset in production.
+(counters and dead letters acked, offsets not committed). The billing jobs take the same hook
+(`tally/cli.py` wires it): report_before_send (a Stripe report row written, not sent) and
+report_after_send (sent, not yet marked sent). Unset in production.
 """
 
 from __future__ import annotations

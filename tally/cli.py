@@ -48,9 +48,12 @@ def _products(settings: Settings) -> list:
     """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
     from query.cache import AnswerCache
     from query.routes import QueryProduct
+    from usage.api import UsageProduct
 
     return [QueryProduct(settings.query_cursor_secret,
-                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s))]
+                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
+            UsageProduct(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s,
+                         settings.usage_link_secret, settings.usage_page_poll_s)]
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
@@ -154,6 +157,12 @@ def _dlq_position(text: str) -> tuple[int, int]:
     return int(partition), int(offset)
 
 
+def _date(text: str):  # noqa: ANN202 - a datetime.date
+    from datetime import date
+
+    return date.fromisoformat(text)
+
+
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     from sinks.migrations import migrate
 
@@ -200,6 +209,172 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         finally:
             await conn.close()
+
+    return asyncio.run(run())
+
+
+def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from usage.plans import Plan, load_plans, save_plan
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.plans_command == "create":
+                with open(args.file) as f:
+                    try:
+                        plan = Plan.model_validate(yaml.safe_load(f))
+                    except ValidationError as exc:
+                        print(f"{args.file}: not a valid plan\n{exc}", file=sys.stderr)
+                        return 1
+                await save_plan(conn, args.tenant, plan)
+                print(f"saved plan {plan.id} for {args.tenant}: {len(plan.meters)} meter(s)")
+            else:
+                for plan in await load_plans(conn, args.tenant):
+                    for m in plan.meters:
+                        print(f"{plan.id:16} {m.meter:16} included {m.included} {m.limit_mode:4} "
+                              f"overage {m.overage_price}/unit thresholds {m.thresholds}")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import date
+
+    from pydantic import ValidationError
+
+    from usage.plans import Subscription, UnknownPlan, load_subscriptions, subscribe
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.subscriptions_command == "set":
+                try:
+                    sub = Subscription(subject=args.subject, plan_id=args.plan,
+                                       stripe_customer_id=args.stripe_customer, anchor_day=args.anchor_day,
+                                       time_zone=args.time_zone, start_date=args.start_date or date.today())
+                except ValidationError as exc:
+                    print(f"not a valid subscription\n{exc}", file=sys.stderr)
+                    return 1
+                try:
+                    await subscribe(conn, args.tenant, sub)
+                except UnknownPlan as exc:
+                    print(exc, file=sys.stderr)
+                    return 1
+                print(f"{args.subject} is on plan {sub.plan_id} (anchor day {sub.anchor_day}, {sub.time_zone})")
+            else:
+                for tenant, sub in await load_subscriptions(conn, args.tenant):
+                    print(f"{tenant:20} {sub.subject:20} {sub.plan_id:16} day {sub.anchor_day:2} {sub.time_zone:20} "
+                          f"from {sub.start_date} stripe {sub.stripe_customer_id or '-'}")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
+    from pathlib import Path
+
+    from functools import partial
+
+    from billing.context import BillingConfig
+    from processors.faults import crash_point
+    from processors.meters import load_meters
+
+    return BillingConfig(
+        database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,
+        redis_counter_ttl_s=settings.redis_counter_ttl_s,
+        meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
+        limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
+        tick_s=settings.jobs_tick_s,
+        close_grace_s=settings.close_grace_s,
+        stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
+        stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
+        stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
+        counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
+        alerts_refresh_s=settings.usage_alerts_refresh_s,
+        hook=partial(crash_point, armed=settings.crash_at),
+        topic_states=partial(_counter_topic_states, settings),
+    )
+
+
+def _counter_topic_states(settings: Settings, tenant: str | None) -> dict:
+    """The latest state per counter key on the counter topic, read as any downstream reader does."""
+    from tally.counters import CounterReader
+
+    with CounterReader(settings.kafka_bootstrap, topic=settings.topics.counters, tenant=tenant) as reader:
+        if not reader.wait_caught_up(120):
+            raise TimeoutError("the counter topic was not read to its end in 120 s")
+        return {state.key: state for state in reader}
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from billing.context import JobContext
+    from billing.jobs import run_job, work
+    from billing.registry import BY_NAME, SCHEDULED
+
+    async def run() -> int:
+        ctx = await JobContext.open(_billing_config(settings))
+        try:
+            if args.jobs_command == "run":
+                job = BY_NAME.get(args.name)
+                if job is None:
+                    print(f"no job {args.name!r}; jobs: {', '.join(sorted(BY_NAME))}", file=sys.stderr)
+                    return 1
+                from datetime import datetime, timezone
+
+                now = datetime.now(timezone.utc)
+                result = await run_job(ctx, job, args.key or job.key(now), now, force=True)
+                print(f"{result.job} {result.key}: {result.status} {result.figures}")
+                return 0 if result.status == "ok" else 1
+            if args.jobs_command == "list":
+                for name, job in sorted(BY_NAME.items()):
+                    print(f"{name:16} {job.doc}")
+                return 0
+            if settings.jobs_metrics_port:
+                from prometheus_client import start_http_server
+
+                start_http_server(settings.jobs_metrics_port, settings.processor_metrics_host)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await work(ctx, SCHEDULED, stop)
+            return 0
+        finally:
+            await ctx.close()
+
+    return asyncio.run(run())
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime
+
+    from billing.context import JobContext
+    from billing.reconcile import reconcile
+
+    async def run() -> int:
+        config = _billing_config(settings)
+        ctx = await JobContext.open(config)
+        try:
+            report = await reconcile(ctx, datetime.fromisoformat(args.since),
+                                     datetime.fromisoformat(args.until) if args.until else None, args.tenant,
+                                     args.fix, config.topic_states)
+        finally:
+            await ctx.close()
+        for d in report.drift:
+            print(f"drift {d.place:8} {d.key}  expected {d.expected}  found {d.found}")
+        print(f"{report.windows} windows from {report.since:%Y-%m-%d %H:%M} to {report.until:%Y-%m-%d %H:%M} UTC: "
+              f"{len(report.drift)} drift(s)" + (f", {report.fixed} counter window(s) fixed" if args.fix else ""))
+        return 1 if report.drift and not args.fix else 0
 
     return asyncio.run(run())
 
@@ -251,6 +426,45 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     for p in (create, listing, revoke):
         p.set_defaults(func=cmd_keys)
+
+    plans = sub.add_parser("plans", help="usage plans").add_subparsers(dest="plans_command", required=True)
+    plan_create = plans.add_parser("create", help="create or replace a plan from a YAML or JSON file")
+    plan_create.add_argument("--file", required=True)
+    plan_list = plans.add_parser("list", help="one line per plan and meter")
+    for p in (plan_create, plan_list):
+        p.add_argument("--tenant", required=True)
+        p.set_defaults(func=cmd_plans)
+
+    subs = sub.add_parser("subscriptions", help="subjects' plans").add_subparsers(dest="subscriptions_command",
+                                                                                   required=True)
+    sub_set = subs.add_parser("set", help="subscribe a subject to a plan (a different plan is a change from now)")
+    sub_set.add_argument("--tenant", required=True)
+    sub_set.add_argument("--subject", required=True)
+    sub_set.add_argument("--plan", required=True)
+    sub_set.add_argument("--stripe-customer")
+    sub_set.add_argument("--anchor-day", type=int, default=1)
+    sub_set.add_argument("--time-zone", default="UTC")
+    sub_set.add_argument("--start-date", type=_date, help="YYYY-MM-DD; default today")
+    sub_list = subs.add_parser("list")
+    sub_list.add_argument("--tenant")
+    for p in (sub_set, sub_list):
+        p.set_defaults(func=cmd_subscriptions)
+
+    jobs = sub.add_parser("jobs", help="the billing jobs worker (hard limits, Stripe reports, close, reconcile)")
+    jobs.set_defaults(func=cmd_jobs, jobs_command="work")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command")
+    jobs_run = jobs_sub.add_parser("run", help="run one job now, recorded like the worker's runs")
+    jobs_run.add_argument("name")
+    jobs_run.add_argument("--key", help="the period or day to run it for (default: the one due now)")
+    jobs_sub.add_parser("list", help="the jobs and what they do")
+
+    rec = sub.add_parser("reconcile", help="recompute counter windows from raw events; compare counters, Redis, "
+                                           "the counter topic and Stripe reports (exit 1 on drift)")
+    rec.add_argument("--since", required=True, help="ISO date or time (from the start of that UTC day)")
+    rec.add_argument("--until", help="ISO time; default the end of today (UTC)")
+    rec.add_argument("--tenant")
+    rec.add_argument("--fix", action="store_true", help="repair counters through the transaction and outbox")
+    rec.set_defaults(func=cmd_reconcile)
 
     demo = sub.add_parser("demo", help="post a few events to the gateway and show them persisted")
     demo.add_argument("--url", default=None)

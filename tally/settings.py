@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     gateway_rate_limit_burst: int = 2000
     gateway_webhook_rate_limit_per_s: float = Field(50.0, description="token refill per client address")
     gateway_webhook_rate_limit_burst: int = 100
+    gateway_usage_limits_refresh_s: float = Field(0.5, description="how often the gateway copies hard-limit "
+                                                                   "blocks from Redis (docs/adr/0042)")
     gateway_webhooks_file: str = Field("", description="YAML file of webhook sources; empty: none")
 
     # processors (processors/, sinks/)
@@ -102,7 +104,23 @@ class Settings(BaseSettings):
     counter_retention_hour_days: int = Field(400, description="prune hour windows this long after they end (0 keeps)")
     counter_retention_day_days: int = Field(0, description="prune day windows this long after they end (0 keeps)")
     counter_retention_month_days: int = Field(0, description="prune month windows this long after they end (0 keeps)")
-    crash_at: str = Field("", description="test hook only: SIGKILL the processor at this point (processors/faults.py)")
+    crash_at: str = Field("", description="test hook only: SIGKILL the processor or a job at this point "
+                                         "(processors/faults.py)")
+
+    # usage and billing (usage/, billing/)
+    usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")
+    usage_limits_ttl_s: int = Field(300, description="blocks lapse this long after the last refresh (fail open)")
+    usage_link_secret: str = Field("", description="signs usage-page links (HMAC-SHA256); empty: no links")
+    usage_page_poll_s: float = Field(30.0, description="how often the usage page refreshes its figures")
+    usage_alerts_refresh_s: float = Field(5.0, description="how often `tally jobs` looks for thresholds crossed")
+    jobs_metrics_port: int = Field(9103, description="`tally jobs` serves /metrics here (drift found, ...); 0: off")
+    jobs_tick_s: float = Field(5.0, description="how often `tally jobs` looks for due jobs")
+    stripe_api_key: str = Field("sk_test_123", description="the Stripe secret key; stripe-mock takes any")
+    stripe_max_attempts: int = Field(4, description="tries per meter event before the row stays pending")
+    stripe_breaker_fail_max: int = Field(5, description="consecutive Stripe failures that open the breaker")
+    stripe_breaker_reset_s: float = Field(30.0, description="an open breaker lets one call through after this")
+    close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
+                                                 "TALLY_LATE_HORIZON_S (docs/adr/0043)")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 

@@ -1,5 +1,5 @@
 // Load scenarios for Tally's gateway (and the bare ceilings), one per run, chosen by environment:
-//   SCENARIO  single | batch | logs | webhook | retry | bare
+//   SCENARIO  single | batch | logs | webhook | retry | bare | usage (GET /v1/usage, KEY with usage:read)
 //   MODE      rate (constant arrival rate: RATE requests/s) | max (VUS closed-loop users, highest rate)
 //   URL, KEY (API key), RUN (unique id prefix), DURATION (e.g. 15s), BATCH (events per batch, 100),
 //   WEBHOOK_SECRET (Stripe-style signing secret), P95_MS / P99_MS (thresholds), SUMMARY (JSON path).
@@ -36,7 +36,7 @@ const load = E.MODE === 'max'
 
 export const options = {
   scenarios: { [SCENARIO]: load },
-  discardResponseBodies: SCENARIO === 'single' || SCENARIO === 'bare',
+  discardResponseBodies: SCENARIO === 'single' || SCENARIO === 'bare' || SCENARIO === 'usage',
   summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
   thresholds: {
     http_req_failed: ['rate<0.01'],
@@ -146,6 +146,11 @@ const scenarios = {
       data: { object: { id: `in_${id}`, amount_paid: 1200, customer: `cus_${exec.vu.idInTest % 50}` } } });
     post(`/v1/webhooks/${E.WEBHOOK_SOURCE || 'stripe'}`, payload,
       { 'Content-Type': 'application/json', 'Stripe-Signature': stripeSignature(payload) }, 1);
+  },
+  usage: () => {
+    const subject = `customer-${(exec.vu.idInTest * 31 + exec.vu.iterationInScenario) % 500}`;
+    const res = http.get(`${URL}/v1/usage?subject=${subject}`, { headers: BEARER, tags: { name: '/v1/usage' } });
+    check(res, { '200': (r) => r.status === 200 });
   },
   // A share of requests re-sent once or twice with the same ids, as producers do after a timeout.
   // BATCH=1 sends single events to /v1/events instead of batches.

@@ -1,0 +1,1 @@
+"""Billing: the jobs worker, Stripe usage reporting, period close and reconciliation."""

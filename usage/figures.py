@@ -1,0 +1,152 @@
+"""A subscription's usage figures for one period: used, included, remaining, overage, percent, per meter.
+
+Figures are decimal strings (exact, as counters are) and period bounds are given in the subscription's
+time zone. `as_of` is the newest commit time of any window behind the figure: how fresh it is.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from usage.periods import Anchor, Period, PeriodError, days, period_at, period_of_date, previous
+from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions, plan_for_period
+from usage.windows import HourWindow, WindowReader, Windows, combine
+
+
+class NotFound(LookupError):
+    pass
+
+
+def resolve_period(anchor: Anchor, spec: str, now: datetime) -> Period:
+    """`current`, `previous` or the local date of any day in the wanted period."""
+    if spec == "current":
+        return period_at(anchor, now)
+    if spec == "previous":
+        return previous(anchor, period_at(anchor, now))
+    try:
+        day = date.fromisoformat(spec)
+    except ValueError:
+        raise PeriodError("period is current, previous or a date (YYYY-MM-DD)") from None
+    return period_of_date(anchor, day)
+
+
+def _text(value: Decimal) -> str:
+    return format(value.normalize(), "f") if value == value.to_integral_value() else format(value, "f")
+
+
+def meter_figures(pm: PlanMeter, windows: list[HourWindow]) -> dict[str, Any]:
+    used = combine(windows)
+    included = pm.included
+    return {
+        "meter": pm.meter,
+        "used": _text(used),
+        "included": _text(included),
+        "remaining": _text(max(included - used, Decimal(0))),
+        "overage": _text(max(used - included, Decimal(0))),
+        "percent": float(round(used * 100 / included, 2)) if included else None,
+        "limit_mode": pm.limit_mode,
+        "as_of": _as_of(windows),
+    }
+
+
+def _as_of(windows: list[HourWindow]) -> str | None:
+    newest = max((w.updated_at for w in windows), default=None)
+    return newest.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if newest else None
+
+
+@dataclass
+class Selected:
+    tenant: str
+    subscription: Subscription
+    anchor: Anchor
+    period: Period
+    plan: Plan
+    meters: list[PlanMeter]
+
+
+class UsageService:
+    """Usage figures; a selection (subscription, period, plan) is kept `select_ttl_s`, so a plan change
+    or a new period shows in reads within that time."""
+
+    def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0) -> None:
+        self._pool = pool
+        self._reader = reader
+        self._select_ttl_s = select_ttl_s
+        self._selected: dict[tuple, tuple[float, Selected]] = {}
+
+    async def select(self, tenant: str, subject: str, meter: str | None, spec: str,
+                     now: datetime | None = None) -> Selected:
+        key = (tenant, subject, meter, spec)
+        hit = self._selected.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        selected = await self._select(tenant, subject, meter, spec, now)
+        if len(self._selected) >= 100_000:
+            self._selected.clear()
+        # Spread over half the TTL, so entries filled together do not expire (and hit the database) together.
+        self._selected[key] = (time.monotonic() + self._select_ttl_s * random.uniform(0.5, 1.0), selected)
+        return selected
+
+    async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,
+                      now: datetime | None = None) -> Selected:
+        now = now or datetime.now(timezone.utc)
+        async with self._pool.acquire() as conn:
+            found = await load_subscriptions(conn, tenant, subject)
+            if not found:
+                raise NotFound(f"subject {subject!r} has no subscription")
+            sub = found[0][1]
+            anchor = sub.anchor()
+            period = resolve_period(anchor, spec, now)
+            plan = await plan_for_period(conn, tenant, subject, period.end)
+        if plan is None:
+            raise NotFound(f"subject {subject!r} had no plan in that period")
+        meters = [m for m in plan.meters if meter is None or m.meter == meter]
+        if not meters:
+            raise NotFound(f"plan {plan.id} has no meter {meter!r}")
+        return Selected(tenant, sub, anchor, period, plan, meters)
+
+    async def windows(self, s: Selected, buckets: list[tuple[datetime, datetime]] | None = None) -> Windows:
+        return await self._reader.read(s.tenant, s.subscription.subject, [m.meter for m in s.meters],
+                                       s.period.start, s.period.end, buckets=buckets)
+
+    async def usage(self, tenant: str, subject: str, meter: str | None = None, spec: str = "current",
+                    now: datetime | None = None) -> dict[str, Any]:
+        s = await self.select(tenant, subject, meter, spec, now)
+        windows = await self.windows(s)
+        head = _head(s)
+        bounds = {"period_start": head["period_start"], "period_end": head["period_end"]}
+        return {**head, "meters": [{**meter_figures(pm, list(windows[pm.meter].values())), **bounds}
+                                   for pm in s.meters]}
+
+    async def history(self, tenant: str, subject: str, meter: str | None = None, spec: str = "current",
+                      now: datetime | None = None) -> dict[str, Any]:
+        """Per local day of the period: each meter's usage that day and the running total."""
+        s = await self.select(tenant, subject, meter, spec, now)
+        local_days = days(s.anchor, s.period)
+        windows = await self.windows(s, [(start, end) for _, start, end in local_days])
+        out = []
+        for pm in s.meters:
+            by_hour = windows[pm.meter]
+            running: list[HourWindow] = []
+            rows = []
+            for day, start, end in local_days:
+                today = [w for at, w in by_hour.items() if start <= at < end]
+                running += today
+                rows.append({"date": day.isoformat(), "used": _text(combine(today)),
+                             "cumulative": _text(combine(running))})
+            out.append({"meter": pm.meter, "included": _text(pm.included), "days": rows})
+        return {**_head(s), "meters": out}
+
+
+def _head(s: Selected) -> dict[str, Any]:
+    tz = s.anchor.tz()
+    return {"subject": s.subscription.subject, "plan": s.plan.id,
+            "period_start": s.period.start.astimezone(tz).isoformat(),
+            "period_end": s.period.end.astimezone(tz).isoformat()}
