@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from billing.context import JobContext
 from billing.stripe_report import billable
+from processors.decode import Event
 from processors.meters import MeterSet
 from schemas.counters import CounterDelta, CounterState
 from sinks.base import Record
@@ -36,20 +37,6 @@ from usage.windows import combine, from_postgres
 DRIFT = Counter("tally_reconcile_drift", "counter windows or Stripe periods found drifting", ["place"])
 
 TopicStates = Callable[[str | None], dict[str, CounterState]]  # tenant (None: all) -> key -> latest state
-
-
-@dataclass(frozen=True)
-class _Event:
-    """An events row as the meters read it (sinks.base.StoredEvent)."""
-
-    tenant: str
-    source: str
-    id: str
-    type: str
-    subject: str | None
-    time: datetime
-    received_at: datetime
-    data: Any
 
 
 @dataclass
@@ -95,7 +82,7 @@ def _inside(delta: CounterDelta, lo: datetime, hi: datetime) -> bool:
 async def recompute(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None) -> dict[str, CounterDelta]:
     """The windows wholly inside [lo, hi), as the processor would have counted the stored events."""
     rows = await ctx.pool.fetch(_EVENTS, lo, hi, tenant)
-    records = [Record(_Event(r["tenant"], r["source"], r["id"], r["type"], r["subject"], r["time"], r["received_at"],
+    records = [Record(Event(r["tenant"], r["source"], r["id"], r["type"], r["subject"], r["time"], r["received_at"],
                              None if r["data"] is None else orjson.loads(r["data"])), 0, 0, True) for r in rows]
     return {key: d for key, d in MeterSet(ctx.config.meters).aggregate(records) if _inside(d, lo, hi)}
 
