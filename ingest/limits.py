@@ -10,7 +10,6 @@ period end and lapse by themselves (docs/adr/0042).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import re
@@ -37,6 +36,7 @@ class UsageLimits:
         self._refresh_s = refresh_s
         self._blocks: dict[str, dict[str, list[Block]]] = {}
         self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     def refused(self, tenant: str, event: dict[str, Any], now: datetime) -> Problem | None:
         """The 429 problem if this event is past a hard limit, else None."""
@@ -72,21 +72,30 @@ class UsageLimits:
         self._blocks = blocks
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.load()
             except (RedisError, OSError, ValueError) as exc:
                 log.warning("usage limits not refreshed, keeping the last copy: %s", exc)
-            await asyncio.sleep(self._refresh_s)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self._refresh_s)
+            except TimeoutError:
+                pass
 
     def start(self) -> None:
+        self._stopping = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        if self._task is not None:
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Let the refresh finish its round and end. It is asked rather than cancelled: a Redis call
+        cancelled while it takes a connection from the pool can swallow the cancellation and never end."""
+        if self._task is None:
+            return
+        self._stopping.set()
+        done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+        if not done:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            log.warning("usage limits refresh did not end within %.1f s; cancelled", timeout_s)
 
 
 _MATCHERS: dict[str, Any] = {}
