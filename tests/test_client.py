@@ -9,7 +9,6 @@ import time
 import uuid
 
 import asyncpg
-import httpx
 import pytest
 
 from ingest.auth import create_key
@@ -18,14 +17,9 @@ from tally.settings import Settings
 from tally.topics import create_topics
 from tests.processor.helpers import drained, wait_for
 from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
+from tests.gateway.helpers import healthy
 from tests.support import TallyProcess, free_port, running, wait_until
 
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def _key(settings: Settings, scopes: tuple[str, ...] = ("events:write", "logs:write")) -> tuple[str, str]:
@@ -71,7 +65,7 @@ async def test_every_event_is_stored_once_through_a_broker_outage_and_a_gateway_
     with running("processor", ["process"], own):
         gateway = TallyProcess("gateway", ["gateway", "--port", str(port)], own)
         try:
-            await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+            await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
             client = TallyClient(url, secret, batch_size=50, retry_max_s=1.0, give_up_after_s=300)
             producer = threading.Thread(target=produce, args=(client,))
             producer.start()
@@ -83,7 +77,7 @@ async def test_every_event_is_stored_once_through_a_broker_outage_and_a_gateway_
             gateway.stop()  # the gateway goes away: connections are refused until it is back
             await asyncio.sleep(1)
             gateway = TallyProcess("gateway", ["gateway", "--port", str(port)], own)
-            await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the restarted gateway")
+            await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the restarted gateway")
             await asyncio.sleep(2)
             stop.set()
             await asyncio.to_thread(producer.join)
@@ -105,7 +99,7 @@ async def gateway_url(isolated: Settings):  # noqa: ANN201
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running("gateway", ["gateway", "--port", str(port)], settings):
-        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         yield settings, url
 
 

@@ -6,18 +6,12 @@ import asyncio
 import subprocess
 import sys
 
-import httpx
 
 from tally.demo import key_path
 from tally.settings import ROOT, Settings
+from tests.gateway.helpers import healthy
 from tests.support import env_for, free_port, running, wait_until
 
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def test_the_demo_passes_twice_in_a_row(isolated: Settings) -> None:
@@ -25,7 +19,7 @@ async def test_the_demo_passes_twice_in_a_row(isolated: Settings) -> None:
     url = f"http://127.0.0.1:{port}"
     settings = isolated.model_copy(update={"processor_metrics_port": 0})
     with running("gateway", ["gateway", "--port", str(port)], settings), running("processor", ["process"], settings):
-        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         runs = [await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", "tally.cli", "demo", "--url", url], env=env_for(settings),
             cwd=ROOT, capture_output=True, text=True, timeout=120) for _ in range(2)]

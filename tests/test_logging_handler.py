@@ -7,20 +7,14 @@ import logging
 import uuid
 
 import asyncpg
-import httpx
 
 from ingest.auth import create_key
 from tally.logging import TallyHandler, level_name
 from tally.settings import Settings
 from tests.processor.helpers import drained, wait_for
+from tests.gateway.helpers import healthy
 from tests.support import free_port, running, wait_until
 
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_python_levels_map_to_the_nearest_tally_level() -> None:
@@ -37,7 +31,7 @@ async def test_records_arrive_as_log_events_with_level_attributes_and_exception(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running("gateway", ["gateway", "--port", str(port)], settings), running("processor", ["process"], settings):
-        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         handler = TallyHandler(url, secret, service="checkout")
         log = logging.getLogger(f"test.{tenant}")
         log.addHandler(handler)

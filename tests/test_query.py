@@ -15,6 +15,7 @@ import pytest
 from ingest.auth import create_key
 from tally.settings import Settings
 from tests.processor.helpers import drained, produce, wait_for
+from tests.gateway.helpers import healthy
 from tests.support import free_port, running, wait_until
 from schemas.envelope import Envelope
 
@@ -31,12 +32,6 @@ def _log(tenant: str, n: int, *, service: str | None = None, minutes_ago: int | 
     return Envelope(id=f"log-{n}", source=f"logs/{data['service']}", type="tally.log", subject=data["service"],
                     time=when, received_at=datetime.now(timezone.utc), data=data, tenant=tenant)
 
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ async def stack(settings: Settings):  # noqa: ANN201
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running("gateway", ["gateway", "--port", str(port)], own), running("processor", ["process"], own):
-        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         await wait_for(lambda: drained(own, conn), 60, "the processor to store the logs")
         yield {"settings": own, "url": url, "tenant": tenant, "secret": secret, "other": other_secret,
                "writer": writer, "logs": logs, "db": conn}

@@ -10,11 +10,11 @@ import sys
 import uuid
 
 import asyncpg
-import httpx
 
 from ingest.auth import create_key
 from tally.settings import ROOT, Settings
 from tests.processor.helpers import drained, wait_for
+from tests.gateway.helpers import healthy
 from tests.support import env_for, free_port, running, wait_until
 
 
@@ -29,12 +29,6 @@ def _sections(*titles: str) -> list[str]:
 
 SNIPPETS = _sections("Sending events", "Reading counters")
 
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_the_sections_hold_the_snippets_this_test_expects() -> None:
@@ -52,7 +46,7 @@ async def test_every_snippet_runs_and_its_events_arrive(isolated: Settings, db: 
              '"tally.counters.v1"': f'"{settings.topics.counters}"', 'tenant="demo"': f'tenant="{tenant}"'}
     outputs = []
     with running("gateway", ["gateway", "--port", str(port)], settings), running("processor", ["process"], settings):
-        await asyncio.to_thread(wait_until, lambda: _healthy(url), 30, 0.1, "the gateway")
+        await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         for n, snippet in enumerate(SNIPPETS):
             for old, new in swaps.items():
                 snippet = snippet.replace(old, new)
