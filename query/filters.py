@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from enum import Enum
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ingest.problems import Problem, validation_errors
 from schemas.envelope import MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
+from schemas.logs import Level
 
 DEFAULT_RANGE = timedelta(hours=1)
 MAX_RANGE = timedelta(days=31)
 MAX_LIMIT = 1000
-
-
-class Level(str, Enum):
-    TRACE = "trace"
-    DEBUG = "debug"
-    INFO = "info"
-    WARN = "warn"
-    ERROR = "error"
-    FATAL = "fatal"
-
-    def and_above(self) -> list[str]:
-        levels = list(Level)
-        return [level.value for level in levels[levels.index(self):]]
 
 
 class TimeRange(BaseModel):

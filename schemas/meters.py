@@ -94,9 +94,14 @@ class MetersConfig(BaseModel):
 LOGS_METER = Meter(slug="logs", event_type=LOG_EVENT_TYPE, group_by={"level": "data.level"},
                    windows=(Window.MINUTE, Window.HOUR))
 
+# Events per type and minute, tenant-wide: what event-type alert rules read (schemas/alerts.py).
+EVENT_TYPES_METER = Meter(slug="event_types", event_type="*", group_by={"type": "type"}, per_subject=False,
+                          windows=(Window.MINUTE,))
+
 DEFAULT_METERS = MetersConfig(meters=[
     Meter(slug="events", event_type="*", group_by={"type": "type"}, windows=(Window.HOUR, Window.DAY)),
     LOGS_METER,
+    EVENT_TYPES_METER,
 ])
 
 
