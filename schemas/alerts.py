@@ -79,7 +79,8 @@ Target = Annotated[SlackTarget | WebhookTarget, Field(discriminator="type")]
 
 
 class AlertRule(BaseModel):
-    """One rule. `window` slides over whole minutes: the current minute and the ones before it (ADR 0050)."""
+    """One rule. `window` slides by whole minutes: that many minute windows before the current one, and the current
+    one so far (ADR 0050)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -379,6 +379,33 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+    from functools import partial
+    from pathlib import Path
+
+    from alerts.service import AlertsConfig, run
+    from processors.faults import crash_point
+    from processors.meters import load_meters
+
+    config = AlertsConfig(
+        database_url=settings.database_url, kafka_bootstrap=settings.kafka_bootstrap,
+        counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
+        meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
+        tick_s=settings.alerts_tick_s, rules_reload_s=settings.alerts_rules_reload_s,
+        hook=partial(crash_point, armed=settings.crash_at))
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(config, stop)
+        return 0
+
+    return asyncio.run(main())
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tally.demo import run_demo
 
@@ -465,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--tenant")
     rec.add_argument("--fix", action="store_true", help="repair counters through the transaction and outbox")
     rec.set_defaults(func=cmd_reconcile)
+
+    sub.add_parser("alerts", help="evaluate alert rules on the counter topic; publish and deliver transitions"
+                   ).set_defaults(func=cmd_alerts)
 
     demo = sub.add_parser("demo", help="post a few events to the gateway and show them persisted")
     demo.add_argument("--url", default=None)

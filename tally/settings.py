@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
                                                  "TALLY_LATE_HORIZON_S (docs/adr/0043)")
 
+    # alerts (alerts/)
+    alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
+    alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")
+
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property

@@ -1,0 +1,173 @@
+"""Every rule of every tenant against its sliding window, and the decisions committed in one transaction each.
+
+The standing of each rule and group (pending, firing) is kept in memory and in `alert_states`; memory changes
+only after the transaction that records the decision and its transition commits. So a kill -9 anywhere either
+loses an uncommitted decision, which the next evaluation takes again, or leaves it committed, which the next
+start reads back: a breach fires once and resolves once (docs/adr/0050).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+
+from alerts import rules as rulebook
+from alerts.lifecycle import Standing, Step, step
+from alerts.windows import MinuteWindows
+from schemas.alerts import AlertRule
+from schemas.meters import MetersConfig
+
+log = logging.getLogger("tally.alerts")
+
+Group = tuple[str, str, str]  # tenant, rule id, group key
+
+
+@dataclass(frozen=True)
+class Decision:
+    tenant: str
+    rule: AlertRule
+    group_key: str
+    group: dict[str, Any]
+    value: Decimal | None
+    previous: Standing | None
+    step: Step
+
+
+_SAVE_STANDING = """
+insert into alert_states (tenant, rule_id, group_key, grp, status, pending_since, fired_at)
+values ($1, $2, $3, $4::jsonb, $5, $6, $7)
+on conflict (tenant, rule_id, group_key) do update
+set status = excluded.status, pending_since = excluded.pending_since, fired_at = excluded.fired_at, updated_at = now()
+"""
+
+_TRANSITION = """
+insert into alert_transitions (tenant, rule_id, rule_name, group_key, grp, kind, value, threshold, comparison,
+                               window_s, at, fired_at)
+values ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12)
+returning id
+"""
+
+_DELIVERY = """
+insert into alert_deliveries (transition_id, target, kind, url, secret) values ($1, $2, $3, $4, $5)
+"""
+
+_COOLDOWN = """
+insert into alert_cooldowns (tenant, rule_id, group_key, resolved_at) values ($1, $2, $3, $4)
+on conflict (tenant, rule_id, group_key) do update set resolved_at = excluded.resolved_at
+"""
+
+
+class Evaluator:
+    def __init__(self, pool: asyncpg.Pool, meters: MetersConfig, windows: MinuteWindows) -> None:
+        self._pool = pool
+        self._meters = meters
+        self.windows = windows
+        self._rules: dict[str, list[AlertRule]] = {}
+        self._standings: dict[Group, Standing] = {}
+        self._resolved: dict[Group, datetime] = {}
+        self._due: dict[tuple[str, str], datetime] = {}
+
+    async def load(self, now: datetime) -> None:
+        """Rules, standings and cooldowns from PostgreSQL, and the windows the rules need."""
+        await self.reload_rules(now)
+        for r in await self._pool.fetch("select * from alert_states"):
+            self._standings[(r["tenant"], r["rule_id"], r["group_key"])] = Standing(r["status"], r["pending_since"],
+                                                                                    r["fired_at"])
+        for r in await self._pool.fetch("select * from alert_cooldowns"):
+            self._resolved[(r["tenant"], r["rule_id"], r["group_key"])] = r["resolved_at"]
+
+    async def reload_rules(self, now: datetime) -> None:
+        """Take up added, changed and deleted rules; a rule that cannot be evaluated is logged and skipped.
+        Standings of rules that are gone or disabled are dropped without a transition."""
+        loaded = await rulebook.load(self._pool)
+        usable: dict[str, list[AlertRule]] = {}
+        for tenant, rules in loaded.items():
+            for rule in rules:
+                if not rule.enabled:
+                    continue
+                trouble = rulebook.problems(rule, self._meters)
+                if trouble:
+                    log.warning("rule %s/%s is not evaluated: %s", tenant, rule.id, "; ".join(trouble))
+                    continue
+                usable.setdefault(tenant, []).append(rule)
+        self._rules = usable
+        live = {(tenant, rule.id) for tenant, rules in usable.items() for rule in rules}
+        gone = [g for g in self._standings if g[:2] not in live]
+        if gone:
+            async with self._pool.acquire() as conn:
+                await conn.executemany("delete from alert_states where tenant = $1 and rule_id = $2 and group_key = $3",
+                                       gone)
+            for g in gone:
+                del self._standings[g]
+        horizon = max((timedelta(seconds=r.window) for rules in usable.values() for r in rules), default=timedelta(0))
+        if self.windows.watch({r.meter for rules in usable.values() for r in rules}, horizon):
+            await self.windows.recover(self._pool, now)
+
+    def decide(self, now: datetime) -> list[Decision]:
+        """Evaluate the rules that are due; returns what changes (standings or transitions)."""
+        out = []
+        for tenant, rules in self._rules.items():
+            for rule in rules:
+                due = self._due.get((tenant, rule.id))
+                if due is not None and now < due:
+                    continue
+                self._due[(tenant, rule.id)] = now + timedelta(seconds=rule.every)
+                measured = self.windows.measure(tenant, rule, now)
+                for g in self._standings:
+                    if g[:2] == (tenant, rule.id) and g[2] not in measured:
+                        measured[g[2]] = (orjson.loads(g[2]), Decimal(0) if rule.measure.of == "count" else None)
+                for key, (group, value) in measured.items():
+                    current = self._standings.get((tenant, rule.id, key))
+                    result = step(current, rule.breached(value), now, for_s=rule.for_, cooldown_s=rule.cooldown,
+                                  resolved_at=self._resolved.get((tenant, rule.id, key)))
+                    if result.standing != current or result.transition:
+                        out.append(Decision(tenant, rule, key, group, value, current, result))
+        return out
+
+    async def commit(self, decisions: list[Decision], now: datetime) -> int:
+        """Record the decisions and their transitions and deliveries in one transaction, then take them up."""
+        if not decisions:
+            return 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            for d in decisions:
+                await _record(conn, d, now)
+        for d in decisions:
+            g = (d.tenant, d.rule.id, d.group_key)
+            if d.step.standing is None:
+                self._standings.pop(g, None)
+            else:
+                self._standings[g] = d.step.standing
+            if d.step.transition == "resolved":
+                self._resolved[g] = now
+        return sum(d.step.transition is not None for d in decisions)
+
+    async def evaluate(self, now: datetime) -> int:
+        """Decide and commit; returns how many transitions were recorded."""
+        self.windows.prune(now)
+        return await self.commit(self.decide(now), now)
+
+
+async def _record(conn: asyncpg.Connection, d: Decision, now: datetime) -> None:
+    rule, standing = d.rule, d.step.standing
+    grp = orjson.dumps(d.group).decode()
+    if standing is None:
+        await conn.execute("delete from alert_states where tenant = $1 and rule_id = $2 and group_key = $3",
+                           d.tenant, rule.id, d.group_key)
+    else:
+        await conn.execute(_SAVE_STANDING, d.tenant, rule.id, d.group_key, grp, standing.status,
+                           standing.pending_since, standing.fired_at)
+    if d.step.transition is None:
+        return
+    fired_at = d.previous.fired_at if d.step.transition == "resolved" and d.previous else now
+    transition_id = await conn.fetchval(_TRANSITION, d.tenant, rule.id, rule.name, d.group_key, grp, d.step.transition,
+                                        d.value, rule.threshold, rule.comparison, rule.window, now, fired_at)
+    await conn.executemany(_DELIVERY, [(transition_id, n, t.type, str(t.url), getattr(t, "secret", None))
+                                       for n, t in enumerate(rule.targets)])
+    if d.step.transition == "resolved":
+        await conn.execute(_COOLDOWN, d.tenant, rule.id, d.group_key, now)
