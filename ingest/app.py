@@ -2,7 +2,7 @@
 
 Every write: API key (or webhook signature) -> rate limit -> Idempotency-Key -> body within its limit
 -> validation -> Kafka delivery report -> 202. Anything else is a problem+json with its status.
-The two hot routes take the same steps as plain ASGI in front of this app (`ingest.hot`, ADR 2).
+The two hot routes take the same steps as plain ASGI in front of this app (`ingest.asgi_intake`, ADR 2).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ingest import batch, events, limits, logs, otlp, values, webhooks
 from ingest.auth import KeyStore, Principal
 from ingest.body import media_type, parse_json, read_body, unsupported
 from ingest.config import GatewayConfig
-from ingest.hot import HotRoutes
+from ingest.asgi_intake import AsgiIntake
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
 from ingest.limits import UsageLimits
@@ -389,7 +389,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: GatewayConfig, products: Sequence[Product] = ()) -> ASGIApp:
-    """The Starlette app behind the plain-ASGI hot routes (`ingest.hot`), with each product's routes."""
+    """The Starlette app behind the plain-ASGI intake routes (`ingest.asgi_intake`), with each product's routes."""
     gateway = Gateway(config, products)
     app = Starlette(
         routes=[
@@ -410,4 +410,4 @@ def create_app(config: GatewayConfig, products: Sequence[Product] = ()) -> ASGIA
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway
-    return HotRoutes(app, gateway)
+    return AsgiIntake(app, gateway)

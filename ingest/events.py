@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ingest import values
 from ingest.body import parse_json, unsupported
-from ingest.fastcheck import plain_event
+from ingest.precheck import plain_event
 from ingest.problems import Problem, validation_errors
 from ingest.publish import Event, fields
 from schemas.envelope import EVENT_FIELDS, LOG_EVENT_TYPE, MAX_BYTES, RESERVED_SOURCE_PREFIXES, CloudEvent

@@ -13,7 +13,7 @@ from typing import Any
 from swagger_ui_bundle import swagger_ui_path
 
 from ingest.config import GatewayConfig
-from ingest.fastcheck import MAX_CONTENT_TYPE, MAX_SCHEMA
+from ingest.precheck import MAX_CONTENT_TYPE, MAX_SCHEMA
 from ingest.logs import LEVELS, MAX_SERVICE_BYTES
 from schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 

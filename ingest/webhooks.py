@@ -35,7 +35,7 @@ from standardwebhooks.webhooks import Webhook
 
 from ingest import values
 from ingest.events import is_json
-from ingest.fastcheck import MAX_CONTENT_TYPE
+from ingest.precheck import MAX_CONTENT_TYPE
 from ingest.problems import Problem
 from ingest.signatures import (
     SCHEMES,

@@ -19,7 +19,7 @@ import pytest
 
 import ingest.app
 from ingest import events
-from ingest.fastcheck import plain_event
+from ingest.precheck import plain_event
 from ingest.metrics import Metrics
 from ingest.problems import Problem
 from ingest.producer import EventProducer, producer_config

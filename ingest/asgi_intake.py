@@ -1,4 +1,4 @@
-"""The two hot routes as plain ASGI, in front of the Starlette app (ADR 2 foresaw this).
+"""The two busiest intake routes as plain ASGI, in front of the Starlette app (ADR 2 foresaw this).
 
 POST /v1/events (structured mode) and POST /v1/events/batch without an Idempotency-Key are most of
 the traffic; here they skip Starlette's routing, Request object, exception middleware and the
@@ -35,7 +35,7 @@ SERVER_ERROR = orjson.dumps({"type": "about:blank", "title": "Internal Server Er
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    """The few request headers the hot routes read (the first of each, as Starlette's `get`)."""
+    """The few request headers the plain-ASGI routes read (the first of each, as Starlette's `get`)."""
     found: dict[str, str] = {}
     for name, value in scope["headers"]:
         if name in WANTED:
@@ -87,7 +87,7 @@ async def _send(send: Send, status: int, body: bytes, media: bytes, extra: dict[
     await send({"type": "http.response.body", "body": body})
 
 
-class HotRoutes:
+class AsgiIntake:
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
         self.gateway = gateway
