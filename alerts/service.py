@@ -92,7 +92,10 @@ async def run(config: AlertsConfig, stop: asyncio.Event,
         async def consume() -> None:
             while not stop.is_set():
                 for value in await asyncio.to_thread(feed.poll, 0.2):
-                    evaluator.windows.offer_raw(value)
+                    try:
+                        evaluator.windows.offer_raw(value)
+                    except ValueError as exc:  # not a counter state: skipped, never a stop
+                        log.warning("skipped a counter-topic message that is not a counter state: %s", exc)
 
         publishing = asyncio.Lock()
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import asyncpg
 import orjson
+from confluent_kafka import Producer
 
 from tally.settings import Settings
 from tests.alerting.helpers import add_rule, event, log_record, transitions
@@ -47,6 +48,11 @@ async def test_each_transition_once_across_kills(alone: Settings, alone_db: asyn
         alerts = TallyProcess("alerts", ["alerts"], alone)
         await wait_for(lambda: published(db, tenant), 60, "the firing to be published")
 
+        # Messages on the counter topic that are no counter state are skipped, never a stop.
+        junk = Producer({"bootstrap.servers": alone.kafka_bootstrap})
+        for value in (b"not json", b'{"window": "minute", "meter": "logs"}'):
+            junk.produce(alone.topics.counters, value, b"junk")
+        assert junk.flush(10) == 0
         produce(alone, [event(tenant, "heartbeat") for _ in range(3)])
         processor.kill9()
         processor = TallyProcess("processor", ["process"], alone)
