@@ -122,6 +122,16 @@ class Settings(BaseSettings):
     close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
                                                  "TALLY_LATE_HORIZON_S (docs/adr/0043)")
 
+    # alert delivery (alerts/delivery.py, docs/adr/0051)
+    alerts_delivery_max_attempts: int = Field(8, ge=1, description="tries per target before a delivery is failed")
+    alerts_delivery_backoff_s: float = Field(15.0, gt=0, description="the first retry comes after up to this long; "
+                                                                     "each further one doubles it, jittered")
+    alerts_delivery_backoff_max_s: float = Field(900.0, gt=0, description="the longest wait between two tries "
+                                                                          "(a longer Retry-After is cut to this)")
+    alerts_delivery_timeout_s: float = Field(5.0, gt=0, description="one request to Slack or a webhook receiver")
+    alerts_delivery_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
+    alerts_delivery_poll_s: float = Field(1.0, gt=0, description="how often due deliveries are looked for")
+
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property
