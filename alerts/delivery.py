@@ -105,7 +105,7 @@ def _retry_after(answer: httpx.Response) -> float | None:
         return None
 
 
-def request(row: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
+def _request(row: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
     """Body and headers for one delivery row. A webhook is signed at each attempt (receivers refuse old
     timestamps); its `webhook-id` is the transition's, the same on every attempt, so receivers can dedupe."""
     alert = transition(row)
@@ -172,7 +172,7 @@ class Deliverer:
 
     async def _attempt(self, row: asyncpg.Record) -> Attempt:
         try:
-            body, headers = request(row)
+            body, headers = _request(row)
         except Exception as exc:  # e.g. a secret that is not base64: no retry makes it sendable
             return Attempt(error=f"cannot sign or build the request: {type(exc).__name__}: {exc}", permanent=True)
         try:

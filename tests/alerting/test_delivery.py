@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -22,9 +25,19 @@ from standardwebhooks import Webhook
 
 from alerts.delivery import Deliverer, DeliveryPolicy, deliveries
 from alerts.transitions import transition
-from tally.settings import Settings
+from tally.settings import ROOT, Settings
 from tests.alerting.receivers import receiver
-from tests.support import free_port
+from tests.support import free_port, wait_until
+
+# A deliverer in a process of its own, to be killed with SIGKILL.
+_DELIVER_IN_A_PROCESS = """
+import asyncio, sys
+from alerts.delivery import Deliverer, DeliveryPolicy
+async def main():
+    deliverer = await Deliverer.open(sys.argv[1], DeliveryPolicy(timeout_s=60))
+    await deliverer.run_once()
+asyncio.run(main())
+"""
 
 POLICY = DeliveryPolicy(max_attempts=4, backoff_s=10, backoff_max_s=60, timeout_s=1, concurrency=4)
 
@@ -257,6 +270,39 @@ async def test_two_deliverers_deliver_each_row_once(db: asyncpg.Connection, tena
     attempts = await db.fetch("select d.attempts from alert_deliveries d join alert_transitions t"
                               " on t.id = d.transition_id where t.tenant = $1", tenant)
     assert [r["attempts"] for r in attempts] == [1] * 22
+
+
+def test_backoff_doubles_to_its_cap_jittered_and_honours_retry_after() -> None:
+    policy = DeliveryPolicy(backoff_s=15, backoff_max_s=900)
+    for attempts, full in [(1, 15), (2, 30), (3, 60), (7, 900), (8, 900)]:
+        waits = [policy.backoff(attempts) for _ in range(200)]
+        assert full / 2 <= min(waits) and max(waits) <= full
+    assert policy.backoff(1, retry_after=120) == 120
+    assert policy.backoff(1, retry_after=86400) == 900
+    assert policy.backoff(3, retry_after=1) >= 30
+
+
+async def test_a_kill_9_mid_request_leaves_the_row_pending_and_it_is_resent_with_the_same_id(
+        db: asyncpg.Connection, tenant: str, settings: Settings, deliverer: Deliverer) -> None:
+    secret = _secret()
+    with receiver() as rx:
+        rx.secrets["/hook"] = secret
+        rx.slow["/hook"] = 30  # the receiver has the request; the deliverer dies before it learns the answer
+        tid = await _transition(db, tenant, [("webhook", f"{rx.url}/hook", secret)])
+        process = subprocess.Popen([sys.executable, "-c", _DELIVER_IN_A_PROCESS, settings.database_url], cwd=ROOT)
+        try:
+            await asyncio.to_thread(wait_until, lambda: bool(rx.at("/hook")), 30, 0.05, "the request")
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        rx.released.set()
+        rx.slow.clear()
+        row = await _row(db, tid)
+        assert (row["status"], row["attempts"]) == ("pending", 0)  # the claim died with its connection
+
+        assert await deliverer.run_once() == {"sent": 1, "retried": 0, "failed": 0}
+        assert rx.ids("/hook") == [f"alert-{tid}"] * 2  # the one duplicate window: same id, receivers dedupe
+    assert (await _row(db, tid))["attempts"] == 1
 
 
 async def test_the_loop_delivers_until_stopped(db: asyncpg.Connection, tenant: str, settings: Settings) -> None:
