@@ -125,6 +125,15 @@ class Settings(BaseSettings):
     # alerts (alerts/)
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
     alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")
+    # alert delivery (alerts/delivery.py, docs/adr/0051)
+    alerts_delivery_max_attempts: int = Field(8, ge=1, description="tries per target before a delivery is failed")
+    alerts_delivery_backoff_s: float = Field(15.0, gt=0, description="the first retry comes after up to this long; "
+                                                                     "each further one doubles it, jittered")
+    alerts_delivery_backoff_max_s: float = Field(900.0, gt=0, description="the longest wait between two tries "
+                                                                          "(a longer Retry-After is cut to this)")
+    alerts_delivery_timeout_s: float = Field(5.0, gt=0, description="one request to Slack or a webhook receiver")
+    alerts_delivery_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
+    alerts_delivery_poll_s: float = Field(1.0, gt=0, description="how often due deliveries are looked for")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
