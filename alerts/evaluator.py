@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from alerts import metrics
 from alerts import rules as rulebook
 from alerts.lifecycle import Standing, Step, step
 from alerts.windows import MinuteWindows
@@ -97,6 +98,7 @@ class Evaluator:
                     continue
                 usable.setdefault(tenant, []).append(rule)
         self._rules = usable
+        metrics.RULES.set(sum(len(rules) for rules in usable.values()))
         live = {(tenant, rule.id) for tenant, rules in usable.items() for rule in rules}
         gone = [g for g in self._standings if g[:2] not in live]
         if gone:
@@ -145,6 +147,8 @@ class Evaluator:
                 self._standings[g] = d.step.standing
             if d.step.transition == "resolved":
                 self._resolved[g] = now
+            if d.step.transition:
+                metrics.TRANSITIONS.labels(d.step.transition).inc()
         return sum(d.step.transition is not None for d in decisions)
 
     async def evaluate(self, now: datetime) -> int:

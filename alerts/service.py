@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 
 import asyncpg
 
+from alerts import metrics
+from alerts.delivery import Deliverer, DeliveryPolicy
 from alerts.evaluator import Evaluator
 from alerts.feed import CounterFeed
 from alerts.outbox import publish_pending
@@ -38,6 +40,7 @@ class AlertsConfig:
     tick_s: float = 1.0
     rules_reload_s: float = 5.0
     standby_poll_s: float = 2.0
+    delivery: DeliveryPolicy = DeliveryPolicy()
     hook: Callable[[str], None] = lambda _point: None  # test hook: processors.faults.crash_point
 
 
@@ -75,15 +78,17 @@ async def _every(period_s: float, stop: asyncio.Event, work: Callable[[], Awaita
             pass
 
 
-async def run(config: AlertsConfig, stop: asyncio.Event,
-              extra: Callable[[asyncpg.Pool, asyncio.Event], list[Awaitable[None]]] = lambda _pool, _stop: []) -> None:
+async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
+    metrics.LEADER.set(0)
     leader = await _lead(config, stop)
     if leader is None:
         return
+    metrics.LEADER.set(1)
     pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=4)
     feed = await asyncio.to_thread(CounterFeed, config.kafka_bootstrap, config.counters_topic)
     publisher = KafkaPublisher(config.kafka_bootstrap)
     evaluator = Evaluator(pool, config.meters, MinuteWindows())
+    deliverer = await Deliverer.open(config.database_url, config.delivery)
     try:
         await evaluator.load(_now())
         feed.assign()
@@ -93,9 +98,12 @@ async def run(config: AlertsConfig, stop: asyncio.Event,
             while not stop.is_set():
                 for value in await asyncio.to_thread(feed.poll, 0.2):
                     try:
-                        evaluator.windows.offer_raw(value)
+                        kept = evaluator.windows.offer_raw(value)
                     except ValueError as exc:  # not a counter state: skipped, never a stop
+                        metrics.STATES_READ.labels("skipped").inc()
                         log.warning("skipped a counter-topic message that is not a counter state: %s", exc)
+                        continue
+                    metrics.STATES_READ.labels("kept" if kept else "ignored").inc()
 
         publishing = asyncio.Lock()
 
@@ -108,7 +116,10 @@ async def run(config: AlertsConfig, stop: asyncio.Event,
                 await leader.execute("select 1")
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 raise LeadershipLost(f"the leader lock's connection failed: {exc}") from exc
-            if await evaluator.evaluate(_now()):
+            with metrics.EVALUATION_SECONDS.time():
+                recorded = await evaluator.evaluate(_now())
+            metrics.WINDOWS.set(len(evaluator.windows))
+            if recorded:
                 config.hook("alerts_after_commit")
                 await publish()
 
@@ -118,8 +129,9 @@ async def run(config: AlertsConfig, stop: asyncio.Event,
         await asyncio.gather(consume(), _every(config.tick_s, stop, tick, "evaluation"),
                              _every(config.rules_reload_s, stop, reload, "rule reload"),
                              _every(config.tick_s * 5, stop, publish, "publishing transitions"),
-                             *extra(pool, stop))
+                             deliverer.run(stop))
     finally:
+        await deliverer.close()
         await asyncio.to_thread(feed.close)
         publisher.close()
         await pool.close()

@@ -384,6 +384,7 @@ def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
     from functools import partial
     from pathlib import Path
 
+    from alerts.delivery import DeliveryPolicy
     from alerts.service import AlertsConfig, run
     from processors.faults import crash_point
     from processors.meters import load_meters
@@ -393,7 +394,19 @@ def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
         counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
         meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
         tick_s=settings.alerts_tick_s, rules_reload_s=settings.alerts_rules_reload_s,
-        hook=partial(crash_point, armed=settings.crash_at))
+        hook=partial(crash_point, armed=settings.crash_at),
+        delivery=DeliveryPolicy(
+            max_attempts=settings.alerts_delivery_max_attempts, backoff_s=settings.alerts_delivery_backoff_s,
+            backoff_max_s=settings.alerts_delivery_backoff_max_s, timeout_s=settings.alerts_delivery_timeout_s,
+            concurrency=settings.alerts_delivery_concurrency, poll_s=settings.alerts_delivery_poll_s))
+    if settings.alerts_metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.alerts_metrics_port, settings.processor_metrics_host)
+        except OSError as exc:  # metrics never stop alerting
+            logging.getLogger("tally.alerts").warning("metrics port %d unavailable: %s", settings.alerts_metrics_port,
+                                                      exc)
 
     async def main() -> int:
         stop = asyncio.Event()

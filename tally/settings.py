@@ -125,6 +125,7 @@ class Settings(BaseSettings):
     # alerts (alerts/)
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
     alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")
+    alerts_metrics_port: int = Field(9104, description="`tally alerts` serves /metrics here; 0: off")
     # alert delivery (alerts/delivery.py, docs/adr/0051)
     alerts_delivery_max_attempts: int = Field(8, ge=1, description="tries per target before a delivery is failed")
     alerts_delivery_backoff_s: float = Field(15.0, gt=0, description="the first retry comes after up to this long; "

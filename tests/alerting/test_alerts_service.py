@@ -1,5 +1,6 @@
-"""`tally alerts` as a process, on the clock: transitions recorded and published once across kill -9 of the
-evaluator at its crash points and at a random moment, and a kill -9 and restart of the processor."""
+"""`tally alerts` as a process, on the clock: transitions recorded, published and delivered once across kill -9
+of the evaluator at its crash points and at a random moment, and a kill -9 and restart of the processor; a Slack
+double and a webhook receiver that verifies the Standard Webhooks signature get exactly the transitions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from confluent_kafka import Producer
 
 from tally.settings import Settings
 from tests.alerting.helpers import add_rule, event, log_record, transitions
+from tests.alerting.receivers import Receiver, receiver
 from tests.processor.helpers import produce, wait_for
 from tests.support import TallyProcess, read_topic, wait_until
 
@@ -28,12 +30,23 @@ def crashed(process: TallyProcess) -> None:
     assert process.proc.returncode == -9, process.output()
 
 
+SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtYWxlcnQtdGVzdA=="
+
+
 async def test_each_transition_once_across_kills(alone: Settings, alone_db: asyncpg.Connection) -> None:
-    db, tenant = alone_db, f"t-{uuid.uuid4().hex[:8]}"
+    with receiver() as targets:
+        targets.secrets["/hook"] = SECRET
+        await _kills(alone, alone_db, targets)
+
+
+async def _kills(alone: Settings, db: asyncpg.Connection, targets: Receiver) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    to = [{"type": "webhook", "url": f"{targets.url}/hook", "secret": SECRET},
+          {"type": "slack", "url": f"{targets.url}/slack"}]
     await add_rule(db, tenant, id="quiet", filter={"event_type": "heartbeat"}, comparison="<", threshold=3,
-                   window="5m", every="1s")
+                   window="5m", every="1s", targets=to)
     await add_rule(db, tenant, id="api-errors", filter={"service": "api", "level": "error"}, threshold=4,
-                   window="2m", every="1s")
+                   window="2m", every="1s", targets=to)
     processor = TallyProcess("processor", ["process"], alone)
     alerts: TallyProcess | None = None
     try:
@@ -68,6 +81,11 @@ async def test_each_transition_once_across_kills(alone: Settings, alone_db: asyn
             return sorted(await transitions(db, tenant)) == sorted(expected) and await published(db, tenant)
 
         await wait_for(all_there, 90, "quiet to resolve and api-errors to fire, published")
+
+        async def delivered() -> bool:
+            return not await db.fetchval("select count(*) from alert_deliveries where status <> 'sent'")
+
+        await wait_for(delivered, 60, "every delivery to be sent")
         await asyncio.sleep(3)  # a few more evaluations decide nothing new
         assert sorted(await transitions(db, tenant)) == sorted(expected)
     finally:
@@ -83,3 +101,12 @@ async def test_each_transition_once_across_kills(alone: Settings, alone_db: asyn
     # The firing acked before the kill mid-publish was published again, byte for byte: readers dedupe by id.
     assert ids[f"alert-{min(r['id'] for r in rows)}"] == 2
     assert len(on_topic) == len(ids)
+
+    # Delivered: every transition to both targets, signatures verified. A re-send would carry the same
+    # webhook-id (ADR 0051); only a kill between a receiver's 2xx and the row's commit could cause one.
+    hooks = targets.at("/hook")
+    assert all(r.verified for r in hooks)
+    assert set(targets.ids("/hook")) == {f"alert-{r['id']}" for r in rows}
+    slack_ids = [r.json()["blocks"][-1]["elements"][0]["text"].split(" · ")[1] for r in targets.at("/slack")]
+    assert set(slack_ids) == set(targets.ids("/hook"))
+    assert len(hooks) - len(rows) <= 1 and len(slack_ids) - len(rows) <= 1
