@@ -29,8 +29,10 @@ def inline(schema: Any, definitions: dict[str, Any] | None = None) -> Any:
 
 
 def rule_schema() -> dict[str, Any]:
-    """What a client sends: durations as seconds or text such as `5m`."""
+    """What a client sends: durations as seconds or text such as `5m`, the threshold a number or its digits."""
     schema = inline(AlertRule.model_json_schema(by_alias=True))
+    schema["properties"]["threshold"] = {"anyOf": [{"type": "number"}, {
+        "type": "string", "pattern": r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"}]}
     for name in DURATIONS:
         seconds = schema["properties"][name]
         schema["properties"][name] = {
@@ -87,8 +89,13 @@ def _query_parameters() -> list[dict[str, Any]]:
 def paths(read: str, write: str, max_rule_bytes: int) -> dict[str, Any]:
     rule_id = [{"name": "id", "in": "path", "required": True,
                 "schema": AlertRule.model_json_schema()["properties"]["id"]}]
-    body = {"requestBody": {"required": True, "description": f"at most {max_rule_bytes} bytes",
-                            "content": {"application/json": {"schema": rule_schema()}}}}
+    def body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"requestBody": {"required": True, "description": f"at most {max_rule_bytes} bytes",
+                                "content": {"application/json": {"schema": schema}}}}
+
+    new = rule_schema()
+    named = {**new, "required": [field for field in new["required"] if field != "id"],
+             "description": "the rule; its id, if given, is the path's"}
     shown = shown_rule_schema()
     invalid = (400, "invalid JSON or rule (errors name each field)")
     unevaluable = (422, "the configured meters cannot evaluate the rule (each problem named)")
@@ -101,13 +108,13 @@ def paths(read: str, write: str, max_rule_bytes: int) -> dict[str, Any]:
                        {"200": _json("the rules", {"type": "object", "properties": {
                            "rules": {"type": "array", "items": shown}}})}),
             "post": _op("Create an alert rule", write, {"201": _json("created", shown)},
-                        invalid, too_large, unevaluable, (409, "a rule with this id exists"), **body),
+                        invalid, too_large, unevaluable, (409, "a rule with this id exists"), **body(new)),
         },
         "/v1/alert-rules/{id}": {
             "get": _op("One alert rule", read, {"200": _json("the rule", shown)}, unknown, parameters=rule_id),
             "put": _op("Create or replace an alert rule", write,
                        {"200": _json("replaced", shown), "201": _json("created", shown)},
-                       invalid, too_large, unevaluable, file_owned, parameters=rule_id, **body),
+                       invalid, too_large, unevaluable, file_owned, parameters=rule_id, **body(named)),
             "delete": _op("Delete an alert rule", write, {"204": {"description": "deleted"}}, unknown, file_owned,
                           parameters=rule_id),
         },
