@@ -81,8 +81,8 @@ def _query_parameters() -> list[dict[str, Any]]:
     out = []
     for name, prop in schema["properties"].items():
         options = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
-        out.append({"name": name, "in": "query", "required": False,
-                    "schema": {**options[0], **({"description": prop["description"]} if "description" in prop else {})}})
+        described = {"description": prop["description"]} if "description" in prop else {}
+        out.append({"name": name, "in": "query", "required": False, "schema": {**options[0], **described}})
     return out
 
 

@@ -40,6 +40,11 @@ async def _tenant(db: asyncpg.Connection) -> tuple[str, str, str]:
     return tenant, writer, reader
 
 
+async def _apply(settings: Settings, path: Path, tenant: str) -> tuple[int, str]:
+    """`tally alert-rules apply`: (exit status, output)."""
+    return await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(path), "--tenant", tenant], settings)
+
+
 def _rules_file(tmp_path: Path, *rules: dict) -> Path:
     path = tmp_path / f"rules-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(orjson.dumps({"rules": list(rules)}).decode())  # JSON is YAML
@@ -157,10 +162,10 @@ async def test_applying_the_same_file_twice_changes_nothing(settings: Settings, 
                                                             tmp_path: Path) -> None:
     tenant, _, _ = await _tenant(db)
     path = _rules_file(tmp_path, RULE, {**RULE, "id": "second", "threshold": 0.5})
-    first = await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(path), "--tenant", tenant], settings)
+    first = await _apply(settings, path, tenant)
     assert first[0] == 0 and "2 saved, 0 unchanged, 0 deleted" in first[1], first
     before = await db.fetch("select id, version, updated_at from alert_rules where tenant = $1 order by id", tenant)
-    again = await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(path), "--tenant", tenant], settings)
+    again = await _apply(settings, path, tenant)
     assert again[0] == 0 and "0 saved, 2 unchanged, 0 deleted" in again[1], again
     after = await db.fetch("select id, version, updated_at from alert_rules where tenant = $1 order by id", tenant)
     assert after == before and [r["version"] for r in after] == [1, 1]
@@ -172,13 +177,12 @@ async def test_applying_the_same_file_twice_changes_nothing(settings: Settings, 
 async def test_a_file_with_any_problem_is_refused_whole(settings: Settings, db: asyncpg.Connection,
                                                         tmp_path: Path) -> None:
     tenant, _, _ = await _tenant(db)
-    applied = await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(_rules_file(tmp_path, RULE)),
-                                                  "--tenant", tenant], settings)
+    applied = await _apply(settings, _rules_file(tmp_path, RULE), tenant)
     assert applied[0] == 0, applied
     before = await db.fetch("select * from alert_rules where tenant = $1", tenant)
     bad = _rules_file(tmp_path, {**RULE, "threshold": 1}, {**RULE, "id": "fresh", "window": "90s"},
                       {**RULE, "id": "fresh2", "measure": {"meter": "events"}}, {**RULE, "id": "fresh2"})
-    code, output = await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(bad), "--tenant", tenant], settings)
+    code, output = await _apply(settings, bad, tenant)
     assert code == 2, output
     lines = output.splitlines()
     assert any("rules[1] (fresh): (body):" in line and "whole number of minutes" in line for line in lines), output
@@ -194,7 +198,7 @@ async def test_file_rules_belong_to_the_file(gateway: Gateway, settings: Setting
     async with gateway.client(writer) as client:
         assert (await client.post("/v1/alert-rules", json={**RULE, "id": "by-api"})).status_code == 201
     both = _rules_file(tmp_path, RULE, {**RULE, "id": "old"})
-    assert (await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(both), "--tenant", tenant], settings))[0] == 0
+    assert (await _apply(settings, both, tenant))[0] == 0
     async with gateway.client(writer) as client:
         assert (await client.get("/v1/alert-rules/old")).json()["origin"] == "file"
         for response in (await client.put("/v1/alert-rules/old", json={**RULE, "id": "old"}),
@@ -202,10 +206,10 @@ async def test_file_rules_belong_to_the_file(gateway: Gateway, settings: Setting
             assert response.status_code == 409, response.text
         assert "rules file" in (await client.delete("/v1/alert-rules/old")).json()["detail"]
     clash = _rules_file(tmp_path, RULE, {**RULE, "id": "by-api"})
-    code, output = await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(clash), "--tenant", tenant], settings)
+    code, output = await _apply(settings, clash, tenant)
     assert code == 2 and "by-api: a rule made through the API has this id" in output, output
     one = _rules_file(tmp_path, RULE)
-    code, output = await asyncio.to_thread(run_tally, ["alert-rules", "apply", str(one), "--tenant", tenant], settings)
+    code, output = await _apply(settings, one, tenant)
     assert code == 0 and "deleted old" in output, output
     rows = await db.fetch("select id, origin from alert_rules where tenant = $1 order by id", tenant)
     assert [(r["id"], r["origin"]) for r in rows] == [("by-api", "api"), ("checkout-errors", "file")]
