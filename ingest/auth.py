@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import asyncpg
 
 PREFIX = "tly_"
-SCOPES = ("events:write", "logs:write", "usage:read", "admin:write")
+SCOPES = ("events:write", "logs:write", "logs:read", "events:read", "usage:read", "admin:write", "alerts:read",
+          "alerts:write")
 DEFAULT_SCOPES = ("events:write", "logs:write")
 
 

@@ -46,6 +46,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 def _products(settings: Settings) -> list:
     """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
+    from alerts.api import AlertsProduct
     from query.cache import AnswerCache
     from query.routes import QueryProduct
     from usage.api import UsageProduct
@@ -53,7 +54,16 @@ def _products(settings: Settings) -> list:
     return [QueryProduct(settings.query_cursor_secret,
                          AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
             UsageProduct(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s,
-                         settings.usage_link_secret, settings.usage_page_poll_s)]
+                         settings.usage_link_secret, settings.usage_page_poll_s),
+            AlertsProduct(_meters(settings), settings.query_cursor_secret)]
+
+
+def _meters(settings: Settings):  # noqa: ANN202 - schemas' own type
+    from pathlib import Path
+
+    from processors.meters import load_meters
+
+    return load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters)
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
@@ -243,6 +253,39 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
+    from alerts import rulesfile, stored
+
+    async def apply(conn: asyncpg.Connection) -> int:
+        try:
+            with open(args.file) as f:
+                wanted = rulesfile.parse(f.read(), _meters(settings))
+            done = await rulesfile.apply(conn, args.tenant, wanted)
+        except rulesfile.Refused as exc:
+            for problem in exc.problems:
+                print(f"{args.file}: {problem}", file=sys.stderr)
+            print(f"{args.file}: refused, nothing applied", file=sys.stderr)
+            return 2
+        print(f"{args.tenant}: {len(done.saved)} saved, {len(done.unchanged)} unchanged, {len(done.deleted)} deleted")
+        for verb, ids in (("saved", done.saved), ("deleted", done.deleted)):
+            for rule_id in ids:
+                print(f"  {verb} {rule_id}")
+        return 0
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.alert_rules_command == "apply":
+                return await apply(conn)
+            for row in await stored.listing(conn, args.tenant):
+                print(f"{row['id']:32} {row['origin']:4} v{row['version']:<4} {row['updated_at']:%Y-%m-%d %H:%M}")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import date
 
@@ -279,18 +322,15 @@ def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
-    from pathlib import Path
-
     from functools import partial
 
     from billing.context import BillingConfig
     from processors.faults import crash_point
-    from processors.meters import load_meters
 
     return BillingConfig(
         database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,
         redis_counter_ttl_s=settings.redis_counter_ttl_s,
-        meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
+        meters=_meters(settings),
         limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
         tick_s=settings.jobs_tick_s,
         close_grace_s=settings.close_grace_s,
@@ -474,6 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (plan_create, plan_list):
         p.add_argument("--tenant", required=True)
         p.set_defaults(func=cmd_plans)
+
+    alert_rules = sub.add_parser("alert-rules", help="alert rules kept in a YAML file").add_subparsers(
+        dest="alert_rules_command", required=True)
+    rules_apply = alert_rules.add_parser("apply", help="make the tenant's file rules exactly the file's (API rules are"
+                                         " left alone); a file with any problem is refused whole (exit 2)")
+    rules_apply.add_argument("file")
+    rules_list = alert_rules.add_parser("list", help="one line per rule: id, origin (api or file), version")
+    for p in (rules_apply, rules_list):
+        p.add_argument("--tenant", required=True)
+        p.set_defaults(func=cmd_alert_rules)
 
     subs = sub.add_parser("subscriptions", help="subjects' plans").add_subparsers(dest="subscriptions_command",
                                                                                    required=True)
