@@ -80,7 +80,7 @@ class AlertsProduct:
         async with self._edge.pool.acquire() as conn, conn.transaction():
             if await stored.claim(conn, tenant, rule.id) is not None:
                 raise Problem(409, "Rule exists", f"rule {rule.id!r} exists; PUT /v1/alert-rules/{rule.id} replaces it")
-            await rules.save(conn, tenant, rule)
+            await stored.save(conn, tenant, rule)
             row = await stored.one(conn, tenant, rule.id)
         return _json(masks.rule(row), 201, {"Location": f"/v1/alert-rules/{rule.id}"})
 
@@ -91,7 +91,7 @@ class AlertsProduct:
             row = await stored.claim(conn, tenant, rule.id)
             if row is not None and row["origin"] != "api":
                 raise _file_owned(rule.id)
-            created = await rules.save(conn, tenant, rule)
+            created = await stored.save(conn, tenant, rule)
             row = await stored.one(conn, tenant, rule.id)
         return _json(masks.rule(row), 201 if created else 200)
 

@@ -19,6 +19,7 @@ import orjson
 
 from alerts import metrics
 from alerts import rules as rulebook
+from alerts import stored
 from alerts.lifecycle import Standing, Step, step
 from alerts.windows import MinuteWindows
 from schemas.alerts import AlertRule
@@ -86,7 +87,7 @@ class Evaluator:
     async def reload_rules(self, now: datetime) -> None:
         """Take up added, changed and deleted rules; a rule that cannot be evaluated is logged and skipped.
         Standings of rules that are gone or disabled are dropped without a transition."""
-        loaded = await rulebook.load(self._pool)
+        loaded = await stored.load(self._pool)
         usable: dict[str, list[AlertRule]] = {}
         for tenant, rules in loaded.items():
             for rule in rules:

@@ -1,15 +1,12 @@
-"""Rules in PostgreSQL, and whether a rule can be evaluated with the meters the processor keeps.
-
-The API and the rules file both save through here, so both refuse the same rules with the same words.
+"""What a rule means against counter windows: whether the configured meters can answer it, which windows
+count toward it and in which group. The API and the rules file both check with `problems`, so both refuse
+the same rules with the same words.
 """
 
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
 from typing import Any
-
-import asyncpg
-import orjson
 
 from schemas.alerts import AlertRule
 from schemas.counters import CounterState
@@ -57,23 +54,3 @@ def matches(rule: AlertRule, state: CounterState) -> bool:
 
 def group_of(rule: AlertRule, state: CounterState) -> dict[str, Any]:
     return {name: state.subject if name in ("service", "subject") else state.group.get(name) for name in rule.group_by}
-
-
-async def save(conn: asyncpg.Connection, tenant: str, rule: AlertRule, origin: str = "api") -> bool:
-    """Create or replace; True when the rule is new."""
-    definition = orjson.dumps(rule.model_dump(mode="json", by_alias=True)).decode()
-    return await conn.fetchval(
-        "insert into alert_rules (tenant, id, definition, origin) values ($1, $2, $3::jsonb, $4)"
-        " on conflict (tenant, id) do update set definition = excluded.definition, origin = excluded.origin,"
-        " version = alert_rules.version + 1, updated_at = now()"
-        " returning version = 1", tenant, rule.id, definition, origin)
-
-
-async def load(conn: asyncpg.Connection | asyncpg.Pool, tenant: str | None = None) -> dict[str, list[AlertRule]]:
-    """Every tenant's rules (or one tenant's), in id order."""
-    rows = await conn.fetch("select tenant, definition::text as definition from alert_rules"
-                            " where $1::text is null or tenant = $1 order by tenant, id", tenant)
-    out: dict[str, list[AlertRule]] = {}
-    for row in rows:
-        out.setdefault(row["tenant"], []).append(AlertRule.model_validate_json(row["definition"]))
-    return out

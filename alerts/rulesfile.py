@@ -80,7 +80,7 @@ async def apply(conn: asyncpg.Connection, tenant: str, wanted: list[AlertRule]) 
             if row is not None and AlertRule.model_validate_json(row["definition"]) == rule:
                 done.unchanged.append(rule.id)
             else:
-                await rules.save(conn, tenant, rule, ORIGIN)
+                await stored.save(conn, tenant, rule, ORIGIN)
                 done.saved.append(rule.id)
         done.deleted = sorted(rule_id for rule_id in gone if current[rule_id] is not None)
         await stored.delete(conn, tenant, done.deleted)

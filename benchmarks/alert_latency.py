@@ -24,7 +24,7 @@ import httpx
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from alerts import rules
+from alerts import stored
 from benchmarks import loadgen
 from benchmarks.stack import OUT, TALLY, Bench
 from schemas.alerts import AlertRule
@@ -102,7 +102,7 @@ async def main(argv: list[str] | None = None) -> int:
         conn = await asyncpg.connect(settings.database_url)
         try:
             for rule in RULES:
-                await rules.save(conn, "bench", AlertRule.model_validate(rule))
+                await stored.save(conn, "bench", AlertRule.model_validate(rule))
         finally:
             await conn.close()
         gateway = bench.gateway(settings)

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from alerts import rules
+from alerts import stored
 from schemas.alerts import AlertRule
 from schemas.envelope import LOG_EVENT_TYPE, Envelope
 from tests.processor.helpers import envelope
@@ -28,7 +28,7 @@ def event(tenant: str, type_: str, at: datetime | None = None) -> Envelope:
 
 async def add_rule(db: asyncpg.Connection, tenant: str, **definition: Any) -> AlertRule:
     rule = AlertRule.model_validate({"name": definition.get("id", "rule"), **definition})
-    await rules.save(db, tenant, rule)
+    await stored.save(db, tenant, rule)
     return rule
 
 
