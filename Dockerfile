@@ -7,6 +7,10 @@ COPY schemas schemas
 COPY ingest ingest
 COPY processors processors
 COPY sinks sinks
+COPY query query
+COPY usage usage
+COPY billing billing
+COPY alerts alerts
 COPY deploy/migrations deploy/migrations
 RUN pip install --no-cache-dir . && useradd --system tally
 ENV TALLY_MIGRATIONS_DIR=/app/deploy/migrations

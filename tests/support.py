@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -152,3 +153,21 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Mess
         return [m for m in out if m.offset() < ends[m.partition()][1]]
     finally:
         consumer.close()
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The code blocks of one `## section` of the README, in order."""
+    body = (ROOT / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", body, re.S)
+
+
+def run_walkthrough(script: str, gateway_url: str, tenant: str, settings: Settings) -> str:
+    """A README shell walk-through as a user pastes it, pointed at a test's gateway, tenant and settings;
+    returns its output and fails with it when the script fails."""
+    script = (script.replace("http://127.0.0.1:8080", gateway_url)
+              .replace(".venv/bin/tally", f"{sys.executable} -m tally.cli")
+              .replace("--tenant acme", f"--tenant {tenant}"))
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, text=True, capture_output=True,
+                         timeout=300, env=env_for(settings))
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+    return run.stdout

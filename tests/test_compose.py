@@ -29,8 +29,8 @@ def test_images_and_versions_match_the_native_scripts() -> None:
     assert services["postgres"]["image"] == f"postgres:{v['POSTGRES_VERSION']}"
     assert services["redis"]["image"] == f"redis:{v['REDIS_VERSION']}"
     assert services["stripe-mock"]["image"] == f"stripe/stripe-mock:{v['STRIPE_MOCK_VERSION']}"
-    assert {"gateway", "processor", "prometheus"} <= set(services)
-    assert services["gateway"]["build"] == services["processor"]["build"] == "."
+    assert {"gateway", "processor", "jobs", "alerts", "prometheus"} <= set(services)
+    assert {services[name]["build"] for name in ("gateway", "processor", "jobs", "alerts")} == {"."}
     assert (ROOT / "Dockerfile").exists()
 
 
@@ -66,6 +66,8 @@ def test_settings_match_the_native_scripts() -> None:
 
 def test_the_image_ships_everything_the_packages_need() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for package in ("tally", "schemas", "ingest", "processors", "sinks", "deploy/migrations"):
+    packages = [p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name not in ("tests", "benchmarks")]
+    assert {"tally", "schemas", "ingest", "query", "usage", "billing", "alerts"} <= set(packages)
+    for package in [*packages, "deploy/migrations"]:
         assert f"COPY {package} " in dockerfile, package
     assert Path(ROOT / "deploy/prometheus/prometheus.yml").exists()

@@ -4,6 +4,8 @@ SERVICE=tally
 . "$(dirname "$0")/common.sh"
 HERE="$ROOT/deploy/local"
 
+stop_pidfile "$STATE/run/alerts.pid" "alert evaluator"
+stop_pidfile "$STATE/run/jobs.pid" "jobs worker"
 stop_pidfile "$STATE/run/processor.pid" "processor"
 stop_pidfile "$STATE/run/gateway.pid" "gateway"
 bash "$HERE/stripe-mock.sh" stop

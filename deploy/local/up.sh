@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline on this machine: services, migrations, topics, gateway, processor, then a
-# demo that posts a few events and prints them persisted. Idempotent. Stop it with down.sh.
+# The whole pipeline on this machine: services, migrations, topics, gateway, processor, the billing
+# jobs worker and the alert evaluator, then a demo that posts a few events and prints them persisted.
+# Idempotent. Stop it with down.sh.
 SERVICE=tally
 . "$(dirname "$0")/common.sh"
 HERE="$ROOT/deploy/local"
@@ -19,6 +20,8 @@ start_app() {
 pid_alive "$STATE/run/gateway.pid" || ensure_port_free "$GATEWAY_PORT" "the gateway"
 start_app gateway gateway --port "$GATEWAY_PORT"
 start_app processor process
+start_app jobs jobs
+start_app alerts alerts
 for _ in $(seq 1 100); do
   curl -fsS "http://127.0.0.1:$GATEWAY_PORT/healthz" >/dev/null 2>&1 && break
   pid_alive "$STATE/run/gateway.pid" || die "the gateway exited during start-up" "see $STATE/log/gateway.log"

@@ -7,37 +7,24 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
-import subprocess
-import sys
 import uuid
 
 import asyncpg
 
-from tally.settings import ROOT, Settings
+from tally.settings import Settings
 from tests.gateway.helpers import start_gateway
-from tests.support import env_for, running
-
-
-def _blocks() -> list[str]:
-    body = (ROOT / "README.md").read_text().split("\n## Usage and billing\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", body, re.S)
+from tests.support import readme_blocks, run_walkthrough, running
 
 
 async def test_the_walkthrough_runs_and_shows_usage_alerts_and_a_stripe_report(isolated: Settings,
                                                                                db: asyncpg.Connection) -> None:
-    setup, walk = _blocks()
+    setup, walk = readme_blocks("Usage and billing", "sh")
     meters = shlex.split(re.search(r"^export TALLY_METERS=(.*)$", setup, re.M).group(1))[0]
     settings = isolated.model_copy(update={"meters": meters, "jobs_metrics_port": 0, "processor_metrics_port": 0})
     tenant = f"walk-{uuid.uuid4().hex[:8]}"
     with start_gateway("gateway", settings) as gw, running("processor", ["process"], settings), \
             running("jobs", ["jobs"], settings):
-        script = (walk.replace("http://127.0.0.1:8080", gw.url)
-                  .replace(".venv/bin/tally", f"{sys.executable} -m tally.cli")
-                  .replace("--tenant acme", f"--tenant {tenant}"))
-        run = await asyncio.to_thread(subprocess.run, ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
-                                      text=True, capture_output=True, timeout=300, env=env_for(settings))
-    out = run.stdout
-    assert run.returncode == 0, f"{out}\n{run.stderr}"
+        out = await asyncio.to_thread(run_walkthrough, walk, gw.url, tenant, settings)
     assert '"used":"7"' in out and '"overage":"2"' in out
     assert '"threshold":100' in out and '"threshold":80' in out
     assert "stripe_report" in out and ": ok " in out
