@@ -12,12 +12,11 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 import orjson
 
-from alerts import metrics
+from alerts import ledger, metrics
 from alerts import rules as rulebook
 from alerts import stored
 from alerts.lifecycle import Standing, Step, step
@@ -27,42 +26,16 @@ from schemas.meters import MetersConfig
 
 log = logging.getLogger("tally.alerts")
 
-Group = tuple[str, str, str]  # tenant, rule id, group key
+GroupId = tuple[str, str, str]  # tenant, rule id, group key
 
 
 @dataclass(frozen=True)
 class Decision:
-    tenant: str
     rule: AlertRule
-    group_key: str
-    group: dict[str, Any]
+    group: ledger.Group
     value: Decimal | None
     previous: Standing | None
     step: Step
-
-
-_SAVE_STANDING = """
-insert into alert_states (tenant, rule_id, group_key, grp, status, pending_since, fired_at)
-values ($1, $2, $3, $4::jsonb, $5, $6, $7)
-on conflict (tenant, rule_id, group_key) do update
-set status = excluded.status, pending_since = excluded.pending_since, fired_at = excluded.fired_at, updated_at = now()
-"""
-
-_TRANSITION = """
-insert into alert_transitions (tenant, rule_id, rule_name, group_key, grp, kind, value, threshold, comparison,
-                               window_s, at, fired_at)
-values ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12)
-returning id
-"""
-
-_DELIVERY = """
-insert into alert_deliveries (transition_id, target, kind, url, secret) values ($1, $2, $3, $4, $5)
-"""
-
-_COOLDOWN = """
-insert into alert_cooldowns (tenant, rule_id, group_key, resolved_at) values ($1, $2, $3, $4)
-on conflict (tenant, rule_id, group_key) do update set resolved_at = excluded.resolved_at
-"""
 
 
 class Evaluator:
@@ -71,14 +44,15 @@ class Evaluator:
         self._meters = meters
         self.windows = windows
         self._rules: dict[str, list[AlertRule]] = {}
-        self._standings: dict[Group, Standing] = {}
-        self._resolved: dict[Group, datetime] = {}
+        self._standings: dict[GroupId, Standing] = {}
+        self._resolved: dict[GroupId, datetime] = {}
         self._due: dict[tuple[str, str], datetime] = {}
 
     async def load(self, now: datetime) -> None:
         """Rules, standings and cooldowns from PostgreSQL, and the windows the rules need."""
         await self.reload_rules(now)
-        for r in await self._pool.fetch("select * from alert_states"):
+        # Rule ids with a colon are the usage take-up's (alerts/usage.py), not rules of this evaluator.
+        for r in await self._pool.fetch("select * from alert_states where strpos(rule_id, ':') = 0"):
             self._standings[(r["tenant"], r["rule_id"], r["group_key"])] = Standing(r["status"], r["pending_since"],
                                                                                     r["fired_at"])
         for r in await self._pool.fetch("select * from alert_cooldowns"):
@@ -130,7 +104,7 @@ class Evaluator:
                     result = step(current, rule.breached(value), now, for_s=rule.for_, cooldown_s=rule.cooldown,
                                   resolved_at=self._resolved.get((tenant, rule.id, key)))
                     if result.standing != current or result.transition:
-                        out.append(Decision(tenant, rule, key, group, value, current, result))
+                        out.append(Decision(rule, ledger.Group(tenant, rule.id, key, group), value, current, result))
         return out
 
     async def commit(self, decisions: list[Decision], now: datetime) -> int:
@@ -141,7 +115,7 @@ class Evaluator:
             for d in decisions:
                 await _record(conn, d, now)
         for d in decisions:
-            g = (d.tenant, d.rule.id, d.group_key)
+            g = (d.group.tenant, d.rule.id, d.group.key)
             if d.step.standing is None:
                 self._standings.pop(g, None)
             else:
@@ -159,20 +133,10 @@ class Evaluator:
 
 
 async def _record(conn: asyncpg.Connection, d: Decision, now: datetime) -> None:
-    rule, standing = d.rule, d.step.standing
-    grp = orjson.dumps(d.group).decode()
-    if standing is None:
-        await conn.execute("delete from alert_states where tenant = $1 and rule_id = $2 and group_key = $3",
-                           d.tenant, rule.id, d.group_key)
-    else:
-        await conn.execute(_SAVE_STANDING, d.tenant, rule.id, d.group_key, grp, standing.status,
-                           standing.pending_since, standing.fired_at)
-    if d.step.transition is None:
-        return
-    fired_at = d.previous.fired_at if d.step.transition == "resolved" and d.previous else now
-    transition_id = await conn.fetchval(_TRANSITION, d.tenant, rule.id, rule.name, d.group_key, grp, d.step.transition,
-                                        d.value, rule.threshold, rule.comparison, rule.window, now, fired_at)
-    await conn.executemany(_DELIVERY, [(transition_id, n, t.type, str(t.url), getattr(t, "secret", None))
-                                       for n, t in enumerate(rule.targets)])
-    if d.step.transition == "resolved":
-        await conn.execute(_COOLDOWN, d.tenant, rule.id, d.group_key, now)
+    rule, group = d.rule, d.group
+    await ledger.stand(conn, group, d.step.standing)
+    if d.step.transition is not None:
+        fired_at = d.previous.fired_at if d.step.transition == "resolved" and d.previous else now
+        await ledger.record(conn, group, ledger.Transition(
+            d.step.transition, rule.name, d.value, rule.threshold, rule.comparison, rule.window, now,
+            fired_at or now, rule.targets, {}))

@@ -53,9 +53,12 @@ async def page(conn: asyncpg.Connection, tenant: str, query: AlertsQuery,
 
 
 async def firing(conn: asyncpg.Connection, tenant: str) -> list[dict[str, Any]]:
-    """The rule-groups firing now, the latest to fire first (at most MAX_ACTIVE)."""
+    """The rule-groups firing now, the latest to fire first (at most MAX_ACTIVE). A usage alert has no rule row:
+    its name is its firing's."""
     rows = await conn.fetch(
-        "select s.rule_id, r.definition->>'name' as rule_name, s.grp::text as grp, s.pending_since, s.fired_at"
+        "select s.rule_id, coalesce(r.definition->>'name', (select t.rule_name from alert_transitions t"
+        "  where t.tenant = s.tenant and t.rule_id = s.rule_id and t.group_key = s.group_key"
+        "  order by t.id desc limit 1)) as rule_name, s.grp::text as grp, s.pending_since, s.fired_at"
         " from alert_states s left join alert_rules r on r.tenant = s.tenant and r.id = s.rule_id"
         " where s.tenant = $1 and s.status = 'firing' order by s.fired_at desc, s.rule_id, s.group_key limit $2",
         tenant, MAX_ACTIVE)

@@ -16,6 +16,7 @@ from alerts.delivery import Deliverer, DeliveryPolicy
 from alerts.evaluator import Evaluator
 from alerts.feed import CounterFeed
 from alerts.outbox import publish_pending
+from alerts.usage import take_up
 from alerts.windows import MinuteWindows
 from schemas.meters import MetersConfig
 from sinks.kafka import KafkaPublisher
@@ -117,7 +118,7 @@ async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 raise LeadershipLost(f"the leader lock's connection failed: {exc}") from exc
             with metrics.EVALUATION_SECONDS.time():
-                recorded = await evaluator.evaluate(_now())
+                recorded = await evaluator.evaluate(_now()) + await take_up(pool, _now())
             metrics.WINDOWS.set(len(evaluator.windows))
             if recorded:
                 config.hook("alerts_after_commit")

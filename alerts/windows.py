@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from alerts.ledger import group_key
 from alerts.rules import group_of, matches
 from schemas.alerts import AlertRule
 from schemas.counters import CounterState
@@ -34,11 +35,6 @@ where window_name = 'minute' and meter = any($1::text[]) and window_start >= $2
 
 def minute_start(at: datetime) -> datetime:
     return at - (at - _EPOCH) % MINUTE
-
-
-def group_key(group: dict[str, Any]) -> str:
-    """The canonical text of a group's values: how states, transitions and cooldowns name a group."""
-    return orjson.dumps(group, option=orjson.OPT_SORT_KEYS).decode()
 
 
 class MinuteWindows:

@@ -31,7 +31,6 @@ class BillingConfig:
     stripe_breaker_reset_s: float = 30.0
     kafka_bootstrap: str = "127.0.0.1:9092"
     counters_topic: str = "tally.counters.v1"
-    alerts_topic: str = "tally.alerts.v1"
     alerts_refresh_s: float = 5.0
     hook: Callable[[str], None] = lambda _point: None  # tests: kill the job at a named point
     topic_states: Callable[[str | None], dict[str, Any]] | None = None  # the counter topic's latest states

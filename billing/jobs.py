@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import httpx
 import orjson
 
 from billing.context import JobContext
-from sinks.kafka import KafkaPublisher
 from usage import alerts, limits
 
 log = logging.getLogger("tally.jobs")
@@ -94,25 +92,14 @@ async def _limits_loop(ctx: JobContext) -> None:
         await asyncio.sleep(ctx.config.limits_refresh_s)
 
 
-async def deliver_alerts(ctx: JobContext, publisher: KafkaPublisher, client: httpx.AsyncClient) -> dict[str, Any]:
-    """Record thresholds crossed, publish new alerts to the alerts topic, send pending ones to Slack."""
-    new = await alerts.detect(ctx.pool, ctx.reader)
-    published = await alerts.publish(ctx.pool, publisher, ctx.config.alerts_topic)
-    return {"new": new, "published": published, "slack": await alerts.notify_slack(ctx.pool, client)}
-
-
 async def _alerts_loop(ctx: JobContext) -> None:
-    publisher = KafkaPublisher(ctx.config.kafka_bootstrap)
-    async with httpx.AsyncClient() as client:
+    """Record the thresholds crossed; `tally alerts` publishes and delivers them (alerts/usage.py)."""
+    while True:
         try:
-            while True:
-                try:
-                    await deliver_alerts(ctx, publisher, client)
-                except Exception:
-                    log.exception("usage alerts failed")
-                await asyncio.sleep(ctx.config.alerts_refresh_s)
-        finally:
-            publisher.close()
+            await alerts.detect(ctx.pool, ctx.reader)
+        except Exception:
+            log.exception("usage alerts failed")
+        await asyncio.sleep(ctx.config.alerts_refresh_s)
 
 
 async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:

@@ -337,8 +337,7 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
         stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
         stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
         stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
-        counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
-        alerts_refresh_s=settings.usage_alerts_refresh_s,
+        counters_topic=settings.topics.counters, alerts_refresh_s=settings.usage_alerts_refresh_s,
         hook=partial(crash_point, armed=settings.crash_at),
         topic_states=partial(_counter_topic_states, settings),
     )
@@ -422,17 +421,15 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
     import signal
     from functools import partial
-    from pathlib import Path
 
     from alerts.delivery import DeliveryPolicy
     from alerts.service import AlertsConfig, run
     from processors.faults import crash_point
-    from processors.meters import load_meters
 
     config = AlertsConfig(
         database_url=settings.database_url, kafka_bootstrap=settings.kafka_bootstrap,
         counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
-        meters=load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters),
+        meters=_meters(settings),
         tick_s=settings.alerts_tick_s, rules_reload_s=settings.alerts_rules_reload_s,
         hook=partial(crash_point, armed=settings.crash_at),
         delivery=DeliveryPolicy(

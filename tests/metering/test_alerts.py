@@ -1,6 +1,6 @@
 """Usage alerts fire once per threshold per period across a processor kill -9, a re-delivery of the same
-events and two replays from the dead-letter topic; they reach tally.alerts.v1, the in-app list and the
-Slack double; a failing Slack is visible."""
+events and two replays from the dead-letter topic; through the alert lifecycle (`tally alerts`) they reach
+tally.alerts.v1, the in-app list and the Slack double; a failing Slack is visible in the delivery log."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ async def _alerts(api: httpx.AsyncClient, **params: str) -> list[dict]:
     return (await api.get("/v1/usage/alerts", params={"subject": SUBJECT, **params})).json()["alerts"]
 
 
+async def _slack(db: asyncpg.Connection, tenant: str) -> list[str]:
+    """The tenant's Slack deliveries' states, oldest first (alert_deliveries: the delivery log)."""
+    rows = await db.fetch("select d.status from alert_deliveries d join alert_transitions t on t.id = d.transition_id"
+                          " where t.tenant = $1 and d.kind = 'slack' order by t.id", tenant)
+    return [r["status"] for r in rows]
+
+
 async def _setup(api: httpx.AsyncClient, slack_url: str) -> None:
     plan = {"id": "team", "meters": [{"meter": "api_calls", "included": 10, "thresholds": [80, 100]}]}
     assert (await api.post("/v1/plans", json=plan)).status_code == 201
@@ -44,11 +51,13 @@ async def test_each_threshold_alerts_once_across_a_restart_and_a_replay(isolated
                                                                       db: asyncpg.Connection) -> None:
     settings = metered(isolated)
     tenant, admin, writer = await tenant_keys(settings)
-    _, failing_admin, failing_writer = await tenant_keys(settings)
+    failing_tenant, failing_admin, failing_writer = await tenant_keys(settings)
     at = datetime.now(timezone.utc) - timedelta(minutes=1)
     env = {"TALLY_USAGE_ALERTS_REFRESH_S": "0.5"}
+    delivery = {"TALLY_ALERTS_DELIVERY_MAX_ATTEMPTS": "2", "TALLY_ALERTS_DELIVERY_BACKOFF_S": "0.2",
+                "TALLY_ALERTS_METRICS_PORT": "0"}
     with recording_server() as slack, start_gateway("gateway", settings) as gw, \
-            running("jobs", ["jobs"], settings, **env):
+            running("jobs", ["jobs"], settings, **env), running("alerts", ["alerts"], settings, **delivery):
         processor = TallyProcess("processor", ["process"], settings)
         try:
             async with gw.client(admin) as api, gw.client(writer) as writes, \
@@ -91,27 +100,29 @@ async def test_each_threshold_alerts_once_across_a_restart_and_a_replay(isolated
                 await asyncio.sleep(2)  # several alert refreshes
 
                 async def slack_done() -> bool:
-                    mine = [a for a in await _alerts(api) if a["slack"] == "sent"]
-                    theirs = await _alerts(failing_api)
-                    return len(mine) == 2 and bool(theirs) and theirs[0]["slack"] == "failed"
+                    return (await _slack(db, tenant) == ["sent", "sent"]
+                            and await _slack(db, failing_tenant) == ["failed"])
 
                 await wait_for(slack_done, 60, "Slack deliveries")
                 alerts = await _alerts(api)
                 assert [a["threshold"] for a in alerts] == [100, 80]
+                assert all(a["alert"].startswith("alert-") for a in alerts)
                 read = await api.post(f"/v1/usage/alerts/{alerts[1]['id']}/read")
                 assert read.status_code == 200 and read.json()["read"] is True
                 assert [a["threshold"] for a in await _alerts(api, unread="true")] == [100]
-                failed = (await _alerts(failing_api))[0]
-                assert "500" in failed["slack_error"]
+                failed = await db.fetchval("select d.last_error from alert_deliveries d join alert_transitions t"
+                                           " on t.id = d.transition_id where t.tenant = $1", failing_tenant)
+                assert "500" in failed
         finally:
             processor.stop()
 
     sent = [body for path, body in slack.received if path == "/hooks/ok"]
     assert len(sent) == 2
-    assert all(b["blocks"][0]["type"] == "header" and "acme used" in b["text"] for b in sent)
+    assert all(b["blocks"][0]["type"] == "header" and "of included api_calls" in b["text"] for b in sent)
     on_topic = [orjson.loads(m.value()) for m in read_topic(settings.kafka_bootstrap, settings.topics.alerts)]
     mine = [a for a in on_topic if a["tenant"] == tenant]
-    assert sorted(a["threshold"] for a in mine) == [80, 100]
+    assert sorted(a["rule"]["id"] for a in mine) == ["usage:api_calls:100", "usage:api_calls:80"]
+    assert {a["type"] for a in mine} == {"alert.firing"} and {a["group"]["subject"] for a in mine} == {SUBJECT}
     assert len({a["id"] for a in mine}) == 2
     assert await db.fetchval("select count(*) from usage_alerts where tenant = $1", tenant) == 2
 
