@@ -39,25 +39,32 @@ RULES = [
 
 
 class Arrivals:
-    """Firings of the probe rule as they arrive on tally.alerts.v1, by service, with their arrival time."""
+    """By probe service, when its first counter window arrived on tally.counters.v1 (the processor's part) and
+    when its firing arrived on tally.alerts.v1."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, alerts_topic: str, counters_topic: str) -> None:
         self.seen: dict[str, float] = {}
+        self.counted: dict[str, float] = {}
+        self._alerts_topic = alerts_topic
         self._stop = threading.Event()
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-alerts-{uuid.uuid4().hex}",
                                    "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        self._consumer.assign([TopicPartition(topic, p, 0) for topic in (alerts_topic, counters_topic)
+                               for p in self._consumer.list_topics(topic, timeout=10).topics[topic].partitions])
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for message in self._consumer.consume(100, 0.05):
-                if message.error() is None:
-                    alert = orjson.loads(message.value())
-                    if alert["type"] == "alert.firing" and alert["rule"]["id"] == "fatal-per-service":
-                        self.seen.setdefault(alert["group"]["service"], time.monotonic())
+                if message.error() is not None:
+                    continue
+                value = orjson.loads(message.value())
+                if message.topic() != self._alerts_topic:
+                    if value["meter"] == "logs" and (value["subject"] or "").startswith("probe-"):
+                        self.counted.setdefault(value["subject"], time.monotonic())
+                elif value["type"] == "alert.firing" and value["rule"]["id"] == "fatal-per-service":
+                    self.seen.setdefault(value["group"]["service"], time.monotonic())
 
     def close(self) -> None:
         self._stop.set()
@@ -109,7 +116,7 @@ async def main(argv: list[str] | None = None) -> int:
         bench.processor(settings)
         bench.start("alerts", [*TALLY, "alerts"], settings)
         url = f"http://127.0.0.1:{gateway.port}"
-        arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.alerts)
+        arrivals = Arrivals(settings.kafka_bootstrap, settings.topics.alerts, settings.topics.counters)
         print(f"load {args.rate:,} logs/s for {args.seconds} s, a probe every {args.every} s", flush=True)
         load = asyncio.to_thread(loadgen.k6, "gateway", OUT / "alert-latency-k6.json", SCENARIO="logs", MODE="rate",
                                  URL=url, KEY=bench.key, RUN=bench.run, DURATION=f"{args.seconds}s",
@@ -120,12 +127,15 @@ async def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(0.2)
         arrivals.close()
         latencies = sorted(arrivals.seen[s] - t for s, t in acked.items() if s in arrivals.seen)
+        counted = sorted(arrivals.counted[s] - t for s, t in acked.items() if s in arrivals.counted)
         missing = len(acked) - len(latencies)
         print(f"background: {loaded.events_s:,.0f} logs/s accepted (k6 p99 {loaded.p99_ms:.1f} ms)")
-        print(f"receipt → alert on tally.alerts.v1, {len(latencies)} probes: "
-              f"p50 {percentile(latencies, 50) * 1000:,.0f} ms, p95 {percentile(latencies, 95) * 1000:,.0f} ms, "
-              f"p99 {percentile(latencies, 99) * 1000:,.0f} ms, max {latencies[-1] * 1000:,.0f} ms; "
-              f"missing {missing}", flush=True)
+        for leg, values in (("receipt → its counter window on tally.counters.v1", counted),
+                            ("receipt → alert on tally.alerts.v1", latencies)):
+            print(f"{leg}, {len(values)} probes: p50 {percentile(values, 50) * 1000:,.0f} ms, "
+                  f"p95 {percentile(values, 95) * 1000:,.0f} ms, p99 {percentile(values, 99) * 1000:,.0f} ms, "
+                  f"max {values[-1] * 1000:,.0f} ms", flush=True)
+        print(f"missing alerts: {missing}")
         return 0 if missing == 0 else 1
     finally:
         await bench.teardown()

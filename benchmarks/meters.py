@@ -1,5 +1,5 @@
-"""`python -m benchmarks.meters`: the processor's drain rate with a UNIQUE_COUNT meter beside the default
-meter, next to the default meter alone, in one run.
+"""`python -m benchmarks.meters`: the processor's drain rate with the minute meter of event-type alert rules,
+or a UNIQUE_COUNT meter, beside the `events` meter, next to the `events` meter alone, in one run.
 
 Each configuration gets its own database, topics and consumer group on the running services, the same
 events (with duplicates), and one `tally process`; the rate is taken from its committed offsets, from
@@ -23,6 +23,9 @@ from tally.settings import Settings
 DEFAULT = {"slug": "events", "event_type": "*", "group_by": {"type": "type"}, "windows": ["hour", "day"]}
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "default": None,
+    # The built-in meter event-type alert rules read: per type and minute, tenant-wide.
+    "default+event_types": {"slug": "event_types", "event_type": "*", "group_by": {"type": "type"},
+                            "per_subject": False, "windows": ["minute"]},
     # Active customers per tenant: few distinct values, every window shared by both writers.
     "default+unique_subject": {"slug": "unique", "aggregation": "UNIQUE_COUNT", "value_path": "subject",
                                "per_subject": False, "windows": ["hour", "day"]},
@@ -109,7 +112,8 @@ async def main(argv: list[str] | None = None) -> int:
                                              bench.run, args.events, 0.1)
             figures = await drain(bench, settings, loaded.messages, args.drain_timeout)
             check = await pg_bench.verify(settings.database_url, loaded.distinct)
-            exact = check["exact"] and (extra is None or await unique_exact(settings.database_url, extra["value_path"]))
+            exact = check["exact"] and (extra is None or "value_path" not in extra
+                                        or await unique_exact(settings.database_url, extra["value_path"]))
             results[name] = {**figures, "exact": exact}
             print(f"{name:24s} {figures['events_s']:>9,.0f} events/s once running, "
                   f"{figures['seconds']:5.1f} s in all, exact: {exact}", flush=True)
