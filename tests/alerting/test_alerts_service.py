@@ -110,3 +110,34 @@ async def _kills(alone: Settings, db: asyncpg.Connection, targets: Receiver) -> 
     slack_ids = [r.json()["blocks"][-1]["elements"][0]["text"].split(" · ")[1] for r in targets.at("/slack")]
     assert set(slack_ids) == set(targets.ids("/hook"))
     assert len(hooks) - len(rows) <= 1 and len(slack_ids) - len(rows) <= 1
+
+
+async def test_a_standby_takes_over_after_a_kill_without_repeating(alone: Settings,
+                                                                   alone_db: asyncpg.Connection) -> None:
+    db, tenant = alone_db, f"t-{uuid.uuid4().hex[:8]}"
+    await add_rule(db, tenant, id="quiet", filter={"event_type": "heartbeat"}, comparison="<", threshold=2,
+                   window="5m", every="1s")
+    processor = TallyProcess("processor", ["process"], alone)
+    active = TallyProcess("alerts", ["alerts"], alone, TALLY_ALERTS_METRICS_PORT="0")
+    standby: TallyProcess | None = None
+    try:
+        async def fired() -> bool:
+            return await transitions(db, tenant) == [("quiet", "{}", "firing")]
+
+        await wait_for(fired, 60, "the first evaluator to fire")
+        standby = TallyProcess("alerts", ["alerts"], alone, TALLY_ALERTS_METRICS_PORT="0")
+        wait_until(lambda: "standing by" in standby.output(), 30, what="the second evaluator to stand by")
+        active.kill9()
+        produce(alone, [event(tenant, "heartbeat") for _ in range(2)])
+
+        async def resolved() -> bool:
+            return len(await transitions(db, tenant)) >= 2
+
+        await wait_for(resolved, 60, "the standby to take over and resolve")
+        await asyncio.sleep(3)
+        assert await transitions(db, tenant) == [("quiet", "{}", "firing"), ("quiet", "{}", "resolved")]
+    finally:
+        processor.stop()
+        active.stop()
+        if standby is not None:
+            standby.stop()
