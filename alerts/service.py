@@ -19,7 +19,7 @@ from alerts.outbox import publish_pending
 from alerts.usage import take_up
 from alerts.windows import MinuteWindows
 from schemas.meters import MetersConfig
-from sinks.kafka import KafkaPublisher
+from sinks.kafka import KafkaPublisher, PublishError
 
 log = logging.getLogger("tally.alerts")
 
@@ -71,7 +71,7 @@ async def _every(period_s: float, stop: asyncio.Event, work: Callable[[], Awaita
     while not stop.is_set():
         try:
             await work()
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, PublishError) as exc:
             log.warning("%s failed, trying again: %s", what, exc)
         try:
             await asyncio.wait_for(stop.wait(), period_s)
