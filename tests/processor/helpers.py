@@ -93,10 +93,13 @@ def latest_counter_states(settings: Settings) -> dict[str, CounterState]:
     return latest
 
 
-async def assert_topic_matches_postgres(settings: Settings, db: asyncpg.Connection, tenant: str) -> int:
-    rows = await db.fetch("select key, value::text as value, count, revision from counters where tenant = $1", tenant)
+async def assert_topic_matches_postgres(settings: Settings, db: asyncpg.Connection, tenant: str,
+                                        meter: str = "events") -> int:
+    """Every counter window of the tenant is on the topic as in PostgreSQL; returns how many `meter` has."""
+    rows = await db.fetch("select key, meter, value::text as value, count, revision from counters where tenant = $1",
+                          tenant)
     states = {k: s for k, s in (await asyncio.to_thread(latest_counter_states, settings)).items() if s.tenant == tenant}
     assert {r["key"]: (r["value"], r["count"], r["revision"]) for r in rows} == {
         k: (s.value, s.count, s.revision) for k, s in states.items()
     }
-    return len(rows)
+    return sum(r["meter"] == meter for r in rows)

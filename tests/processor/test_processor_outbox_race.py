@@ -77,7 +77,7 @@ async def test_the_topic_ends_equal_to_postgres_with_members_and_relays_racing_o
         assert await db.fetchval("select count(*) from counter_outbox") == 0
         total = await db.fetchval("select sum(value) from counters where tenant = $1", tenant)
         assert total == 2 * ROUNDS * PER_ROUND
-        assert await assert_topic_matches_postgres(isolated, db, tenant) == GROUPS
+        assert await assert_topic_matches_postgres(isolated, db, tenant, "shared") == GROUPS
     finally:
         for p in publishers:
             p.close()

@@ -119,7 +119,7 @@ def test_meter_definitions_are_checked() -> None:
     assert config.meters[0].windows == (Window.MINUTE, Window.MONTH)
     with pytest.raises(ValueError, match="listed twice"):
         Meter(slug="m", windows=(Window.DAY, Window.DAY))
-    assert [m.slug for m in load_meters().meters] == ["events", "logs"]
+    assert [m.slug for m in load_meters().meters] == ["events", "logs", "event_types"]
     assert [m.slug for m in config.meters] == ["tokens", "logs"], "the built-in logs meter joins a configured set"
 
 
