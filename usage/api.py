@@ -20,6 +20,7 @@ from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from usage import links
 from usage.alerts import message
+from usage.changes import SubjectChanges
 from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
 from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
@@ -85,8 +86,8 @@ class UsageProduct:
     def service(self) -> UsageService:
         if self._service is None:
             client = redis.Redis.from_url(self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-            self._service = UsageService(self._edge.pool, WindowReader(self._edge.pool, client, self._prefix,
-                                                                       self._cache_ttl_s))
+            reader = WindowReader(self._edge.pool, client, self._prefix, self._cache_ttl_s)
+            self._service = UsageService(self._edge.pool, reader, changes=SubjectChanges(client, self._prefix))
         return self._service
 
     async def put_plan(self, request: Request) -> Response:
