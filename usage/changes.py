@@ -21,16 +21,17 @@ from sinks.redis_cache import subject_changes_key
 
 log = logging.getLogger("tally.usage")
 
-Seen = tuple[bytes | None, bytes | None]  # the `any` and `ended` counters; None where the key holds none
+Seen = tuple[bytes, bytes]  # the `any` and `ended` counters; empty where the key holds none
 
+# Every key's two counters in one reply, "any ended" per key and keys apart by ",": a reply of a thousand
+# parts cost the client some 5 ms to parse.
 _COUNTERS = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local found = redis.call('HMGET', key, 'any', 'ended')
-  out[2 * i - 1] = found[1]
-  out[2 * i] = found[2]
+  out[i] = (found[1] or '') .. ' ' .. (found[2] or '')
 end
-return out
+return table.concat(out, ',')
 """
 
 
@@ -91,5 +92,5 @@ class SubjectChanges:
             return {}
         if self._script is None:
             self._script = self._client.register_script(_COUNTERS)
-        found = await self._script(keys=keys)
-        return {key: (found[2 * i], found[2 * i + 1]) for i, key in enumerate(keys)}
+        found = (await self._script(keys=keys)).split(b",")
+        return {key: tuple(counters.split(b" ")) for key, counters in zip(keys, found)}  # type: ignore[misc]

@@ -138,7 +138,7 @@ class UsageService:
                       seen: Seen | None = None) -> Windows:
         return await self._reader.read(s.tenant, s.subscription.subject, [m.meter for m in s.meters],
                                        s.period.start, s.period.end, buckets=buckets,
-                                       ended=seen[1] if seen else None)
+                                       ended=seen[1] if seen else b"")
 
     async def _seen(self, tenant: str, subject: str) -> Seen | None:
         return await self._changes.seen(tenant, subject) if self._changes is not None else None

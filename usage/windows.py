@@ -89,14 +89,14 @@ class WindowReader:
         self._settle = timedelta(seconds=settle_s)
         self._settled_ttl_s = settled_ttl_s
         self._settled_max = settled_max
-        self._settled: dict[tuple, tuple[float, bytes | None, Windows]] = {}
+        self._settled: dict[tuple, tuple[float, bytes, Windows]] = {}
         self._states: AsyncScript | None = None
         self._key_lists: dict[tuple, tuple[list[tuple[str, datetime]], list[str]]] = {}
         self.source = "postgres"  # where the last read's recent windows came from, for tests and logs
 
     async def read(self, tenant: str, subject: str, meters: list[str], start: datetime, end: datetime,
                    now: datetime | None = None, buckets: list[tuple[datetime, datetime]] | None = None,
-                   ended: bytes | None = None) -> Windows:
+                   ended: bytes = b"") -> Windows:
         """The period's windows per meter; settled ones come folded into one window per bucket."""
         now = now or datetime.now(timezone.utc)
         upto = max(start, min(end, hour_start(now) + timedelta(hours=2)))
@@ -107,7 +107,7 @@ class WindowReader:
         return {m: {**settled[m], **recent[m]} for m in meters}
 
     async def _settled_part(self, tenant: str, subject: str, meters: list[str], start: datetime, until: datetime,
-                            buckets: list[tuple[datetime, datetime]], ended: bytes | None) -> Windows:
+                            buckets: list[tuple[datetime, datetime]], ended: bytes) -> Windows:
         key = (tenant, subject, tuple(meters), start, until, tuple(buckets))
         hit = self._settled.get(key)
         if hit is not None and hit[0] > time.monotonic() and hit[1] == ended:
