@@ -4,8 +4,9 @@ The decision is made elsewhere (the usage product's limit refresh) and kept in R
 only mirrors it: a background task copies the blocks of the tenants that have hard limits every
 `refresh_s`, so the hot path pays a dictionary lookup and never waits on Redis. The copy is made
 again only when the decision's digest changed: reading a thousand blocks takes the event loop some
-10 ms, which every request arriving meanwhile would wait. Tenants without hard limits are not looked at. If Redis cannot be read the last copy is kept; the blocks carry their
-period end and lapse by themselves (docs/adr/0042).
+10 ms, which every request arriving meanwhile would wait. Tenants without hard limits are not looked
+at. If Redis cannot be read the last copy is kept; the blocks carry their period end and lapse by
+themselves (docs/adr/0042).
 """
 
 from __future__ import annotations
