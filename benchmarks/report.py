@@ -116,7 +116,8 @@ def usage(r: dict[str, Any]) -> list[str]:
         f"counted them (drained: {'yes' if u.get('drained_before_reads') else 'no'}), k6 reads `GET /v1/usage` "
         "for the 500 subscribed subjects (a period of 20 days so far; a subject's figures are computed on its "
         "first read, from settled windows folded in memory and the last day's hour windows from Redis, then "
-        "kept while its change counters stand still, ADR 0046) at a constant arrival rate. CPU µs per event "
+        "kept while its change counters stand still, ADR 0046) at a constant arrival rate, after one untimed "
+        "read of each subject, so the timed reads are the ones after a subject's first. CPU µs per event "
         "(per request for the reads): /proc CPU time of each process over the load run (gw: the gateway; proc: "
         "the processor; pg, kafka, load gen as in the gateway section).",
         "",

@@ -5,7 +5,7 @@ time zone. `as_of` is the newest commit time of any window behind the figure: ho
 
 With a `SubjectChanges`, a period's figures are kept once computed and served again while the subject's
 change counters, the selection and the hour are the ones they were computed under, for at most `kept_s`
-(docs/adr/0046).
+(spread over its second half, so figures computed together are not recomputed together; docs/adr/0046).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class UsageService:
         if seen is not None:
             if len(self._kept) >= 100_000:
                 self._kept.clear()
-            self._kept[key] = _Kept(time.monotonic() + self._kept_s, under, figures)
+            self._kept[key] = _Kept(time.monotonic() + self._kept_s * random.uniform(0.5, 1.0), under, figures)
         return figures
 
     async def _usage(self, s: Selected, seen: Seen | None) -> dict[str, Any]:
