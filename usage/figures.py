@@ -21,8 +21,12 @@ import asyncpg
 
 from usage.changes import Seen, SubjectChanges
 from usage.periods import Anchor, Period, PeriodError, days, period_at, period_of_date, previous
+from usage.plan_changes import PlanChanges
 from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions, plan_for_period
 from usage.windows import HourWindow, WindowReader, Windows, combine, hour_start
+
+
+_NEVER = datetime.max.replace(tzinfo=timezone.utc)
 
 
 class NotFound(LookupError):
@@ -83,6 +87,14 @@ class Selected:
 
 
 @dataclass(frozen=True)
+class _Selection:
+    until: float
+    epoch: tuple[int, int] | None
+    turns: datetime  # when `current` and `previous` name other periods
+    selected: Selected
+
+
+@dataclass(frozen=True)
 class _Kept:
     until: float
     under: tuple
@@ -90,30 +102,38 @@ class _Kept:
 
 
 class UsageService:
-    """Usage figures; a selection (subscription, period, plan) is kept `select_ttl_s`, so a plan change
-    or a new period shows in reads within that time."""
+    """Usage figures. A selection (subscription, period, plan) is kept until its period turns and, with
+    `PlanChanges` listening, until the tenant's plans or subscriptions change (`kept_s` at most); without,
+    `select_ttl_s`, so a plan change shows in reads within that time."""
 
     def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0,
-                 changes: SubjectChanges | None = None, kept_s: float = 60.0) -> None:
+                 changes: SubjectChanges | None = None, kept_s: float = 60.0,
+                 plans: PlanChanges | None = None) -> None:
         self._pool = pool
         self._reader = reader
         self._select_ttl_s = select_ttl_s
-        self._selected: dict[tuple, tuple[float, Selected]] = {}
+        self._plans = plans
+        self._selected: dict[tuple, _Selection] = {}
         self._changes = changes
         self._kept_s = kept_s
         self._kept: dict[tuple, _Kept] = {}
 
     async def select(self, tenant: str, subject: str, meter: str | None, spec: str,
                      now: datetime | None = None) -> Selected:
+        now = now or datetime.now(timezone.utc)
         key = (tenant, subject, meter, spec)
+        epoch = self._plans.epoch(tenant) if self._plans is not None else None
         hit = self._selected.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None and hit.until > time.monotonic() and hit.epoch == epoch and now < hit.turns:
+            return hit.selected
         selected = await self._select(tenant, subject, meter, spec, now)
         if len(self._selected) >= 100_000:
             self._selected.clear()
+        ttl_s = self._select_ttl_s if epoch is None else self._kept_s
+        turns = period_at(selected.anchor, now).end if spec in ("current", "previous") else _NEVER
         # Spread over half the TTL, so entries filled together do not expire (and hit the database) together.
-        self._selected[key] = (time.monotonic() + self._select_ttl_s * random.uniform(0.5, 1.0), selected)
+        self._selected[key] = _Selection(time.monotonic() + ttl_s * random.uniform(0.5, 1.0), epoch, turns,
+                                         selected)
         return selected
 
     async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,

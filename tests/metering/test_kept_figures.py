@@ -1,6 +1,7 @@
 """Kept period figures (docs/adr/0046) stay equal to figures recomputed from every window: after a change to
-a recent hour, after a late event changes a settled hour, and across a plan change mid-period. Windows are
-committed to PostgreSQL and written to Redis by the processor's own cache writer, as the pipeline does."""
+a recent hour, after a late event changes a settled hour, and across a plan change mid-period, which the
+kept selection learns of by notification alone. Windows are committed to PostgreSQL and written to Redis by
+the processor's own cache writer, as the pipeline does."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sinks.redis_cache import RedisCounterCache
 from tally.settings import Settings
 from usage.changes import SubjectChanges
 from usage.figures import UsageService
+from usage.plan_changes import PlanChanges
 from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 from usage.windows import WindowReader, hour_start
 
@@ -59,6 +61,11 @@ class Committer:
         await self._cache.close()
 
 
+async def _changed(plans: PlanChanges, tenant: str, listened: object) -> None:
+    while plans.epoch(tenant) == listened:
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def pool(settings: Settings) -> Any:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
@@ -78,9 +85,10 @@ async def test_kept_figures_equal_recomputed_ones(settings: Settings, db: asyncp
     client = redis.Redis.from_url(settings.redis_url)
     committer = Committer(db, settings, tenant, subject)
     now = hour_start(datetime.now(timezone.utc))
+    plans = PlanChanges(settings.database_url)
     kept = UsageService(pool, WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s,
-                                           settle_s=SETTLE_S), select_ttl_s=0,
-                        changes=SubjectChanges(client, settings.redis_prefix, poll_s=POLL_S))
+                                           settle_s=SETTLE_S), select_ttl_s=3600, kept_s=3600,
+                        changes=SubjectChanges(client, settings.redis_prefix, poll_s=POLL_S), plans=plans)
 
     async def recomputed(spec: str = "current") -> dict[str, Any]:
         reader = WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s, settle_s=10**9)
@@ -110,8 +118,13 @@ async def test_kept_figures_equal_recomputed_ones(settings: Settings, db: asyncp
         late = await equal_after_a_poll()
         assert Decimal(late["meters"][0]["used"]) == Decimal(recent["meters"][0]["used"]) + Decimal("0.75")
 
+        while plans.epoch(tenant) is None:  # listening since the first read
+            await asyncio.sleep(0.05)
+        await kept.usage(tenant, subject)  # the selection kept under the listened epoch
+        listened = plans.epoch(tenant)
         await subscribe(db, tenant, Subscription(subject=subject, plan_id="large", anchor_day=anchor_day,
                                                  start_date=date.today() - timedelta(days=60)))
+        await asyncio.wait_for(_changed(plans, tenant, listened), 10)
         upgraded = await equal_after_a_poll()
         assert upgraded["plan"] == "large"
         assert upgraded["meters"][0]["included"] == "1000"
