@@ -117,15 +117,15 @@ def usage(r: dict[str, Any]) -> list[str]:
         "for the 500 subscribed subjects (a period of 20 days so far; a subject's figures are computed on its "
         "first read, from settled windows folded in memory and the last day's hour windows from Redis, then "
         "kept while its change counters stand still, ADR 0046) at a constant arrival rate, after one untimed "
-        "read of each subject, so the timed reads are the ones after a subject's first. CPU µs per event "
+        f"read of each subject, so the timed reads are the ones after a subject's first. {runs_text(r)} CPU µs per event "
         "(per request for the reads): /proc CPU time of each process over the load run (gw: the gateway; proc: "
         "the processor; pg, kafka, load gen as in the gateway section).",
         "",
         "| load | tool | req/s | p50 ms | p95 ms | p99 ms | failed | CPU µs per event |",
         "|---|---|---:|---:|---:|---:|---:|---|",
-        *[f"| {label} | {load['tool']} | {fmt(load['req_s'])} | {fmt(load['p50_ms'], 1)} | {fmt(load['p95_ms'], 1)} | "
-          f"{fmt(load['p99_ms'], 1)} | {load['failed']:.2%} | {cpu(load, spread.get(key))} |"
-          for label, key, load in rows if load],
+        *[f"| {label} | {load['tool']} | {fig(load['req_s'], s.get('req_s'))} | {fig(load['p50_ms'], s.get('p50_ms'), 1)} | "
+          f"{fig(load['p95_ms'], s.get('p95_ms'), 1)} | {fig(load['p99_ms'], s.get('p99_ms'), 1)} | {load['failed']:.2%} | "
+          f"{cpu(load, s)} |" for label, key, load in rows if load for s in [spread.get(key) or {}]],
         "",
         f"- Aim: single events with hard limits within 10% of without: {ratio(with_, without)}"
         f" — {aim(with_ >= 0.9 * without if with_ and without else None)}",
