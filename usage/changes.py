@@ -4,7 +4,9 @@ writes (`sinks.redis_cache.subject_changes_key`), as a reader that keeps figures
 The counters of every subject read lately are fetched together, in one round trip at most every `poll_s`,
 because a round trip costs the client some 130 us of CPU, more than the rest of a kept read. A read can
 therefore miss a change that reached Redis less than `poll_s` before it. A subject read for the first time
-is asked for alone, before its windows are read (docs/adr/0046).
+is asked for alone, before its windows are read. After a Redis failure the counters are not asked for
+during `cooldown_s` (every read then recomputes), so reads do not each wait out the client's retries
+(docs/adr/0046).
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ return table.concat(out, ',')
 
 class SubjectChanges:
     def __init__(self, client: redis.Redis, prefix: str, poll_s: float = 0.1, idle_s: float = 60.0,
-                 max_subjects: int = 10_000) -> None:
+                 max_subjects: int = 10_000, cooldown_s: float = 5.0) -> None:
         self._client = client
         self._prefix = prefix
         self._poll_s = poll_s
         self._idle_s = idle_s
         self._max_subjects = max_subjects
+        self._cooldown_s = cooldown_s
+        self._skip_until = float("-inf")
         self._script: AsyncScript | None = None
         self._seen: dict[str, Seen] = {}
         self._asked: dict[str, float] = {}
@@ -53,6 +57,8 @@ class SubjectChanges:
         """The subject's counters as Redis held them `poll_s` ago or later; None when Redis cannot tell."""
         key = subject_changes_key(self._prefix, tenant, subject)
         now = time.monotonic()
+        if now < self._skip_until:
+            return None
         self._asked[key] = now
         try:
             if now - self._polled_at >= self._poll_s:
@@ -61,8 +67,9 @@ class SubjectChanges:
             if found is None:
                 found = self._seen[key] = (await self._read([key]))[key]
         except (RedisError, OSError) as exc:
-            log.warning("usage change counters unread, figures recomputed: %s", exc)
+            log.warning("usage change counters unread, figures recomputed for %.0f s: %s", self._cooldown_s, exc)
             self._seen.clear()
+            self._skip_until = time.monotonic() + self._cooldown_s
             return None
         return found
 

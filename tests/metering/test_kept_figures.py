@@ -1,7 +1,7 @@
 """Kept period figures (docs/adr/0046) stay equal to figures recomputed from every window: after a change to
 a recent hour, after a late event changes a settled hour, and across a plan change mid-period, which the
-kept selection learns of by notification alone. Windows are committed to PostgreSQL and written to Redis by
-the processor's own cache writer, as the pipeline does."""
+kept selection learns of by notification alone; without the counters, nothing is kept. Windows are committed
+to PostgreSQL and written to Redis by the processor's own cache writer, as the pipeline does."""
 
 from __future__ import annotations
 
@@ -133,3 +133,24 @@ async def test_kept_figures_equal_recomputed_ones(settings: Settings, db: asyncp
     finally:
         await committer.close()
         await client.aclose()
+
+
+async def test_without_the_change_counters_nothing_is_kept(settings: Settings, db: asyncpg.Connection,
+                                                          pool: asyncpg.Pool) -> None:
+    tenant, subject = f"unkept-{uuid.uuid4().hex[:8]}", "acme"
+    await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter="tokens", included=10)]))
+    await subscribe(db, tenant, Subscription(subject=subject, plan_id="p", start_date=date.today() - timedelta(days=9)))
+    client, down = redis.Redis.from_url(settings.redis_url), redis.Redis(port=1)
+    committer = Committer(db, settings, tenant, subject)
+    reader = WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s)
+    blind = UsageService(pool, reader, changes=SubjectChanges(down, settings.redis_prefix))
+    try:
+        await committer.add(hour_start(datetime.now(timezone.utc)), Decimal(3))
+        first = await blind.usage(tenant, subject)
+        await committer.add(hour_start(datetime.now(timezone.utc)), Decimal(4))
+        second = await blind.usage(tenant, subject)
+        assert (first["meters"][0]["used"], second["meters"][0]["used"]) == ("3", "7")
+    finally:
+        await committer.close()
+        await client.aclose()
+        await down.aclose()
