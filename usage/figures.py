@@ -25,7 +25,6 @@ from usage.plan_changes import PlanChanges
 from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions, plan_for_period
 from usage.windows import HourWindow, WindowReader, Windows, combine, hour_start
 
-
 _NEVER = datetime.max.replace(tzinfo=timezone.utc)
 
 
