@@ -98,9 +98,10 @@ def usage(r: dict[str, Any]) -> list[str]:
     u = r.get("usage") or {}
     if not u:
         return ["Not measured in this run."]
-    rows = [(f"single events, {name} hard limits, round {n}", u.get(f"wrk_single_{name}_{n}"))
+    spread = r["spread"].get("usage") or {}
+    rows = [(f"single events, {name} hard limits, round {n}", f"wrk_single_{name}_{n}", u.get(f"wrk_single_{name}_{n}"))
             for n in (1, 2) for name in ("without", "with")]
-    rows.append(("GET /v1/usage, constant 1,000 req/s", u.get("k6_usage_read")))
+    rows.append(("GET /v1/usage, constant 1,000 req/s", "k6_usage_read", u.get("k6_usage_read")))
 
     def mean(name: str) -> float | None:
         found = [u[k]["req_s"] for k in (f"wrk_single_{name}_1", f"wrk_single_{name}_2") if k in u]
@@ -113,13 +114,18 @@ def usage(r: dict[str, Any]) -> list[str]:
         f"with hard limits configured ({u.get('blocked_subjects', 0):,} blocked subjects, none of them the ones "
         "posted for, so every event is checked and accepted); wrk, 1 thread, 64 connections. Once the processor "
         f"counted them (drained: {'yes' if u.get('drained_before_reads') else 'no'}), k6 reads `GET /v1/usage` "
-        "for the 500 subscribed subjects (a period of 20 days so far: settled windows folded in memory, the last "
-        "day's hour windows from Redis) at a constant arrival rate.",
+        "for the 500 subscribed subjects (a period of 20 days so far; a subject's figures are computed on its "
+        "first read, from settled windows folded in memory and the last day's hour windows from Redis, then "
+        "kept while its change counters stand still, ADR 0046) at a constant arrival rate, after one untimed "
+        f"read of each subject, so the timed reads are the ones after a subject's first. {runs_text(r)} CPU µs per event "
+        "(per request for the reads): /proc CPU time of each process over the load run (gw: the gateway; proc: "
+        "the processor; pg, kafka, load gen as in the gateway section).",
         "",
-        "| load | tool | req/s | p50 ms | p95 ms | p99 ms | failed |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        *[f"| {label} | {load['tool']} | {fmt(load['req_s'])} | {fmt(load['p50_ms'], 1)} | {fmt(load['p95_ms'], 1)} | "
-          f"{fmt(load['p99_ms'], 1)} | {load['failed']:.2%} |" for label, load in rows if load],
+        "| load | tool | req/s | p50 ms | p95 ms | p99 ms | failed | CPU µs per event |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+        *[f"| {label} | {load['tool']} | {fig(load['req_s'], s.get('req_s'))} | {fig(load['p50_ms'], s.get('p50_ms'), 1)} | "
+          f"{fig(load['p95_ms'], s.get('p95_ms'), 1)} | {fig(load['p99_ms'], s.get('p99_ms'), 1)} | {load['failed']:.2%} | "
+          f"{cpu(load, s)} |" for label, key, load in rows if load for s in [spread.get(key) or {}]],
         "",
         f"- Aim: single events with hard limits within 10% of without: {ratio(with_, without)}"
         f" — {aim(with_ >= 0.9 * without if with_ and without else None)}",

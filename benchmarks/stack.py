@@ -121,19 +121,21 @@ class Bench:
         create_topics(settings)
 
     def start(self, name: str, argv: list[str], settings: Settings, port: int | None = None,
-              health: str | None = None, **env: str) -> Service:
+              health: str | None = None, checkout: Path = ROOT, **env: str) -> Service:
         log = open(self.log_dir / f"{name}.log", "ab")
-        process = subprocess.Popen(argv, cwd=ROOT, env=env_for(settings, **env), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=checkout, env=env_for(settings, **env), stdout=log,
+                                   stderr=subprocess.STDOUT)
         service = Service(name, process, port)
         self.services.append(service)
         if health:
             wait_http(health, process, name)
         return service
 
-    def gateway(self, settings: Settings, **env: str) -> Service:
+    def gateway(self, settings: Settings, name: str = "gateway", checkout: Path = ROOT, **env: str) -> Service:
+        """A gateway of this checkout, or of another one (its code, this checkout's virtual environment)."""
         port = free_port()
-        return self.start("gateway", [*TALLY, "gateway", "--port", str(port)], settings, port,
-                          health=f"http://127.0.0.1:{port}/healthz", **env)
+        return self.start(name, [*TALLY, "gateway", "--port", str(port)], settings, port,
+                          health=f"http://127.0.0.1:{port}/healthz", checkout=checkout, **env)
 
     def processor(self, settings: Settings, name: str = "processor") -> Service:
         return self.start(name, [*TALLY, "process"], settings)

@@ -127,6 +127,8 @@ class EncodedState:
     """
 
     key: str
+    tenant: str
+    subject: str | None
     revision: int
     window_end: datetime
     value: bytes
@@ -150,7 +152,7 @@ def encode_state(key: str, tenant: str, meter: str, aggregation: str, window: st
         if optional is not None:
             fields[name] = optional
     raw = orjson.dumps(fields, option=orjson.OPT_UTC_Z)
-    return EncodedState(key, revision, window_end, raw)
+    return EncodedState(key, tenant, subject, revision, window_end, raw)
 
 
 # Either form of a counter state: what the counter topic and the cache accept.

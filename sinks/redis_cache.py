@@ -3,6 +3,11 @@
 Redis is only a cache: a failure is logged and counted, then Redis is left alone for a cool-down
 so a dead Redis costs the pipeline nothing. A state only replaces an older revision, so two
 processors writing the same window in either order leave the newest state.
+
+Each state that replaces an older one also bumps its subject's change counters (`subject_changes_key`):
+`any` for every window, `ended` for a window that had already ended (a late event or a repair). A reader
+that keeps a figure computed from a subject's windows knows it still holds while the counters it saw
+are unchanged (docs/adr/0046).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+import orjson
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
@@ -19,14 +25,32 @@ from schemas.counters import PublishedState
 
 log = logging.getLogger("tally.sinks.redis")
 
-# KEYS[i] gets revision ARGV[3i-2], state ARGV[3i-1], ttl ARGV[3i]: one round trip per chunk.
+# ARGV[1] = n: KEYS[i] (i <= n) gets revision ARGV[5i-3], state ARGV[5i-2], ttl ARGV[5i-1]; ARGV[5i] names
+# its subject's change counters KEYS[n + ARGV[5i]] (0: none), ARGV[5i+1] is 1 for a window that had ended.
+# Counters start at ARGV[2 + 5n] (the time in ms), so a key that expired and came back does not repeat a value.
 _SET_IF_NEWER = """
-for i, key in ipairs(KEYS) do
-  local revision = tonumber(ARGV[3 * i - 2])
-  local current = redis.call('HGET', key, 'revision')
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local a = 5 * i - 3
+  local revision = tonumber(ARGV[a])
+  local current = redis.call('HGET', KEYS[i], 'revision')
   if (not current) or tonumber(current) < revision then
-    redis.call('HSET', key, 'revision', revision, 'state', ARGV[3 * i - 1])
-    redis.call('EXPIRE', key, ARGV[3 * i])
+    redis.call('HSET', KEYS[i], 'revision', revision, 'state', ARGV[a + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[a + 2])
+    local change = tonumber(ARGV[a + 3])
+    if change > 0 then
+      local subject = KEYS[n + change]
+      if redis.call('EXISTS', subject) == 0 then
+        redis.call('HSET', subject, 'any', ARGV[2 + 5 * n], 'ended', ARGV[2 + 5 * n])
+      end
+      redis.call('HINCRBY', subject, 'any', 1)
+      if ARGV[a + 4] == '1' then
+        redis.call('HINCRBY', subject, 'ended', 1)
+      end
+      if redis.call('TTL', subject) < tonumber(ARGV[a + 2]) then
+        redis.call('EXPIRE', subject, ARGV[a + 2])
+      end
+    end
   end
 end
 return 0
@@ -36,6 +60,10 @@ _CHUNK = 1000
 
 def cache_key(prefix: str, counter_key: str) -> str:
     return f"{prefix}counter:{counter_key}"
+
+
+def subject_changes_key(prefix: str, tenant: str, subject: str) -> str:
+    return f"{prefix}changes:{orjson.dumps([tenant, subject]).decode()}"
 
 
 class RedisCounterCache:
@@ -60,17 +88,28 @@ class RedisCounterCache:
         now = datetime.now(timezone.utc)
         try:
             for i in range(0, len(states), _CHUNK):
-                keys: list[str] = []
-                args: list[int | bytes] = []
-                for s in states[i:i + _CHUNK]:
-                    keys.append(cache_key(self._prefix, s.key))
-                    args += [s.revision, s.to_bytes(), max(60, int((s.window_end - now).total_seconds())
-                                                           + self._ttl_after_window_s)]
+                keys, args = self._arguments(states[i:i + _CHUNK], now)
                 await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self.errors += 1
             self._skip_until = time.monotonic() + self._cooldown_s
             log.warning("redis cache skipped for %.0fs: %s", self._cooldown_s, exc)
+
+    def _arguments(self, states: Sequence[PublishedState], now: datetime) -> tuple[list[str], list[int | bytes]]:
+        keys: list[str] = []
+        args: list[int | bytes] = [len(states)]
+        subjects: dict[str, int] = {}
+        for s in states:
+            keys.append(cache_key(self._prefix, s.key))
+            change = 0
+            if s.subject is not None:
+                key = subject_changes_key(self._prefix, s.tenant, s.subject)
+                change = subjects.setdefault(key, len(subjects) + 1)
+            args += [s.revision, s.to_bytes(),
+                     max(60, int((s.window_end - now).total_seconds()) + self._ttl_after_window_s),
+                     change, int(s.window_end <= now)]
+        args.append(int(now.timestamp() * 1000))
+        return keys + list(subjects), args
 
     async def close(self) -> None:
         await self._client.aclose()

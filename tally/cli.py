@@ -53,8 +53,8 @@ def _products(settings: Settings) -> list:
 
     return [QueryProduct(settings.query_cursor_secret,
                          AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
-            UsageProduct(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s,
-                         settings.usage_link_secret, settings.usage_page_poll_s),
+            UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
+                         settings.redis_counter_ttl_s, settings.usage_link_secret, settings.usage_page_poll_s),
             AlertsProduct(_meters(settings), settings.query_cursor_secret)]
 
 

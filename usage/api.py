@@ -20,8 +20,10 @@ from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from usage import links
 from usage.alerts import message
+from usage.changes import SubjectChanges
 from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
+from usage.plan_changes import PlanChanges
 from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
 from usage.windows import WindowReader
 
@@ -54,8 +56,9 @@ def _invalid(exc: ValidationError | ValueError) -> Problem:
 class UsageProduct:
     """`ingest.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
-    def __init__(self, redis_url: str, redis_prefix: str, cache_ttl_s: int, link_secret: str = "",
-                 page_poll_s: float = 30.0) -> None:
+    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int,
+                 link_secret: str = "", page_poll_s: float = 30.0) -> None:
+        self._database_url = database_url
         self._redis_url = redis_url
         self._prefix = redis_prefix
         self._cache_ttl_s = cache_ttl_s
@@ -85,8 +88,9 @@ class UsageProduct:
     def service(self) -> UsageService:
         if self._service is None:
             client = redis.Redis.from_url(self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-            self._service = UsageService(self._edge.pool, WindowReader(self._edge.pool, client, self._prefix,
-                                                                       self._cache_ttl_s))
+            reader = WindowReader(self._edge.pool, client, self._prefix, self._cache_ttl_s)
+            self._service = UsageService(self._edge.pool, reader, changes=SubjectChanges(client, self._prefix),
+                                         plans=PlanChanges(self._database_url))
         return self._service
 
     async def put_plan(self, request: Request) -> Response:

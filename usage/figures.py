@@ -2,22 +2,30 @@
 
 Figures are decimal strings (exact, as counters are) and period bounds are given in the subscription's
 time zone. `as_of` is the newest commit time of any window behind the figure: how fresh it is.
+
+With a `SubjectChanges`, a period's figures are kept once computed and served again while the subject's
+change counters, the selection and the hour are the ones they were computed under, for at most `kept_s`
+(spread over its second half, so figures computed together are not recomputed together; docs/adr/0046).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
+from usage.changes import Seen, SubjectChanges
 from usage.periods import Anchor, Period, PeriodError, days, period_at, period_of_date, previous
+from usage.plan_changes import PlanChanges
 from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions, plan_for_period
-from usage.windows import HourWindow, WindowReader, Windows, combine
+from usage.windows import HourWindow, WindowReader, Windows, combine, hour_start
+
+_NEVER = datetime.max.replace(tzinfo=timezone.utc)
 
 
 class NotFound(LookupError):
@@ -69,29 +77,62 @@ class Selected:
     period: Period
     plan: Plan
     meters: list[PlanMeter]
+    figures_of: tuple = field(init=False)
+
+    def __post_init__(self) -> None:
+        """What a period's figures depend on besides the windows: a kept figure holds while this is equal."""
+        self.figures_of = (self.plan.id, self.anchor, self.period,
+                           tuple((m.meter, m.included, m.limit_mode) for m in self.meters))
+
+
+@dataclass(frozen=True)
+class _Selection:
+    until: float
+    epoch: tuple[int, int] | None
+    turns: datetime  # when `current` and `previous` name other periods
+    selected: Selected
+
+
+@dataclass(frozen=True)
+class _Kept:
+    until: float
+    under: tuple
+    figures: dict[str, Any]
 
 
 class UsageService:
-    """Usage figures; a selection (subscription, period, plan) is kept `select_ttl_s`, so a plan change
-    or a new period shows in reads within that time."""
+    """Usage figures. A selection (subscription, period, plan) is kept until its period turns and, with
+    `PlanChanges` listening, until the tenant's plans or subscriptions change (`kept_s` at most); without,
+    `select_ttl_s`, so a plan change shows in reads within that time."""
 
-    def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0,
+                 changes: SubjectChanges | None = None, kept_s: float = 60.0,
+                 plans: PlanChanges | None = None) -> None:
         self._pool = pool
         self._reader = reader
         self._select_ttl_s = select_ttl_s
-        self._selected: dict[tuple, tuple[float, Selected]] = {}
+        self._plans = plans
+        self._selected: dict[tuple, _Selection] = {}
+        self._changes = changes
+        self._kept_s = kept_s
+        self._kept: dict[tuple, _Kept] = {}
 
     async def select(self, tenant: str, subject: str, meter: str | None, spec: str,
                      now: datetime | None = None) -> Selected:
+        now = now or datetime.now(timezone.utc)
         key = (tenant, subject, meter, spec)
+        epoch = self._plans.epoch(tenant) if self._plans is not None else None
         hit = self._selected.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None and hit.until > time.monotonic() and hit.epoch == epoch and now < hit.turns:
+            return hit.selected
         selected = await self._select(tenant, subject, meter, spec, now)
         if len(self._selected) >= 100_000:
             self._selected.clear()
+        ttl_s = self._select_ttl_s if epoch is None else self._kept_s
+        turns = period_at(selected.anchor, now).end if spec in ("current", "previous") else _NEVER
         # Spread over half the TTL, so entries filled together do not expire (and hit the database) together.
-        self._selected[key] = (time.monotonic() + self._select_ttl_s * random.uniform(0.5, 1.0), selected)
+        self._selected[key] = _Selection(time.monotonic() + ttl_s * random.uniform(0.5, 1.0), epoch, turns,
+                                         selected)
         return selected
 
     async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,
@@ -112,14 +153,35 @@ class UsageService:
             raise NotFound(f"plan {plan.id} has no meter {meter!r}")
         return Selected(tenant, sub, anchor, period, plan, meters)
 
-    async def windows(self, s: Selected, buckets: list[tuple[datetime, datetime]] | None = None) -> Windows:
+    async def windows(self, s: Selected, buckets: list[tuple[datetime, datetime]] | None = None,
+                      seen: Seen | None = None) -> Windows:
         return await self._reader.read(s.tenant, s.subscription.subject, [m.meter for m in s.meters],
-                                       s.period.start, s.period.end, buckets=buckets)
+                                       s.period.start, s.period.end, buckets=buckets,
+                                       ended=seen[1] if seen else b"")
+
+    async def _seen(self, tenant: str, subject: str) -> Seen | None:
+        return await self._changes.seen(tenant, subject) if self._changes is not None else None
 
     async def usage(self, tenant: str, subject: str, meter: str | None = None, spec: str = "current",
                     now: datetime | None = None) -> dict[str, Any]:
+        """The period's figures per meter. Kept ones are shared between reads: callers do not change them."""
+        now = now or datetime.now(timezone.utc)
         s = await self.select(tenant, subject, meter, spec, now)
-        windows = await self.windows(s)
+        seen = await self._seen(tenant, subject)
+        key = (tenant, subject, meter, spec)
+        under = (s.figures_of, hour_start(now), seen)
+        kept = self._kept.get(key)
+        if seen is not None and kept is not None and kept.under == under and kept.until > time.monotonic():
+            return kept.figures
+        figures = await self._usage(s, seen)
+        if seen is not None:
+            if len(self._kept) >= 100_000:
+                self._kept.clear()
+            self._kept[key] = _Kept(time.monotonic() + self._kept_s * random.uniform(0.5, 1.0), under, figures)
+        return figures
+
+    async def _usage(self, s: Selected, seen: Seen | None) -> dict[str, Any]:
+        windows = await self.windows(s, seen=seen)
         head = _head(s)
         bounds = {"period_start": head["period_start"], "period_end": head["period_end"]}
         return {**head, "meters": [{**meter_figures(pm, list(windows[pm.meter].values())), **bounds}
@@ -130,7 +192,8 @@ class UsageService:
         """Per local day of the period: each meter's usage that day and the running total."""
         s = await self.select(tenant, subject, meter, spec, now)
         local_days = days(s.anchor, s.period)
-        windows = await self.windows(s, [(start, end) for _, start, end in local_days])
+        windows = await self.windows(s, [(start, end) for _, start, end in local_days],
+                                     await self._seen(tenant, subject))
         out = []
         for pm in s.meters:
             by_hour = windows[pm.meter]

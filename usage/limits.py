@@ -5,7 +5,9 @@ are the contract):
 
 - `{prefix}limits:tenants`: a set of the tenants with any hard-limited plan; the gateway checks no
   other tenant's events;
-- `{prefix}limits:{tenant}`: a hash, subject -> JSON list of blocks `[event type glob, meter, period end]`.
+- `{prefix}limits:{tenant}`: a hash, subject -> JSON list of blocks `[event type glob, meter, period end]`;
+- `{prefix}limits-digest`: the SHA-256 of the whole decision, so the gateway copies the blocks again
+  only when they changed (a thousand blocks cost it some 10 ms of its event loop to read).
 
 A refresh reads current-period usage the same way `GET /v1/usage` does, so the bound on events
 accepted past a limit is the processing delay plus the refresh and gateway intervals (docs/adr/0042).
@@ -13,6 +15,7 @@ accepted past a limit is the processing delay plus the refresh and gateway inter
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import datetime, timezone
 
@@ -28,6 +31,7 @@ from usage.windows import WindowReader, combine
 log = logging.getLogger("tally.usage.limits")
 
 TENANTS = "limits:tenants"
+DIGEST = "limits-digest"
 
 # Each subscription with its current plan's hard-limited meters.
 _HARD = """
@@ -92,6 +96,8 @@ async def publish(client: redis.Redis, prefix: str, decision: dict[str, dict[str
         if subjects:
             pipe.hset(key, mapping={s: orjson.dumps(b) for s, b in subjects.items()})
             pipe.expire(key, ttl_s)
+    pipe.set(prefix + DIGEST, hashlib.sha256(orjson.dumps(decision, option=orjson.OPT_SORT_KEYS)).hexdigest(),
+             ex=ttl_s)
     await pipe.execute()
 
 

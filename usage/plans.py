@@ -2,6 +2,7 @@
 
 A plan change is a new row in `subscription_plans`; the plan of a period is the newest one that took
 effect before the period ended, so an upgrade counts for the whole period it happens in (docs/adr/0040).
+Every change notifies readers that keep selections (`usage.plan_changes`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from usage.periods import Anchor, check_zone
+from usage.plan_changes import notify
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -89,6 +91,7 @@ async def save_plan(conn: asyncpg.Connection, tenant: str, plan: Plan) -> None:
             " stripe_event) values ($1, $2, $3, $4, $5, $6, $7, $8)",
             [(tenant, plan.id, m.meter, m.included, m.limit_mode, m.overage_price, m.thresholds, m.stripe_event)
              for m in plan.meters])
+        await notify(conn, tenant)
 
 
 def _plan(row: asyncpg.Record, meters: list[asyncpg.Record]) -> Plan:
@@ -127,6 +130,7 @@ async def subscribe(conn: asyncpg.Connection, tenant: str, sub: Subscription, at
                 "insert into subscription_plans (tenant, subject, plan_id, effective_at) values ($1, $2, $3,"
                 " case when $5 then '-infinity'::timestamptz else coalesce($4, now()) end)",
                 tenant, sub.subject, sub.plan_id, at, previous is None)
+        await notify(conn, tenant)
 
 
 def _subscription(row: asyncpg.Record) -> Subscription:

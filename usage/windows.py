@@ -73,7 +73,8 @@ class WindowReader:
 
     - *settled* windows (ended more than `settle_s`, the late-event horizon plus an hour, ago) change
       only by a reconciliation fix: they are read from PostgreSQL, folded per bucket (the period, or
-      each local day for history) and kept in memory for `settled_ttl_s`;
+      each local day for history) and kept in memory for `settled_ttl_s`, and only while the caller's
+      `ended` mark (the subject's count of changes to ended windows, `usage.changes`) is the same;
     - *recent* windows from Redis, or from PostgreSQL where the cache may have dropped them or Redis
       fails;
     - none beyond the next hour: the gateway refuses events further ahead, so no window exists there.
@@ -88,27 +89,29 @@ class WindowReader:
         self._settle = timedelta(seconds=settle_s)
         self._settled_ttl_s = settled_ttl_s
         self._settled_max = settled_max
-        self._settled: dict[tuple, tuple[float, Windows]] = {}
+        self._settled: dict[tuple, tuple[float, bytes, Windows]] = {}
         self._states: AsyncScript | None = None
         self._key_lists: dict[tuple, tuple[list[tuple[str, datetime]], list[str]]] = {}
         self.source = "postgres"  # where the last read's recent windows came from, for tests and logs
 
     async def read(self, tenant: str, subject: str, meters: list[str], start: datetime, end: datetime,
-                   now: datetime | None = None, buckets: list[tuple[datetime, datetime]] | None = None) -> Windows:
+                   now: datetime | None = None, buckets: list[tuple[datetime, datetime]] | None = None,
+                   ended: bytes = b"") -> Windows:
         """The period's windows per meter; settled ones come folded into one window per bucket."""
         now = now or datetime.now(timezone.utc)
-        upto = max(start, min(end, _hour(now) + timedelta(hours=2)))
-        settled_until = max(start, min(upto, _hour(now - self._settle)))
-        settled = await self._settled_part(tenant, subject, meters, start, settled_until, buckets or [(start, end)])
+        upto = max(start, min(end, hour_start(now) + timedelta(hours=2)))
+        settled_until = max(start, min(upto, hour_start(now - self._settle)))
+        settled = await self._settled_part(tenant, subject, meters, start, settled_until, buckets or [(start, end)],
+                                           ended)
         recent = await self._recent(tenant, subject, meters, settled_until, upto, now)
         return {m: {**settled[m], **recent[m]} for m in meters}
 
     async def _settled_part(self, tenant: str, subject: str, meters: list[str], start: datetime, until: datetime,
-                            buckets: list[tuple[datetime, datetime]]) -> Windows:
+                            buckets: list[tuple[datetime, datetime]], ended: bytes) -> Windows:
         key = (tenant, subject, tuple(meters), start, until, tuple(buckets))
         hit = self._settled.get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None and hit[0] > time.monotonic() and hit[1] == ended:
+            return hit[2]
         windows = await from_postgres(self._pool, tenant, subject, meters, start, until)
         folded: Windows = {m: {} for m in meters}
         for m in meters:
@@ -120,13 +123,13 @@ class WindowReader:
                                                max(w.updated_at for w in inside))
         if len(self._settled) >= self._settled_max:
             self._settled.clear()
-        self._settled[key] = (time.monotonic() + self._settled_ttl_s * random.uniform(0.5, 1.0), folded)
+        self._settled[key] = (time.monotonic() + self._settled_ttl_s * random.uniform(0.5, 1.0), ended, folded)
         return folded
 
     async def _recent(self, tenant: str, subject: str, meters: list[str], start: datetime, end: datetime,
                       now: datetime) -> Windows:
         # Hour windows ending before this instant may have left the cache already.
-        cached_from = max(start, min(end, _hour(now - self._cache_ttl + _MARGIN)))
+        cached_from = max(start, min(end, hour_start(now - self._cache_ttl + _MARGIN)))
         if self._client is None or cached_from >= end:
             self.source = "postgres"
             return await from_postgres(self._pool, tenant, subject, meters, start, end)
@@ -169,7 +172,7 @@ class WindowReader:
         return found
 
 
-def _hour(at: datetime) -> datetime:
+def hour_start(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 

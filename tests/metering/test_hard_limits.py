@@ -1,23 +1,26 @@
 """Hard limits at intake: at a stated rate the gateway starts refusing within the bound of ADR 0042, with
 its own problem type, the meter, the period end and Retry-After; a soft limit keeps accepting; an upgrade
 lets the subject through again; tenants without hard limits are never refused; the soft meter's overage
-(and the hard meter's overshoot) is reported to Stripe."""
+(and the hard meter's overshoot) is reported to Stripe. The gateway copies the blocks again only when the
+decision changed."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import asyncpg
+import redis.asyncio as redis
 
-from ingest.limits import PROBLEM_TYPE
+from ingest.limits import PROBLEM_TYPE, UsageLimits
 from tally.settings import Settings
 from tests.metering.helpers import metered, pipeline, run_tally, tenant_keys
 from tests.processor.helpers import drained, wait_for
 from tests.support import running
+from usage.limits import publish
 
 RATE = 20  # events per second
 INCLUDED = 40
@@ -96,3 +99,23 @@ async def test_hard_limit_refuses_within_the_bound_and_soft_keeps_accepting(isol
                 return (await writes.post("/v1/events", json=_event(subject))).status_code == 202
 
             await wait_for(let_through, 30, "the upgrade to lift the block")
+
+
+async def test_the_gateway_copies_the_blocks_again_only_when_the_decision_changed(settings: Settings) -> None:
+    prefix = f"{settings.redis_prefix}copy-{uuid.uuid4().hex[:6]}:"
+    client = redis.Redis.from_url(settings.redis_url)
+    until = (datetime.now(timezone.utc) + timedelta(days=3)).isoformat()
+    limits = UsageLimits(client, prefix, 60)
+    try:
+        await publish(client, prefix, {"t": {"a": [["api.*", "api_calls", until]]}}, 60)
+        await limits.load()
+        assert limits.refused("t", {"type": "api.call", "subject": "a"}, datetime.now(timezone.utc)) is not None
+        await client.hdel(f"{prefix}limits:t", "a")  # not a decision: the digest is unchanged, the copy kept
+        await limits.load()
+        assert limits.refused("t", {"type": "api.call", "subject": "a"}, datetime.now(timezone.utc)) is not None
+        await publish(client, prefix, {"t": {"b": [["api.*", "api_calls", until]]}}, 60)
+        await limits.load()
+        assert limits.refused("t", {"type": "api.call", "subject": "a"}, datetime.now(timezone.utc)) is None
+        assert limits.refused("t", {"type": "api.call", "subject": "b"}, datetime.now(timezone.utc)) is not None
+    finally:
+        await client.aclose()

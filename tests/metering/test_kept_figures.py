@@ -1,0 +1,156 @@
+"""Kept period figures (docs/adr/0046) stay equal to figures recomputed from every window: after a change to
+a recent hour, after a late event changes a settled hour, and across a plan change mid-period, which the
+kept selection learns of by notification alone; without the counters, nothing is kept. Windows are committed
+to PostgreSQL and written to Redis by the processor's own cache writer, as the pipeline does."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as redis
+
+from schemas.counters import CounterKey, encode_state
+from sinks.redis_cache import RedisCounterCache
+from tally.settings import Settings
+from usage.changes import SubjectChanges
+from usage.figures import UsageService
+from usage.plan_changes import PlanChanges
+from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from usage.windows import WindowReader, hour_start
+
+POLL_S = 0.05
+SETTLE_S = 3 * 3600  # hours that ended more than two hours ago are settled, so late events can reach them
+
+_UPSERT = """
+insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end, subject, value,
+                           count, latest_time)
+values ($1, $2, 'tokens', 'SUM', 'hour', $3, $4, $5, $6, 1, $3)
+on conflict (key) do update set value = c.value + excluded.value, count = c.count + 1, revision = c.revision + 1,
+    updated_at = now()
+returning key, tenant, meter, aggregation, window_name, window_start, window_end, subject, value, count, revision,
+    updated_at
+"""
+
+
+class Committer:
+    """Adds to an hour window the way the processor does: committed in PostgreSQL, then cached."""
+
+    def __init__(self, db: asyncpg.Connection, settings: Settings, tenant: str, subject: str) -> None:
+        self._db = db
+        self._cache = RedisCounterCache(settings.redis_url, settings.redis_prefix, settings.redis_counter_ttl_s)
+        self._tenant = tenant
+        self._subject = subject
+
+    async def add(self, start: datetime, value: Decimal) -> None:
+        key = CounterKey(self._tenant, "tokens", "hour", start, self._subject, ()).to_text()
+        r = await self._db.fetchrow(_UPSERT, key, self._tenant, start, start + timedelta(hours=1), self._subject,
+                                    value)
+        await self._cache.write([encode_state(r["key"], r["tenant"], r["meter"], r["aggregation"], r["window_name"],
+                                              r["window_start"], r["window_end"], r["subject"], {}, str(r["value"]),
+                                              r["count"], r["revision"], r["updated_at"])])
+        await self._cache.flush()
+        assert self._cache.errors == 0
+
+    async def close(self) -> None:
+        await self._cache.close()
+
+
+async def _changed(plans: PlanChanges, tenant: str, listened: object) -> None:
+    while plans.epoch(tenant) == listened:
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> Any:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+async def test_kept_figures_equal_recomputed_ones(settings: Settings, db: asyncpg.Connection,
+                                                  pool: asyncpg.Pool) -> None:
+    tenant, subject = f"kept-{uuid.uuid4().hex[:8]}", "acme"
+    await save_plan(db, tenant, Plan(id="small", meters=[PlanMeter(meter="tokens", included=100)]))
+    await save_plan(db, tenant, Plan(id="large", meters=[PlanMeter(meter="tokens", included=1000, limit_mode="hard")]))
+    # The period began at least five days ago, so it holds settled and recent hours.
+    anchor_day = (date.today() - timedelta(days=5)).day
+    await subscribe(db, tenant, Subscription(subject=subject, plan_id="small", anchor_day=anchor_day,
+                                             start_date=date.today() - timedelta(days=60)))
+    client = redis.Redis.from_url(settings.redis_url)
+    committer = Committer(db, settings, tenant, subject)
+    now = hour_start(datetime.now(timezone.utc))
+    plans = PlanChanges(settings.database_url)
+    kept = UsageService(pool, WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s,
+                                           settle_s=SETTLE_S), select_ttl_s=3600, kept_s=3600,
+                        changes=SubjectChanges(client, settings.redis_prefix, poll_s=POLL_S), plans=plans)
+
+    async def recomputed(spec: str = "current") -> dict[str, Any]:
+        reader = WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s, settle_s=10**9)
+        return await UsageService(pool, reader).usage(tenant, subject, spec=spec)
+
+    async def equal_after_a_poll() -> dict[str, Any]:
+        await asyncio.sleep(POLL_S * 2)
+        figures = await kept.usage(tenant, subject)
+        assert figures == await recomputed()
+        assert await kept.usage(tenant, subject) is figures  # kept, not recomputed
+        fresh = UsageService(pool, WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s,
+                                                settle_s=10**9))
+        assert await kept.history(tenant, subject) == await fresh.history(tenant, subject)
+        return figures
+
+    try:
+        for h in range(1, 24 * 4, 5):
+            await committer.add(now - timedelta(hours=h), Decimal(h) / 4)
+        before = await equal_after_a_poll()
+        assert await kept.usage(tenant, subject, spec="previous") == await recomputed("previous")
+
+        await committer.add(now, Decimal("2.5"))  # the current hour
+        recent = await equal_after_a_poll()
+        assert Decimal(recent["meters"][0]["used"]) == Decimal(before["meters"][0]["used"]) + Decimal("2.5")
+
+        await committer.add(now - timedelta(hours=11), Decimal("0.75"))  # a late event in a settled hour
+        late = await equal_after_a_poll()
+        assert Decimal(late["meters"][0]["used"]) == Decimal(recent["meters"][0]["used"]) + Decimal("0.75")
+
+        while plans.epoch(tenant) is None:  # listening since the first read
+            await asyncio.sleep(0.05)
+        await kept.usage(tenant, subject)  # the selection kept under the listened epoch
+        listened = plans.epoch(tenant)
+        await subscribe(db, tenant, Subscription(subject=subject, plan_id="large", anchor_day=anchor_day,
+                                                 start_date=date.today() - timedelta(days=60)))
+        await asyncio.wait_for(_changed(plans, tenant, listened), 10)
+        upgraded = await equal_after_a_poll()
+        assert upgraded["plan"] == "large"
+        assert upgraded["meters"][0]["included"] == "1000"
+        assert upgraded["meters"][0]["limit_mode"] == "hard"
+        assert upgraded["meters"][0]["used"] == late["meters"][0]["used"]
+    finally:
+        await committer.close()
+        await client.aclose()
+
+
+async def test_without_the_change_counters_nothing_is_kept(settings: Settings, db: asyncpg.Connection,
+                                                          pool: asyncpg.Pool) -> None:
+    tenant, subject = f"unkept-{uuid.uuid4().hex[:8]}", "acme"
+    await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter="tokens", included=10)]))
+    await subscribe(db, tenant, Subscription(subject=subject, plan_id="p", start_date=date.today() - timedelta(days=9)))
+    client, down = redis.Redis.from_url(settings.redis_url), redis.Redis(port=1)
+    committer = Committer(db, settings, tenant, subject)
+    reader = WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s)
+    blind = UsageService(pool, reader, changes=SubjectChanges(down, settings.redis_prefix))
+    try:
+        await committer.add(hour_start(datetime.now(timezone.utc)), Decimal(3))
+        first = await blind.usage(tenant, subject)
+        await committer.add(hour_start(datetime.now(timezone.utc)), Decimal(4))
+        second = await blind.usage(tenant, subject)
+        assert (first["meters"][0]["used"], second["meters"][0]["used"]) == ("3", "7")
+    finally:
+        await committer.close()
+        await client.aclose()
+        await down.aclose()
