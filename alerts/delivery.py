@@ -25,16 +25,13 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-from prometheus_client import Counter as Metric
 from standardwebhooks import Webhook
 
-from alerts import slack
+from alerts import metrics, slack
 from alerts.transitions import transition
 
 log = logging.getLogger("tally.alerts.delivery")
 
-DELIVERIES = Metric("tally_alerts_deliveries", "alert delivery attempts, by target kind and outcome "
-                                               "(sent, retried, failed)", ["kind", "outcome"])
 OUTCOMES = ("sent", "retried", "failed")
 _ERROR_MAX = 500
 
@@ -168,7 +165,7 @@ class Deliverer:
                     return
                 result = await self._record(conn, row, await self._attempt(row), now)
             outcome[result] += 1
-            DELIVERIES.labels(row["target_kind"], result).inc()
+            metrics.DELIVERIES.labels(row["target_kind"], result).inc()
 
     async def _attempt(self, row: asyncpg.Record) -> Attempt:
         try:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of `tally alerts`, served on TALLY_ALERTS_METRICS_PORT (deliveries: alerts/delivery.py)."""
+"""Prometheus metrics of `tally alerts`, served on TALLY_ALERTS_METRICS_PORT."""
 
 from __future__ import annotations
 
@@ -12,3 +12,5 @@ STATES_READ = Counter("tally_alerts_counter_states", "Counter-topic messages rea
 WINDOWS = Gauge("tally_alerts_windows", "Minute counter windows held for the rules")
 RULES = Gauge("tally_alerts_rules", "Rules being evaluated")
 LEADER = Gauge("tally_alerts_leader", "1 while this process is the active evaluator, 0 while standing by")
+DELIVERIES = Counter("tally_alerts_deliveries", "Alert delivery attempts, by target kind and outcome (sent, retried, "
+                     "failed)", ["kind", "outcome"])
