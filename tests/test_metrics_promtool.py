@@ -1,4 +1,4 @@
-"""Both /metrics endpoints, the gateway's and the processor's, pass `promtool check metrics`.
+"""The /metrics endpoints, the gateway's, the processor's and the alert evaluator's, pass `promtool check metrics`.
 
 promtool comes from deploy/local/promtool.sh (built from its Go module into .local/bin); the test
 builds it when it is missing and skips, saying why, only when it cannot be built."""
@@ -60,13 +60,17 @@ async def test_the_gateway_metrics_pass_promtool(promtool: Path, isolated: Setti
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_the_processor_metrics_pass_promtool(promtool: Path, isolated: Settings) -> None:
+@pytest.mark.parametrize(("command", "port_setting", "expected"), [
+    ("process", "processor_metrics_port", "tally_processor_consumed_total"),
+    ("alerts", "alerts_metrics_port", "tally_alerts_evaluation_seconds"),
+])
+def test_the_processor_and_alerts_metrics_pass_promtool(promtool: Path, isolated: Settings, command: str,
+                                                        port_setting: str, expected: str) -> None:
     port = free_port()
-    settings = isolated.model_copy(update={"processor_metrics_port": port})
+    settings = isolated.model_copy(update={port_setting: port})
     url = f"http://127.0.0.1:{port}/metrics"
-    with running("processor-metrics", ["process"], settings):
-        wait_until(lambda: _scrape(url) is not None, 30, 0.2, "the processor's /metrics")
+    with running(f"{command}-metrics", [command], settings):
+        wait_until(lambda: expected in (_scrape(url) or ""), 30, 0.2, f"the {command} /metrics")
         exposition = _scrape(url) or ""
-    assert "tally_processor_consumed_total" in exposition
     check = _check(promtool, exposition)
     assert check.returncode == 0, check.stdout + check.stderr
