@@ -17,14 +17,16 @@ from schemas.envelope import LOG_EVENT_TYPE, encode, message_key
 from tally.settings import ROOT
 
 # The migrations that added indexes for reading logs (docs/adr/0035); without them is the intake before them.
-READ_MIGRATIONS = ("0035_log_reads.sql",)
-_INDEX = re.compile(r"create index (\w+) on events\b", re.I)
+READ_MIGRATIONS = ("0035_log_reads.sql", "0036_log_service_keyset.sql")
+_INDEX = re.compile(r"(create|drop) index (\w+)", re.I)
 
 
 def read_indexes() -> list[str]:
+    """The indexes those migrations leave in place (a later one may replace an earlier one's)."""
     names: list[str] = []
     for name in READ_MIGRATIONS:
-        names += _INDEX.findall((ROOT / "deploy" / "migrations" / name).read_text())
+        for verb, index in _INDEX.findall((ROOT / "deploy" / "migrations" / name).read_text()):
+            names = [*names, index] if verb.lower() == "create" else [n for n in names if n != index]
     return names
 
 
@@ -43,8 +45,8 @@ async def drop_read_indexes(url: str) -> list[str]:
     """Drop the read indexes; returns their definitions, to build them again with."""
     conn = await asyncpg.connect(url)
     try:
-        rows = await conn.fetch("select indexname, indexdef from pg_indexes where tablename = 'events'"
-                                " and indexname = any($1::text[])", read_indexes())
+        rows = await conn.fetch("select indexname, replace(indexdef, ' ON ONLY ', ' ON ') as indexdef from pg_indexes"
+                                " where tablename = 'events' and indexname = any($1::text[])", read_indexes())
         for row in rows:
             await conn.execute(f'drop index "{row["indexname"]}"')
     finally:

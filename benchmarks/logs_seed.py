@@ -40,17 +40,18 @@ select $16, 'logs/' || svc, id, 'tally.log', svc, t, received_at,
        received_at + make_interval(secs => 0.02 + (n % 200) / 1000.0), data, abs(hashtext($16 || '/' || svc)) % 4, n
 from ({log_records.ROWS}) as made
 """
-# The processor's claim of each key; the digest has the sink's shape (16 bytes of the content), from sha256
+# The processor's claim of each key; the digest has the sink's shape (16 bytes of the content), from md5
 # because PostgreSQL has no blake2b. Inserted in key order, so the primary key grows at its right edge.
 _KEYS = """
 insert into event_keys (tenant, source, id, first_seen, digest, kafka_partition, kafka_offset)
 select tenant, source, id, persisted_at,
-       substr(sha256(convert_to(concat_ws('|', type, subject, time, data::text), 'UTF8')), 1, 16),
+       decode(md5(concat_ws('|', type, subject, time, data::text)), 'hex'),
        kafka_partition, kafka_offset
 from events where tenant = $1 order by tenant, source, id
 """
 # The logs meter (schemas.meters.LOGS_METER): COUNT per tenant, service and level, minute and hour windows,
-# keyed by CounterKey.to_text(); the session runs in UTC, so date_trunc gives the UTC windows.
+# keyed by CounterKey.to_text(); the session runs in UTC, so date_trunc gives the UTC windows. Inserted in
+# time order, as the processor creates windows while time passes, so one hour's windows share pages.
 _WINDOWS = """
 insert into counters (key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp, value,
                       count, latest_time, total)
@@ -60,6 +61,7 @@ select format('[%s,"logs",%s,%s,%s,{{"level":%s}}]', to_json(tenant)::text, to_j
        tenant, 'logs', 'COUNT', $1, start, start + $2::interval, subject, jsonb_build_object('level', level),
        n, n, latest, n
 from ({source}) as w
+order by start, subject, level
 """
 _MINUTES = _WINDOWS.format(source="""
     select tenant, subject, data->>'level' as level, date_trunc('minute', time) as start, count(*) as n,
@@ -135,7 +137,8 @@ async def seed(base: Settings, rows: int) -> Seeded:
         await conn.execute("set timezone = 'UTC'; set maintenance_work_mem = '512MB'; set work_mem = '256MB'")
         await conn.execute("select tally_ensure_event_partition(m::date) from generate_series("
                            "date_trunc('month', $1::timestamptz), $2::timestamptz, '1 month') as m", since, until)
-        indexes = await conn.fetch("select indexname, indexdef from pg_indexes where tablename = 'events'")
+        indexes = await conn.fetch("select indexname, replace(indexdef, ' ON ONLY ', ' ON ') as indexdef"
+                                   " from pg_indexes where tablename = 'events'")
         for index in indexes:
             await conn.execute(f'drop index "{index["indexname"]}"')
         say(f"seeding {DATABASE}: {rows:,} log records over {SPAN.days} days, {len(indexes)} indexes rebuilt after")
@@ -165,6 +168,8 @@ async def seed(base: Settings, rows: int) -> Seeded:
 
 
 async def step(conn: asyncpg.Connection, what: str, sql: str, *args: object) -> None:
+    """One statement of a minute or more, said when it starts and when it is done."""
+    say(f"  {what} ...")
     began = time.monotonic()
     status = await conn.execute(sql, *args)
     say(f"  {what}: {status.lower()} in {time.monotonic() - began:.0f} s")
@@ -178,6 +183,9 @@ async def check(conn: asyncpg.Connection, rows: int) -> None:
         "select sum(count) from counters where window_name = 'hour'")]
     if counts != [rows] * 4:
         raise RuntimeError(f"the seed is not whole: events, keys, minute and hour counts are {counts}, not {rows}")
+    invalid = await conn.fetchval("select count(*) from pg_index where not indisvalid")
+    if invalid:
+        raise RuntimeError(f"{invalid} indexes are not valid")
     row = await conn.fetchrow("select * from counters limit 1")
     key = CounterKey(row["tenant"], row["meter"], row["window_name"], row["window_start"], row["subject"],
                      (("level", orjson.loads(row["grp"])["level"]),))
