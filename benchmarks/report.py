@@ -183,8 +183,10 @@ def processor(r: dict[str, Any]) -> list[str]:
 
 READS = (("log_search", "`GET /v1/logs`: a service, a level and above, one hour"),
          ("log_words", "`GET /v1/logs?q=`: words of the message, 24 hours"),
-         ("log_stats_warm", "`GET /v1/logs/stats`, cache warm: the same hour every time"),
-         ("log_stats_cold", "`GET /v1/logs/stats`, cache missed: a distinct hour every time"))
+         ("log_stats_level_warm", "`GET /v1/logs/stats?by=level`, cache warm: the same hour every time"),
+         ("log_stats_level_cold", "`GET /v1/logs/stats?by=level`, cache missed: a distinct hour every time"),
+         ("log_stats_warm", "`GET /v1/logs/stats` (by service and level), cache warm"),
+         ("log_stats_cold", "`GET /v1/logs/stats` (by service and level), cache missed"))
 
 
 def logs(r: dict[str, Any]) -> list[str]:
@@ -216,7 +218,7 @@ def logs(r: dict[str, Any]) -> list[str]:
         loaded = section["loaded"]
         lines += ["", f"Log intake: {loaded['messages']:,} log records ({loaded['distinct']:,} distinct, 10% "
                       "duplicates) published as the gateway publishes them, drained by one processor into the run's "
-                      "own (empty) database, with migration 0035's read indexes ("
+                      "own (empty) database, with the read indexes of migrations 0035 and 0036 ("
                       + ", ".join(f"`{name}`" for name in section.get("read_indexes", [])) + ") and with them "
                       "dropped, alternating; rates from committed offsets as in the processor table.", "",
                   "| drain | read indexes | events/s once running | with start-up | CPU µs per event | exact counts |",

@@ -6,8 +6,8 @@
 // Log reads (KEY with logs:read) over seeded records from SINCE to UNTIL (epoch ms):
 //   log_search  GET /v1/logs, one of SERVICES (comma-separated), a level and up, one hour
 //   log_words   GET /v1/logs?q= one of SEARCHES ('|'-separated; 'word-{n}:B' takes n below B), 24 hours
-//   log_stats   GET /v1/logs/stats per minute by service and level, one hour: CACHE=warm asks for the
-//               same hour every time, CACHE=cold for a hour starting at a random millisecond (a miss)
+//   log_stats   GET /v1/logs/stats per minute by BY (service,level unless given), one hour: CACHE=warm
+//               asks for the same hour every time, CACHE=cold for an hour from a random millisecond (a miss)
 // Every event id is unique per run, except the deliberate re-sends of the retry scenario.
 import http from 'k6/http';
 import crypto from 'k6/crypto';
@@ -189,7 +189,7 @@ const scenarios = {
   log_stats: () => {
     const hour = E.CACHE === 'warm'
       ? `start=${new Date(UNTIL - HOUR).toISOString()}&end=${new Date(UNTIL).toISOString()}` : range(1);
-    const res = read(`/v1/logs/stats?${hour}`, '/v1/logs/stats');
+    const res = read(`/v1/logs/stats?by=${E.BY || 'service,level'}&${hour}`, '/v1/logs/stats');
     (res.headers['X-Tally-Cache'] === 'hit' ? cacheHits : cacheMisses).add(1);
   },
   // A share of requests re-sent once or twice with the same ids, as producers do after a timeout.
