@@ -31,7 +31,7 @@ TENANT = "bench"
 ROWS = 10_000_000
 SPAN = timedelta(days=7)
 CHUNK = 500_000
-VERSION = 1  # bumped when the generator changes: a seed of another version is made again
+VERSION = 2  # bumped when the generator changes: a seed of another version is made again
 
 _COLUMNS = "tenant, source, id, type, subject, time, received_at, persisted_at, data, kafka_partition, kafka_offset"
 _INSERT = f"""
