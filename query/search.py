@@ -19,7 +19,7 @@ from schemas.envelope import LOG_EVENT_TYPE
 
 _COLUMNS = "source, id, type, subject, time, received_at, data::text as data"
 _WORDS = "to_tsvector('simple', data->>'message') @@ plainto_tsquery('simple', {0})"
-# A word search reads this many of the newest rows in range first, twice as many at each step after;
+# A word search reads this many rows of the range in page order first, twice as many at each step after;
 # once fewer than one row in RARE matches, the rest of the range is searched through the full-text index.
 FIRST_SCAN = 5000
 RARE = 600
@@ -99,17 +99,18 @@ async def _rows(conn: asyncpg.Connection, where: Where, query: Page, after: Posi
 
 async def _with_words(conn: asyncpg.Connection, where: Where, query: Page,
                       after: Position | None) -> list[asyncpg.Record]:
-    """Rows whose message has the words, read in page order from the newest, in growing steps, while they
-    match often enough; below one in RARE, the rest through the full-text index, whose cost grows with the
-    matches it holds (rare words are few there), not with the rows read."""
-    wanted, found, scan, order = query.limit + 1, [], FIRST_SCAN, _order(query)
+    """Rows whose message has the words, read in page order (newest first by default) in growing steps while
+    they match often enough; below one in RARE, the rest through the full-text index, whose cost grows with
+    the matches it holds (rare words are few there), not with the rows read."""
+    wanted, scan, order = query.limit + 1, FIRST_SCAN, _order(query)
+    found: list[asyncpg.Record] = []
     while True:
         step = _from(where, query, after)
         # The step's matching rows, and its last row (`edge`) to go on from; no edge: the range ends here.
         rows = await conn.fetch(
             f"select * from (select {_COLUMNS}, {_WORDS.format(f'${len(step.args) + 1}')} as matched,"
             f" row_number() over (order by {order}) = {scan} as edge"
-            f" from (select * from events where {step.sql()} order by {order} limit {scan}) as newest) as scanned"
+            f" from (select * from events where {step.sql()} order by {order} limit {scan}) as next_rows) as scanned"
             f" where matched or edge order by {order}", *step.args, where.words)
         matched = [row for row in rows if row["matched"]]
         found += matched[:wanted - len(found)]
