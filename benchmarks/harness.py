@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks import kafka_bench, loadgen, pg_bench, stack, usage_bench
+from benchmarks import kafka_bench, loadgen, log_records, logs_bench, logs_seed, pg_bench, stack, usage_bench
 from benchmarks.cpu import CpuMeter, listener_pid
 from benchmarks.machine import describe
 from benchmarks.spread import combine
@@ -31,6 +32,15 @@ PY_SPY = ROOT / "benchmarks" / ".venv" / "bin" / "py-spy"
 UNLIMITED = {f"TALLY_GATEWAY_{name}": "1000000000" for name in
              ("RATE_LIMIT_PER_S", "RATE_LIMIT_BURST", "WEBHOOK_RATE_LIMIT_PER_S", "WEBHOOK_RATE_LIMIT_BURST")}
 WEBHOOK_SECRET = "whsec_bench"
+# Parts run without --only: logs needs a 10-million-record database seeded first, so it is asked for by name.
+DEFAULT_PARTS = ("gateway", "usage", "processor", "e2e")
+# Log reads: (name, k6 scenario, requests/s, p99 aim in ms, extra k6 variables). Stats by level is a dashboard's
+# panel (6 series); by service and level, the default, answers 300 series of 60 minutes (~470 KiB).
+READS = (("log_search", "log_search", 50, 50, {}), ("log_words", "log_words", 10, 500, {}),
+         ("log_stats_level_warm", "log_stats", 100, 20, {"CACHE": "warm", "BY": "level"}),
+         ("log_stats_level_cold", "log_stats", 50, 20, {"CACHE": "cold", "BY": "level"}),
+         ("log_stats_warm", "log_stats", 20, 20, {"CACHE": "warm"}),
+         ("log_stats_cold", "log_stats", 10, 20, {"CACHE": "cold"}))
 
 
 class Progress:
@@ -64,7 +74,7 @@ class Harness:
         self.index = index  # which of the --repeat runs this is, from 1
         self.progress = Progress(args.budget)
         self.results: dict[str, Any] = {"run": bench.run, "gateway": {}, "usage": {}, "processor": {}, "e2e": {},
-                                        "notes": []}
+                                        "logs": {}, "notes": []}
         broker = listener_pid(int(bench.settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1]))
         self.broker = [broker] if broker else []
         if not broker:
@@ -319,6 +329,63 @@ class Harness:
                           + ", ".join(f"{k} {v:,.0f}" for k, v in cpu.items() if v is not None))
         return result
 
+    # -- logs --------------------------------------------------------------------------------------
+
+    async def logs(self) -> None:
+        """Reads of the seeded 10 million log records at constant arrival rates, then the intake drain of
+        log records with the read indexes and without them, alternating (with, without, without, with)."""
+        section = self.results["logs"]
+        seeded = await logs_seed.found(self.bench.base)
+        if seeded is None:
+            self.note(f"no finished seed in {logs_seed.DATABASE}: run python -m benchmarks.logs_seed first")
+            return
+        section["seed"] = {"rows": seeded.rows, "since": seeded.since, "until": seeded.until, "seconds": seeded.seconds}
+        self.note(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores as the log reads began "
+                  "(other work on the machine included)")
+        settings = self.bench.scoped("logs", database_url=seeded.url)
+        self.bench.topics(settings)
+        gateway = self.bench.gateway(settings, **UNLIMITED)
+        url = f"http://127.0.0.1:{gateway.port}"
+        key = await logs_bench.reader_key(seeded.url)
+        window = {"SINCE": int(seeded.since.timestamp() * 1000), "UNTIL": int(seeded.until.timestamp() * 1000),
+                  "SERVICES": ",".join(log_records.SERVICES), "SEARCHES": "|".join(log_records.SEARCHES)}
+        for name, scenario, rate, p99_ms, extra in READS:
+            if self.progress.allows(f"k6 {name} at a constant {rate} req/s", self.args.seconds + 5):
+                with self.profiled(name, gateway):
+                    load = self.k6(name, url, key=key, SCENARIO=scenario, MODE="rate", RATE=rate, P95_MS=p99_ms,
+                                   P99_MS=p99_ms, VUS=32, MAX_VUS=128, **window, **extra)
+                self.record("logs", name, load)
+                section[name].update(rate=rate, p99_aim_ms=p99_ms,
+                                     cache=loadgen.counts(OUT / f"k6-{name}.json", "cache_hits", "cache_misses"))
+        self.bench.stop(gateway)
+        await self.intake()
+
+    async def intake(self) -> None:
+        count = self.args.events
+        settings = self.bench.scoped("logintake")
+        self.bench.topics(settings)
+        if not self.progress.allows(f"loading {count:,} log records (10% duplicates) as the gateway publishes them", 60):
+            return
+        rows = await logs_bench.records(settings.database_url, count)
+        loaded = logs_bench.load_records(settings.kafka_bootstrap, settings.topics.events, self.bench.run, rows, 0.1)
+        section = self.results["logs"]
+        section["loaded"] = {"messages": loaded.messages, "distinct": loaded.distinct}
+        definitions: list[str] = []
+        for round_, indexes in enumerate(("with", "without", "without", "with"), 1):
+            if not self.progress.allows(f"processor: drain {loaded.messages:,} log records, {indexes} the read indexes",
+                                        90):
+                break
+            await pg_bench.clear(settings.database_url)
+            if indexes == "without" and not definitions:
+                definitions = await logs_bench.drop_read_indexes(settings.database_url)
+            if indexes == "with" and definitions:
+                await logs_bench.create_indexes(settings.database_url, definitions)
+            group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-{round_}"})
+            section[f"intake_{indexes}_{round_}"] = await self.drain(
+                f"logs_{indexes}_{round_}", group, loaded, lambda: [self.bench.processor(group, "log-processor")],
+                pg_bench.verify)
+        section["read_indexes"] = logs_bench.read_indexes()
+
     # -- end to end --------------------------------------------------------------------------------
 
     async def end_to_end(self) -> None:
@@ -452,8 +519,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run's database and topics")
     parser.add_argument("--profile", action="store_true",
                         help="sample the gateway (single events) and the processor (drain) with py-spy")
-    parser.add_argument("--only", action="append", choices=["gateway", "usage", "processor", "e2e"],
-                        help="run only these parts (repeatable); default all")
+    parser.add_argument("--only", action="append", choices=["gateway", "usage", "processor", "e2e", "logs"],
+                        help="run only these parts (repeatable); default all but logs, which needs its seeded "
+                             "database (run.sh makes it first)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="whole runs, one after another, each on a fresh slice; figures are their median and range")
     args = parser.parse_args(argv)
@@ -479,9 +547,9 @@ async def one_run(args: argparse.Namespace, n: int) -> dict[str, Any]:
     try:
         await bench.setup()
         parts = {"gateway": harness.gateway, "usage": harness.usage, "processor": harness.processor,
-                 "e2e": harness.end_to_end}
+                 "e2e": harness.end_to_end, "logs": harness.logs}
         for name, part in parts.items():
-            if not args.only or name in args.only:
+            if name in (args.only or DEFAULT_PARTS):
                 await part()
     finally:
         harness.results["skipped"] = harness.progress.skipped

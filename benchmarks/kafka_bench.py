@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -42,8 +43,13 @@ def envelope(n: int, run: str, received_at: datetime) -> tuple[bytes, bytes]:
     return f"{TENANT}/{subject}".encode(), orjson.dumps(value)
 
 
-def load(bootstrap: str, topic: str, run: str, count: int, duplicate_share: float) -> Loaded:
-    """Produce `count` messages of which a share repeat an earlier id: a bare confluent-kafka loop."""
+Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
+
+
+def load(bootstrap: str, topic: str, run: str, count: int, duplicate_share: float,
+         message: Callable[[int], Message] | None = None) -> Loaded:
+    """Produce `count` messages of which a share repeat an earlier id: a bare confluent-kafka loop.
+    `message(n)` makes the nth distinct one; by default envelope()'s api.request events."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                          "compression.type": "lz4", "linger.ms": 20, "batch.num.messages": 10000,
                          "queue.buffering.max.messages": 500000})
@@ -51,6 +57,7 @@ def load(bootstrap: str, topic: str, run: str, count: int, duplicate_share: floa
     now = datetime.now(timezone.utc)
     headers = [("tenant", TENANT.encode()), ("content-type", b"application/cloudevents+json"),
                ("schema-version", b"1")]
+    make = message or (lambda n: (*envelope(n, run, now), headers))
     distinct = 0
     start = time.perf_counter()
     for _ in range(count):
@@ -58,10 +65,10 @@ def load(bootstrap: str, topic: str, run: str, count: int, duplicate_share: floa
             n = rng.randrange(distinct)
         else:
             n, distinct = distinct, distinct + 1
-        key, value = envelope(n, run, now)
+        key, value, extra = make(n)
         while True:
             try:
-                producer.produce(topic, value, key, headers=headers)
+                producer.produce(topic, value, key, headers=extra)
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -65,8 +65,13 @@ def k6(target: str, summary: Path, csv: Path | None = None, **env: str | int | f
     metrics = data["metrics"]
     duration = metrics["http_req_duration"]["values"]
     seconds = data["state"]["testRunDurationMs"] / 1000
-    accepted = int(metrics.get("events_accepted", {}).get("values", {}).get("count", 0))
-    distinct = int(metrics.get("events_accepted_distinct", {}).get("values", {}).get("count", 0))
+    accepted, distinct = counts(summary, "events_accepted", "events_accepted_distinct").values()
     return Load("k6", target, int(metrics["http_reqs"]["values"]["count"]), metrics["http_reqs"]["values"]["rate"],
                 accepted / seconds, duration["med"], duration["p(95)"], duration["p(99)"],
                 metrics["http_req_failed"]["values"]["rate"], proc.returncode == 0, accepted, distinct)
+
+
+def counts(summary: Path, *names: str) -> dict[str, int]:
+    """Counters of a k6 summary by name, 0 for one never added to."""
+    metrics = json.loads(summary.read_text())["metrics"]
+    return {name: int(metrics.get(name, {}).get("values", {}).get("count", 0)) for name in names}

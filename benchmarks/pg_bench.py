@@ -25,8 +25,10 @@ async def clear(url: str) -> None:
         names = sorted(await tables(conn) - set(_KEEP))
         partitions = {r["c"] for r in await conn.fetch("select inhrelid::regclass::text as c from pg_inherits")}
         names = [n for n in names if n not in partitions]
-        for name in names:  # one at a time: the server's lock table is shared with everything else on it
-            await conn.execute(f"truncate {name}")
+        # One at a time: the server's lock table is shared with everything else on it. Cascade: tables that
+        # refer to another (a plan's meters to its plan) are emptied with it.
+        for name in names:
+            await conn.execute(f"truncate {name} cascade")
     finally:
         await conn.close()
 

@@ -187,6 +187,61 @@ def processor(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+READS = (("log_search", "`GET /v1/logs`: a service, a level and above, one hour"),
+         ("log_words", "`GET /v1/logs?q=`: words of the message, 24 hours"),
+         ("log_stats_level_warm", "`GET /v1/logs/stats?by=level`, cache warm: the same hour every time"),
+         ("log_stats_level_cold", "`GET /v1/logs/stats?by=level`, cache missed: a distinct hour every time"),
+         ("log_stats_warm", "`GET /v1/logs/stats` (by service and level), cache warm"),
+         ("log_stats_cold", "`GET /v1/logs/stats` (by service and level), cache missed"))
+
+
+def logs(r: dict[str, Any]) -> list[str]:
+    section = r.get("logs") or {}
+    if "seed" not in section:
+        return ["Not measured in this run."]
+    seed, sp = section["seed"], r["spread"].get("logs") or {}
+    lines = [f"{seed['rows']:,} log records of 50 services over the 7 days to {str(seed['until'])[:16]} UTC, in a "
+             f"database made once by `benchmarks/logs_seed.py` (in {seed['seconds'] / 60:.0f} minutes) and reused: "
+             "the processor's rows and dedup claims, and the `logs` meter's minute and hour windows derived from "
+             "them. One gateway (4 database connections); k6 at a constant arrival rate, each request a random "
+             "range of the seeded week (a random service and level, or a random search: common words, rarer pairs, "
+             f"id-like words). {runs_text(r)}", "",
+             "| query | asked req/s | achieved req/s | p50 ms | p95 ms | p99 ms | failed | answers from cache | aim p99 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for key, label in READS:
+        load = section.get(key)
+        if load:
+            s = sp.get(key) or {}
+            cache = load.get("cache") or {}
+            answered = cache.get("cache_hits", 0) + cache.get("cache_misses", 0)
+            share = f"{cache.get('cache_hits', 0) / answered:.0%}" if answered else "–"
+            lines.append(f"| {label} | {fmt(load['rate'])} | {fig(load['req_s'], s.get('req_s'))} | "
+                         f"{fig(load['p50_ms'], s.get('p50_ms'), 1)} | {fig(load['p95_ms'], s.get('p95_ms'), 1)} | "
+                         f"{fig(load['p99_ms'], s.get('p99_ms'), 1)} | {load['failed']:.2%} | {share} | "
+                         f"≤ {load['p99_aim_ms']} ms — {aim(load['p99_ms'] <= load['p99_aim_ms'])} |")
+    drains = {k: v for k, v in section.items() if k.startswith("intake_")}
+    if drains:
+        loaded = section["loaded"]
+        lines += ["", f"Log intake: {loaded['messages']:,} log records ({loaded['distinct']:,} distinct, 10% "
+                      "duplicates) published as the gateway publishes them, drained by one processor into the run's "
+                      "own (empty) database, with the read indexes of migrations 0035 and 0036 ("
+                      + ", ".join(f"`{name}`" for name in section.get("read_indexes", [])) + ") and with them "
+                      "dropped, alternating; rates from committed offsets as in the processor table.", "",
+                  "| drain | read indexes | events/s once running | with start-up | CPU µs per event | exact counts |",
+                  "|---|---|---:|---:|---|---|"]
+        for key, d in sorted(drains.items(), key=lambda item: int(item[0].rsplit("_", 1)[1])):
+            s = sp.get(key) or {}
+            lines.append(f"| {key.rsplit('_', 1)[1]} | {key.split('_')[1]} | {fig(d['events_s'], s.get('events_s'))} | "
+                         f"{fig(d['overall_events_s'], s.get('overall_events_s'))} | {cpu(d, s)} | "
+                         f"{check_text(d['check'])} |")
+        rates = {name: [d["events_s"] for k, d in drains.items() if k.split("_")[1] == name and d["events_s"]]
+                 for name in ("with", "without")}
+        with_, without = (sum(v) / len(v) if v else None for v in rates.values())
+        lines += ["", f"- With the read indexes, the intake drains at {ratio(with_, without)}× the rate without them "
+                      f"({fmt(with_)} against {fmt(without)} events/s, means of the drains)."]
+    return lines
+
+
 def runs_text(r: dict[str, Any]) -> str:
     n = r.get("runs", 1)
     return ("One run." if n == 1 else
@@ -292,6 +347,7 @@ def main() -> None:
         "usage": lambda: usage(results),
         "processor": lambda: processor(results) + profile(out / "profile-tally_x1.txt", "processor ×1 drain"),
         "e2e": lambda: end_to_end(results, command),
+        "logs": lambda: logs(results),
     }
     if not results.get("args", {}).get("only"):  # a full run replaces every section: say which run that was
         text = fill(text, "about", [f"Every figure below comes from `{command}` at revision "

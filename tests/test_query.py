@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from ingest.auth import create_key
+from query import search
+from query.filters import LogQuery
 from tally.settings import Settings
 from tests.processor.helpers import drained, produce, wait_for
 from tests.gateway.helpers import healthy
@@ -94,6 +96,30 @@ async def test_each_filter_and_their_combination_returns_exactly_the_matching_re
     expected = sorted((e for e in stack["logs"] if matches(e)), key=lambda e: (e.time, e.source, e.id), reverse=True)
     assert [r["id"] for r in records] == [e.id for e in expected]
     assert expected, "the filter matched something"
+
+
+@pytest.mark.parametrize(("words", "order"), [("paid", "desc"), ("paid", "asc"), ("declined", "desc"),
+                                             ("order 7", "desc")])
+async def test_word_search_in_steps_pages_exactly_as_one_plain_query(stack: dict, words: str, order: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps far smaller than the records, so a page takes several and rarer words end in the full-text index."""
+    monkeypatch.setattr(search, "FIRST_SCAN", 8)
+    monkeypatch.setattr(search, "RARE", 3)
+    query = LogQuery.model_validate({**RANGE, "q": words, "order": order, "limit": 7})
+    found: list[str] = []
+    after = None
+    while True:
+        rows = await search.page(stack["db"], search.log_filters(stack["tenant"], query), query, after)
+        found += [row["id"] for row in rows[:query.limit]]
+        if len(rows) <= query.limit:
+            break
+        last = rows[query.limit - 1]
+        after = (last["time"], last["source"], last["id"])
+    expected = await stack["db"].fetch(
+        "select id from events where tenant = $1 and type = 'tally.log' and time >= $2 and time < $3"
+        " and to_tsvector('simple', data->>'message') @@ plainto_tsquery('simple', $4)"
+        f" order by time {order}, source {order}, id {order}", stack["tenant"], query.start, query.end, words)
+    assert found == [row["id"] for row in expected] and found
 
 
 async def test_pages_never_skip_or_repeat_while_records_keep_arriving(stack: dict) -> None:

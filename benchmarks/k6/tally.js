@@ -3,6 +3,11 @@
 //   MODE      rate (constant arrival rate: RATE requests/s) | max (VUS closed-loop users, highest rate)
 //   URL, KEY (API key), RUN (unique id prefix), DURATION (e.g. 15s), BATCH (events per batch, 100),
 //   WEBHOOK_SECRET (Stripe-style signing secret), P95_MS / P99_MS (thresholds), SUMMARY (JSON path).
+// Log reads (KEY with logs:read) over seeded records from SINCE to UNTIL (epoch ms):
+//   log_search  GET /v1/logs, one of SERVICES (comma-separated), a level and up, one hour
+//   log_words   GET /v1/logs?q= one of SEARCHES ('|'-separated; 'word-{n}:B' takes n below B), 24 hours
+//   log_stats   GET /v1/logs/stats per minute by BY (service,level unless given), one hour: CACHE=warm
+//               asks for the same hour every time, CACHE=cold for an hour from a random millisecond (a miss)
 // Every event id is unique per run, except the deliberate re-sends of the retry scenario.
 import http from 'k6/http';
 import crypto from 'k6/crypto';
@@ -22,6 +27,8 @@ const eventsAccepted = new Counter('events_accepted');
 // Events accepted at least once: the retry scenario's re-sends of an accepted event are not added again.
 const eventsAcceptedDistinct = new Counter('events_accepted_distinct');
 const eventsSent = new Counter('events_sent');
+const cacheHits = new Counter('cache_hits');
+const cacheMisses = new Counter('cache_misses');
 
 const load = E.MODE === 'max'
   ? { executor: 'constant-vus', vus: parseInt(E.VUS || '32', 10), duration: DURATION }
@@ -36,7 +43,7 @@ const load = E.MODE === 'max'
 
 export const options = {
   scenarios: { [SCENARIO]: load },
-  discardResponseBodies: SCENARIO === 'single' || SCENARIO === 'bare' || SCENARIO === 'usage',
+  discardResponseBodies: ['single', 'bare', 'usage', 'log_search', 'log_words', 'log_stats'].includes(SCENARIO),
   summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
   thresholds: {
     http_req_failed: ['rate<0.01'],
@@ -121,6 +128,34 @@ function stripeSignature(payload) {
   return `t=${t},v1=${v1}`;
 }
 
+const SINCE = parseInt(E.SINCE || '0', 10);
+const UNTIL = parseInt(E.UNTIL || '0', 10);
+const HOUR = 3600 * 1000;
+const SERVICES = (E.SERVICES || 'checkout-api').split(',');
+const SEARCHES = (E.SEARCHES || 'shipped').split('|');
+const LEVELS = ['debug', 'info', 'warn', 'error'];
+
+function any(list) {
+  return list[Math.floor(Math.random() * list.length)];
+}
+
+// [start, end) of `hours` ending at a random moment in the seeded range, as query parameters.
+function range(hours) {
+  const end = SINCE + hours * HOUR + Math.floor(Math.random() * (UNTIL - SINCE - hours * HOUR));
+  return `start=${new Date(end - hours * HOUR).toISOString()}&end=${new Date(end).toISOString()}`;
+}
+
+function words() {
+  const [text, bound] = any(SEARCHES).split(':');
+  return encodeURIComponent(text.replace('{n}', Math.floor(Math.random() * parseInt(bound || '1', 10))));
+}
+
+function read(path, name) {
+  const res = http.get(`${URL}${path}`, { headers: BEARER, tags: { name } });
+  check(res, { '200': (r) => r.status === 200 });
+  return res;
+}
+
 const scenarios = {
   bare: () => post('/v1/events', JSON.stringify(event(eventId(0), 0)), { 'Content-Type': 'application/json' }, 1),
   single: () => post('/v1/events', JSON.stringify(event(eventId(0), 0)),
@@ -147,10 +182,15 @@ const scenarios = {
     post(`/v1/webhooks/${E.WEBHOOK_SOURCE || 'stripe'}`, payload,
       { 'Content-Type': 'application/json', 'Stripe-Signature': stripeSignature(payload) }, 1);
   },
-  usage: () => {
-    const subject = `customer-${(exec.vu.idInTest * 31 + exec.vu.iterationInScenario) % 500}`;
-    const res = http.get(`${URL}/v1/usage?subject=${subject}`, { headers: BEARER, tags: { name: '/v1/usage' } });
-    check(res, { '200': (r) => r.status === 200 });
+  usage: () => read(`/v1/usage?subject=customer-${(exec.vu.idInTest * 31 + exec.vu.iterationInScenario) % 500}`,
+    '/v1/usage'),
+  log_search: () => read(`/v1/logs?service=${any(SERVICES)}&level=${any(LEVELS)}&${range(1)}`, '/v1/logs'),
+  log_words: () => read(`/v1/logs?q=${words()}&${range(24)}`, '/v1/logs?q'),
+  log_stats: () => {
+    const hour = E.CACHE === 'warm'
+      ? `start=${new Date(UNTIL - HOUR).toISOString()}&end=${new Date(UNTIL).toISOString()}` : range(1);
+    const res = read(`/v1/logs/stats?by=${E.BY || 'service,level'}&${hour}`, '/v1/logs/stats');
+    (res.headers['X-Tally-Cache'] === 'hit' ? cacheHits : cacheMisses).add(1);
   },
   // A share of requests re-sent once or twice with the same ids, as producers do after a timeout.
   // BATCH=1 sends single events to /v1/events instead of batches.
