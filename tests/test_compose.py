@@ -62,6 +62,10 @@ def test_settings_match_the_native_scripts() -> None:
     assert defaults["redis_url"].startswith(f"redis://127.0.0.1:{v['REDIS_PORT']}/")
     assert defaults["stripe_api_base"] == f"http://127.0.0.1:{v['STRIPE_MOCK_PORT']}"
     assert defaults["gateway_port"] == int(v["GATEWAY_PORT"])
+    scraped = {target for job in yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+               for config in job["static_configs"] for target in config["targets"]}
+    assert scraped == {f"gateway:{v['GATEWAY_PORT']}", f"processor:{defaults['processor_metrics_port']}",
+                       f"jobs:{defaults['jobs_metrics_port']}", f"alerts:{defaults['alerts_metrics_port']}"}
 
 
 def test_the_image_ships_everything_the_packages_need() -> None:
