@@ -12,7 +12,6 @@ so a restart keeps the schedule.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections import Counter
@@ -28,6 +27,7 @@ import orjson
 from standardwebhooks import Webhook
 
 from alerts import metrics, slack
+from alerts.rounds import every
 from alerts.transitions import transition
 
 log = logging.getLogger("tally.alerts.delivery")
@@ -138,13 +138,7 @@ class Deliverer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set. A failed round (the database away) is logged and the next one tries again."""
-        while not stop.is_set():
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("alert delivery round failed; trying again in %.1f s", self.policy.poll_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.policy.poll_s)
+        await every(self.policy.poll_s, stop, self.run_once, "alert delivery round", (Exception,))
 
     async def run_once(self, now: datetime | None = None) -> dict[str, int]:
         """Try every delivery due at `now` (the database's clock unless given) once; returns how many were sent,

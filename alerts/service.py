@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -16,12 +16,16 @@ from alerts.delivery import Deliverer, DeliveryPolicy
 from alerts.evaluator import Evaluator
 from alerts.feed import CounterFeed
 from alerts.outbox import publish_pending
+from alerts.rounds import every
 from alerts.usage import take_up
 from alerts.windows import MinuteWindows
 from schemas.meters import MetersConfig
 from sinks.kafka import KafkaPublisher, PublishError
 
 log = logging.getLogger("tally.alerts")
+
+# What a round of evaluation, reload or publication waits out: the database or the broker away.
+OUTAGES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, PublishError)
 
 # Advisory lock of the active evaluator (one bigint; the outbox relay's locks use the two-integer space).
 LEADER_LOCK = 0x7A11_A1E7
@@ -66,19 +70,6 @@ async def _lead(config: AlertsConfig, stop: asyncio.Event) -> asyncpg.Connection
     return conn
 
 
-async def _every(period_s: float, stop: asyncio.Event, work: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run `work` every period until stopped; a failed round is logged and tried again next period."""
-    while not stop.is_set():
-        try:
-            await work()
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, PublishError) as exc:
-            log.warning("%s failed, trying again: %s", what, exc)
-        try:
-            await asyncio.wait_for(stop.wait(), period_s)
-        except TimeoutError:
-            pass
-
-
 async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
     metrics.LEADER.set(0)
     leader = await _lead(config, stop)
@@ -115,10 +106,11 @@ async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
         async def tick() -> None:
             try:
                 await leader.execute("select 1")
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            except OUTAGES as exc:
                 raise LeadershipLost(f"the leader lock's connection failed: {exc}") from exc
+            now = _now()
             with metrics.EVALUATION_SECONDS.time():
-                recorded = await evaluator.evaluate(_now()) + await take_up(pool, _now())
+                recorded = await evaluator.evaluate(now) + await take_up(pool, now)
             metrics.WINDOWS.set(len(evaluator.windows))
             if recorded:
                 config.hook("alerts_after_commit")
@@ -127,9 +119,9 @@ async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
         async def reload() -> None:
             await evaluator.reload_rules(_now())
 
-        await asyncio.gather(consume(), _every(config.tick_s, stop, tick, "evaluation"),
-                             _every(config.rules_reload_s, stop, reload, "rule reload"),
-                             _every(config.tick_s * 5, stop, publish, "publishing transitions"),
+        await asyncio.gather(consume(), every(config.tick_s, stop, tick, "evaluation", OUTAGES),
+                             every(config.rules_reload_s, stop, reload, "rule reload", OUTAGES),
+                             every(config.tick_s * 5, stop, publish, "publishing transitions", OUTAGES),
                              deliverer.run(stop))
     finally:
         await deliverer.close()

@@ -9,7 +9,7 @@ so far: it never empties at a minute's turn (ADR 0050).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -18,23 +18,22 @@ import orjson
 
 from alerts.ledger import group_key
 from alerts.rules import group_of, matches
+from processors.windows import bounds
 from schemas.alerts import AlertRule
 from schemas.counters import CounterState
 from schemas.meters import Aggregation, Window
+from sinks.outbox import STATE_COLUMNS, state_of
 
 MINUTE = timedelta(minutes=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-_RECOVER = """
-select key, tenant, meter, aggregation, window_name as window, window_start, window_end, subject, grp::text as grp,
-       value::text as value, count, revision, updated_at, total::text as sum
-from counters
+_RECOVER = f"""
+select {STATE_COLUMNS} from counters
 where window_name = 'minute' and meter = any($1::text[]) and window_start >= $2
 """
 
 
 def minute_start(at: datetime) -> datetime:
-    return at - (at - _EPOCH) % MINUTE
+    return bounds(Window.MINUTE, at)[0]
 
 
 class MinuteWindows:
@@ -70,7 +69,7 @@ class MinuteWindows:
     async def recover(self, conn: asyncpg.Pool | asyncpg.Connection, now: datetime) -> int:
         """Read the watched windows within the horizon from PostgreSQL; returns how many were newer."""
         rows = await conn.fetch(_RECOVER, sorted(self._meters), minute_start(now) - self._horizon)
-        return sum(self.offer(CounterState.model_validate({**dict(r), "group": orjson.loads(r["grp"])})) for r in rows)
+        return sum(self.offer_raw(state_of(r).value) for r in rows)
 
     def prune(self, now: datetime) -> None:
         oldest = minute_start(now) - self._horizon

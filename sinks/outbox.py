@@ -35,13 +35,13 @@ order by key
 limit $1
 """
 
-_COUNTERS = """
-select key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp::text as grp,
+# The columns `state_of` reads, in its order: what the relay publishes, and what a reader that recovers
+# counter states from PostgreSQL rather than the topic selects.
+STATE_COLUMNS = """key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp::text as grp,
        value::text as value, count, revision, updated_at,
-       total::text as total, level::text as level, integrated_until, sample_level
-from counters where key = any($1::text[])
-order by key
-"""
+       total::text as total, level::text as level, integrated_until, sample_level"""
+
+_COUNTERS = f"select {STATE_COLUMNS} from counters where key = any($1::text[]) order by key"
 
 _EVERY_REVISION = 2**63 - 1  # for a queued key whose counter row is gone: forget the entry whatever its revision
 
@@ -67,7 +67,7 @@ class OutboxRelay:
             if not keys:
                 return []
             rows = await conn.fetch(_COUNTERS, keys)
-            states = [_state(r) for r in rows]
+            states = [state_of(r) for r in rows]
             await self._topic.write(states)
             await self._topic.flush()
             self._on_published()
@@ -84,7 +84,8 @@ class OutboxRelay:
                 return published
 
 
-def _state(row: asyncpg.Record) -> EncodedState:
+def state_of(row: asyncpg.Record) -> EncodedState:
+    """A row of STATE_COLUMNS as the counter topic carries it."""
     (key, tenant, meter, aggregation, window, start, end, subject, grp, value, count, revision, updated_at,
      total, level, integrated_until, sample_level) = row
     return encode_state(key, tenant, meter, aggregation, window, start, end, subject, orjson.loads(grp), value, count,
