@@ -21,6 +21,7 @@ from ingest.body import parse_json, read_body
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from query.cursor import Cursors, invalid_cursor
+from query.filters import parse
 from schemas.alerts import AlertRule
 from schemas.meters import MetersConfig
 
@@ -131,11 +132,7 @@ class AlertsProduct:
     async def get_alerts(self, request: Request) -> Response:
         """Transitions newest first; `next` carries a cursor signed for this tenant and these filters."""
         tenant = await self._edge.tenant(request, READ)
-        try:
-            query = AlertsQuery.model_validate(dict(request.query_params))
-        except ValidationError as exc:
-            raise Problem(400, "Invalid query", "the query parameters are not valid",
-                          errors=validation_errors(exc)) from None
+        query = parse(AlertsQuery, request.query_params)
         params = query.model_dump(mode="json", exclude_none=True, exclude={"cursor"})
         signed = orjson.dumps({k: v for k, v in params.items() if k != "limit"}, option=orjson.OPT_SORT_KEYS).decode()
         before = self._before(tenant, signed, query.cursor) if query.cursor else None

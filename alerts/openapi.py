@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from alerts.history import AlertsQuery
+from query.filters import parameters
 from schemas.alerts import AlertRule, AlertTransition
 
 DURATIONS = ("window", "every", "for", "cooldown")
@@ -76,16 +77,6 @@ def _op(summary: str, scope: str, ok: dict[str, Any], *problems: tuple[int, str]
             "responses": {**ok, **{str(s): {"description": d, "content": _PROBLEM} for s, d in sorted(errors.items())}}}
 
 
-def _query_parameters() -> list[dict[str, Any]]:
-    schema = AlertsQuery.model_json_schema()
-    out = []
-    for name, prop in schema["properties"].items():
-        options = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
-        described = {"description": prop["description"]} if "description" in prop else {}
-        out.append({"name": name, "in": "query", "required": False, "schema": {**options[0], **described}})
-    return out
-
-
 def paths(read: str, write: str, max_rule_bytes: int) -> dict[str, Any]:
     rule_id = [{"name": "id", "in": "path", "required": True,
                 "schema": AlertRule.model_json_schema()["properties"]["id"]}]
@@ -123,7 +114,7 @@ def paths(read: str, write: str, max_rule_bytes: int) -> dict[str, Any]:
             {"200": _json("a page; `next` is the link to the next one, or null", {"type": "object", "properties": {
                 "alerts": {"type": "array", "items": transition_schema()},
                 "next": {"type": ["string", "null"]}}})},
-            (400, "invalid query or cursor"), parameters=_query_parameters())},
+            (400, "invalid query or cursor"), parameters=parameters(AlertsQuery))},
         "/v1/alerts/active": {"get": _op(
             "The rule-groups firing now, with when they fired", read,
             {"200": _json("the firing groups, the latest first", {"type": "object", "properties": {
