@@ -26,6 +26,8 @@ more than one chunk. UNIQUE_COUNT and WEIGHTED_SUM windows depend on state the e
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -51,11 +53,16 @@ from usage.periods import Anchor, period_of_date
 from usage.plans import plan_for_period
 from usage.windows import combine, from_postgres
 
+log = logging.getLogger("tally.billing.reconcile")
+
 DRIFT = Counter("tally_reconcile_drift", "counter windows or Stripe periods found drifting", ["place"])
 
 TopicStates = Callable[[str | None], dict[str, CounterState]]  # tenant (None: all) -> key -> latest state
 
 _CHUNK = 5000  # events read and folded per step: bounds the memory and each step's time away from the loop
+# How long a fix may hold a subject's windows: below the processor's lock_timeout (TALLY_PG_LOCK_TIMEOUT_MS,
+# 20 s by default), so a processor batch waiting on them is never failed for it.
+FIX_BUDGET_S = 10.0
 _EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact])  # sums of chunks, never rounded
 
 
@@ -75,14 +82,19 @@ class ReconcileReport:
     until: datetime
     windows: int = 0
     drift: list[Drift] = field(default_factory=list)
-    fixed: int = 0
+    fixed: set[str] = field(default_factory=set)  # the windows a fix wrote
+
+    @property
+    def unfixed(self) -> set[str]:
+        """Drifting windows a fix did not write (over its budget, or no fix asked)."""
+        return {d.key for d in self.drift if d.place != "stripe"} - self.fixed
 
     def figures(self) -> dict[str, Any]:
         places: dict[str, int] = {}
         for d in self.drift:
             places[d.place] = places.get(d.place, 0) + 1
         return {"since": self.since.isoformat(), "until": self.until.isoformat(), "windows": self.windows,
-                "drift": places, "fixed": self.fixed}
+                "drift": places, "fixed": len(self.fixed)}
 
 
 _EVENTS = """
@@ -107,11 +119,14 @@ class _Recount:
         self.windows: dict[str, CounterDelta] = {}
 
     async def read(self, conn: asyncpg.Connection, lo: datetime, hi: datetime, tenant: str | None,
-                   subject: str | None = None) -> None:
-        """Fold the counted events of [lo, hi) (of one tenant, one subject) in; inside a transaction."""
+                   subject: str | None = None, deadline: float | None = None) -> None:
+        """Fold the counted events of [lo, hi) (of one tenant, one subject) in; inside a transaction.
+        Past `deadline` (time.monotonic) it raises TimeoutError."""
         cursor = await conn.cursor(_EVENTS, lo, hi, tenant, subject)
         while rows := await cursor.fetch(_CHUNK):
             await asyncio.to_thread(self._fold, rows)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the recount took longer than its budget")
 
     def _fold(self, rows: Iterable[asyncpg.Record]) -> None:
         records = [Record(Event(r["tenant"], r["source"], r["id"], r["type"], r["subject"], r["time"],
@@ -165,7 +180,8 @@ async def _snapshot(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | N
 
 
 async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = None, tenant: str | None = None,
-                    fix: bool = False, topic_states: TopicStates | None = None) -> ReconcileReport:
+                    fix: bool = False, topic_states: TopicStates | None = None,
+                    fix_budget_s: float = FIX_BUDGET_S) -> ReconcileReport:
     """Windows wholly inside [start of since's UTC day, until); until defaults to the end of today (UTC),
     so the windows still open are compared too."""
     lo = _day(since)
@@ -210,8 +226,8 @@ async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = N
         # Any place out of step is repaired the same way: the recounted value with a new revision,
         # which the outbox relay then carries to the topic and the cache.
         windows = sorted({d.key for d in report.drift if d.place != "stripe"})
-        report.fixed = await _fix(ctx, [_columns(k, expected, stored) for k in windows], outside)
-    await _record(ctx, report, fix)
+        report.fixed = await _fix(ctx, [_columns(k, expected, stored) for k in windows], outside, fix_budget_s)
+    await _record(ctx, report)
     for d in report.drift:
         DRIFT.labels(d.place).inc()
     return report
@@ -318,30 +334,21 @@ def _columns(key: str, expected: dict[str, CounterDelta], stored: dict[str, asyn
                    r["window_end"], r["subject"], r["grp"])
 
 
-async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int]) -> int:
-    """Lock the windows, recount their events, write the values with their outbox entries; then relay them."""
-    if not windows:
-        return 0
+async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int], budget_s: float) -> set[str]:
+    """Fix the windows a tenant's subject (or a tenant-wide meter) at a time, then relay them; the keys fixed."""
     meters = MeterSet(ctx.config.meters)
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        await conn.execute(_LOCK, *map(list, zip(*((w.key, w.tenant, w.meter, w.aggregation, w.window, w.start,
-                                                        w.end, w.subject, w.grp) for w in windows))))
-        # Recounted after the locks are held: every transaction that counted into these windows has committed.
-        recount = _Recount(meters)
-        spans: dict[tuple[str, str | None], tuple[datetime, datetime]] = {}
-        for w in windows:
-            lo, hi = spans.get((w.tenant, w.subject), (w.start, w.end))
-            spans[(w.tenant, w.subject)] = (min(lo, w.start), max(hi, w.end))
-        for (tenant, subject), (lo, hi) in spans.items():
-            await recount.read(conn, lo, hi, tenant, subject)
-        now = [recount.windows.get(w.key) for w in windows]
-        written = await conn.fetch(_WRITE, [w.key for w in windows],
-                                   [Decimal(0) if d is None else d.value for d in now],
-                                   [0 if d is None else d.count for d in now],
-                                   [None if d is None else d.latest_time for d in now],
-                                   [None if d is None else d.total for d in now],
-                                   [outside.get(w.key, 0) for w in windows])
-        await queue(conn, {r["key"]: r["revision"] for r in written})
+    groups: dict[tuple[str, str | None], list[_Window]] = {}
+    for w in windows:
+        groups.setdefault((w.tenant, w.subject), []).append(w)
+    fixed: set[str] = set()
+    for (tenant, subject), group in groups.items():
+        try:
+            fixed |= await _fix_group(ctx, meters, group, outside, budget_s)
+        except (TimeoutError, asyncpg.QueryCanceledError):
+            log.warning("reconcile: the windows of %s/%s not fixed, their recount took over %.0f s",
+                        tenant, subject, budget_s)
+    if not fixed:
+        return fixed
     c = ctx.config
     publisher = KafkaPublisher(c.kafka_bootstrap)
     cache = RedisCounterCache(c.redis_url, c.redis_prefix, c.redis_counter_ttl_s)
@@ -352,13 +359,37 @@ async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int])
     finally:
         await cache.close()
         publisher.close()
-    return len(written)
+    return fixed
 
 
-async def _record(ctx: JobContext, report: ReconcileReport, fixed: bool) -> None:
+async def _fix_group(ctx: JobContext, meters: MeterSet, windows: list[_Window], outside: dict[str, int],
+                     budget_s: float) -> set[str]:
+    """One transaction: lock the windows, recount their events, write the values with their outbox entries.
+    Over the budget it rolls back, so a processor batch waiting on these rows never waits longer."""
+    deadline = time.monotonic() + budget_s
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"set local statement_timeout = {max(1, int(budget_s * 1000))}")
+        await conn.execute(_LOCK, *map(list, zip(*((w.key, w.tenant, w.meter, w.aggregation, w.window, w.start,
+                                                        w.end, w.subject, w.grp) for w in windows))))
+        # Recounted once the locks are held: every transaction that counted into these windows has committed.
+        recount = _Recount(meters)
+        await recount.read(conn, min(w.start for w in windows), max(w.end for w in windows), windows[0].tenant,
+                           windows[0].subject, deadline)
+        now = [recount.windows.get(w.key) for w in windows]
+        written = await conn.fetch(_WRITE, [w.key for w in windows],
+                                   [Decimal(0) if d is None else d.value for d in now],
+                                   [0 if d is None else d.count for d in now],
+                                   [None if d is None else d.latest_time for d in now],
+                                   [None if d is None else d.total for d in now],
+                                   [outside.get(w.key, 0) for w in windows])
+        await queue(conn, {r["key"]: r["revision"] for r in written})
+    return {r["key"] for r in written}
+
+
+async def _record(ctx: JobContext, report: ReconcileReport) -> None:
     await ctx.pool.executemany(
         "insert into drift_reports (key, tenant, meter, place, expected, found, fixed) values ($1, $2, $3, $4, $5, $6,"
-        " $7)", [(d.key, d.tenant, d.meter, d.place, d.expected, d.found, fixed and d.place != "stripe")
+        " $7)", [(d.key, d.tenant, d.meter, d.place, d.expected, d.found, d.key in report.fixed)
                  for d in report.drift])
 
 

@@ -17,6 +17,7 @@ from confluent_kafka import Producer
 
 from billing import jobs
 from billing.context import BillingConfig, JobContext
+from billing.reconcile import reconcile
 from billing.registry import RECONCILE
 from processors.meters import load_meters
 from schemas.envelope import Envelope
@@ -220,6 +221,29 @@ async def test_a_lost_counter_row_comes_back_above_the_topics_revision(isolated:
     await assert_topic_matches_postgres(settings, db, tenant, "api_calls")
     cached = orjson.loads(redis.Redis.from_url(settings.redis_url).hget(cache_key(settings.redis_prefix, key), "state"))
     assert (cached["value"], cached["revision"]) == ("12", row["revision"])
+
+
+async def test_a_fix_over_its_budget_writes_nothing_and_says_so(isolated: Settings, db: asyncpg.Connection) -> None:
+    """A fix holds a subject's windows at most its budget (below the processor's lock timeout): over it,
+    the fix rolls back, leaves the window as it was and reports it drifting and not fixed."""
+    settings = metered(isolated)
+    tenant = f"budget-{uuid.uuid4().hex[:8]}"
+    key = await _counted_once(settings, db, tenant, 1)
+    await db.execute("update counters set value = value + 5, count = count + 5 where key = $1", key)
+    config = BillingConfig(settings.database_url, settings.redis_url, settings.redis_prefix,
+                           settings.redis_counter_ttl_s, load_meters(inline=METERS))
+    ctx = await JobContext.open(config)
+    today = datetime.now(timezone.utc)
+    try:
+        report = await reconcile(ctx, today, tenant=tenant, fix=True, fix_budget_s=0.001)
+        assert key in report.unfixed and not report.fixed
+        assert await db.fetchval("select value from counters where key = $1", key) == 9
+        assert await db.fetchval("select fixed from drift_reports where key = $1 and place = 'counters'", key) is False
+        report = await reconcile(ctx, today, tenant=tenant, fix=True)
+        assert report.fixed == {key} and not report.unfixed
+        assert await db.fetchval("select value from counters where key = $1", key) == 4
+    finally:
+        await ctx.close()
 
 
 EVENTS = 800_000
