@@ -246,6 +246,33 @@ async def test_a_fix_over_its_budget_writes_nothing_and_says_so(isolated: Settin
         await ctx.close()
 
 
+MIXED = METERS + """
+  - {slug: latency, event_type: "api.call", aggregation: AVG, value_path: data.ms, windows: [hour, day]}
+  - {slug: users, event_type: "api.call", aggregation: UNIQUE_COUNT, value_path: data.user, windows: [hour, day]}
+"""
+
+
+async def test_average_and_unique_count_windows_are_not_rewritten(isolated: Settings, db: asyncpg.Connection) -> None:
+    """An AVG window is compared by its exact sum, not its quotient, and a UNIQUE_COUNT window (state the events
+    alone do not give) is not compared: a correct pipeline shows no drift and `--fix` writes nothing."""
+    settings = metered(isolated).model_copy(update={"meters": MIXED})
+    tenant = f"mixed-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    with running("processor", ["process"], settings):
+        produce(settings, [Envelope(id=f"call-{n}", source="app", type="api.call", subject="acme",
+                                    time=now - timedelta(seconds=30), received_at=now,
+                                    data={"ms": n, "user": f"u{n % 3}"}, tenant=tenant) for n in range(1, 8)])
+        await wait_for(lambda: drained(settings, db), 60, "the processor")
+    before = {r["key"]: (r["value"], r["revision"]) for r in await db.fetch(
+        "select key, value, revision from counters where tenant = $1", tenant)}
+    args = ["reconcile", "--since", now.date().isoformat(), "--tenant", tenant]
+    code, out = run_tally([*args, "--fix"], settings)
+    assert code == 0 and "0 drift(s), 0 counter window(s) fixed" in out, out
+    after = {r["key"]: (r["value"], r["revision"]) for r in await db.fetch(
+        "select key, value, revision from counters where tenant = $1", tenant)}
+    assert after == before and sorted(v for v, _ in after.values()) == [3, 3, 4, 4, 7, 7]
+
+
 EVENTS = 800_000
 _MANY_EVENTS = """
 insert into events (tenant, source, id, type, subject, time, received_at, data, kafka_partition, kafka_offset, counted)
