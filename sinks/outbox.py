@@ -43,6 +43,14 @@ STATE_COLUMNS = """key, tenant, meter, aggregation, window_name, window_start, w
 
 _COUNTERS = f"select {STATE_COLUMNS} from counters where key = any($1::text[]) order by key"
 
+# Queue windows at the revisions their writers committed, in key order (the writers' lock order). An entry's
+# revision only rises, so a relay that published an older state meanwhile keeps the newer entry (_FORGET).
+_QUEUE = """
+insert into counter_outbox (key, revision)
+select * from unnest($1::text[], $2::bigint[]) as q(key, revision) order by key
+on conflict (key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
+"""
+
 _EVERY_REVISION = 2**63 - 1  # for a queued key whose counter row is gone: forget the entry whatever its revision
 
 _FORGET = """
@@ -50,6 +58,13 @@ delete from counter_outbox o
 using unnest($1::text[], $2::bigint[]) as p(key, revision)
 where o.key = p.key and o.revision <= p.revision
 """
+
+
+async def queue(conn: asyncpg.Connection, revisions: dict[str, int]) -> None:
+    """Queue these windows for publication at the revisions just written, in the writer's transaction."""
+    if revisions:
+        keys = sorted(revisions)
+        await conn.execute(_QUEUE, keys, [revisions[k] for k in keys])
 
 
 class OutboxRelay:
