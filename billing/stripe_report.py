@@ -122,7 +122,8 @@ class StripeSender:
         summaries = self._client.v1.billing.meters.event_summaries.list(
             meter.id, params={"customer": customer, "start_time": int(start.timestamp()),
                               "end_time": int(end.timestamp()), "limit": 100}, options=options)
-        return sum((Decimal(str(s.aggregated_value)) for s in summaries.auto_paging_iter()), Decimal(0))
+        total = sum((Decimal(str(s.aggregated_value)) for s in summaries.auto_paging_iter()), Decimal(0))
+        return total.to_integral_value() if total == total.to_integral_value() else total  # a float: 5.0 is 5
 
 
 # -- planning ------------------------------------------------------------------------------------------

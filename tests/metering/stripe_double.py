@@ -10,7 +10,8 @@ stripe-mock only checks shapes (docs/adr/0065 quotes the rules):
   its finalisation grace (1 h unless set); after that it is accepted but invoiced nowhere (`late`);
 - a meter event adjustment cancels an event only within 24 h of Stripe receiving it;
 - event summaries per meter, customer and minute-aligned time range;
-- everything is kept per `Stripe-Account` header: one account never sees another's events.
+- everything is kept per `Stripe-Account` header: one account never sees another's events, and an
+  account the platform is not connected to gets 403.
 
 The double's clock is settable (`advance`), so a test can let 24 h pass in a moment.
 """
@@ -75,6 +76,7 @@ class StripeDouble:
     invoice_grace_s: int = 3600
     # (account, customer) -> Stripe's billing periods [(start, end)], to know which invoices are finalised
     periods: dict[tuple[str | None, str], list[tuple[datetime, datetime]]] = field(default_factory=dict)
+    connected: set[str] | None = None  # accounts the platform may act for (None: any); others get 403
     offset_s: float = 0.0
     _idempotency: dict[tuple[str | None, str], tuple[float, bytes, int, dict]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -212,6 +214,9 @@ def stripe_double(**options: object) -> Iterator[StripeDouble]:
         def _handle(self, path: str, account: str | None, key: str | None, form: dict) -> tuple[int, dict]:
             if not self.headers.get("Authorization"):
                 return _error(401, "authorization", "no API key provided")
+            if double.connected is not None and account not in double.connected:
+                return 403, {"error": {"type": "invalid_request_error", "message": "The provided key does not have "
+                                       f"access to account '{account}' (or that account does not exist)"}}
             if double.failing:
                 return 503, {"error": {"type": "api_error", "message": "the double is failing"}}
             if key is not None and (account, key) in double._idempotency:
