@@ -96,7 +96,8 @@ class StripeDouble:
                 and (account is None or e.account == account)]
 
     def invoiced(self, account: str | None, customer: str, start: datetime, end: datetime) -> Decimal:
-        """What the invoice of [start, end) holds: accepted, not cancelled, not late events stamped inside."""
+        """What the invoice of [start, end) holds: accepted, not cancelled, not late events stamped inside
+        (account None: under any account)."""
         return sum((e.value for e in self.accepted(account, customer)
                     if not e.late and start.timestamp() <= e.timestamp < end.timestamp()), Decimal(0))
 
