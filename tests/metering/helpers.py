@@ -38,10 +38,12 @@ def pipeline(settings: Settings, **env: str) -> Iterator[Gateway]:
 
 
 async def tenant_keys(settings: Settings) -> tuple[str, str, str]:
-    """(tenant, a key with every scope, a key that may only write events)."""
+    """(tenant, a key with every scope, a key that may only write events); the tenant's Stripe account is
+    `account_of(tenant)`."""
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(settings.database_url)
     try:
+        await set_account(conn, tenant, account_of(tenant))
         _, admin = await create_key(conn, tenant, "admin", ["admin:write", "usage:read", "events:write"])
         _, writer = await create_key(conn, tenant, "writer", ["events:write"])
     finally:
