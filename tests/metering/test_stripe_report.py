@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -412,3 +412,21 @@ async def test_the_jobs_refuse_settings_that_would_drop_usage(isolated: Settings
     assert code == 2 and "TALLY_STRIPE_INVOICE_GRACE_S (300000)" in out and "72 hours" in out, out
     code, out = run_tally(["jobs"], isolated, TALLY_CLOSE_GRACE_S="3600", TALLY_LATE_HORIZON_S="86400")
     assert code == 2 and "set TALLY_CLOSE_GRACE_S to at least 86400" in out, out
+
+
+async def test_a_subscription_without_a_period_is_logged_and_counted_and_the_others_are_billed(
+        isolated: Settings, db: asyncpg.Connection) -> None:
+    """Billing review L5: a subscription whose period cannot be computed (it starts next week) is logged and
+    counted in the run's figures, and the run bills the other subscriptions."""
+    settings = metered(isolated)
+    tenant, customer = f"t-{uuid.uuid4().hex[:8]}", f"cus_{uuid.uuid4().hex[:10]}"
+    await billed_subject(db, tenant, "early", customer, included=0)
+    await subscribe(db, tenant, Subscription(subject="later", plan_id="metered", stripe_customer_id=customer,
+                                             start_date=date.today() + timedelta(days=7)))
+    with stripe_double() as double, running("processor", ["process"], settings):
+        produce(settings, calls(tenant, "early", 2) + calls(tenant, "later", 5, first=100))
+        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        code, out = run_tally(["jobs", "run", "stripe_report"], settings, TALLY_STRIPE_API_BASE=double.url)
+    assert code == 0 and "'period_errors': 1" in out, out
+    assert f"{tenant}/later: no billing period, not reported" in out, out
+    assert [(r["subject"], r["value"], r["status"]) for r in await _report_rows(db, tenant)] == [("early", 2, "sent")]
