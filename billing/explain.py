@@ -11,12 +11,13 @@ from datetime import date, datetime
 from decimal import Decimal
 
 import asyncpg
+import stripe
 
 from billing.accounts import accounts
 from billing.context import JobContext
 from billing.reconcile import recompute
 from billing.stripe_report import COUNTED, StripeSender, billable, whole
-from usage.periods import Period, period_of_date
+from usage.periods import Period, PeriodError, period_of_date
 from usage.plans import load_subscriptions, plan_for_period
 from usage.windows import combine, from_postgres
 
@@ -70,6 +71,9 @@ def _check(m: MeterProof, final: bool) -> None:
         m.problems.append(f"{gap} billable not in rows yet: the next report writes or carries it")
     if any(r["status"] in ("failed", "held") for r in m.rows):
         m.problems.append("rows wait for a person: tally billing rows")
+
+
+def _check_stripe(m: MeterProof) -> None:
     if m.stripe_summary is not None and m.stripe_summary != m.at_stripe:
         m.problems.append(f"Stripe's summary is {m.stripe_summary}, our sent rows stamped in the period hold "
                           f"{m.at_stripe} (Stripe aggregates asynchronously; rows of other subjects with the same "
@@ -83,7 +87,10 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         if not found:
             raise NothingToExplain(f"{tenant} has no subscription for {subject!r}")
         sub = found[0][1]
-        period = period_of_date(sub.anchor(), day)
+        try:
+            period = period_of_date(sub.anchor(), day)
+        except PeriodError as exc:
+            raise NothingToExplain(str(exc)) from None
         plan = await plan_for_period(conn, tenant, subject, period.end)
         if plan is None:
             raise NothingToExplain(f"{subject} had no plan in the period {period.label}")
@@ -106,10 +113,14 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
             billable(plan, pm.meter, used), mine, sum((r["value"] for r in mine if r["status"] in COUNTED), Decimal(0)),
             sum((r["value"] for r in mine if r["status"] == "sent" and period.start <= r["event_time"] < period.end),
                 Decimal(0)), None)
-        if sender is not None and account and sub.stripe_customer_id:
-            proof.stripe_summary = await asyncio.to_thread(sender.summary, account, proof.event_name,
-                                                           sub.stripe_customer_id, period.start, period.end)
         _check(proof, final)
+        if sender is not None and account and sub.stripe_customer_id:
+            try:
+                proof.stripe_summary = await asyncio.to_thread(sender.summary, account, proof.event_name,
+                                                               sub.stripe_customer_id, period.start, period.end)
+            except (stripe.StripeError, OSError) as exc:
+                proof.problems.append(f"Stripe's summary could not be read: {type(exc).__name__}: {exc}")
+            _check_stripe(proof)
         proofs.append(proof)
     return Proof(tenant, subject, period, plan.id, sub.stripe_customer_id, account, proofs)
 
@@ -117,8 +128,9 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
 def lines(proof: Proof) -> list[str]:
     """The proof as text, one fact a line."""
     p = proof.period
+    account = proof.account or "- (not reported)"
     out = [f"{proof.tenant} / {proof.subject}: period {p.label} [{p.start:%Y-%m-%d %H:%M}, {p.end:%Y-%m-%d %H:%M}) UTC,"
-           f" plan {proof.plan_id}, Stripe customer {proof.customer or '-'} in account {proof.account or '- (not reported)'}"]
+           f" plan {proof.plan_id}, Stripe customer {proof.customer or '-'} in account {account}"]
     for m in proof.meters:
         out.append(f"meter {m.meter} (Stripe event {m.event_name})")
         for hour, stored, recomputed in m.hours:

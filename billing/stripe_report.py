@@ -291,7 +291,8 @@ def _unsendable(row: asyncpg.Record, now: datetime, grace_s: int) -> str | None:
         return (f"first sent {row['first_sent_at']:%Y-%m-%d %H:%M} UTC and Stripe remembers an identifier for 24 h"
                 " only, so a re-send could bill it twice")
     if row["event_time"] < row["period_end"] and now >= invoice_cutoff(row["period_end"], grace_s):
-        return f"stamped in the period ending {row['period_end']:%Y-%m-%d %H:%M} UTC, whose invoice Stripe has finalised"
+        return (f"stamped in the period ending {row['period_end']:%Y-%m-%d %H:%M} UTC, whose invoice Stripe has"
+                " finalised")
     if now - row["event_time"] >= MAX_AGE - SAFETY:
         return "stamped more than 35 days ago, which Stripe refuses"
     return None

@@ -481,7 +481,7 @@ def _billing_parser(sub: argparse._SubParsersAction) -> None:
     account_set = account.add_parser("set", help="send the tenant's reports to this connected account")
     account_set.add_argument("--tenant", required=True)
     account_set.add_argument("--account", required=True, help="acct_...")
-    account.add_parser("list", help="tenants with subscriptions and their account (none: not reported)")
+    account_list = account.add_parser("list", help="tenants with subscriptions and their account (none: not reported)")
     rows = commands.add_parser("rows", help="report rows Stripe refused (failed) or that wait for a decision (held)")
     rows.add_argument("--tenant")
     retry = commands.add_parser("retry", help="after fixing their cause, let refused rows be planned again")
@@ -498,9 +498,8 @@ def _billing_parser(sub: argparse._SubParsersAction) -> None:
     proof.add_argument("--no-stripe", action="store_true", help="do not ask Stripe for its summary")
     for p in (retry, resolve, proof):
         p.add_argument("--tenant", required=True)
-    for p in (billing, account_set, rows, retry, resolve, proof):
+    for p in (account_set, account_list, rows, retry, resolve, proof):
         p.set_defaults(func=cmd_billing)
-    account.choices["list"].set_defaults(func=cmd_billing)
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
