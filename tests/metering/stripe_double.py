@@ -48,7 +48,6 @@ class Sent:
     value: str
     timestamp: int
     account: str | None = None
-    status: int = 0
 
 
 @dataclass
@@ -201,15 +200,11 @@ def stripe_double(**options: object) -> Iterator[StripeDouble]:
             if double.delay_s:
                 time.sleep(double.delay_s)
             with double.lock:
-                sent = None
                 if path == "/v1/billing/meter_events":
-                    sent = Sent(form.get("identifier", ""), key, form.get("event_name", ""),
-                                form.get("payload[stripe_customer_id]", ""), form.get("payload[value]", ""),
-                                int(form.get("timestamp", 0)), account)
-                    double.received.append(sent)
+                    double.received.append(Sent(form.get("identifier", ""), key, form.get("event_name", ""),
+                                                form.get("payload[stripe_customer_id]", ""),
+                                                form.get("payload[value]", ""), int(form.get("timestamp", 0)), account))
                 status, answer = self._handle(path, account, key, form)
-                if sent is not None:
-                    sent.status = status
             self._answer(status, answer)
 
         def _handle(self, path: str, account: str | None, key: str | None, form: dict) -> tuple[int, dict]:
