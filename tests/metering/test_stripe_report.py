@@ -21,7 +21,7 @@ import asyncpg
 
 from billing.accounts import set_account
 from billing.context import BillingConfig, JobContext
-from billing.stripe_report import StripeSender, report
+from billing.stripe_report import StripeSender, report, resolve
 from processors.meters import load_meters
 from schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
@@ -430,3 +430,39 @@ async def test_a_subscription_without_a_period_is_logged_and_counted_and_the_oth
     assert code == 0 and "'period_errors': 1" in out, out
     assert f"{tenant}/later: no billing period, not reported" in out, out
     assert [(r["subject"], r["value"], r["status"]) for r in await _report_rows(db, tenant)] == [("early", 2, "sent")]
+
+
+async def test_a_stripe_outage_across_the_grace_never_stamps_into_the_finalised_invoice(
+        isolated: Settings, db: asyncpg.Connection) -> None:
+    """Billing reviews H2 and H3 together: Stripe is down while a finished period's last rows should go out.
+    Afterwards the row never handed to Stripe is planned again as an adjustment on the next invoice; the row
+    that was tried may have arrived, so it is held until a person resolves it; nothing lands in the
+    finalised invoice and everything is billed once."""
+    settings = metered(isolated)
+    b = await _boundary(db, Plan(id="u", report="usage", meters=[PlanMeter(meter="api_calls", included=0),
+                                                                  PlanMeter(meter="tokens", included=0)]))
+    with stripe_double() as double, running("processor", ["process"], settings):
+        double.periods[(b.account, b.customer)] = [(b.previous.start, b.previous.end), (b.current.start, b.current.end)]
+        produce(settings, _events(b, [b.at(-timedelta(hours=2, seconds=i)) for i in range(3)], 0)
+                + _events(b, [b.at(-timedelta(hours=2, seconds=i)) for i in range(2)], 10, ["5", "5"]))
+        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        double.failing = True
+        async with reporting(settings, double, stripe_breaker_fail_max=1) as run:
+            await run(b.at(timedelta(minutes=20)))  # within the grace; the first row is tried, the breaker opens
+        double.failing = False
+        async with reporting(settings, double) as run:  # the worker restarted, Stripe is back
+            after = await run(b.at(timedelta(hours=2)))  # the invoice is final
+            await run(b.at(timedelta(hours=2, minutes=5)))
+            rows = await _report_rows(db, b.tenant)
+            assert after["held"] == 1 and after["superseded"] == 1, after
+            held = next(r for r in rows if r["status"] == "held")
+            assert "finalised" in held["error"]
+            assert await resolve(db, b.tenant, held["id"], stripe_has_it=False)
+            await run(b.at(timedelta(hours=2, minutes=10)))
+    assert double.late() == []
+    assert double.invoiced(b.account, b.customer, b.previous.start, b.previous.end) == 0
+    assert double.invoiced(b.account, b.customer, b.current.start, b.current.end) == 3 + 10
+    rows = await _report_rows(db, b.tenant)
+    assert sorted((r["meter"], r["kind"], r["status"]) for r in rows if r["status"] == "sent") == [
+        ("api_calls", "adjustment", "sent"), ("tokens", "adjustment", "sent")]
+    assert all(r["period_label"] == b.previous.label for r in rows)
