@@ -12,6 +12,8 @@ import redis.asyncio as redis
 from schemas.meters import MetersConfig
 from usage.windows import WindowReader
 
+MAX_INVOICE_GRACE_S = 72 * 3600  # Stripe's longest invoice finalisation grace (docs/adr/0065)
+
 
 @dataclass
 class BillingConfig:
@@ -24,6 +26,8 @@ class BillingConfig:
     limits_ttl_s: int = 300
     tick_s: float = 5.0
     close_grace_s: int = 86400
+    late_horizon_s: int = 86400
+    stripe_invoice_grace_s: int = 3600
     stripe_api_key: str = "sk_test_123"
     stripe_api_base: str = "http://127.0.0.1:12111"
     stripe_max_attempts: int = 4
@@ -34,6 +38,19 @@ class BillingConfig:
     alerts_refresh_s: float = 5.0
     hook: Callable[[str], None] = lambda _point: None  # tests: kill the job at a named point
     topic_states: Callable[[str | None], dict[str, Any]] | None = None  # the counter topic's latest states
+
+    def problems(self) -> list[str]:
+        """Settings that would let usage go unbilled without a word; the jobs refuse to start on any."""
+        out = []
+        if self.close_grace_s < self.late_horizon_s:
+            out.append(f"TALLY_CLOSE_GRACE_S ({self.close_grace_s}) is shorter than TALLY_LATE_HORIZON_S "
+                       f"({self.late_horizon_s}): periods would be frozen while late events still count for them;"
+                       f" set TALLY_CLOSE_GRACE_S to at least {self.late_horizon_s}")
+        if not 0 < self.stripe_invoice_grace_s <= MAX_INVOICE_GRACE_S:
+            out.append(f"TALLY_STRIPE_INVOICE_GRACE_S ({self.stripe_invoice_grace_s}) must be your Stripe account's"
+                       f" invoice finalisation grace: 1 to {MAX_INVOICE_GRACE_S} s (Stripe: 1 hour by default, at"
+                       " most 72 hours)")
+        return out
 
 
 @dataclass

@@ -333,7 +333,8 @@ def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
         meters=_meters(settings),
         limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
         tick_s=settings.jobs_tick_s,
-        close_grace_s=settings.close_grace_s,
+        close_grace_s=settings.close_grace_s, late_horizon_s=settings.late_horizon_s,
+        stripe_invoice_grace_s=settings.stripe_invoice_grace_s,
         stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
         stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
         stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
@@ -360,8 +361,14 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     from billing.jobs import run_job, work
     from billing.registry import BY_NAME, SCHEDULED
 
+    config = _billing_config(settings)
+    if args.jobs_command != "list" and config.problems():
+        for problem in config.problems():
+            print(f"tally jobs: {problem}", file=sys.stderr)
+        return 2
+
     async def run() -> int:
-        ctx = await JobContext.open(_billing_config(settings))
+        ctx = await JobContext.open(config)
         try:
             if args.jobs_command == "run":
                 job = BY_NAME.get(args.name)
@@ -392,6 +399,107 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
             await ctx.close()
 
     return asyncio.run(run())
+
+
+def cmd_billing(args: argparse.Namespace, settings: Settings) -> int:
+    """Stripe accounts per tenant, rows that need a person, and the invoice-line proof (billing/)."""
+    from datetime import date, datetime, timezone
+
+    from billing import accounts, explain, stripe_report
+    from billing.context import JobContext
+
+    async def account(conn: asyncpg.Connection) -> int:
+        if args.account_command == "set":
+            try:
+                await accounts.set_account(conn, args.tenant, args.account)
+            except accounts.InvalidAccount as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            print(f"{args.tenant}: Stripe reports go to {args.account} (Stripe-Account header)")
+            return 0
+        for tenant, acct in await accounts.listing(conn):
+            print(f"{tenant:24} {acct or '-  (not reported: no Stripe account)'}")
+        return 0
+
+    async def rows(conn: asyncpg.Connection) -> int:
+        found = await stripe_report.attention(conn, args.tenant)
+        for r in found:
+            print(f"{r['id']:>8} {r['status']:6} {r['tenant']:16} {r['subject']:16} {r['meter']:12} {r['period_label']}"
+                  f" {r['kind']:10} {r['value']:>10} {r['error']}")
+        print(f"{len(found)} row(s) need a person: failed rows `tally billing retry` after the fix, held rows "
+              "`tally billing resolve` after checking Stripe (`tally billing explain`)")
+        return 1 if found else 0
+
+    async def decide(conn: asyncpg.Connection) -> int:
+        if args.billing_command == "retry":
+            count = await stripe_report.retry(conn, args.tenant, args.id)
+            print(f"{count} refused row(s) released: the next report (tally jobs run stripe_report) plans their "
+                  "quantity again with the subscription's customer, meter and account as they are now")
+            return 0 if count else 1
+        if not await stripe_report.resolve(conn, args.tenant, args.id, args.stripe_has_it):
+            print(f"{args.tenant} has no held row {args.id}", file=sys.stderr)
+            return 1
+        print(f"row {args.id}: " + ("counted as sent" if args.stripe_has_it else "the next report plans it again"))
+        return 0
+
+    async def proof() -> int:
+        config = _billing_config(settings)
+        ctx = await JobContext.open(config)
+        try:
+            found = await explain.explain(ctx, args.tenant, args.subject, args.period or date.today(),
+                                          None if args.no_stripe else stripe_report.StripeSender(config),
+                                          datetime.now(timezone.utc))
+        except explain.NothingToExplain as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        finally:
+            await ctx.close()
+        print("\n".join(explain.lines(found)))
+        return 0 if found.agrees else 1
+
+    async def run() -> int:
+        if args.billing_command == "explain":
+            return await proof()
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.billing_command == "account":
+                return await account(conn)
+            if args.billing_command == "rows":
+                return await rows(conn)
+            return await decide(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def _billing_parser(sub: argparse._SubParsersAction) -> None:
+    billing = sub.add_parser("billing", help="Stripe accounts, refused and held report rows, the invoice-line proof")
+    commands = billing.add_subparsers(dest="billing_command", required=True)
+    account = commands.add_parser("account", help="each tenant's own Stripe account").add_subparsers(
+        dest="account_command", required=True)
+    account_set = account.add_parser("set", help="send the tenant's reports to this connected account")
+    account_set.add_argument("--tenant", required=True)
+    account_set.add_argument("--account", required=True, help="acct_...")
+    account_list = account.add_parser("list", help="tenants with subscriptions and their account (none: not reported)")
+    rows = commands.add_parser("rows", help="report rows Stripe refused (failed) or that wait for a decision (held)")
+    rows.add_argument("--tenant")
+    retry = commands.add_parser("retry", help="after fixing their cause, let refused rows be planned again")
+    retry.add_argument("--id", type=int, help="one row (default: all of the tenant's failed rows)")
+    resolve = commands.add_parser("resolve", help="decide a held row after checking Stripe")
+    resolve.add_argument("--id", type=int, required=True)
+    decision = resolve.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--stripe-has-it", action="store_true", help="Stripe has the event: count it as sent")
+    decision.add_argument("--stripe-lacks-it", action="store_true", help="Stripe has not: plan its quantity again")
+    proof = commands.add_parser("explain", help="per meter: hour windows, raw events, report rows, Stripe's summary,"
+                                " and whether they agree (exit 1 if not)")
+    proof.add_argument("--subject", required=True)
+    proof.add_argument("--period", type=_date, help="a date inside the period (default today)")
+    proof.add_argument("--no-stripe", action="store_true", help="do not ask Stripe for its summary")
+    for p in (retry, resolve, proof):
+        p.add_argument("--tenant", required=True)
+    for p in (account_set, account_list, rows, retry, resolve, proof):
+        p.set_defaults(func=cmd_billing)
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
@@ -556,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--fix", action="store_true", help="repair drifting windows under their row locks, through the "
                                                         "outbox (safe while the processor counts)")
     rec.set_defaults(func=cmd_reconcile)
+
+    _billing_parser(sub)
 
     sub.add_parser("alerts", help="evaluate alert rules on the counter topic; publish and deliver transitions"
                    ).set_defaults(func=cmd_alerts)

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     stripe_breaker_reset_s: float = Field(30.0, description="an open breaker lets one call through after this")
     close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
                                                  "TALLY_LATE_HORIZON_S (docs/adr/0043)")
+    # Stripe's rules (billing/stripe_report.py, docs/adr/0065)
+    stripe_invoice_grace_s: int = Field(3600, description="your Stripe account's invoice finalisation grace "
+                                        "(1 hour by default, at most 72): rows stamped in a finished period go out "
+                                        "before it ends, later ones are adjustments on the next invoice")
 
     # alerts (alerts/)
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")

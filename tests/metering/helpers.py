@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
+from billing.accounts import set_account
 from ingest.auth import create_key
 from schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
@@ -37,10 +38,12 @@ def pipeline(settings: Settings, **env: str) -> Iterator[Gateway]:
 
 
 async def tenant_keys(settings: Settings) -> tuple[str, str, str]:
-    """(tenant, a key with every scope, a key that may only write events)."""
+    """(tenant, a key with every scope, a key that may only write events); the tenant's Stripe account is
+    `account_of(tenant)`."""
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(settings.database_url)
     try:
+        await set_account(conn, tenant, account_of(tenant))
         _, admin = await create_key(conn, tenant, "admin", ["admin:write", "usage:read", "events:write"])
         _, writer = await create_key(conn, tenant, "writer", ["events:write"])
     finally:
@@ -57,12 +60,19 @@ def run_tally(args: list[str], settings: Settings, **env: str) -> tuple[int, str
 
 async def billed_subject(db: asyncpg.Connection, tenant: str, subject: str, customer: str, included: int,
                          report: str = "overage") -> None:
-    """A plan with api_calls (COUNT) soft-limited at `included`, and `subject` on it since 40 days ago."""
+    """A plan with api_calls (COUNT) soft-limited at `included`, and `subject` on it since 40 days ago; the
+    tenant's Stripe account is `account_of(tenant)`."""
+    await set_account(db, tenant, account_of(tenant))
     plan = Plan(id="metered", report=report, meters=[PlanMeter(meter="api_calls", included=included,
                                                                limit_mode="soft", stripe_event="api_calls")])
     await save_plan(db, tenant, plan)
     await subscribe(db, tenant, Subscription(subject=subject, plan_id="metered", stripe_customer_id=customer,
                                              start_date=date.today() - timedelta(days=40)))
+
+
+def account_of(tenant: str) -> str:
+    """A Stripe connected account id of the tenant's own."""
+    return "acct_" + "".join(c for c in tenant if c.isalnum())[:40]
 
 
 def calls(tenant: str, subject: str, n: int, first: int = 0) -> list[Envelope]:

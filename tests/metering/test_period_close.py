@@ -1,6 +1,7 @@
 """Period close: a period past its end plus the grace is reported and frozen; a late event after close
-changes the live figure, not the frozen one, and goes to Stripe as an adjustment; one job for one key
-never runs twice at once."""
+changes the live figure, not the frozen one; what a finished period gains after Stripe finalised its
+invoice goes to Stripe as an adjustment on the next invoice, never stamped into the finalised one; one
+job for one key never runs twice at once."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from billing.accounts import set_account
 from billing.context import BillingConfig, JobContext
 from billing.jobs import Job, run_job
 from processors.meters import load_meters
 from schemas.envelope import Envelope
 from tally.settings import Settings
-from tests.metering.helpers import METERS, metered, run_tally
+from tests.metering.helpers import METERS, account_of, metered, run_tally
 from tests.metering.stripe_double import stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import running
+from usage.periods import period_at, previous
 from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 
@@ -38,12 +41,16 @@ async def test_close_freezes_the_period_and_a_late_event_becomes_an_adjustment(i
     zone = _zone_past_midnight(now)
     today = now.astimezone(ZoneInfo(zone)).date()
     boundary = datetime.combine(today, datetime.min.time(), tzinfo=ZoneInfo(zone)).astimezone(timezone.utc)
+    await set_account(db, tenant, account_of(tenant))
     await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter="api_calls", included=2)]))
-    await subscribe(db, tenant, Subscription(subject=subject, plan_id="p", stripe_customer_id=customer,
-                                             anchor_day=today.day, time_zone=zone,
-                                             start_date=today - timedelta(days=60)))
-    env = {"TALLY_CLOSE_GRACE_S": "60"}
+    sub = Subscription(subject=subject, plan_id="p", stripe_customer_id=customer, anchor_day=today.day,
+                       time_zone=zone, start_date=today - timedelta(days=60))
+    await subscribe(db, tenant, sub)
+    previous_period = previous(sub.anchor(), period_at(sub.anchor(), now))
+    # the jobs close after a minute; the processor keeps its one-day horizon (the jobs check they agree)
+    env = {"TALLY_CLOSE_GRACE_S": "60", "TALLY_LATE_HORIZON_S": "60"}
     with stripe_double() as double, running("processor", ["process"], settings):
+        double.periods[(account_of(tenant), customer)] = [(previous_period.start, boundary)]
         env["TALLY_STRIPE_API_BASE"] = double.url
         before = [boundary - timedelta(hours=2, minutes=i) for i in range(5)]
         after = [boundary + timedelta(minutes=30 + i) for i in range(3)]
@@ -67,14 +74,16 @@ async def test_close_freezes_the_period_and_a_late_event_becomes_an_adjustment(i
                               boundary)) == 5
     rows = await db.fetch("select period_label, kind, value, event_time, status from stripe_reports"
                           " where tenant = $1 order by id", tenant)
+    # Some 10 h after the end Stripe's invoice of the finished period (1 h grace) is final: its quantity goes
+    # to the next invoice as adjustments naming the period, stamped when sent (billing review H2).
     previous_label = [r for r in rows if r["period_label"] != today]
-    assert [(r["kind"], r["value"]) for r in previous_label] == [("usage", 3), ("adjustment", 1)]
-    assert previous_label[0]["event_time"] == boundary - timedelta(seconds=1)
-    assert previous_label[1]["event_time"] > boundary
+    assert [(r["kind"], r["value"]) for r in previous_label] == [("adjustment", 3), ("adjustment", 1)]
+    assert all(r["event_time"] > boundary + timedelta(hours=1) for r in previous_label)
     current = [r for r in rows if r["period_label"] == today]
     assert [(r["kind"], r["value"]) for r in current] == [("usage", 1)]
     assert all(r["status"] == "sent" for r in rows)
     assert sum(int(s.value) for s in double.for_customer(customer)) == 3 + 1 + 1
+    assert double.late() == []  # nothing stamped into the finalised invoice
 
 
 async def test_two_runs_of_one_job_for_one_key_never_overlap(settings: Settings) -> None:
