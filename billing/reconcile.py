@@ -39,7 +39,7 @@ import orjson
 from prometheus_client import Counter
 
 from billing.context import JobContext
-from billing.stripe_report import billable
+from billing.stripe_report import COUNTED, billable
 from processors.decode import Event
 from processors.meters import MeterSet
 from schemas.counters import CounterDelta, CounterState
@@ -264,14 +264,15 @@ async def _redis_states(ctx: JobContext, keys: list[str]) -> dict[str, tuple[int
 
 
 async def _stripe_drift(ctx: JobContext, lo: datetime, tenant: str | None) -> list[Drift]:
-    """Ended periods (after `lo`) whose Stripe rows do not sum to the billable quantity of the counters."""
+    """Ended periods (after `lo`) whose rows that count as billed (not refused, superseded or cancelled ones)
+    do not sum to the billable quantity of the counters."""
     out = []
     rows = await ctx.pool.fetch(
         "select r.tenant, r.subject, r.meter, r.period_label, r.period_end, s.time_zone, s.anchor_day,"
-        " s.start_date, sum(r.value) as reported from stripe_reports r"
-        " join subscriptions s using (tenant, subject)"
+        " s.start_date, coalesce(sum(r.value) filter (where r.status = any($3::text[])), 0) as reported"
+        " from stripe_reports r join subscriptions s using (tenant, subject)"
         " where r.period_end > $1 and r.period_end <= now() and ($2::text is null or r.tenant = $2)"
-        " group by 1, 2, 3, 4, 5, 6, 7, 8", lo, tenant)
+        " group by 1, 2, 3, 4, 5, 6, 7, 8", lo, tenant, list(COUNTED))
     for r in rows:
         plan = await plan_for_period(ctx.pool, r["tenant"], r["subject"], r["period_end"])
         if plan is None or all(m.meter != r["meter"] for m in plan.meters):

@@ -26,7 +26,9 @@ from sinks.kafka import KafkaPublisher
 from sinks.outbox import OutboxRelay
 from sinks.redis_cache import cache_key
 from tally.settings import Settings
-from tests.metering.helpers import METERS, calls, metered, run_tally
+from usage.periods import period_at, previous
+from usage.plans import load_subscriptions
+from tests.metering.helpers import METERS, billed_subject, calls, metered, run_tally
 from tests.processor.helpers import assert_topic_matches_postgres, drained, latest_counter_states, produce, wait_for
 from tests.support import running
 
@@ -316,3 +318,24 @@ async def test_the_daily_reconcile_never_stalls_the_hard_limit_refresh(
 
 async def _reconciled(db: asyncpg.Connection) -> bool:
     return await db.fetchval("select count(*) from job_runs where job = 'reconcile' and status in ('ok', 'failed')") > 0
+
+
+async def test_stripe_drift_counts_only_rows_that_count_as_billed(isolated: Settings, db: asyncpg.Connection) -> None:
+    """A row Stripe refused bills nothing: an ended period whose only rows were refused has not drifted,
+    and one with a sent row beyond its billable quantity has."""
+    settings = metered(isolated)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    await billed_subject(db, tenant, "acme", "cus_acme", included=0)
+    sub = (await load_subscriptions(db, tenant, "acme"))[0][1]
+    ended = previous(sub.anchor(), period_at(sub.anchor(), datetime.now(timezone.utc)))
+    insert = ("insert into stripe_reports (identifier, tenant, subject, meter, period_label, period_end, seq, kind,"
+              " event_name, stripe_customer_id, value, event_time, status) values ($1, $2, 'acme', 'api_calls', $3,"
+              " $4, $5, 'usage', 'api_calls', 'cus_acme', $6, $4::timestamptz - interval '1 second', $7)")
+    await db.execute(insert, f"refused-{tenant}", tenant, ended.label, ended.end, 1, 5, "failed")
+    args = ["reconcile", "--since", (ended.end - timedelta(days=1)).date().isoformat(), "--tenant", tenant]
+    code, out = run_tally(args, settings)
+    assert code == 0 and "0 drift(s)" in out, out
+
+    await db.execute(insert, f"sent-{tenant}", tenant, ended.label, ended.end, 2, 3, "sent")
+    code, out = run_tally(args, settings)
+    assert code == 1 and f"drift stripe   {tenant}/acme/api_calls/{ended.label}  expected 0  found 3" in out, out
