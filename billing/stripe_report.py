@@ -26,8 +26,9 @@ import tenacity
 
 from billing.context import BillingConfig, JobContext
 from usage.periods import Period, PeriodError, period_at, previous
-from usage.plans import Plan, Subscription, load_subscriptions, plan_for_period
-from usage.windows import combine, from_postgres
+from usage.plans import Subscription, load_subscriptions
+from usage.terms import terms_for
+from usage.windows import from_postgres
 
 log = logging.getLogger("tally.billing.stripe")
 
@@ -38,11 +39,6 @@ def identifier(tenant: str, subject: str, meter: str, label: str, seq: int) -> s
     """Stable and short (Stripe allows 100 characters): the same row always sends the same identifier."""
     digest = hashlib.sha256(f"{tenant}\x1f{subject}\x1f{meter}\x1f{label}\x1f{seq}".encode()).hexdigest()[:40]
     return f"tally_{digest}"
-
-
-def billable(plan: Plan, meter: str, used: Decimal) -> Decimal:
-    pm = next(m for m in plan.meters if m.meter == meter)
-    return used if plan.report == "usage" else max(used - pm.included, Decimal(0))
 
 
 class StripeSender:
@@ -78,14 +74,13 @@ values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 
 async def _plan_period(conn: asyncpg.Connection, tenant: str, sub: Subscription, period: Period, now: datetime,
                        closed: bool) -> int:
-    plan = await plan_for_period(conn, tenant, sub.subject, period.end)
-    if plan is None:
+    terms = await terms_for(conn, tenant, sub.subject, period)
+    if terms is None:
         return 0
-    windows = await from_postgres(conn, tenant, sub.subject, [m.meter for m in plan.meters], period.start,
-                                  period.end)
+    windows = await from_postgres(conn, tenant, sub.subject, terms.meters(), period.start, period.end)
     written = 0
-    for pm in plan.meters:
-        quantity = billable(plan, pm.meter, combine(list(windows[pm.meter].values())))
+    for pm in (terms.meter(meter)[1] for meter in terms.meters()):
+        quantity = terms.billable(pm.meter, windows[pm.meter])
         async with conn.transaction():
             await conn.execute("select pg_advisory_xact_lock(4001, hashtext($1))",
                                f"{tenant}\x1f{sub.subject}\x1f{pm.meter}\x1f{period.label}")

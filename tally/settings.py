@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
                                                  "TALLY_LATE_HORIZON_S (docs/adr/0043)")
 
+    # plan and subscription bounds per tenant (security review M4; docs/adr/0060)
+    usage_max_plans: int = Field(1000, ge=1, description="plans a tenant may create; past it a new one is a 409")
+    usage_max_subscriptions: int = Field(100_000, ge=1, description="subscriptions a tenant may create; past it a "
+                                                                      "new one is a 409")
+
     # alerts (alerts/)
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
     alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")

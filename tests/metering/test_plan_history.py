@@ -292,8 +292,8 @@ async def test_a_bad_subscription_is_logged_counted_and_never_stops_the_others(
                                              start_date=date.today() - timedelta(days=70)))
     await db.execute("insert into subscriptions (tenant, subject, plan_id, anchor_day, time_zone, start_date)"
                      " values ($1, 'bad', 'p', 1, 'Asia/Kolkata', $2)", tenant, date.today() - timedelta(days=70))
-    await db.execute("insert into subscription_plans (tenant, subject, plan_id, effective_at)"
-                     " values ($1, 'bad', 'p', '-infinity')", tenant)
+    await db.execute("insert into subscription_plans (tenant, subject, version, plan_id, effective_at)"
+                     " values ($1, 'bad', 1, 'p', '-infinity')", tenant)
     config = BillingConfig(isolated.database_url, isolated.redis_url, isolated.redis_prefix,
                            isolated.redis_counter_ttl_s, load_meters(inline=METERS), close_grace_s=60)
     ctx = await JobContext.open(config)
