@@ -3,6 +3,7 @@ read), `GET /v1/usage` and `GET /v1/usage/history`. The tenant always comes from
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
 from schemas.meters import MetersConfig
-from usage.plans import (Plan, QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
+from usage.plans import (SLUG, Plan, QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
                          check_meters, load_plans, load_subscriptions, plan_history, save_plan, subscription_history)
 from usage.windows import WindowReader
 
@@ -68,11 +69,10 @@ def _with(operation: dict[str, Any], extra: dict[str, Any], responses: dict[str,
     return {**operation, **extra, "responses": {**operation["responses"], **responses}}
 
 
-def _subject(request: Request) -> str:
-    subject = request.path_params["subject"]
-    if len(subject.encode()) > 256:
-        raise Problem(400, "Invalid request", "subject is at most 256 bytes",
-                      errors=[{"field": "subject", "message": "at most 256 bytes"}])
+def _subject(subject: str) -> str:
+    if len(subject.encode()) > 256 or "\x00" in subject:
+        raise Problem(400, "Invalid request", "subject is at most 256 bytes, without NUL characters",
+                      errors=[{"field": "subject", "message": "at most 256 bytes, without NUL characters"}])
     return subject
 
 
@@ -143,7 +143,8 @@ class UsageProduct:
     async def get_plan(self, request: Request) -> Response:
         """The plan's current version with every version it had."""
         tenant = await self._edge.tenant(request, READ)
-        found = await load_plans(self._edge.pool, tenant, request.path_params["plan_id"])
+        plan_id = request.path_params["plan_id"]
+        found = re.match(SLUG, plan_id) and await load_plans(self._edge.pool, tenant, plan_id)
         if not found:
             raise Problem(404, "Not Found", "no such plan")
         version, plan = found[0]
@@ -153,7 +154,7 @@ class UsageProduct:
     async def put_subscription(self, request: Request) -> Response:
         """Create a subscription, or change what the body names and keep the rest (docs/adr/0060)."""
         tenant = await self._edge.tenant(request, ADMIN)
-        subject = _subject(request)
+        subject = _subject(request.path_params["subject"])
         body = await _body(request)
         try:
             change = SubscriptionChange.model_validate(body)
@@ -168,7 +169,7 @@ class UsageProduct:
     async def get_subscription(self, request: Request) -> Response:
         """The subscription with every version it had, oldest first."""
         tenant = await self._edge.tenant(request, READ)
-        return _json(await self._subscription(tenant, _subject(request)))
+        return _json(await self._subscription(tenant, _subject(request.path_params["subject"])))
 
     async def _subscription(self, tenant: str, subject: str) -> dict[str, Any]:
         found = await load_subscriptions(self._edge.pool, tenant, subject)
@@ -179,7 +180,8 @@ class UsageProduct:
 
     async def get_subscriptions(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, READ)
-        subs = await load_subscriptions(self._edge.pool, tenant, request.query_params.get("subject"))
+        subject = request.query_params.get("subject")
+        subs = await load_subscriptions(self._edge.pool, tenant, subject and _subject(subject))
         return _json({"subscriptions": [s.model_dump(mode="json") for _, s in subs]})
 
     async def get_usage(self, request: Request) -> Response:

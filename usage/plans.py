@@ -23,6 +23,7 @@ from usage.periods import Anchor, NotStarted, PeriodError, check_zone, period_at
 from usage.plan_changes import notify
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TEXT = r"^[^\x00]*$"  # PostgreSQL cannot store NUL characters
 ADDITIVE = (Aggregation.COUNT, Aggregation.SUM)  # the aggregations whose hour windows add up to a period
 TENANT_LOCK = 4002  # advisory lock class: one plan or subscription count per tenant at a time
 
@@ -35,7 +36,7 @@ class PlanMeter(BaseModel):
     limit_mode: Literal["soft", "hard"] = "soft"
     overage_price: Decimal = Field(Decimal(0), ge=0)
     thresholds: list[int] = Field(default_factory=lambda: [80, 100], max_length=20)
-    stripe_event: str | None = Field(None, max_length=100, description="the Stripe billing meter's event_name")
+    stripe_event: str | None = Field(None, max_length=100, pattern=TEXT, description="the Stripe billing meter's event_name")
 
     @field_validator("thresholds")
     @classmethod
@@ -49,7 +50,7 @@ class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=SLUG)
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=TEXT)
     report: Literal["overage", "usage"] = Field("overage", description="what is reported to Stripe")
     meters: list[PlanMeter] = Field(min_length=1, max_length=50)
 
@@ -71,7 +72,7 @@ class Subscription(BaseModel):
 
     subject: str = Field(min_length=1, max_length=256)
     plan_id: str = Field(pattern=SLUG)
-    stripe_customer_id: str | None = Field(None, max_length=255)
+    stripe_customer_id: str | None = Field(None, max_length=255, pattern=TEXT)
     anchor_day: int = Field(1, ge=1, le=31)
     time_zone: str = "UTC"
     start_date: date
@@ -94,7 +95,8 @@ class SubscriptionChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     plan_id: str | None = Field(None, pattern=SLUG)
-    stripe_customer_id: str | None = Field(None, max_length=255, description="null removes the customer")
+    stripe_customer_id: str | None = Field(None, max_length=255, pattern=TEXT,
+                                           description="null removes the customer")
     anchor_day: int | None = Field(None, ge=1, le=31)
     time_zone: str | None = Field(None, max_length=64)
     start_date: date | None = None
