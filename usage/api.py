@@ -22,7 +22,7 @@ from ingest.products import Edge
 from usage import links
 from usage.alerts import message
 from usage.changes import SubjectChanges
-from usage.figures import NotFound, UsageService
+from usage.figures import NotFound, Unreadable, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
 from schemas.meters import MetersConfig
@@ -266,6 +266,8 @@ class UsageProduct:
             history = await self.service().history(tenant, subject, None, "current", now)
         except NotFound as exc:
             raise Problem(404, "Not Found", str(exc)) from None
+        except Unreadable as exc:
+            raise Problem(409, "Subscription cannot be read", str(exc)) from None
         alerts = await self._edge.pool.fetch(
             "select * from usage_alerts where tenant = $1 and subject = $2 and read_at is null order by id desc"
             " limit 20", tenant, subject)
@@ -291,6 +293,8 @@ class UsageProduct:
             raise Problem(400, "Invalid request", str(exc), errors=[{"field": "period", "message": str(exc)}]) from None
         except NotFound as exc:
             raise Problem(404, "Not Found", str(exc)) from None
+        except Unreadable as exc:
+            raise Problem(409, "Subscription cannot be read", str(exc)) from None
         return _json(body)
 
     def openapi_paths(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from usage.changes import Seen, SubjectChanges
-from usage.periods import Anchor, Period, PeriodError, days, period_at, period_of_date, previous
+from usage.periods import Anchor, Period, PeriodError, check_zone, days, period_at, period_of_date, previous, skipped
 from usage.plan_changes import PlanChanges
 from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions
 from usage.terms import Terms, terms_for
@@ -31,6 +31,11 @@ _NEVER = datetime.max.replace(tzinfo=timezone.utc)
 
 class NotFound(LookupError):
     pass
+
+
+class Unreadable(Exception):
+    """A stored subscription whose periods cannot be computed (its zone's rules changed): logged and
+    counted, and answered as such instead of as the caller's mistake."""
 
 
 def resolve_period(anchor: Anchor, spec: str, now: datetime) -> Period:
@@ -149,6 +154,11 @@ class UsageService:
                 raise NotFound(f"subject {subject!r} has no subscription")
             sub = found[0][1]
             anchor = sub.anchor()
+            try:
+                check_zone(anchor.zone)
+            except PeriodError as exc:
+                skipped("figures", tenant, subject, exc)
+                raise Unreadable(f"the subscription of {subject!r} cannot be read: {exc}") from None
             period = resolve_period(anchor, spec, now)
             terms = await terms_for(conn, tenant, subject, period)
         if terms is None:

@@ -25,7 +25,7 @@ from usage.plan_changes import notify
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TEXT = r"^[^\x00]*$"  # PostgreSQL cannot store NUL characters
 ADDITIVE = (Aggregation.COUNT, Aggregation.SUM)  # the aggregations whose hour windows add up to a period
-TENANT_LOCK = 4002  # advisory lock class: one plan or subscription count per tenant at a time
+LOCK = 4002  # advisory lock class: one writer per plan, per subscription and per tenant's count at a time
 
 
 class PlanMeter(BaseModel):
@@ -36,7 +36,8 @@ class PlanMeter(BaseModel):
     limit_mode: Literal["soft", "hard"] = "soft"
     overage_price: Decimal = Field(Decimal(0), ge=0)
     thresholds: list[int] = Field(default_factory=lambda: [80, 100], max_length=20)
-    stripe_event: str | None = Field(None, max_length=100, pattern=TEXT, description="the Stripe billing meter's event_name")
+    stripe_event: str | None = Field(None, max_length=100, pattern=TEXT,
+                                     description="the Stripe billing meter's event_name")
 
     @field_validator("thresholds")
     @classmethod
@@ -150,30 +151,43 @@ def check_meters(plan: Plan, meters: MetersConfig) -> None:
         raise Refused(errors)
 
 
+async def _lock(conn: asyncpg.Connection, *key: str) -> None:
+    """Until the transaction ends: two writers of one plan or subscription (or of one tenant's count) take
+    turns, so neither numbers a version the other took nor creates a row the other is creating."""
+    await conn.execute("select pg_advisory_xact_lock($1, hashtext($2))", LOCK, "\x1f".join(key))
+
+
 async def _within_quota(conn: asyncpg.Connection, tenant: str, table: str, bound: int | None, setting: str) -> None:
     """Inside the transaction that adds a row: the tenant lock makes the count and the insert one step."""
     if bound is None:
         return
-    await conn.execute("select pg_advisory_xact_lock($1, hashtext($2))", TENANT_LOCK, f"{table}:{tenant}")
+    await _lock(conn, table, tenant)
     if await conn.fetchval(f"select count(*) from {table} where tenant = $1", tenant) >= bound:  # noqa: S608
         raise QuotaExceeded(f"this tenant has {bound} {table}, the most {setting} allows")
 
 
 async def save_plan(conn: asyncpg.Connection, tenant: str, plan: Plan, max_plans: int | None = None) -> int:
-    """Create a plan or add a version of it (effective now); returns the version. Meters are replaced whole."""
+    """Create a plan or add a version of it (effective now); returns the version. Meters are replaced whole;
+    saving the plan as it is adds no version."""
+    meters = [m.model_dump(mode="json") for m in plan.meters]
     async with conn.transaction():
-        version = await conn.fetchval(
-            "update plans set name = $3, report = $4, version = version + 1, updated_at = now()"
-            " where tenant = $1 and id = $2 returning version", tenant, plan.id, plan.name, plan.report)
-        if version is None:
+        await _lock(conn, "plan", tenant, plan.id)
+        current = await conn.fetchrow(
+            "select v.* from plans p join plan_versions v on v.tenant = p.tenant and v.plan_id = p.id"
+            " and v.version = p.version where p.tenant = $1 and p.id = $2", tenant, plan.id)
+        if current is not None and (current["name"], current["report"], orjson.loads(current["meters"])) == (
+                plan.name, plan.report, meters):
+            return current["version"]
+        if current is None:
             await _within_quota(conn, tenant, "plans", max_plans, "TALLY_USAGE_MAX_PLANS")
-            version = await conn.fetchval("insert into plans (tenant, id, name, report) values ($1, $2, $3, $4)"
-                                          " returning version", tenant, plan.id, plan.name, plan.report)
+        version = await conn.fetchval(
+            "insert into plans (tenant, id, name, report) values ($1, $2, $3, $4) on conflict (tenant, id) do update"
+            " set name = excluded.name, report = excluded.report, version = plans.version + 1, updated_at = now()"
+            " returning version", tenant, plan.id, plan.name, plan.report)
         await conn.execute(
             "insert into plan_versions (tenant, plan_id, version, name, report, meters, effective_at)"
             " values ($1, $2, $3, $4, $5, $6::jsonb, case when $3 = 1 then '-infinity'::timestamptz else now() end)",
-            tenant, plan.id, version, plan.name, plan.report,
-            orjson.dumps([m.model_dump(mode="json") for m in plan.meters]).decode())
+            tenant, plan.id, version, plan.name, plan.report, orjson.dumps(meters).decode())
         await conn.execute("delete from plan_meters where tenant = $1 and plan_id = $2", tenant, plan.id)
         await conn.executemany(
             "insert into plan_meters (tenant, plan_id, meter, included, limit_mode, overage_price, thresholds,"
@@ -233,7 +247,8 @@ async def change_subscription(conn: asyncpg.Connection, tenant: str, subject: st
     define the periods, so once the first period has begun they can no longer change (docs/adr/0060)."""
     named = change.model_dump(exclude_unset=True)
     async with conn.transaction():
-        row = await conn.fetchrow("select * from subscriptions where tenant = $1 and subject = $2 for update",
+        await _lock(conn, "subscription", tenant, subject)
+        row = await conn.fetchrow("select * from subscriptions where tenant = $1 and subject = $2",
                                   tenant, subject)
         now = await conn.fetchval("select now()")
         if row is None:

@@ -4,12 +4,14 @@ what it does not name, never re-labels or re-opens a period, is billed from the 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import pytest
 from prometheus_client import REGISTRY
 
 from billing.close import close_periods
@@ -22,6 +24,8 @@ from tests.metering.stripe_double import stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import running
+from usage.figures import UsageService, Unreadable
+from usage.limits import decide
 from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 ZONE = "Europe/Berlin"
@@ -302,15 +306,50 @@ async def test_a_bad_subscription_is_logged_counted_and_never_stops_the_others(
         return REGISTRY.get_sample_value("tally_period_errors_total", {"where": where}) or 0
 
     try:
-        before = errors("close"), errors("limits")
+        before = errors("close"), errors("limits"), errors("figures")
         figures = await close_periods(ctx, datetime.now(timezone.utc))
-        from usage.limits import decide
         decision = await decide(ctx.pool, ctx.reader, config.meters)
+        service = UsageService(ctx.pool, ctx.reader)
+        assert (await service.usage(tenant, "good"))["plan"] == "p"
+        with pytest.raises(Unreadable):
+            await service.usage(tenant, "bad")
     finally:
         await ctx.close()
     assert figures["periods_closed"] >= 2
     assert await db.fetchval("select count(*) from period_usage where tenant = $1 and subject = 'good'", tenant) >= 2
     assert await db.fetchval("select count(*) from period_usage where tenant = $1 and subject = 'bad'", tenant) == 0
     assert "good" in decision[tenant]
-    assert errors("close") == before[0] + 1 and errors("limits") == before[1] + 1
+    assert (errors("close"), errors("limits"), errors("figures")) == (before[0] + 1, before[1] + 1, before[2] + 1)
     assert any("bad" in r.getMessage() and "Asia/Kolkata" in r.getMessage() for r in caplog.records)
+
+
+async def test_concurrent_writers_of_one_subscription_or_plan_take_turns(isolated: Settings) -> None:
+    """Two requests creating one subscription (or one plan) at once: one creates it, the other applies to it;
+    neither fails on a version number the other took."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    pool = await asyncpg.create_pool(isolated.database_url, min_size=4, max_size=4)
+    try:
+        async with pool.acquire() as conn:
+            await save_plan(conn, tenant, Plan(id="p", meters=[PlanMeter(meter="api_calls", included=1)]))
+
+        async def create(subject: str) -> None:
+            async with pool.acquire() as conn:
+                await subscribe(conn, tenant, Subscription(subject=subject, plan_id="p", start_date=date.today()))
+
+        async def edit(included: int) -> None:
+            async with pool.acquire() as conn:
+                await save_plan(conn, tenant, Plan(id="q", meters=[PlanMeter(meter="api_calls", included=included)]))
+
+        for n in range(10):
+            await asyncio.gather(create(f"s{n}"), create(f"s{n}"), edit(n), edit(n + 100))
+        versions = await pool.fetch("select subject, count(*) from subscription_plans where tenant = $1"
+                                    " group by subject", tenant)
+        assert sorted(r["count"] for r in versions) == [1] * 10
+        assert await pool.fetchval("select max(version) from plan_versions where tenant = $1 and plan_id = 'q'",
+                                   tenant) == 20
+        async with pool.acquire() as conn:  # the plan as it is: no new version
+            await save_plan(conn, tenant, Plan(id="p", meters=[PlanMeter(meter="api_calls", included=1)]))
+        assert await pool.fetchval("select count(*) from plan_versions where tenant = $1 and plan_id = 'p'",
+                                   tenant) == 1
+    finally:
+        await pool.close()
