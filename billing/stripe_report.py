@@ -16,7 +16,6 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import asyncpg

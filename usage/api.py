@@ -160,7 +160,7 @@ class UsageProduct:
             change = SubscriptionChange.model_validate(body)
             async with self._edge.pool.acquire() as conn:
                 await change_subscription(conn, tenant, subject, change, self._max_subscriptions)
-        except (ValidationError, PeriodError) as exc:
+        except ValidationError as exc:
             raise _invalid(exc) from None
         except (Refused, QuotaExceeded, UnknownPlan) as exc:
             raise _refusal(exc) from None

@@ -292,7 +292,8 @@ async def change_subscription(conn: asyncpg.Connection, tenant: str, subject: st
 
 async def subscribe(conn: asyncpg.Connection, tenant: str, sub: Subscription) -> Subscription:
     """Create or change a subscription naming every field."""
-    return await change_subscription(conn, tenant, sub.subject, SubscriptionChange(**sub.model_dump(exclude={"subject"})))
+    change = SubscriptionChange(**sub.model_dump(exclude={"subject"}))
+    return await change_subscription(conn, tenant, sub.subject, change)
 
 
 def subscription_of(row: asyncpg.Record) -> Subscription:

@@ -257,8 +257,8 @@ async def test_plan_meters_must_be_billable_configured_meters(isolated: Settings
         answer = answers[meter]
         assert answer.status_code == 422, answer.text
         assert answer.headers["content-type"] == "application/problem+json"
-        assert answer.json()["errors"] == [{"field": "meters.1.meter", "message": answer.json()["errors"][0]["message"]}]
-        assert problem in answer.json()["errors"][0]["message"], answer.text
+        [error] = answer.json()["errors"]
+        assert error["field"] == "meters.1.meter" and problem in error["message"], answer.text
     assert good.status_code == 201, good.text
     assert [p["meters"][0]["meter"] for p in listed] == ["tokens"]
 
