@@ -309,6 +309,7 @@ class UsageProduct:
         refusals = {"409": {"description": "the tenant's bound on plans or subscriptions is reached"},
                     "422": {"description": "the change cannot be applied; `errors` names each field and why"}}
         subject = [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}]
+        unreadable = {"409": {"description": "the stored subscription's periods cannot be computed (its zone)"}}
         return {
             "/v1/plans": {"post": _with(op("Create a plan, or a new version of it effective from now (docs/adr/0060);"
                                            " every meter must be a configured COUNT or SUM meter with an hour"
@@ -325,10 +326,10 @@ class UsageProduct:
                              {"parameters": subject, **json_body}, refusals),
                 "get": {**op("A subscription with every version it had", READ), "parameters": subject}},
             "/v1/subscriptions": {"get": op("List subscriptions", READ, ["subject"])},
-            "/v1/usage": {"get": op("A subject's usage per meter in a billing period", READ,
-                                    ["subject", "meter", "period"])},
-            "/v1/usage/history": {"get": op("A subject's usage per day of a billing period", READ,
-                                            ["subject", "meter", "period"])},
+            "/v1/usage": {"get": _with(op("A subject's usage per meter in a billing period", READ,
+                                          ["subject", "meter", "period"]), {}, unreadable)},
+            "/v1/usage/history": {"get": _with(op("A subject's usage per day of a billing period", READ,
+                                                  ["subject", "meter", "period"]), {}, unreadable)},
             "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, ["subject", "unread"])},
             "/v1/usage/alerts/{id}/read": {"post": {
                 **op("Mark an alert read", READ),
