@@ -16,9 +16,10 @@ import stripe
 from billing.accounts import accounts
 from billing.context import JobContext
 from billing.reconcile import recompute
-from billing.stripe_report import COUNTED, StripeSender, billable, whole
+from billing.stripe_report import COUNTED, StripeSender, whole
 from usage.periods import Period, PeriodError, period_of_date
-from usage.plans import load_subscriptions, plan_for_period
+from usage.plans import load_subscriptions
+from usage.terms import terms_for
 from usage.windows import combine, from_postgres
 
 
@@ -50,7 +51,7 @@ class Proof:
     tenant: str
     subject: str
     period: Period
-    plan_id: str
+    plans: str  # the plan versions that billed the period, each from when
     customer: str | None
     account: str | None
     meters: list[MeterProof]
@@ -91,17 +92,18 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
             period = period_of_date(sub.anchor(), day)
         except PeriodError as exc:
             raise NothingToExplain(str(exc)) from None
-        plan = await plan_for_period(conn, tenant, subject, period.end)
-        if plan is None:
+        terms = await terms_for(conn, tenant, subject, period)
+        if terms is None:
             raise NothingToExplain(f"{subject} had no plan in the period {period.label}")
         account = (await accounts(conn)).get(tenant)
-        windows = await from_postgres(conn, tenant, subject, [m.meter for m in plan.meters], period.start, period.end)
+        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end)
         rows = await conn.fetch("select * from stripe_reports where tenant = $1 and subject = $2 and period_label = $3"
                                 " order by meter, seq", tenant, subject, period.label)
     raw = await recompute(ctx, period.start, period.end, tenant)
     final = now >= period.end
     proofs = []
-    for pm in plan.meters:
+    for meter in terms.meters():
+        pm = terms.meter(meter)[1]
         events = {d.key.window_start: d.value for d in raw.values() if d.key.subject == subject
                   and d.key.meter == pm.meter and d.key.window == "hour" and not d.key.group}
         stored = {start: w.value for start, w in windows[pm.meter].items()}
@@ -110,7 +112,7 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         used = combine(list(windows[pm.meter].values()))
         proof = MeterProof(
             pm.meter, pm.stripe_event or pm.meter, hours, used, sum(events.values(), Decimal(0)),
-            billable(plan, pm.meter, used), mine, sum((r["value"] for r in mine if r["status"] in COUNTED), Decimal(0)),
+            terms.billable(meter, windows[meter]), mine, sum((r["value"] for r in mine if r["status"] in COUNTED), Decimal(0)),
             sum((r["value"] for r in mine if r["status"] == "sent" and period.start <= r["event_time"] < period.end),
                 Decimal(0)), None)
         _check(proof, final)
@@ -122,7 +124,8 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
                 proof.problems.append(f"Stripe's summary could not be read: {type(exc).__name__}: {exc}")
             _check_stripe(proof)
         proofs.append(proof)
-    return Proof(tenant, subject, period, plan.id, sub.stripe_customer_id, account, proofs)
+    plans = ", ".join(f"{s.plan.id} v{s.version} from {s.start:%Y-%m-%d %H:%M}" for s in terms.segments)
+    return Proof(tenant, subject, period, plans, sub.stripe_customer_id, account, proofs)
 
 
 def lines(proof: Proof) -> list[str]:
@@ -130,7 +133,7 @@ def lines(proof: Proof) -> list[str]:
     p = proof.period
     account = proof.account or "- (not reported)"
     out = [f"{proof.tenant} / {proof.subject}: period {p.label} [{p.start:%Y-%m-%d %H:%M}, {p.end:%Y-%m-%d %H:%M}) UTC,"
-           f" plan {proof.plan_id}, Stripe customer {proof.customer or '-'} in account {account}"]
+           f" plans {proof.plans}, Stripe customer {proof.customer or '-'} in account {account}"]
     for m in proof.meters:
         out.append(f"meter {m.meter} (Stripe event {m.event_name})")
         for hour, stored, recomputed in m.hours:

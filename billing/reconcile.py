@@ -39,7 +39,7 @@ import orjson
 from prometheus_client import Counter
 
 from billing.context import JobContext
-from billing.stripe_report import COUNTED, billable
+from billing.stripe_report import COUNTED
 from processors.decode import Event
 from processors.meters import MeterSet
 from schemas.counters import CounterDelta, CounterState
@@ -50,8 +50,8 @@ from sinks.kafka import KafkaPublisher
 from sinks.outbox import OutboxRelay, queue
 from sinks.redis_cache import RedisCounterCache, cache_key
 from usage.periods import Anchor, period_of_date
-from usage.plans import plan_for_period
-from usage.windows import combine, from_postgres
+from usage.terms import terms_for
+from usage.windows import from_postgres
 
 log = logging.getLogger("tally.billing.reconcile")
 
@@ -274,12 +274,12 @@ async def _stripe_drift(ctx: JobContext, lo: datetime, tenant: str | None) -> li
         " where r.period_end > $1 and r.period_end <= now() and ($2::text is null or r.tenant = $2)"
         " group by 1, 2, 3, 4, 5, 6, 7, 8", lo, tenant, list(COUNTED))
     for r in rows:
-        plan = await plan_for_period(ctx.pool, r["tenant"], r["subject"], r["period_end"])
-        if plan is None or all(m.meter != r["meter"] for m in plan.meters):
-            continue
         period = period_of_date(Anchor(r["anchor_day"], r["time_zone"], r["start_date"]), r["period_label"])
+        terms = await terms_for(ctx.pool, r["tenant"], r["subject"], period)
+        if terms is None or r["meter"] not in terms.meters():
+            continue
         windows = await from_postgres(ctx.pool, r["tenant"], r["subject"], [r["meter"]], period.start, period.end)
-        quantity = billable(plan, r["meter"], combine(list(windows[r["meter"]].values())))
+        quantity = terms.billable(r["meter"], windows[r["meter"]])
         if quantity != r["reported"]:
             out.append(Drift(f"{r['tenant']}/{r['subject']}/{r['meter']}/{r['period_label']}", r["tenant"],
                              r["meter"], "stripe", quantity, r["reported"]))

@@ -35,8 +35,9 @@ from prometheus_client import Counter
 from billing.accounts import accounts
 from billing.context import BillingConfig, JobContext
 from usage.periods import Period, PeriodError, period_at, previous
-from usage.plans import Plan, Subscription, load_subscriptions, plan_for_period
-from usage.windows import combine, from_postgres
+from usage.plans import Subscription, load_subscriptions
+from usage.terms import terms_for
+from usage.windows import from_postgres
 
 log = logging.getLogger("tally.billing.stripe")
 
@@ -60,11 +61,6 @@ def identifier(tenant: str, subject: str, meter: str, label: str, seq: int) -> s
     """Stable and short (Stripe allows 100 characters): the same row always sends the same identifier."""
     digest = hashlib.sha256(f"{tenant}\x1f{subject}\x1f{meter}\x1f{label}\x1f{seq}".encode()).hexdigest()[:40]
     return f"tally_{digest}"
-
-
-def billable(plan: Plan, meter: str, used: Decimal) -> Decimal:
-    pm = next(m for m in plan.meters if m.meter == meter)
-    return used if plan.report == "usage" else max(used - pm.included, Decimal(0))
 
 
 def whole(quantity: Decimal) -> Decimal:
@@ -241,15 +237,15 @@ async def _plan_subscription(conn: asyncpg.Connection, tenant: str, sub: Subscri
     if current.label > sub.start_date:
         wanted.append(previous(sub.anchor(), current))
     for period in reversed(wanted):  # the previous period first: it may carry into the current one
-        plan = await plan_for_period(conn, tenant, sub.subject, period.end)
-        if plan is None:
+        terms = await terms_for(conn, tenant, sub.subject, period)
+        if terms is None:
             continue
-        windows = await from_postgres(conn, tenant, sub.subject, [m.meter for m in plan.meters], period.start,
-                                      period.end)
-        for pm in plan.meters:
-            quantity = billable(plan, pm.meter, combine(list(windows[pm.meter].values())))
-            key = _Key(tenant, sub, pm.meter, pm.stripe_event or pm.meter, account)
-            await _plan_period(conn, key, period, quantity, now, grace_s, current, planned)
+        windows = await from_postgres(conn, tenant, sub.subject, terms.meters(), period.start, period.end)
+        for meter in terms.meters():
+            pm = terms.meter(meter)[1]
+            key = _Key(tenant, sub, meter, pm.stripe_event or meter, account)
+            await _plan_period(conn, key, period, terms.billable(meter, windows[meter]), now, grace_s, current,
+                               planned)
 
 
 async def plan_reports(ctx: JobContext, now: datetime) -> Planned:

@@ -51,11 +51,13 @@ def _products(settings: Settings) -> list:
     from query.routes import QueryProduct
     from usage.api import UsageProduct
 
+    meters = _meters(settings)
     return [QueryProduct(settings.query_cursor_secret,
                          AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
-                         settings.redis_counter_ttl_s, settings.usage_link_secret, settings.usage_page_poll_s),
-            AlertsProduct(_meters(settings), settings.query_cursor_secret)]
+                         settings.redis_counter_ttl_s, meters, settings.usage_link_secret, settings.usage_page_poll_s,
+                         settings.usage_max_plans, settings.usage_max_subscriptions),
+            AlertsProduct(meters, settings.query_cursor_secret)]
 
 
 def _meters(settings: Settings):  # noqa: ANN202 - schemas' own type
@@ -227,7 +229,7 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
     import yaml
     from pydantic import ValidationError
 
-    from usage.plans import Plan, load_plans, save_plan
+    from usage.plans import Plan, QuotaExceeded, Refused, check_meters, load_plans, plan_history, save_plan
 
     async def run() -> int:
         conn = await asyncpg.connect(settings.database_url)
@@ -236,15 +238,20 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
                 with open(args.file) as f:
                     try:
                         plan = Plan.model_validate(yaml.safe_load(f))
-                    except ValidationError as exc:
+                        check_meters(plan, _meters(settings))
+                        version = await save_plan(conn, args.tenant, plan, settings.usage_max_plans)
+                    except (ValidationError, Refused, QuotaExceeded) as exc:
                         print(f"{args.file}: not a valid plan\n{exc}", file=sys.stderr)
                         return 1
-                await save_plan(conn, args.tenant, plan)
-                print(f"saved plan {plan.id} for {args.tenant}: {len(plan.meters)} meter(s)")
+                print(f"saved plan {plan.id} version {version} for {args.tenant}: {len(plan.meters)} meter(s)")
+            elif args.plans_command == "show":
+                for v in await plan_history(conn, args.tenant, args.id):
+                    print(f"v{v['version']:<4} from {v['effective_at'] or 'the beginning'}  report {v['report']}  "
+                          + ", ".join(f"{m['meter']} included {m['included']}" for m in v["meters"]))
             else:
-                for plan in await load_plans(conn, args.tenant):
+                for version, plan in await load_plans(conn, args.tenant):
                     for m in plan.meters:
-                        print(f"{plan.id:16} {m.meter:16} included {m.included} {m.limit_mode:4} "
+                        print(f"{plan.id:16} v{version:<4} {m.meter:16} included {m.included} {m.limit_mode:4} "
                               f"overage {m.overage_price}/unit thresholds {m.thresholds}")
             return 0
         finally:
@@ -287,29 +294,33 @@ def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import date
-
     from pydantic import ValidationError
 
-    from usage.plans import Subscription, UnknownPlan, load_subscriptions, subscribe
+    from usage.plans import (QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
+                             load_subscriptions, subscription_history)
 
     async def run() -> int:
         conn = await asyncpg.connect(settings.database_url)
         try:
             if args.subscriptions_command == "set":
+                named = {"plan_id": args.plan, "stripe_customer_id": args.stripe_customer,
+                         "anchor_day": args.anchor_day, "time_zone": args.time_zone, "start_date": args.start_date}
                 try:
-                    sub = Subscription(subject=args.subject, plan_id=args.plan,
-                                       stripe_customer_id=args.stripe_customer, anchor_day=args.anchor_day,
-                                       time_zone=args.time_zone, start_date=args.start_date or date.today())
+                    change = SubscriptionChange(**{k: v for k, v in named.items() if v is not None})
+                    sub = await change_subscription(conn, args.tenant, args.subject, change,
+                                                    settings.usage_max_subscriptions)
                 except ValidationError as exc:
                     print(f"not a valid subscription\n{exc}", file=sys.stderr)
                     return 1
-                try:
-                    await subscribe(conn, args.tenant, sub)
-                except UnknownPlan as exc:
+                except (Refused, QuotaExceeded, UnknownPlan) as exc:
                     print(exc, file=sys.stderr)
                     return 1
-                print(f"{args.subject} is on plan {sub.plan_id} (anchor day {sub.anchor_day}, {sub.time_zone})")
+                print(f"{args.subject} is on plan {sub.plan_id} (anchor day {sub.anchor_day}, {sub.time_zone}, from "
+                      f"{sub.start_date}, stripe {sub.stripe_customer_id or '-'})")
+            elif args.subscriptions_command == "show":
+                for v in await subscription_history(conn, args.tenant, args.subject):
+                    print(f"v{v['version']:<4} {v['plan_id']:16} stripe {v['stripe_customer_id'] or '-':24} "
+                          f"from {v['effective_at'] or 'the beginning'}")
             else:
                 for tenant, sub in await load_subscriptions(conn, args.tenant):
                     print(f"{tenant:20} {sub.subject:20} {sub.plan_id:16} day {sub.anchor_day:2} {sub.time_zone:20} "
@@ -618,8 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     plans = sub.add_parser("plans", help="usage plans").add_subparsers(dest="plans_command", required=True)
     plan_create = plans.add_parser("create", help="create or replace a plan from a YAML or JSON file")
     plan_create.add_argument("--file", required=True)
-    plan_list = plans.add_parser("list", help="one line per plan and meter")
-    for p in (plan_create, plan_list):
+    plan_list = plans.add_parser("list", help="one line per plan and meter (current versions)")
+    plan_show = plans.add_parser("show", help="every version of one plan")
+    plan_show.add_argument("--id", required=True)
+    for p in (plan_create, plan_list, plan_show):
         p.add_argument("--tenant", required=True)
         p.set_defaults(func=cmd_plans)
 
@@ -635,17 +648,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     subs = sub.add_parser("subscriptions", help="subjects' plans").add_subparsers(dest="subscriptions_command",
                                                                                    required=True)
-    sub_set = subs.add_parser("set", help="subscribe a subject to a plan (a different plan is a change from now)")
+    sub_set = subs.add_parser("set", help="subscribe a subject, or change only what is named (a plan or customer "
+                              "change is a new version from now; the anchor is fixed once a period began)")
     sub_set.add_argument("--tenant", required=True)
     sub_set.add_argument("--subject", required=True)
-    sub_set.add_argument("--plan", required=True)
+    sub_set.add_argument("--plan", help="required to create a subscription")
     sub_set.add_argument("--stripe-customer")
-    sub_set.add_argument("--anchor-day", type=int, default=1)
-    sub_set.add_argument("--time-zone", default="UTC")
-    sub_set.add_argument("--start-date", type=_date, help="YYYY-MM-DD; default today")
+    sub_set.add_argument("--anchor-day", type=int, help="on creation default 1")
+    sub_set.add_argument("--time-zone", help="on creation default UTC")
+    sub_set.add_argument("--start-date", type=_date, help="YYYY-MM-DD; on creation default today")
     sub_list = subs.add_parser("list")
     sub_list.add_argument("--tenant")
-    for p in (sub_set, sub_list):
+    sub_show = subs.add_parser("show", help="every version of one subscription")
+    sub_show.add_argument("--tenant", required=True)
+    sub_show.add_argument("--subject", required=True)
+    for p in (sub_set, sub_list, sub_show):
         p.set_defaults(func=cmd_subscriptions)
 
     jobs = sub.add_parser("jobs", help="the billing jobs worker (hard limits, Stripe reports, close, reconcile)")

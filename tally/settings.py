@@ -126,6 +126,11 @@ class Settings(BaseSettings):
                                         "(1 hour by default, at most 72): rows stamped in a finished period go out "
                                         "before it ends, later ones are adjustments on the next invoice")
 
+    # plan and subscription bounds per tenant (security review M4; docs/adr/0060)
+    usage_max_plans: int = Field(1000, ge=1, description="plans a tenant may create; past it a new one is a 409")
+    usage_max_subscriptions: int = Field(100_000, ge=1, description="subscriptions a tenant may create; past it a "
+                                                                      "new one is a 409")
+
     # alerts (alerts/)
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
     alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")

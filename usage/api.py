@@ -3,6 +3,7 @@ read), `GET /v1/usage` and `GET /v1/usage/history`. The tenant always comes from
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,10 +22,12 @@ from ingest.products import Edge
 from usage import links
 from usage.alerts import message
 from usage.changes import SubjectChanges
-from usage.figures import NotFound, UsageService
+from usage.figures import NotFound, Unreadable, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
-from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
+from schemas.meters import MetersConfig
+from usage.plans import (SLUG, Plan, QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
+                         check_meters, load_plans, load_subscriptions, plan_history, save_plan, subscription_history)
 from usage.windows import WindowReader
 
 ADMIN, READ = "admin:write", "usage:read"
@@ -53,12 +56,36 @@ def _invalid(exc: ValidationError | ValueError) -> Problem:
     return Problem(400, "Invalid request", str(exc))
 
 
+def _refusal(exc: Refused | QuotaExceeded | UnknownPlan) -> Problem:
+    """A plan or subscription change that is well formed but cannot be applied."""
+    if isinstance(exc, Refused):
+        return Problem(422, "Unprocessable request", str(exc), errors=exc.errors)
+    if isinstance(exc, QuotaExceeded):
+        return Problem(409, "Quota exceeded", str(exc))
+    return Problem(404, "Unknown plan", str(exc), errors=[{"field": "plan_id", "message": str(exc)}])
+
+
+def _with(operation: dict[str, Any], extra: dict[str, Any], responses: dict[str, Any]) -> dict[str, Any]:
+    return {**operation, **extra, "responses": {**operation["responses"], **responses}}
+
+
+def _subject(subject: str) -> str:
+    if len(subject.encode()) > 256 or "\x00" in subject:
+        raise Problem(400, "Invalid request", "subject is at most 256 bytes, without NUL characters",
+                      errors=[{"field": "subject", "message": "at most 256 bytes, without NUL characters"}])
+    return subject
+
+
 class UsageProduct:
     """`ingest.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
-    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int,
-                 link_secret: str = "", page_poll_s: float = 30.0) -> None:
+    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, meters: MetersConfig,
+                 link_secret: str = "", page_poll_s: float = 30.0, max_plans: int | None = None,
+                 max_subscriptions: int | None = None) -> None:
         self._database_url = database_url
+        self._meters = meters
+        self._max_plans = max_plans
+        self._max_subscriptions = max_subscriptions
         self._redis_url = redis_url
         self._prefix = redis_prefix
         self._cache_ttl_s = cache_ttl_s
@@ -72,7 +99,9 @@ class UsageProduct:
         return [
             Route("/v1/plans", self.put_plan, methods=["POST"]),
             Route("/v1/plans", self.get_plans, methods=["GET"]),
+            Route("/v1/plans/{plan_id}", self.get_plan, methods=["GET"]),
             Route("/v1/subscriptions/{subject}", self.put_subscription, methods=["PUT"]),
+            Route("/v1/subscriptions/{subject}", self.get_subscription, methods=["GET"]),
             Route("/v1/subscriptions", self.get_subscriptions, methods=["GET"]),
             Route("/v1/usage", self.get_usage, methods=["GET"]),
             Route("/v1/usage/history", self.get_history, methods=["GET"]),
@@ -97,34 +126,62 @@ class UsageProduct:
         tenant = await self._edge.tenant(request, ADMIN)
         try:
             plan = Plan.model_validate(await _body(request))
+            check_meters(plan, self._meters)
+            async with self._edge.pool.acquire() as conn:
+                version = await save_plan(conn, tenant, plan, self._max_plans)
         except ValidationError as exc:
             raise _invalid(exc) from None
-        async with self._edge.pool.acquire() as conn:
-            await save_plan(conn, tenant, plan)
-        return _json(plan.model_dump(mode="json"), 201)
+        except (Refused, QuotaExceeded) as exc:
+            raise _refusal(exc) from None
+        return _json({**plan.model_dump(mode="json"), "version": version}, 201)
 
     async def get_plans(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, READ)
-        return _json({"plans": [p.model_dump(mode="json") for p in await load_plans(self._edge.pool, tenant)]})
+        return _json({"plans": [{**p.model_dump(mode="json"), "version": v}
+                                for v, p in await load_plans(self._edge.pool, tenant)]})
+
+    async def get_plan(self, request: Request) -> Response:
+        """The plan's current version with every version it had."""
+        tenant = await self._edge.tenant(request, READ)
+        plan_id = request.path_params["plan_id"]
+        found = re.match(SLUG, plan_id) and await load_plans(self._edge.pool, tenant, plan_id)
+        if not found:
+            raise Problem(404, "Not Found", "no such plan")
+        version, plan = found[0]
+        return _json({**plan.model_dump(mode="json"), "version": version,
+                      "versions": await plan_history(self._edge.pool, tenant, plan.id)})
 
     async def put_subscription(self, request: Request) -> Response:
+        """Create a subscription, or change what the body names and keep the rest (docs/adr/0060)."""
         tenant = await self._edge.tenant(request, ADMIN)
+        subject = _subject(request.path_params["subject"])
         body = await _body(request)
         try:
-            sub = Subscription.model_validate({**(body if isinstance(body, dict) else {}),
-                                               "subject": request.path_params["subject"]})
-        except (ValidationError, PeriodError) as exc:
+            change = SubscriptionChange.model_validate(body)
+            async with self._edge.pool.acquire() as conn:
+                await change_subscription(conn, tenant, subject, change, self._max_subscriptions)
+        except ValidationError as exc:
             raise _invalid(exc) from None
-        async with self._edge.pool.acquire() as conn:
-            try:
-                await subscribe(conn, tenant, sub)
-            except UnknownPlan as exc:
-                raise Problem(404, "Unknown plan", str(exc)) from None
-        return _json(sub.model_dump(mode="json"))
+        except (Refused, QuotaExceeded, UnknownPlan) as exc:
+            raise _refusal(exc) from None
+        return _json(await self._subscription(tenant, subject))
+
+    async def get_subscription(self, request: Request) -> Response:
+        """The subscription with every version it had, oldest first."""
+        tenant = await self._edge.tenant(request, READ)
+        return _json(await self._subscription(tenant, _subject(request.path_params["subject"])))
+
+    async def _subscription(self, tenant: str, subject: str) -> dict[str, Any]:
+        found = await load_subscriptions(self._edge.pool, tenant, subject)
+        if not found:
+            raise Problem(404, "Not Found", f"subject {subject!r} has no subscription")
+        return {**found[0][1].model_dump(mode="json"),
+                "versions": await subscription_history(self._edge.pool, tenant, subject)}
 
     async def get_subscriptions(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, READ)
-        subs = await load_subscriptions(self._edge.pool, tenant, request.query_params.get("subject"))
+        subject = request.query_params.get("subject")
+        subs = await load_subscriptions(self._edge.pool, tenant, subject and _subject(subject))
         return _json({"subscriptions": [s.model_dump(mode="json") for _, s in subs]})
 
     async def get_usage(self, request: Request) -> Response:
@@ -209,6 +266,8 @@ class UsageProduct:
             history = await self.service().history(tenant, subject, None, "current", now)
         except NotFound as exc:
             raise Problem(404, "Not Found", str(exc)) from None
+        except Unreadable as exc:
+            raise Problem(409, "Subscription cannot be read", str(exc)) from None
         alerts = await self._edge.pool.fetch(
             "select * from usage_alerts where tenant = $1 and subject = $2 and read_at is null order by id desc"
             " limit 20", tenant, subject)
@@ -234,6 +293,8 @@ class UsageProduct:
             raise Problem(400, "Invalid request", str(exc), errors=[{"field": "period", "message": str(exc)}]) from None
         except NotFound as exc:
             raise Problem(404, "Not Found", str(exc)) from None
+        except Unreadable as exc:
+            raise Problem(409, "Subscription cannot be read", str(exc)) from None
         return _json(body)
 
     def openapi_paths(self) -> dict[str, Any]:
@@ -245,18 +306,30 @@ class UsageProduct:
                                   "404": {"description": "no such subscription, plan or meter"}}}
 
         json_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+        refusals = {"409": {"description": "the tenant's bound on plans or subscriptions is reached"},
+                    "422": {"description": "the change cannot be applied; `errors` names each field and why"}}
+        subject = [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}]
+        unreadable = {"409": {"description": "the stored subscription's periods cannot be computed (its zone)"}}
         return {
-            "/v1/plans": {"post": {**op("Create or replace a plan", ADMIN), **json_body},
-                          "get": op("List plans", READ)},
-            "/v1/subscriptions/{subject}": {"put": {
-                **op("Subscribe a subject to a plan (a different plan is a plan change from now)", ADMIN),
-                "parameters": [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}],
-                **json_body}},
+            "/v1/plans": {"post": _with(op("Create a plan, or a new version of it effective from now (docs/adr/0060);"
+                                           " every meter must be a configured COUNT or SUM meter with an hour"
+                                           " window and no group_by", ADMIN), json_body, refusals),
+                          "get": op("List plans (current versions)", READ)},
+            "/v1/plans/{plan_id}": {"get": {
+                **op("A plan's current version and every version it had", READ),
+                "parameters": [{"name": "plan_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+            "/v1/subscriptions/{subject}": {
+                "put": _with(op("Create a subscription (plan_id required; anchor day 1, UTC, from today unless"
+                                " named) or change only what the body names: a plan or customer change is a new"
+                                " version, billed from the next whole hour; anchor_day, time_zone and start_date"
+                                " cannot change once the first period has begun (422)", ADMIN),
+                             {"parameters": subject, **json_body}, refusals),
+                "get": {**op("A subscription with every version it had", READ), "parameters": subject}},
             "/v1/subscriptions": {"get": op("List subscriptions", READ, ["subject"])},
-            "/v1/usage": {"get": op("A subject's usage per meter in a billing period", READ,
-                                    ["subject", "meter", "period"])},
-            "/v1/usage/history": {"get": op("A subject's usage per day of a billing period", READ,
-                                            ["subject", "meter", "period"])},
+            "/v1/usage": {"get": _with(op("A subject's usage per meter in a billing period", READ,
+                                          ["subject", "meter", "period"]), {}, unreadable)},
+            "/v1/usage/history": {"get": _with(op("A subject's usage per day of a billing period", READ,
+                                                  ["subject", "meter", "period"]), {}, unreadable)},
             "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, ["subject", "unread"])},
             "/v1/usage/alerts/{id}/read": {"post": {
                 **op("Mark an alert read", READ),

@@ -20,9 +20,10 @@ from typing import Any
 import asyncpg
 
 from usage.changes import Seen, SubjectChanges
-from usage.periods import Anchor, Period, PeriodError, days, period_at, period_of_date, previous
+from usage.periods import Anchor, Period, PeriodError, check_zone, days, period_at, period_of_date, previous, skipped
 from usage.plan_changes import PlanChanges
-from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions, plan_for_period
+from usage.plans import Plan, PlanMeter, Subscription, load_subscriptions
+from usage.terms import Terms, terms_for
 from usage.windows import HourWindow, WindowReader, Windows, combine, hour_start
 
 _NEVER = datetime.max.replace(tzinfo=timezone.utc)
@@ -30,6 +31,11 @@ _NEVER = datetime.max.replace(tzinfo=timezone.utc)
 
 class NotFound(LookupError):
     pass
+
+
+class Unreadable(Exception):
+    """A stored subscription whose periods cannot be computed (its zone's rules changed): logged and
+    counted, and answered as such instead of as the caller's mistake."""
 
 
 def resolve_period(anchor: Anchor, spec: str, now: datetime) -> Period:
@@ -49,7 +55,8 @@ def _text(value: Decimal) -> str:
     return format(value.normalize(), "f") if value == value.to_integral_value() else format(value, "f")
 
 
-def meter_figures(pm: PlanMeter, windows: list[HourWindow]) -> dict[str, Any]:
+def meter_figures(pm: PlanMeter, windows: list[HourWindow], overage: Decimal) -> dict[str, Any]:
+    """`included` is the plan's at the period's end (or now); `overage` follows the period's terms."""
     used = combine(windows)
     included = pm.included
     return {
@@ -57,7 +64,7 @@ def meter_figures(pm: PlanMeter, windows: list[HourWindow]) -> dict[str, Any]:
         "used": _text(used),
         "included": _text(included),
         "remaining": _text(max(included - used, Decimal(0))),
-        "overage": _text(max(used - included, Decimal(0))),
+        "overage": _text(overage),
         "percent": float(round(used * 100 / included, 2)) if included else None,
         "limit_mode": pm.limit_mode,
         "as_of": _as_of(windows),
@@ -75,14 +82,17 @@ class Selected:
     subscription: Subscription
     anchor: Anchor
     period: Period
-    plan: Plan
+    terms: Terms
     meters: list[PlanMeter]
     figures_of: tuple = field(init=False)
 
     def __post_init__(self) -> None:
         """What a period's figures depend on besides the windows: a kept figure holds while this is equal."""
-        self.figures_of = (self.plan.id, self.anchor, self.period,
-                           tuple((m.meter, m.included, m.limit_mode) for m in self.meters))
+        self.figures_of = (self.terms.key, self.anchor, self.period, tuple(m.meter for m in self.meters))
+
+    @property
+    def plan(self) -> Plan:
+        return self.terms.last.plan
 
 
 @dataclass(frozen=True)
@@ -144,14 +154,19 @@ class UsageService:
                 raise NotFound(f"subject {subject!r} has no subscription")
             sub = found[0][1]
             anchor = sub.anchor()
+            try:
+                check_zone(anchor.zone)
+            except PeriodError as exc:
+                skipped("figures", tenant, subject, exc)
+                raise Unreadable(f"the subscription of {subject!r} cannot be read: {exc}") from None
             period = resolve_period(anchor, spec, now)
-            plan = await plan_for_period(conn, tenant, subject, period.end)
-        if plan is None:
+            terms = await terms_for(conn, tenant, subject, period)
+        if terms is None:
             raise NotFound(f"subject {subject!r} had no plan in that period")
-        meters = [m for m in plan.meters if meter is None or m.meter == meter]
+        meters = [m for m in terms.last.plan.meters if meter is None or m.meter == meter]
         if not meters:
-            raise NotFound(f"plan {plan.id} has no meter {meter!r}")
-        return Selected(tenant, sub, anchor, period, plan, meters)
+            raise NotFound(f"plan {terms.last.plan.id} has no meter {meter!r}")
+        return Selected(tenant, sub, anchor, period, terms, meters)
 
     async def windows(self, s: Selected, buckets: list[tuple[datetime, datetime]] | None = None,
                       seen: Seen | None = None) -> Windows:
@@ -184,7 +199,8 @@ class UsageService:
         windows = await self.windows(s, seen=seen)
         head = _head(s)
         bounds = {"period_start": head["period_start"], "period_end": head["period_end"]}
-        return {**head, "meters": [{**meter_figures(pm, list(windows[pm.meter].values())), **bounds}
+        return {**head, "meters": [{**meter_figures(pm, list(windows[pm.meter].values()),
+                                                    s.terms.overage(pm.meter, windows[pm.meter])), **bounds}
                                    for pm in s.meters]}
 
     async def history(self, tenant: str, subject: str, meter: str | None = None, spec: str = "current",

@@ -24,8 +24,7 @@ import orjson
 import redis.asyncio as redis
 
 from schemas.meters import MetersConfig
-from usage.periods import PeriodError, period_at
-from usage.plans import Subscription
+from usage.periods import Anchor, NotStarted, PeriodError, period_at, skipped
 from usage.windows import WindowReader, combine
 
 log = logging.getLogger("tally.usage.limits")
@@ -35,7 +34,7 @@ DIGEST = "limits-digest"
 
 # Each subscription with its current plan's hard-limited meters.
 _HARD = """
-select s.tenant, s.subject, s.plan_id, s.stripe_customer_id, s.anchor_day, s.time_zone, s.start_date,
+select s.tenant, s.subject, s.plan_id, s.anchor_day, s.time_zone, s.start_date,
        array_agg(pm.meter order by pm.meter) as meters, array_agg(pm.included order by pm.meter) as included
 from subscriptions s
 join lateral (select plan_id from subscription_plans p where p.tenant = s.tenant and p.subject = s.subject
@@ -58,12 +57,13 @@ async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
     for row in await pool.fetch(_HARD, now):
         tenant, subject = row["tenant"], row["subject"]
         subjects = out.setdefault(tenant, {})  # a tenant with hard limits is listed even when none is blocked
-        sub = Subscription(subject=subject, plan_id=row["plan_id"], anchor_day=row["anchor_day"],
-                           time_zone=row["time_zone"], start_date=row["start_date"])
         try:
-            period = period_at(sub.anchor(), now)
-        except PeriodError:
-            continue  # not started yet
+            period = period_at(Anchor(row["anchor_day"], row["time_zone"], row["start_date"]), now)
+        except NotStarted:
+            continue
+        except PeriodError as exc:
+            skipped("limits", tenant, subject, exc)
+            continue
         windows = await reader.read(tenant, subject, list(row["meters"]), period.start, period.end, now)
         blocks = []
         for meter, included in zip(row["meters"], row["included"]):

@@ -3,20 +3,39 @@
 A period runs from one anchor to the next; a "reset" is simply the next period, nothing is reset in
 place. The first period starts at the subscription's start date. Period usage is summed from UTC
 hour windows, so every boundary must fall on a whole UTC hour: zones whose offset is not whole
-hours are refused (docs/adr/0041).
+hours are refused (docs/adr/0041). A period that cannot be computed for a stored subscription (a zone
+whose rules changed) is skipped by the jobs for that subscription alone, logged and counted (`skipped`).
 """
 
 from __future__ import annotations
 
 import calendar
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from prometheus_client import Counter
+
+log = logging.getLogger("tally.usage.periods")
+
+ERRORS = Counter("tally_period_errors", "subscriptions skipped because their period could not be computed",
+                 ["where"])
+
 
 class PeriodError(ValueError):
     """A billing anchor or a period that cannot be computed exactly from hour windows."""
+
+
+class NotStarted(PeriodError):
+    """A date before the subscription's start: not an error for a job, there is simply no period yet."""
+
+
+def skipped(where: str, tenant: str, subject: str, exc: PeriodError) -> None:
+    """A job skips one subscription whose period cannot be computed, and goes on with the others."""
+    log.error("%s: subscription %s/%s skipped: %s", where, tenant, subject, exc)
+    ERRORS.labels(where).inc()
 
 
 @dataclass(frozen=True)
@@ -26,7 +45,10 @@ class Anchor:
     start_date: date
 
     def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.zone)
+        try:
+            return ZoneInfo(self.zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise PeriodError(f"unknown time zone {self.zone!r}") from None
 
 
 @dataclass(frozen=True)
@@ -78,7 +100,7 @@ def midnight(anchor: Anchor, day: date) -> datetime:
 def period_of_date(anchor: Anchor, day: date) -> Period:
     """The period that contains the local date `day`."""
     if day < anchor.start_date:
-        raise PeriodError(f"the subscription starts on {anchor.start_date}; there is no period on {day}")
+        raise NotStarted(f"the subscription starts on {anchor.start_date}; there is no period on {day}")
     year, month = day.year, day.month
     start = _anchor_date(anchor, year, month)
     if start > day:

@@ -6,10 +6,11 @@ import uuid
 from pathlib import Path
 
 from tally.settings import Settings
-from tests.metering.helpers import run_tally
+from tests.metering.helpers import metered, run_tally
 
 
 def test_plans_and_subscriptions_commands(settings: Settings, tmp_path: Path) -> None:
+    settings = metered(settings)
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
     plan = tmp_path / "plan.yaml"
     plan.write_text("id: pro\nreport: usage\nmeters:\n  - {meter: api_calls, included: 1000, limit_mode: hard,"

@@ -122,7 +122,7 @@ async def test_plan_and_subscription_are_validated(isolated: Settings) -> None:
             assert bad_plan.headers["content-type"] == "application/problem+json"
             unknown = await api.put("/v1/subscriptions/s", json={"plan_id": "nope", "start_date": "2026-01-01"})
             assert unknown.status_code == 404
-            await api.post("/v1/plans", json={"id": "p", "meters": [{"meter": "a", "included": 1}]})
+            await api.post("/v1/plans", json={"id": "p", "meters": [{"meter": "api_calls", "included": 1}]})
             india = await api.put("/v1/subscriptions/s", json={"plan_id": "p", "start_date": "2026-01-01",
                                                                "time_zone": "Asia/Kolkata"})
             assert india.status_code == 400
