@@ -99,7 +99,7 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end)
         rows = await conn.fetch("select * from stripe_reports where tenant = $1 and subject = $2 and period_label = $3"
                                 " order by meter, seq", tenant, subject, period.label)
-    raw = await recompute(ctx, period.start, period.end, tenant)
+    raw = await recompute(ctx, period.start, period.end, tenant, subject)
     final = now >= period.end
     proofs = []
     for meter in terms.meters():

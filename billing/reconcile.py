@@ -160,6 +160,15 @@ def _compared(meters: MeterSet) -> list[str]:
     return [m.slug for m in meters.meters if m.aggregation not in STATEFUL]
 
 
+async def recompute(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None,
+                    subject: str | None = None) -> dict[str, CounterDelta]:
+    """The windows wholly inside [lo, hi) as the processor would count the stored events (billing explain)."""
+    recount = _Recount(MeterSet(ctx.config.meters))
+    async with ctx.pool.acquire() as conn, conn.transaction(readonly=True):
+        await recount.read(conn, lo, hi, tenant, subject)
+    return {k: d for k, d in recount.windows.items() if _inside(d, lo, hi)}
+
+
 @dataclass
 class _Snapshot:
     expected: dict[str, CounterDelta]
