@@ -1,13 +1,22 @@
-"""The stack scripts: a missing prerequisite ends with a message that says what to do."""
+"""The stack scripts: a missing prerequisite ends with a message that says what to do; Redis never evicts; the
+supervisor restarts what exits, `tally status` shows it, and the processes ride out outages."""
 
 from __future__ import annotations
 
+import base64
 import os
+import signal
 import socket
 import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tally.settings import ROOT
+import httpx
+
+from tally.settings import ROOT, Settings
+from tests.support import env_for, free_port, wait_until
 
 SCRIPTS = ROOT / "deploy" / "local"
 
@@ -73,3 +82,136 @@ def test_stripe_mock_without_go_says_how_to_install_it(tmp_path: Path) -> None:
     result = _run("stripe-mock.sh", tmp_path, PATH=_path_without(tmp_path, "go"))
     assert result.returncode == 1
     assert "Go is not installed" in result.stderr
+
+
+def test_the_stack_redis_never_evicts_gateway_state(tmp_path: Path) -> None:
+    """ADR 5: rate-limit buckets, replay memory and idempotency records must not be evicted under memory
+    pressure. The running server's own CONFIG answers, on a Redis of this test's own (the shared one stays up)."""
+    import redis as redis_client
+
+    port = free_port()
+    env = {**os.environ, "TALLY_STATE_DIR": str(tmp_path / "state"), "REDIS_PORT": str(port)}
+    subprocess.run(["bash", str(SCRIPTS / "redis.sh"), "start"], env=env, check=True, capture_output=True, timeout=60)
+    try:
+        client = redis_client.Redis(port=port)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) > 0
+        client.close()
+    finally:
+        subprocess.run(["bash", str(SCRIPTS / "redis.sh"), "stop"], env=env, check=True, capture_output=True,
+                       timeout=60)
+
+
+# Tally's processes under supervisord (apps.sh, which up.sh runs), on this test's database, topics, Redis prefix
+# and ports, with a state directory of their own: the shared services are never stopped here.
+PROGRAMS = ("gateway", "processor", "jobs", "alerts")
+
+
+class Stack:
+    def __init__(self, settings: Settings, state: Path, **extra: str) -> None:
+        self.state = state
+        self.gateway_url = f"http://127.0.0.1:{settings.gateway_port}"
+        self.env = env_for(settings, TALLY_STATE_DIR=str(state), APPS_PYTHON=sys.executable, **extra)
+
+    def apps(self, command: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["bash", str(SCRIPTS / "apps.sh"), command], env=self.env, capture_output=True,
+                                text=True, timeout=180, cwd=ROOT)
+        assert result.returncode == 0 or command == "status", f"{result.stdout}\n{result.stderr}\n{self.log()}"
+        return result
+
+    def status(self) -> tuple[int, dict[str, dict[str, str]]]:
+        """`tally status`: its exit code and, per process, state, pid, uptime, restarts and health."""
+        result = subprocess.run([sys.executable, "-m", "tally.cli", "status"], env=self.env, capture_output=True,
+                                text=True, timeout=60, cwd=ROOT)
+        rows = {}
+        for line in result.stdout.splitlines()[1:]:
+            name, state, pid, uptime, restarts, health = line.split(None, 5)
+            rows[name] = {"state": state, "pid": pid, "uptime": uptime, "restarts": restarts, "health": health}
+        return result.returncode, rows
+
+    def wait_healthy(self, timeout_s: float = 180) -> dict[str, dict[str, str]]:
+        seen: list = []
+
+        def check() -> bool:
+            seen[:] = [self.status()]
+            return seen[0][0] == 0 and set(seen[0][1]) == set(PROGRAMS)
+        try:
+            wait_until(check, timeout_s, 1.0, "every process running and healthy")
+        except AssertionError:
+            raise AssertionError(f"{seen}\n{self.log()}") from None
+        return seen[0][1]
+
+    def log(self) -> str:
+        logs = sorted((self.state / "log").glob("*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
+
+
+@contextmanager
+def supervised(settings: Settings, state: Path, **extra: str) -> Iterator[Stack]:
+    ports = {"gateway_port": free_port(), "processor_metrics_port": free_port(), "jobs_metrics_port": free_port(),
+             "alerts_metrics_port": free_port()}
+    stack = Stack(settings.model_copy(update=ports), state, **extra)
+    stack.apps("start")
+    try:
+        yield stack
+    finally:
+        stack.apps("stop")
+
+
+def _pids_and_restarts(rows: dict[str, dict[str, str]]) -> dict[str, tuple[str, str]]:
+    return {name: (row["pid"], row["restarts"]) for name, row in rows.items()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_the_supervisor_restarts_a_killed_process_and_up_again_changes_nothing(
+        isolated: Settings, tmp_path: Path) -> None:
+    with supervised(isolated, tmp_path / "state") as stack:
+        first = stack.wait_healthy()
+        assert {row["restarts"] for row in first.values()} == {"0"}, first
+
+        # up.sh run again: nothing is restarted, the secrets stay the same
+        secrets_file = tmp_path / "state" / "secrets.env"
+        kept = secrets_file.read_text()
+        stack.apps("start")
+        assert _pids_and_restarts(stack.wait_healthy()) == _pids_and_restarts(first)
+        assert secrets_file.read_text() == kept
+
+        os.kill(int(first["processor"]["pid"]), signal.SIGKILL)
+        again = stack.wait_healthy()
+        assert again["processor"]["pid"] != first["processor"]["pid"]
+        assert again["processor"]["restarts"] == "1"
+        assert {name: row["pid"] for name, row in again.items() if name != "processor"} == {
+            name: row["pid"] for name, row in first.items() if name != "processor"}
+        assert "exited: processor (terminated by SIGKILL" in (tmp_path / "state/log/supervisord.log").read_text()
+        pids = [int(row["pid"]) for row in again.values()]
+    assert not any(_alive(pid) for pid in pids), "down.sh (apps.sh stop) left a process running"
+    assert not (tmp_path / "state/run/supervisord.pid").exists()
+
+
+async def test_up_configures_the_usage_link_secret_and_the_secrets_key(isolated: Settings, tmp_path: Path) -> None:
+    """Generated once, kept like the demo's key (mode 600), given to every process; the usage page can be
+    linked on a stack started this way (issue 19: an undocumented 503 without a link secret)."""
+    from tests.metering.helpers import tenant_keys
+
+    with supervised(isolated, tmp_path / "state") as stack:
+        rows = stack.wait_healthy()
+        secrets_file = tmp_path / "state" / "secrets.env"
+        assert oct(secrets_file.stat().st_mode & 0o777) == "0o600"
+        kept = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines())
+        assert set(kept) == {"TALLY_USAGE_LINK_SECRET", "TALLY_QUERY_CURSOR_SECRET", "TALLY_SECRETS_KEY"}
+        assert len(base64.urlsafe_b64decode(kept["TALLY_SECRETS_KEY"])) == 32  # a Fernet key
+        for name in PROGRAMS:
+            environ = Path(f"/proc/{rows[name]['pid']}/environ").read_bytes().split(b"\0")
+            for key, value in kept.items():
+                assert f"{key}={value}".encode() in environ, (name, key)
+        _, admin, _ = await tenant_keys(isolated)
+        async with httpx.AsyncClient(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {admin}"}) as api:
+            link = await api.post("/v1/usage/links", json={"subject": "acme", "ttl_s": 600})
+        assert link.status_code == 201, link.text
