@@ -3,20 +3,29 @@ supervisor restarts what exits, `tally status` shows it, and the processes ride 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
+import asyncpg
 import httpx
 
 from tally.settings import ROOT, Settings
+from tally.topics import create_topics
+from tests.processor.scratch_pg import scratch_postgres
+from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
 from tests.support import env_for, free_port, wait_until
+
+T = TypeVar("T")
 
 SCRIPTS = ROOT / "deploy" / "local"
 
@@ -215,3 +224,95 @@ async def test_up_configures_the_usage_link_secret_and_the_secrets_key(isolated:
         async with httpx.AsyncClient(base_url=stack.gateway_url, headers={"Authorization": f"Bearer {admin}"}) as api:
             link = await api.post("/v1/usage/links", json={"subject": "acme", "ttl_s": 600})
         assert link.status_code == 201, link.text
+
+
+def _api_call(n: str) -> dict:
+    return {"specversion": "1.0", "id": f"outage-{n}", "source": "app", "type": "api.call", "subject": "acme",
+            "data": {}}
+
+
+async def test_the_processes_ride_out_a_postgres_stop_and_a_kafka_restart(
+        isolated: Settings, tmp_path: Path, scratch_kafka: ScratchKafka) -> None:
+    """Issue 19: PostgreSQL stopped for 15 s, then the broker restarted, under the real processes as up.sh runs
+    them, on a PostgreSQL and a broker of this test's own. The processor and the jobs worker hold (no restart)
+    and carry on: events sent across both outages are stored once, and the jobs worker records the usage
+    threshold they cross. Every process is running and healthy at the end."""
+    from tests.metering.helpers import METERS, tenant_keys
+
+    pg_context = scratch_postgres(isolated)  # its migrations run their own event loop: in a thread
+    pg = await asyncio.to_thread(pg_context.__enter__)
+    try:
+        settings = isolated.model_copy(update={
+            "database_url": pg.url, "kafka_bootstrap": scratch_kafka.bootstrap, "meters": METERS,
+            "batch_max_wait_ms": 50, "usage_alerts_refresh_s": 0.5})
+        create_topics(settings)
+        with supervised(settings, tmp_path / "state") as stack:
+            stack.wait_healthy()
+            tenant, admin, writer = await tenant_keys(settings)
+            async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as api:
+                admin_h, writer_h = {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {writer}"}
+                plan = {"id": "p", "meters": [{"meter": "api_calls", "included": 4, "thresholds": [100]}]}
+                assert (await api.post("/v1/plans", json=plan, headers=admin_h)).status_code == 201
+                assert (await api.put("/v1/subscriptions/acme", json={"plan_id": "p", "start_date": "2026-01-01"},
+                                      headers=admin_h)).status_code == 200
+
+                async def send(n: str) -> None:
+                    """Post until the gateway takes it (a 503 while Kafka is away is retried, as a client does)."""
+                    deadline = time.monotonic() + 120
+                    while (answer := await api.post("/v1/events", json=_api_call(n), headers=writer_h)).status_code != 202:
+                        assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+                        await asyncio.sleep(1)
+
+                async def stored() -> int:
+                    conn = await asyncpg.connect(pg.url)
+                    try:
+                        return await conn.fetchval("select count(*) from events where tenant = $1", tenant)
+                    finally:
+                        await conn.close()
+
+                async def wait_stored(count: int, what: str) -> None:
+                    deadline = time.monotonic() + 180
+                    while (await _quietly(stored)) != count:
+                        assert time.monotonic() < deadline, f"{what}\n{stack.log()}"
+                        await asyncio.sleep(0.5)
+
+                await send("0")
+                await wait_stored(1, "before the outages")
+
+                pg.stop()
+                await send("1")  # the gateway knows the key; the processor must wait PostgreSQL out
+                await asyncio.sleep(15)
+                pg.start()
+                await wait_stored(2, "after PostgreSQL came back")
+
+                scratch_kafka.stop()
+                scratch_kafka.start()
+                for n in ("2", "3", "4", "1"):  # "1" again: a producer's retry, stored once
+                    await send(n)
+                await wait_stored(5, "after the broker restarted")
+
+            async def crossed() -> bool:
+                conn = await asyncpg.connect(pg.url)
+                try:
+                    return bool(await conn.fetchval(
+                        "select count(*) from usage_alerts where tenant = $1 and threshold = 100", tenant))
+                finally:
+                    await conn.close()
+            deadline = time.monotonic() + 120
+            while not await _quietly(crossed):
+                assert time.monotonic() < deadline, f"the jobs worker recorded no threshold\n{stack.log()}"
+                await asyncio.sleep(0.5)
+
+            rows = stack.wait_healthy()
+            held = {name: rows[name]["restarts"] for name in ("gateway", "processor", "jobs")}
+            assert held == {"gateway": "0", "processor": "0", "jobs": "0"}, f"{rows}\n{stack.log()}"
+    finally:
+        await asyncio.to_thread(pg_context.__exit__, None, None, None)
+
+
+async def _quietly(read: Callable[[], Awaitable[T]]) -> T | None:
+    """A read that may meet the database still starting: None then."""
+    try:
+        return await read()
+    except (OSError, asyncpg.PostgresError):
+        return None
