@@ -316,3 +316,19 @@ async def _quietly(read: Callable[[], Awaitable[T]]) -> T | None:
         return await read()
     except (OSError, asyncpg.PostgresError):
         return None
+
+
+def test_a_skip_fails_unless_its_reason_is_outside_the_project(tmp_path: Path) -> None:
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n"
+        "def test_missing_component():\n    pytest.skip('chromium is not installed')\n"
+        "@pytest.mark.skip(reason='later')\ndef test_marked():\n    pass\n"
+        "def test_no_registry():\n    pytest.skip('outside the project: no network to PyPI')\n"
+        "def test_not_debian():\n    pytest.skip('outside the project: not a Debian system (no apt-get)')\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                             "--rootdir", str(tmp_path), str(tmp_path / "test_skips.py")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # the marked one is skipped at setup, so pytest counts its failure as an error: either fails the run
+    assert "1 failed, 2 skipped, 1 error" in result.stdout, result.stdout + result.stderr
+    assert "chromium is not installed" in result.stdout and "install what the test needs" in result.stdout
+    assert result.returncode == 1
