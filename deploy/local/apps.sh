@@ -15,24 +15,13 @@ SECRETS="$STATE/secrets.env"
 
 ctl() { "$APPS_PYTHON" -m supervisor.supervisorctl -c "$CONF" "$@"; }
 
-# remember NAME COMMAND...: a secret made once by COMMAND and kept in secrets.env (mode 600), so links,
-# cursors and encrypted rows stay valid across restarts, like the demo's key.
-remember() {
-  local name=$1; shift
-  grep -q "^$name=" "$SECRETS" 2>/dev/null && return
-  (umask 077; echo "$name=$("$@")" >> "$SECRETS")
-  say "generated $name once (kept in $SECRETS)"
-}
-
+# The secrets secrets.sh made once, for every process; a variable set in the environment wins.
 secrets() {
-  remember TALLY_USAGE_LINK_SECRET python3 -c 'import secrets; print(secrets.token_urlsafe(32))'
-  remember TALLY_QUERY_CURSOR_SECRET python3 -c 'import secrets; print(secrets.token_urlsafe(32))'
-  # a Fernet key: 32 random bytes, URL-safe base64
-  remember TALLY_SECRETS_KEY python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())'
+  bash "$ROOT/deploy/local/secrets.sh" "$SECRETS" | while read -r line; do say "$line"; done
   local line key
   while read -r line; do
     key=${line%%=*}
-    [ -n "${!key:-}" ] || export "$line"   # a variable set in the environment wins
+    [ -n "${!key:-}" ] || export "$line"
   done < "$SECRETS"
 }
 
