@@ -2,7 +2,7 @@
 # Tally's own processes (gateway, processor, jobs worker, alert evaluator) under supervisord, which starts
 # again any that exits (deploy/local/supervisord.conf, docs/adr/0085). The backing services are services.sh's.
 # Idempotent: `start` leaves running processes alone and starts only those not running.
-# Usage: apps.sh start|stop|status
+# Usage: apps.sh start|stop|status|ctl ARGS (ctl passes ARGS to supervisorctl: ctl restart jobs, ctl tail -f gateway)
 SERVICE=apps
 . "$(dirname "$0")/common.sh"
 
@@ -58,5 +58,6 @@ case "${1:-start}" in
   start) start ;;
   stop) stop ;;
   status) cd "$ROOT" && "$APPS_PYTHON" -m tally.cli status ;;
-  *) die "unknown command $1" "use start, stop or status" ;;
+  ctl) shift; ctl "$@" ;;
+  *) die "unknown command $1" "use start, stop, status or ctl (supervisorctl's commands, e.g. ctl restart jobs)" ;;
 esac
