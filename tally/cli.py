@@ -504,6 +504,7 @@ def cmd_status(_args: argparse.Namespace, settings: Settings) -> int:
 
     from supervisor.xmlrpc import SupervisorTransport
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     socket_path = settings.state_dir / "run" / "supervisor.sock"
     if not socket_path.exists():
         print(f"supervisord is not running (no {socket_path}); start the stack with: bash deploy/local/up.sh",

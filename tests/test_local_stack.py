@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,6 +227,12 @@ async def test_up_configures_the_usage_link_secret_and_the_secrets_key(isolated:
         assert link.status_code == 201, link.text
 
 
+def _listening(sock: socket.socket) -> int:
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock.getsockname()[1]
+
+
 def _api_call(n: str) -> dict:
     return {"specversion": "1.0", "id": f"outage-{n}", "source": "app", "type": "api.call", "subject": "acme",
             "data": {}}
@@ -332,3 +339,28 @@ def test_a_skip_fails_unless_its_reason_is_outside_the_project(tmp_path: Path) -
     assert "1 failed, 2 skipped, 1 error" in result.stdout, result.stdout + result.stderr
     assert "chromium is not installed" in result.stdout and "install what the test needs" in result.stdout
     assert result.returncode == 1
+
+
+async def test_a_crash_loop_backs_off_and_status_says_so(isolated: Settings, tmp_path: Path) -> None:
+    """A process that exits at start-up (here: the jobs worker's metrics port is taken) is tried again after 1 s,
+    2 s, 3 s..., not in a tight loop, and `tally status` reports it and exits 1."""
+    with socket.socket() as squatter, \
+            supervised(isolated, tmp_path / "state", TALLY_JOBS_METRICS_PORT=str(_listening(squatter))) as stack:
+        main_log = tmp_path / "state" / "log" / "supervisord.log"
+
+        def events(name: str) -> list[tuple[float, str]]:
+            out = []
+            for line in main_log.read_text().splitlines():
+                if f"spawned: '{name}'" in line or f"exited: {name} " in line:
+                    stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    out.append((stamp, "spawned" if "spawned" in line else "exited"))
+            return out
+
+        await asyncio.to_thread(wait_until, lambda: sum(kind == "spawned" for _, kind in events("jobs")) >= 4, 120,
+                                0.5, "four starts of the jobs worker")
+        seen = events("jobs")
+        waits = [later - at for (at, kind), (later, next_kind) in zip(seen, seen[1:])
+                 if kind == "exited" and next_kind == "spawned"]
+        assert len(waits) >= 3 and [round(w) for w in waits[:3]] == [1, 2, 3], seen
+        code, rows = stack.status()
+        assert code == 1 and rows["jobs"]["state"] in ("BACKOFF", "STARTING"), rows
