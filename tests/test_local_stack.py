@@ -356,11 +356,14 @@ async def test_a_crash_loop_backs_off_and_status_says_so(isolated: Settings, tmp
                     out.append((stamp, "spawned" if "spawned" in line else "exited"))
             return out
 
-        await asyncio.to_thread(wait_until, lambda: sum(kind == "spawned" for _, kind in events("jobs")) >= 4, 120,
-                                0.5, "four starts of the jobs worker")
-        seen = events("jobs")
-        waits = [later - at for (at, kind), (later, next_kind) in zip(seen, seen[1:])
-                 if kind == "exited" and next_kind == "spawned"]
-        assert len(waits) >= 3 and [round(w) for w in waits[:3]] == [1, 2, 3], seen
+        def waits() -> list[int]:
+            """Seconds from each exit to the next start."""
+            seen = events("jobs")
+            return [round(later - at) for (at, kind), (later, next_kind) in zip(seen, seen[1:])
+                    if kind == "exited" and next_kind == "spawned"]
+
+        # A first start slower than startsecs on a loaded machine counts as a run, so the backoff may begin later.
+        await asyncio.to_thread(wait_until, lambda: 3 in waits(), 180, 0.5, "a wait of 3 s before a start")
+        assert {1, 2, 3} <= set(waits()), events("jobs")
         code, rows = stack.status()
-        assert code == 1 and rows["jobs"]["state"] in ("BACKOFF", "STARTING"), rows
+        assert code == 1 and rows["jobs"]["health"].startswith("UNHEALTHY"), rows
