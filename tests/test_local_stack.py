@@ -367,3 +367,11 @@ async def test_a_crash_loop_backs_off_and_status_says_so(isolated: Settings, tmp
         assert {1, 2, 3} <= set(waits()), events("jobs")
         code, rows = stack.status()
         assert code == 1 and rows["jobs"]["health"].startswith("UNHEALTHY"), rows
+
+
+def test_status_without_the_stack_says_how_to_start_it(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "tally.cli", "status"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "TALLY_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "supervisord is not running" in result.stderr and "deploy/local/up.sh" in result.stderr
+    assert "Traceback" not in result.stderr
