@@ -1,4 +1,4 @@
-# The gateway and processor image for docker-compose.yml.
+# The image of Tally's processes (gateway, processor, jobs worker, alert evaluator) for docker-compose.yml.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -12,7 +12,9 @@ COPY usage usage
 COPY billing billing
 COPY alerts alerts
 COPY deploy/migrations deploy/migrations
-RUN pip install --no-cache-dir . && useradd --system tally
+COPY deploy/local/secrets.sh deploy/local/secrets.sh
+# /state: the compose volume that keeps the secrets deploy/local/secrets.sh makes once
+RUN pip install --no-cache-dir . && useradd --system tally && mkdir /state && chown tally /state
 ENV TALLY_MIGRATIONS_DIR=/app/deploy/migrations
 USER tally
 EXPOSE 8080

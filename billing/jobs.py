@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import asyncpg
 import orjson
 
 from billing.context import JobContext
@@ -109,7 +110,13 @@ async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
         while not stop.is_set():
             now = datetime.now(timezone.utc)
             for job in jobs:
-                result = await run_job(ctx, job, job.key(now), now)
+                try:
+                    result = await run_job(ctx, job, job.key(now), now)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    # PostgreSQL stopped or restarting: wait it out here rather than exit; the next tick tries again
+                    log.warning("jobs not run: the database is unreachable (%s); trying again in %g s", exc,
+                                ctx.config.tick_s)
+                    break
                 if result.status in ("ok", "failed"):
                     log.info("job %s for %s: %s %s", job.name, result.key, result.status, result.figures)
             try:

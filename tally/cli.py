@@ -584,6 +584,74 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run_demo(settings, args.url, args.count))
 
 
+# `tally status`: the local stack's processes as supervisord runs them (deploy/local/apps.sh, docs/adr/0085).
+def _health_url(name: str, settings: Settings) -> str | None:
+    """Where each process answers when it is healthy: the gateway's readiness, else its /metrics port."""
+    def local(host: str) -> str:
+        return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+    ports = {"processor": settings.processor_metrics_port, "jobs": settings.jobs_metrics_port,
+             "alerts": settings.alerts_metrics_port}
+    if name == "gateway":
+        return f"http://{local(settings.gateway_host)}:{settings.gateway_port}/readyz"
+    port = ports.get(name)
+    return f"http://{local(settings.processor_metrics_host)}:{port}/metrics" if port else None
+
+
+def _health(url: str | None) -> tuple[bool, str]:
+    import httpx
+
+    if url is None:
+        return True, "no health port"
+    try:
+        answer = httpx.get(url, timeout=3)
+    except httpx.HTTPError as exc:
+        return False, f"{url}: {type(exc).__name__}"
+    return answer.is_success, f"{url.rsplit('/', 1)[1]} {answer.status_code}"
+
+
+def _restarts(main_log: str) -> dict[str, int]:
+    """Starts of each process since supervisord started, less the first: supervisord counts none itself."""
+    import re
+    from collections import Counter
+
+    since = main_log.rsplit("supervisord started with pid", 1)[-1]
+    spawns = Counter(re.findall(r"spawned: '([^']+)' with pid", since))
+    return {name: count - 1 for name, count in spawns.items()}
+
+
+def cmd_status(_args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import timedelta
+    from xmlrpc.client import ServerProxy
+
+    from supervisor.xmlrpc import SupervisorTransport
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    socket_path = settings.state_dir / "run" / "supervisor.sock"
+    if not socket_path.exists():
+        print(f"supervisord is not running (no {socket_path}); start the stack with: bash deploy/local/up.sh",
+              file=sys.stderr)
+        return 2
+    rpc = ServerProxy("http://localhost", transport=SupervisorTransport(None, None, f"unix://{socket_path}"))
+    try:
+        processes = rpc.supervisor.getAllProcessInfo()
+        restarts = _restarts(rpc.supervisor.readLog(0, 0))
+    except OSError as exc:
+        print(f"supervisord does not answer on {socket_path} ({exc}); start it with: bash deploy/local/up.sh",
+              file=sys.stderr)
+        return 2
+    print(f"{'process':10} {'state':9} {'pid':>7} {'uptime':>9} {'restarts':>8}  health")
+    all_well = True
+    for p in processes:
+        running = p["statename"] == "RUNNING"
+        healthy, health = _health(_health_url(p["name"], settings)) if running else (False, p["spawnerr"] or "-")
+        uptime = str(timedelta(seconds=p["now"] - p["start"])) if running else "-"
+        print(f"{p['name']:10} {p['statename']:9} {p['pid'] or '-':>7} {uptime:>9} {restarts.get(p['name'], 0):>8}  "
+              f"{'healthy' if healthy else 'UNHEALTHY'} ({health})")
+        all_well &= running and healthy
+    return 0 if all_well else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -691,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", default=None)
     demo.add_argument("--count", type=int, default=5)
     demo.set_defaults(func=cmd_demo)
+
+    sub.add_parser("status", help="the local stack's processes under supervisord: state, pid, uptime, restarts, "
+                   "health (exit 1 if one is not running and healthy)").set_defaults(func=cmd_status)
     return parser
 
 

@@ -145,6 +145,10 @@ class Settings(BaseSettings):
     alerts_delivery_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
     alerts_delivery_poll_s: float = Field(1.0, gt=0, description="how often due deliveries are looked for")
 
+    # the local stack (deploy/local/, docs/adr/0085)
+    state_dir: Path = Field(ROOT / ".local", description="logs, pid files, secrets and supervisord's socket of "
+                                                         "deploy/local/; `tally status` asks supervisord there")
+
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 from pathlib import Path
 
 import yaml
@@ -75,3 +76,41 @@ def test_the_image_ships_everything_the_packages_need() -> None:
     for package in [*packages, "deploy/migrations"]:
         assert f"COPY {package} " in dockerfile, package
     assert Path(ROOT / "deploy/prometheus/prometheus.yml").exists()
+
+
+APPS = {"gateway", "processor", "jobs", "alerts"}
+
+
+def _supervised() -> configparser.ConfigParser:
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read(ROOT / "deploy/local/supervisord.conf")
+    return conf
+
+
+def test_processes_are_restarted_as_under_the_native_supervisor() -> None:
+    services, conf = _compose()["services"], _supervised()
+    programs = {section.removeprefix("program:"): conf[section] for section in conf.sections()
+                if section.startswith("program:")}
+    assert set(programs) == APPS
+    for name, program in programs.items():
+        assert program["autorestart"] == "true", name
+        subcommand = services[name]["command"][-1].split("exec tally ")[1].split()[0]
+        assert program["command"].endswith(f"-m tally.cli {subcommand}"), name
+        assert services[name]["restart"] == "unless-stopped", name
+
+
+def test_redis_never_evicts_as_under_the_native_script() -> None:
+    v, command = _versions(), _compose()["services"]["redis"]["command"]
+    assert v["REDIS_MAXMEMORY_POLICY"] == "noeviction"  # ADR 5: gateway state is never evicted
+    assert command[command.index("--maxmemory-policy") + 1] == v["REDIS_MAXMEMORY_POLICY"]
+    assert command[command.index("--maxmemory") + 1] == v["REDIS_MAXMEMORY"]
+
+
+def test_every_process_gets_the_secrets_made_once() -> None:
+    services = _compose()["services"]
+    assert "deploy/local/secrets.sh /state/secrets.env" in services["init"]["command"][-1]
+    for name in APPS:
+        assert services[name]["command"][-1].startswith("set -a && . /state/secrets.env && exec tally "), name
+        assert "state:/state" in services[name]["volumes"], name
+    assert "COPY deploy/local/secrets.sh " in (ROOT / "Dockerfile").read_text()
+    assert "deploy/local/secrets.sh" in (ROOT / "deploy/local/apps.sh").read_text()

@@ -53,6 +53,7 @@ install() {
 }
 
 write_config() {
+  mkdir -p "$HOME_DIR"
   cat > "$HOME_DIR/server-$INSTANCE.properties" <<PROPS
 process.roles=broker,controller
 node.id=1

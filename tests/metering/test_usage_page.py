@@ -1,12 +1,13 @@
 """The usage page in headless Chromium (Debian's package, driven by Playwright through executable_path):
 a signed link opens it, it shows the figures and the unread alerts, and posting events changes them
-within one poll; everything it loads comes from Tally. Bad and expired links are refused."""
+within one poll; the period names its last day and the days chart has day labels, figures and text for screen
+readers; everything it loads comes from Tally. Bad and expired links are refused."""
 
 from __future__ import annotations
 
 import shutil
 import time
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -26,9 +27,10 @@ def _event(n: int) -> dict:
 
 async def test_usage_page_shows_figures_that_follow_new_events(isolated: Settings) -> None:
     chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed: bash deploy/local/chromium.sh")
-    from playwright.async_api import async_playwright
+    if chromium is None and shutil.which("apt-get") is None:
+        pytest.skip("outside the project: not a Debian system, so Debian's chromium cannot be installed")
+    assert chromium, "Debian's chromium is not installed: bash deploy/local/chromium.sh (deploy/local/test.sh runs it)"
+    from playwright.async_api import async_playwright, expect
 
     settings = metered(isolated).model_copy(update={"usage_link_secret": SECRET, "usage_page_poll_s": POLL_S})
     tenant, admin, writer = await tenant_keys(settings)
@@ -72,6 +74,25 @@ async def test_usage_page_shows_figures_that_follow_new_events(isolated: Setting
                 assert "Figures as of" in await page.locator("#freshness").text_content()
                 assert await page.locator('[data-meter="tokens"] .mode').text_content() == "hard limit"
                 assert await used.count() == 1
+
+                # The period says its last day, not the next period's first (issue 19: "2026-12-01 to 2027-01-01").
+                figures = (await api.get(url.replace("?token=", "/data?token="))).json()
+                first = date.fromisoformat(figures["usage"]["period_start"][:10])
+                last = date.fromisoformat(figures["usage"]["period_end"][:10]) - timedelta(days=1)
+                assert first.month == last.month  # anchor day 1: a period never spans two months
+                await expect(page.locator("#period")).to_have_text(
+                    f"Period {first.day}–{last.day} {last:%B} {last.year} · plan team")
+                # The days chart: a day label under each column, the figure of each day with usage above it, and
+                # each day's date and figure as text for a screen reader.
+                history = next(m["days"] for m in figures["history"]["meters"] if m["meter"] == "api_calls")
+                chart = page.get_by_role("list", name="api_calls used per day")
+                await expect(chart.get_by_role("listitem")).to_have_count(len(history))
+                await expect(chart.locator(".day")).to_have_text([str(int(d["date"][8:10])) for d in history])
+                today = datetime.now(timezone.utc).date()
+                column = chart.locator(f'li[data-date="{today.isoformat()}"]')
+                await expect(column.locator(".value")).to_have_text("7")
+                await expect(column.locator(".sr")).to_have_text(f"{today.day} {today:%B} {today.year}: 7 used")
+                assert "7" not in await chart.locator(f'li:not([data-date="{today.isoformat()}"]) .value').all_inner_texts()
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 await page.screenshot(path=str(SCREENSHOT), full_page=True)
                 await browser.close()

@@ -1,4 +1,4 @@
-// The usage page: polls its signed data URL and draws each meter's bar, figures and days.
+// The usage page: polls its signed data URL and draws each meter's bar, figures and a labelled column per day.
 "use strict";
 (function () {
   const token = new URLSearchParams(location.search).get("token") || "";
@@ -16,29 +16,53 @@
     return el("div", {}, [el("b", { class: cls }, [value]), label]);
   }
 
-  function days(history) {
-    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-    svg.setAttribute("class", "days");
-    svg.setAttribute("viewBox", "0 0 " + history.length * 10 + " 40");
-    svg.setAttribute("preserveAspectRatio", "none");
+  const MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December"];
+
+  // The calendar day an ISO date or time names, at UTC midnight (the answer's times are already local).
+  function calendarDay(iso) {
+    const [y, m, d] = iso.slice(0, 10).split("-").map(Number);
+    return new Date(Date.UTC(y, m - 1, d));
+  }
+
+  function longDate(day) {
+    return day.getUTCDate() + " " + MONTHS[day.getUTCMonth()] + " " + day.getUTCFullYear();
+  }
+
+  // "1–31 December 2026": the period's first and last day; the answer's end is exclusive (the next period's start).
+  function periodText(startIso, endIso) {
+    const first = calendarDay(startIso), last = calendarDay(endIso);
+    last.setUTCDate(last.getUTCDate() - 1);
+    if (first.getTime() >= last.getTime()) return longDate(first);
+    if (first.getUTCFullYear() !== last.getUTCFullYear()) return longDate(first) + " – " + longDate(last);
+    if (first.getUTCMonth() !== last.getUTCMonth()) {
+      return first.getUTCDate() + " " + MONTHS[first.getUTCMonth()] + " – " + longDate(last);
+    }
+    return first.getUTCDate() + "–" + longDate(last);
+  }
+
+  // One column per day of the period: its figure above, its day of the month below, and the whole of it
+  // ("3 December 2026: 12 used") as text for screen readers; the visible parts are hidden from them.
+  function days(meter, history) {
     const max = Math.max(1, ...history.map((d) => Number(d.used)));
-    history.forEach((d, i) => {
-      const h = (Number(d.used) / max) * 38;
-      const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
-      Object.entries({ x: i * 10 + 1, y: 40 - h, width: 8, height: h }).forEach(([k, v]) => rect.setAttribute(k, v));
-      const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
-      title.textContent = d.date + ": " + d.used;
-      rect.append(title);
-      svg.append(rect);
-    });
-    return svg;
+    return el("ol", { class: "days", "aria-label": meter + " used per day" }, history.map((d) => {
+      const fill = el("span");
+      fill.style.height = (Number(d.used) / max) * 100 + "%";
+      const day = calendarDay(d.date);
+      return el("li", { "data-date": d.date, title: longDate(day) + ": " + d.used }, [
+        el("span", { class: "value", "aria-hidden": "true" }, [Number(d.used) > 0 ? d.used : ""]),
+        el("span", { class: "bar", "aria-hidden": "true" }, [fill]),
+        el("span", { class: "day", "aria-hidden": "true" }, [String(day.getUTCDate())]),
+        el("span", { class: "sr" }, [longDate(day) + ": " + d.used + " used"]),
+      ]);
+    }));
   }
 
   function draw(data) {
     const usage = data.usage;
     document.getElementById("subject").textContent = usage.subject;
     document.getElementById("period").textContent =
-      "Period " + usage.period_start.slice(0, 10) + " to " + usage.period_end.slice(0, 10) + " · plan " + usage.plan;
+      "Period " + periodText(usage.period_start, usage.period_end) + " · plan " + usage.plan;
     const histories = Object.fromEntries(data.history.meters.map((m) => [m.meter, m.days]));
     const asOf = usage.meters.map((m) => m.as_of).filter(Boolean).sort().pop();
     document.getElementById("freshness").textContent =
@@ -56,7 +80,8 @@
           figure("overage", m.overage, "overage"),
           figure("of included", m.percent === null ? "–" : m.percent + "%", "percent"),
         ]),
-        days(histories[m.meter] || []),
+        el("p", { class: "muted days-title", "aria-hidden": "true" }, ["Used per day"]),
+        days(m.meter, histories[m.meter] || []),
       ]);
     }));
     const alerts = document.getElementById("alerts");
