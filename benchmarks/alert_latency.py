@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 from alerts import stored
 from benchmarks import loadgen
 from benchmarks.stack import OUT, TALLY, Bench
+from sealed import SecretBox
 from schemas.alerts import AlertRule
 from tally.settings import Settings
 
@@ -109,7 +110,7 @@ async def main(argv: list[str] | None = None) -> int:
         conn = await asyncpg.connect(settings.database_url)
         try:
             for rule in RULES:
-                await stored.save(conn, "bench", AlertRule.model_validate(rule))
+                await stored.save(conn, "bench", AlertRule.model_validate(rule), SecretBox(settings.secrets_key))
         finally:
             await conn.close()
         gateway = bench.gateway(settings)

@@ -13,7 +13,7 @@ from alerts.usage import take_up
 from alerts.windows import MinuteWindows
 from schemas.meters import DEFAULT_METERS
 from tally.settings import Settings
-from tests.alerting.helpers import transitions
+from tests.alerting.helpers import BOX, transitions
 
 
 async def test_fires_once_and_resolves_when_the_period_ends(alone: Settings, alone_db: asyncpg.Connection) -> None:
@@ -28,8 +28,8 @@ async def test_fires_once_and_resolves_when_the_period_ends(alone: Settings, alo
                          tenant, date.today().replace(day=1), period_end, threshold)
     pool = await asyncpg.create_pool(alone.database_url, min_size=1, max_size=2)
     try:
-        assert await take_up(pool, now) == 2
-        assert await take_up(pool, now) == 0
+        assert await take_up(pool, now, BOX) == 2
+        assert await take_up(pool, now, BOX) == 0
         group = '{"subject":"acme"}'
         assert await transitions(db, tenant) == [("usage:api_calls:80", group, "firing"),
                                                  ("usage:api_calls:100", group, "firing")]
@@ -37,14 +37,14 @@ async def test_fires_once_and_resolves_when_the_period_ends(alone: Settings, alo
         assert await db.fetchval("select count(*) from alert_states where status = 'firing'") == 2
 
         # A rules evaluator started now neither resolves nor drops the usage groups.
-        evaluator = Evaluator(pool, DEFAULT_METERS, MinuteWindows())
+        evaluator = Evaluator(pool, DEFAULT_METERS, MinuteWindows(), BOX)
         await evaluator.load(now)
         assert await evaluator.evaluate(now) == 0
         assert await db.fetchval("select count(*) from alert_states") == 2
 
-        assert await take_up(pool, period_end - timedelta(seconds=1)) == 0
-        assert await take_up(pool, period_end) == 2
-        assert await take_up(pool, period_end + timedelta(days=1)) == 0
+        assert await take_up(pool, period_end - timedelta(seconds=1), BOX) == 0
+        assert await take_up(pool, period_end, BOX) == 2
+        assert await take_up(pool, period_end + timedelta(days=1), BOX) == 0
         assert [kind for *_, kind in await transitions(db, tenant)] == ["firing", "firing", "resolved", "resolved"]
         assert await db.fetchval("select count(*) from alert_states") == 0
         row = await db.fetchrow("select t.fired_at, f.at from alert_transitions t join alert_transitions f"
