@@ -233,6 +233,9 @@ class Deliverer:
             return Attempt(error=type(exc).__name__)
         except OSError:
             return Attempt(error="the target's host name does not resolve")
+        except Exception as exc:  # a fault of ours: logged whole, the row retried with backoff like an outage
+            log.exception("%s alert-%d target %d: unexpected error delivering", row["tenant"], row["id"], row["target"])
+            return Attempt(error=type(exc).__name__)
         if 200 <= code < 300:
             return Attempt(status=code)
         return Attempt(status=code, error=f"HTTP {code}", permanent=400 <= code < 500 and code not in (408, 429),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import asyncpg
+import orjson
 
 from alerts import metrics, stored
 from sealed import SecretBox, Unreadable
@@ -14,7 +15,7 @@ log = logging.getLogger("tally.alerts")
 
 
 async def reseal(pool: asyncpg.Pool, box: SecretBox) -> int:
-    """Rules, pending deliveries and usage Slack URLs; returns how many rows changed. A value no key opens is
+    """Rules, pending deliveries, firing groups' targets and usage Slack URLs; returns how many rows changed. A value no key opens is
     left as it is and logged (its delivery is refused with the reason when it comes up)."""
     changed = 0
     async with pool.acquire() as conn, conn.transaction():
@@ -40,6 +41,20 @@ async def reseal(pool: asyncpg.Pool, box: SecretBox) -> int:
                 await conn.execute("update alert_deliveries set url = $3, secret = $4"
                                    " where transition_id = $1 and target = $2",
                                    row["transition_id"], row["target"], url, secret)
+                changed += 1
+        for row in await conn.fetch("select tenant, rule_id, group_key, targets::text as targets from alert_states"
+                                    " where targets is not null for update"):
+            dests = orjson.loads(row["targets"])
+            if any(isinstance(d.get(k), str) and box.stale(d[k]) for d in dests for k in ("url", "secret")):
+                try:
+                    resealed = [{**d, **{k: box.reseal(d[k]) for k in ("url", "secret") if isinstance(d.get(k), str)}}
+                                for d in dests]
+                except Unreadable:
+                    _unreadable("firing group's targets", row["tenant"])
+                    continue
+                await conn.execute("update alert_states set targets = $4::jsonb where tenant = $1 and rule_id = $2"
+                                   " and group_key = $3", row["tenant"], row["rule_id"], row["group_key"],
+                                   orjson.dumps(resealed).decode())
                 changed += 1
         for row in await conn.fetch("select tenant, slack_webhook_url from usage_settings"
                                     " where slack_webhook_url is not null for update"):

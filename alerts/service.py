@@ -88,7 +88,7 @@ async def _lead(config: AlertsConfig, stop: asyncio.Event) -> tuple[asyncpg.Conn
 
 
 async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
-    """Lead whenever this process can, until `stop`."""
+    """Lead whenever this process can, until `stop`; after a term ends, wait `standby_poll_s` before the next."""
     while not stop.is_set():
         metrics.LEADER.set(0)
         try:
@@ -97,8 +97,11 @@ async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
             metrics.LEADERSHIP_LOST.inc()
             log.warning("no longer the active evaluator (%s); standing by",
                         "; ".join(f"{type(e).__name__}: {e}" for e in lost.exceptions))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), config.standby_poll_s)
+        except* Exception as failed:  # a fault of ours: logged whole, and the next term tries again
+            metrics.LEADERSHIP_LOST.inc()
+            log.error("the evaluator failed; standing by", exc_info=failed)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), config.standby_poll_s)
 
 
 async def _term(config: AlertsConfig, stop: asyncio.Event) -> None:

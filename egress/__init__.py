@@ -109,6 +109,10 @@ def check_url(url: object, kind: str, policy: EgressPolicy) -> str:
     host = (parts.hostname or "").rstrip(".")
     if not host:
         raise Refused("the URL names no host")
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise Refused("the host name is not valid") from None
     if parts.username is not None or parts.password is not None:
         raise Refused("a URL carries no user name or password")
     if port == 0:
@@ -127,7 +131,10 @@ def check_url(url: object, kind: str, policy: EgressPolicy) -> str:
 async def resolve_checked(host: str, port: int, policy: EgressPolicy) -> list[str]:
     """The host's addresses, each one a tenant may reach; Refused if any is not (an allowed host name passes).
     A resolver failure is OSError (socket.gaierror), an outage of the name, not a refusal."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError:
+        raise Refused("the host name is not valid") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not policy.host_allowed(host):
         for address in addresses:
