@@ -156,6 +156,12 @@ async def _term(config: AlertsConfig, stop: asyncio.Event) -> None:
                 config.hook("alerts_after_commit")
                 await publish()
 
+        async def publish_leftovers() -> None:
+            """What an earlier term left unpublished, from one period in: a tick publishes what it records."""
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), config.tick_s * 5)
+            await every(config.tick_s * 5, ended, publish, "publishing transitions", OUTAGES)
+
         async def reload() -> None:
             await evaluator.reload_rules(_now())
 
@@ -167,7 +173,7 @@ async def _term(config: AlertsConfig, stop: asyncio.Event) -> None:
             group.create_task(until_stopped())
             for work in (consume(), every(config.tick_s, ended, tick, "evaluation", OUTAGES),
                          every(config.rules_reload_s, ended, reload, "rule reload", OUTAGES),
-                         every(config.tick_s * 5, ended, publish, "publishing transitions", OUTAGES),
+                         publish_leftovers(),
                          deliverer.run(ended)):
                 group.create_task(work)
     finally:

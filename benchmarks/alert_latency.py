@@ -103,7 +103,8 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=0.5, help="seconds between probes")
     args = parser.parse_args(argv)
     bench = Bench.create(Settings())
-    settings = bench.settings.model_copy(update={"processor_metrics_port": 0, "jobs_metrics_port": 0})
+    settings = bench.settings.model_copy(update={"processor_metrics_port": 0, "jobs_metrics_port": 0,
+                                                 "alerts_min_every_s": 1})  # the rules below run every second
     try:
         await bench.setup()
         bench.topics(settings)
