@@ -167,16 +167,16 @@ async def test_a_later_transition_waits_for_an_earlier_one_in_backoff(
         target = [("webhook", f"{rx.url}/hook", _secret())]
         first = await _transition(db, tenant, target, "firing")
         second = await _transition(db, tenant, target, "resolved")
-        other = await _transition(db, tenant, target, "firing", rule="latency")
+        other = await _transition(db, tenant, [("webhook", f"{rx.url}/other", _secret())], "firing", rule="latency")
         now = await db.fetchval("select now()")
 
         assert await deliverer.run_once(now) == {"sent": 1, "retried": 1, "failed": 0, "refused": 0}
-        assert sorted(rx.ids("/hook")) == sorted([f"alert-{first}", f"alert-{other}"])
+        assert (rx.ids("/hook"), rx.ids("/other")) == ([f"alert-{first}"], [f"alert-{other}"])
         assert (await _row(db, second))["attempts"] == 0
 
         assert await deliverer.run_once((await _row(db, first))["next_attempt_at"]) == {
             "sent": 2, "retried": 0, "failed": 0, "refused": 0}
-        assert [i for i in rx.ids("/hook") if i != f"alert-{other}"] == [f"alert-{first}"] * 2 + [f"alert-{second}"]
+        assert rx.ids("/hook") == [f"alert-{first}"] * 2 + [f"alert-{second}"]
 
 
 async def test_a_400_is_failed_at_once_with_its_status_and_reason(
@@ -377,7 +377,7 @@ async def test_a_dripping_target_holds_up_no_other_tenant_and_no_transaction(
     """Tenant A's targets drip forever; tenant B's alert, recorded while A's requests hang, goes out at once; no
     connection sits idle in a transaction meanwhile; A's requests end at the total deadline."""
     a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
-    policy = DeliveryPolicy(timeout_s=8, poll_s=0.1, backoff_s=60, concurrency=4)
+    policy = DeliveryPolicy(timeout_s=20, poll_s=0.1, backoff_s=60, concurrency=4)
     with tarpit(False) as (body_drip, body_conns), tarpit(True) as (head_drip, head_conns), receiver() as rx:
         await _transition(db, a, [("webhook", f"{head_drip}/hook", _secret()),
                                   ("webhook", f"{body_drip}/hook", _secret())])
@@ -389,7 +389,7 @@ async def test_a_dripping_target_holds_up_no_other_tenant_and_no_transaction(
             started = time.monotonic()
             tid = await _transition(db, b, [("slack", f"{rx.url}/slack", None)])
             await asyncio.to_thread(wait_until, lambda: bool(rx.at("/slack")), 30, 0.05, "B's delivery")
-            assert rx.at("/slack")[0].at - started < 3
+            assert rx.at("/slack")[0].at - started < 5  # A's hang for 20 s
             assert (await _row(db, tid))["status"] == "sent"
             idle = await db.fetchval("select count(*) from pg_stat_activity where datname = current_database()"
                                      " and state like 'idle in transaction%'")
@@ -410,7 +410,8 @@ async def test_a_dripping_target_holds_up_no_other_tenant_and_no_transaction(
             await deliverer.close()
     rows = await db.fetch("select d.status, d.last_status, d.last_error from alert_deliveries d join"
                           " alert_transitions t on t.id = d.transition_id where t.tenant = $1 order by d.target", a)
-    assert [tuple(r) for r in rows] == [("pending", None, "no answer within 8 s"), ("pending", 500, "HTTP 500")]
+    assert [tuple(r) for r in rows] == [("pending", None, "no answer within 20 s"), ("pending", 500, "HTTP 500")]
+    await db.execute("delete from alert_transitions where tenant = any($1::text[])", [a, b])
 
 
 async def test_a_target_that_may_not_be_called_is_refused_and_shown(
