@@ -132,10 +132,11 @@ class Settings(BaseSettings):
                                                                      "each further one doubles it, jittered")
     alerts_delivery_backoff_max_s: float = Field(900.0, gt=0, description="the longest wait between two tries "
                                                                           "(a longer Retry-After is cut to this)")
-    alerts_delivery_timeout_s: float = Field(5.0, gt=0, description="one request to Slack or a webhook receiver")
+    alerts_delivery_timeout_s: float = Field(5.0, gt=0, description="the whole of one request to Slack or a webhook "
+                                                                     "receiver (a total deadline, not per read)")
     alerts_delivery_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
     alerts_delivery_poll_s: float = Field(1.0, gt=0, description="how often due deliveries are looked for")
-    # outbound calls to tenants' URLs, secrets at rest, per-tenant alert bounds (egress/, sealed/, docs/adr/0075-0077)
+    # outbound calls to tenants' URLs, secrets at rest, per-tenant alert bounds (egress/, sealed/, docs/adr/0075, 0076)
     alerts_allow_private_targets: str = Field(
         "", description="comma-separated CIDRs, addresses or host names a tenant's alert target may reach beyond"
                         " public addresses (a self-hosted receiver on the private network); empty: public only")
