@@ -8,15 +8,17 @@ import secrets
 from typing import Any
 from urllib.parse import urlencode
 
+import asyncpg
 import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from alerts import history, masks, rules, stored
+from alerts import history, rules, stored
 from alerts.history import AlertsQuery
 from alerts.openapi import paths
+from alerts.policy import AlertPolicy
 from ingest.body import parse_json, read_body
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
@@ -44,10 +46,12 @@ def _file_owned(rule_id: str) -> Problem:
 
 
 class AlertsProduct:
-    """`ingest.products.Product` for alerts; `meters` decide which rules can be evaluated (`rules.problems`)."""
+    """`ingest.products.Product` for alerts; `meters` decide which rules can be evaluated (`rules.problems`),
+    `policy` what targets and how many rules a tenant may have."""
 
-    def __init__(self, meters: MetersConfig, cursor_secret: str) -> None:
+    def __init__(self, meters: MetersConfig, cursor_secret: str, policy: AlertPolicy) -> None:
         self._meters = meters
+        self._policy = policy
         # Without a configured secret, cursors are good for this gateway process only.
         self._cursors = Cursors(cursor_secret.encode() or secrets.token_bytes(32))
         self._edge: Edge
@@ -66,14 +70,15 @@ class AlertsProduct:
 
     async def list_rules(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, READ)
-        return _json({"rules": [masks.rule(row) for row in await stored.listing(self._edge.pool, tenant)]})
+        box = self._policy.box
+        return _json({"rules": [stored.shown(row, box) for row in await stored.listing(self._edge.pool, tenant)]})
 
     async def get_rule(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, READ)
         row = await stored.one(self._edge.pool, tenant, request.path_params["id"])
         if row is None:
             raise _not_found(request.path_params["id"])
-        return _json(masks.rule(row))
+        return _json(stored.shown(row, self._policy.box))
 
     async def create_rule(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, WRITE)
@@ -81,9 +86,10 @@ class AlertsProduct:
         async with self._edge.pool.acquire() as conn, conn.transaction():
             if await stored.claim(conn, tenant, rule.id) is not None:
                 raise Problem(409, "Rule exists", f"rule {rule.id!r} exists; PUT /v1/alert-rules/{rule.id} replaces it")
-            await stored.save(conn, tenant, rule)
+            await self._within_quota(conn, tenant)
+            await stored.save(conn, tenant, rule, self._policy.box)
             row = await stored.one(conn, tenant, rule.id)
-        return _json(masks.rule(row), 201, {"Location": f"/v1/alert-rules/{rule.id}"})
+        return _json(stored.shown(row, self._policy.box), 201, {"Location": f"/v1/alert-rules/{rule.id}"})
 
     async def put_rule(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, WRITE)
@@ -92,9 +98,11 @@ class AlertsProduct:
             row = await stored.claim(conn, tenant, rule.id)
             if row is not None and row["origin"] != "api":
                 raise _file_owned(rule.id)
-            created = await stored.save(conn, tenant, rule)
+            if row is None:
+                await self._within_quota(conn, tenant)
+            created = await stored.save(conn, tenant, rule, self._policy.box)
             row = await stored.one(conn, tenant, rule.id)
-        return _json(masks.rule(row), 201 if created else 200)
+        return _json(stored.shown(row, self._policy.box), 201 if created else 200)
 
     async def delete_rule(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, WRITE)
@@ -127,7 +135,17 @@ class AlertsProduct:
         if found:
             raise Problem(422, "Rule cannot be evaluated", "; ".join(found), problems=found,
                           errors=[{"field": "(rule)", "message": p} for p in found])
+        refused = await self._policy.problems(rule)
+        if refused:
+            raise Problem(422, "Rule not allowed", "; ".join(f"{field}: {message}" for field, message in refused),
+                          errors=[{"field": field, "message": message} for field, message in refused])
         return rule
+
+    async def _within_quota(self, conn: asyncpg.Connection, tenant: str) -> None:
+        """Called with the new rule's id claimed; two creations at once may both pass (a bound, not a ledger)."""
+        over = self._policy.quota(await stored.count(conn, tenant))
+        if over:
+            raise Problem(422, "Rule quota reached", over, errors=[{"field": "(rule)", "message": over}])
 
     async def get_alerts(self, request: Request) -> Response:
         """Transitions newest first; `next` carries a cursor signed for this tenant and these filters."""

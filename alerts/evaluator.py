@@ -3,7 +3,12 @@
 The standing of each rule and group (pending, firing) is kept in memory and in `alert_states`; memory changes
 only after the transaction that records the decision and its transition commits. So a kill -9 anywhere either
 loses an uncommitted decision, which the next evaluation takes again, or leaves it committed, which the next
-start reads back: a breach fires once and resolves once (docs/adr/0050).
+start reads back: a breach fires once and resolves once (docs/adr/0050). Each standing moves only from the one
+stored (ledger.move): a commit whose answer was lost, or a second evaluator, is refused and the standings are
+read again, never a second firing.
+
+A resolution goes to the targets the firing went to (kept with the standing), whatever the rule says now; a
+group the rule no longer makes (its group_by changed) resolves and goes (billing review M6).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from alerts.lifecycle import Standing, Step, step
 from alerts.windows import MinuteWindows
 from schemas.alerts import AlertRule
 from schemas.meters import MetersConfig
+from sealed import SecretBox
 
 log = logging.getLogger("tally.alerts")
 
@@ -39,29 +45,40 @@ class Decision:
 
 
 class Evaluator:
-    def __init__(self, pool: asyncpg.Pool, meters: MetersConfig, windows: MinuteWindows) -> None:
+    """`epoch`: the leader epoch this evaluator commits under (ledger.lead), None outside a leader (tests)."""
+
+    def __init__(self, pool: asyncpg.Pool, meters: MetersConfig, windows: MinuteWindows, box: SecretBox,
+                 epoch: int | None = None, min_every_s: int = 1) -> None:
         self._pool = pool
         self._meters = meters
+        self._box = box
+        self._epoch = epoch
+        self._min_every_s = min_every_s
         self.windows = windows
         self._rules: dict[str, list[AlertRule]] = {}
         self._standings: dict[GroupId, Standing] = {}
         self._resolved: dict[GroupId, datetime] = {}
         self._due: dict[tuple[str, str], datetime] = {}
+        self._unsure = False  # a commit ended without an answer: read the standings again before deciding
 
     async def load(self, now: datetime) -> None:
         """Rules, standings and cooldowns from PostgreSQL, and the windows the rules need."""
         await self.reload_rules(now)
+        await self._read_standings()
+
+    async def _read_standings(self) -> None:
         # Rule ids with a colon are the usage take-up's (alerts/usage.py), not rules of this evaluator.
-        for r in await self._pool.fetch("select * from alert_states where strpos(rule_id, ':') = 0"):
-            self._standings[(r["tenant"], r["rule_id"], r["group_key"])] = Standing(r["status"], r["pending_since"],
-                                                                                    r["fired_at"])
-        for r in await self._pool.fetch("select * from alert_cooldowns"):
-            self._resolved[(r["tenant"], r["rule_id"], r["group_key"])] = r["resolved_at"]
+        self._standings = {(r["tenant"], r["rule_id"], r["group_key"]): Standing(r["status"], r["pending_since"],
+                                                                                 r["fired_at"])
+                           for r in await self._pool.fetch("select * from alert_states where strpos(rule_id, ':') = 0")}
+        self._resolved = {(r["tenant"], r["rule_id"], r["group_key"]): r["resolved_at"]
+                          for r in await self._pool.fetch("select * from alert_cooldowns")}
+        self._unsure = False
 
     async def reload_rules(self, now: datetime) -> None:
         """Take up added, changed and deleted rules; a rule that cannot be evaluated is logged and skipped.
         Standings of rules that are gone or disabled are dropped without a transition."""
-        loaded = await stored.load(self._pool)
+        loaded = await stored.load(self._pool, self._box)
         usable: dict[str, list[AlertRule]] = {}
         for tenant, rules in loaded.items():
             for rule in rules:
@@ -94,15 +111,19 @@ class Evaluator:
                 due = self._due.get((tenant, rule.id))
                 if due is not None and now < due:
                     continue
-                self._due[(tenant, rule.id)] = now + timedelta(seconds=rule.every)
+                self._due[(tenant, rule.id)] = now + timedelta(seconds=max(rule.every, self._min_every_s))
                 measured = self.windows.measure(tenant, rule, now)
+                orphans = set()
                 for g in self._standings:
                     if g[:2] == (tenant, rule.id) and g[2] not in measured:
-                        measured[g[2]] = (orjson.loads(g[2]), Decimal(0) if rule.measure.of == "count" else None)
+                        values = orjson.loads(g[2])
+                        if set(values) != set(rule.group_by):  # a group of an earlier group_by: it ends here
+                            orphans.add(g[2])
+                        measured[g[2]] = (values, Decimal(0) if rule.measure.of == "count" else None)
                 for key, (group, value) in measured.items():
                     current = self._standings.get((tenant, rule.id, key))
-                    result = step(current, rule.breached(value), now, for_s=rule.for_, cooldown_s=rule.cooldown,
-                                  resolved_at=self._resolved.get((tenant, rule.id, key)))
+                    result = step(current, rule.breached(value) and key not in orphans, now, for_s=rule.for_,
+                                  cooldown_s=rule.cooldown, resolved_at=self._resolved.get((tenant, rule.id, key)))
                     if result.standing != current or result.transition:
                         out.append(Decision(rule, ledger.Group(tenant, rule.id, key, group), value, current, result))
         return out
@@ -111,9 +132,20 @@ class Evaluator:
         """Record the decisions and their transitions and deliveries in one transaction, then take them up."""
         if not decisions:
             return 0
-        async with self._pool.acquire() as conn, conn.transaction():
-            for d in decisions:
-                await _record(conn, d, now)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if self._epoch is not None:
+                    await ledger.fence(conn, self._epoch)
+                for d in decisions:
+                    await _record(conn, d, now, self._box)
+        except ledger.Stale as exc:
+            metrics.STALE.inc()
+            log.warning("decisions refused, reading the standings again: %s", exc)
+            await self._read_standings()
+            return 0
+        except BaseException:
+            self._unsure = True  # committed or not: the database knows, this process does not
+            raise
         for d in decisions:
             g = (d.group.tenant, d.rule.id, d.group.key)
             if d.step.standing is None:
@@ -128,15 +160,21 @@ class Evaluator:
 
     async def evaluate(self, now: datetime) -> int:
         """Decide and commit; returns how many transitions were recorded."""
+        if self._unsure:
+            await self._read_standings()
         self.windows.prune(now)
         return await self.commit(self.decide(now), now)
 
 
-async def _record(conn: asyncpg.Connection, d: Decision, now: datetime) -> None:
+async def _record(conn: asyncpg.Connection, d: Decision, now: datetime, box: SecretBox) -> None:
     rule, group = d.rule, d.group
-    await ledger.stand(conn, group, d.step.standing)
+    targets = ledger.destinations(rule.targets)
+    kept = await ledger.move(conn, group, d.previous, d.step.standing,
+                             ledger.seal(targets, box) if d.step.transition == "firing" else None)
     if d.step.transition is not None:
         fired_at = d.previous.fired_at if d.step.transition == "resolved" and d.previous else now
+        if d.step.transition == "resolved" and kept:  # where it fired (a standing from before 0075 kept none)
+            targets = ledger.unseal(kept, box)
         await ledger.record(conn, group, ledger.Transition(
             d.step.transition, rule.name, d.value, rule.threshold, rule.comparison, rule.window, now,
-            fired_at or now, rule.targets, {}))
+            fired_at or now, targets, {}), box)

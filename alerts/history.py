@@ -9,7 +9,6 @@ import asyncpg
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from alerts.masks import target_url
 from alerts.transitions import transition
 
 MAX_ACTIVE = 1000
@@ -39,13 +38,13 @@ async def page(conn: asyncpg.Connection, tenant: str, query: AlertsQuery,
         " order by id desc limit $7", tenant, query.rule_id, query.status, query.since, query.until, before_id,
         query.limit + 1)
     sent = await conn.fetch(
-        "select transition_id, target, kind, url, status, attempts, last_status, last_error, sent_at"
+        "select transition_id, target, kind, endpoint, status, attempts, last_status, last_error, sent_at"
         " from alert_deliveries where transition_id = any($1::bigint[]) order by transition_id, target",
         [row["id"] for row in rows])
     deliveries: dict[int, list[dict[str, Any]]] = {}
     for d in sent:
         deliveries.setdefault(d["transition_id"], []).append({
-            "target": d["target"], "kind": d["kind"], "url": target_url(d["kind"], d["url"]), "status": d["status"],
+            "target": d["target"], "kind": d["kind"], "url": d["endpoint"], "status": d["status"],
             "attempts": d["attempts"], "last_status": d["last_status"], "last_error": d["last_error"],
             "sent_at": d["sent_at"].isoformat() if d["sent_at"] else None})
     return [(row, {**transition(row).model_dump(mode="json"), "deliveries": deliveries.get(row["id"], [])})

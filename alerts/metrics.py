@@ -13,4 +13,10 @@ WINDOWS = Gauge("tally_alerts_windows", "Minute counter windows held for the rul
 RULES = Gauge("tally_alerts_rules", "Rules being evaluated")
 LEADER = Gauge("tally_alerts_leader", "1 while this process is the active evaluator, 0 while standing by")
 DELIVERIES = Counter("tally_alerts_deliveries", "Alert delivery attempts, by target kind and outcome (sent, retried, "
-                     "failed)", ["kind", "outcome"])
+                     "failed, refused: a target that may not be used)", ["kind", "outcome"])
+SKIPPED = Counter("tally_alerts_skipped", "Stored rows a tenant wrote that cannot be used, skipped (and shown to the "
+                  "tenant where it can see them), by what they are (rule, usage_alert)", ["what"])
+LEADERSHIP_LOST = Counter("tally_alerts_leadership_lost", "Terms as the active evaluator that ended before the process "
+                          "stopped (leader lock lost, fenced off, an outage or a fault); it stands by and tries again")
+STALE = Counter("tally_alerts_stale_decisions", "Evaluation commits refused because a standing had moved since it was "
+                "read (a lost commit answer, a second evaluator); the standings are read again")

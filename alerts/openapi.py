@@ -47,8 +47,8 @@ def shown_rule_schema() -> dict[str, Any]:
     schema = rule_schema()
     schema.pop("additionalProperties")
     schema["properties"] |= {
-        "targets": {"type": "array", "description": "type and url (a Slack webhook's host only); a webhook's "
-                    "secret shows its first characters", "items": {"type": "object"}},
+        "targets": {"type": "array", "description": "type and url (scheme and host only); a webhook's secret "
+                    "masked as `whsec_…`", "items": {"type": "object"}},
         "origin": {"enum": ["api", "file"], "description": "file: owned by a rules file, not changed by the API"},
         "version": {"type": "integer"}, "updated_at": {"type": "string", "format": "date-time"}}
     return schema
@@ -59,8 +59,10 @@ def transition_schema() -> dict[str, Any]:
     schema["properties"]["deliveries"] = {"type": "array", "items": {"type": "object", "properties": {
         "target": {"type": "integer", "description": "position in the rule's targets"},
         "kind": {"enum": ["slack", "webhook"]},
-        "url": {"type": "string", "description": "a Slack webhook's host only; a webhook's without query"},
-        "status": {"enum": ["pending", "sent", "failed"]}, "attempts": {"type": "integer"},
+        "url": {"type": "string", "description": "the target's scheme and host only"},
+        "status": {"enum": ["pending", "sent", "failed", "refused"],
+                   "description": "refused: the target may not be called (last_error says why)"},
+        "attempts": {"type": "integer"},
         "last_status": {"type": ["integer", "null"]}, "last_error": {"type": ["string", "null"]},
         "sent_at": {"type": ["string", "null"], "format": "date-time"}}}}
     return schema
@@ -89,7 +91,8 @@ def paths(read: str, write: str, max_rule_bytes: int) -> dict[str, Any]:
              "description": "the rule; its id, if given, is the path's"}
     shown = shown_rule_schema()
     invalid = (400, "invalid JSON or rule (errors name each field)")
-    unevaluable = (422, "the configured meters cannot evaluate the rule (each problem named)")
+    unevaluable = (422, "the configured meters cannot evaluate the rule, a target may not be called, a bound is "
+                        "passed or the tenant's rule quota is reached (each problem named)")
     too_large = (413, f"body over {max_rule_bytes} bytes")
     unknown = (404, "no such rule for this tenant")
     file_owned = (409, "the rule belongs to a rules file (or, on create, exists)")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from alerts import rules, stored
+from alerts.policy import AlertPolicy
 from ingest.problems import validation_errors
 from schemas.alerts import AlertRule
 from schemas.meters import MetersConfig
@@ -63,9 +64,13 @@ def parse(text: str, meters: MetersConfig) -> list[AlertRule]:
     return out
 
 
-async def apply(conn: asyncpg.Connection, tenant: str, wanted: list[AlertRule]) -> Applied:
-    """Make the tenant's file rules exactly `wanted`; a rule unchanged keeps its version."""
+async def apply(conn: asyncpg.Connection, tenant: str, wanted: list[AlertRule], policy: AlertPolicy) -> Applied:
+    """Make the tenant's file rules exactly `wanted`; a rule unchanged keeps its version. Refused whole when a
+    rule names a target it may not call or passes a bound, or the tenant would keep too many rules."""
     done = Applied()
+    refused = [f"{rule.id}: {field}: {message}" for rule in wanted for field, message in await policy.problems(rule)]
+    if refused:
+        raise Refused(refused)
     async with conn.transaction():
         owned = await conn.fetch("select id from alert_rules where tenant = $1 and origin = $2", tenant, ORIGIN)
         gone = {row["id"] for row in owned} - {rule.id for rule in wanted}
@@ -75,12 +80,17 @@ async def apply(conn: asyncpg.Connection, tenant: str, wanted: list[AlertRule]) 
                    for rule in wanted if current[rule.id] is not None and current[rule.id]["origin"] != ORIGIN]
         if clashes:
             raise Refused(clashes)
+        others = await conn.fetchval("select count(*) from alert_rules where tenant = $1 and origin <> $2",
+                                     tenant, ORIGIN)
+        over = policy.quota(others + len(wanted) - 1)
+        if over:
+            raise Refused([over])
         for rule in wanted:
             row = current[rule.id]
-            if row is not None and AlertRule.model_validate_json(row["definition"]) == rule:
+            if row is not None and stored.rule_of(row["definition"], policy.box) == rule:
                 done.unchanged.append(rule.id)
             else:
-                await stored.save(conn, tenant, rule, ORIGIN)
+                await stored.save(conn, tenant, rule, policy.box, ORIGIN)
                 done.saved.append(rule.id)
         done.deleted = sorted(rule_id for rule_id in gone if current[rule_id] is not None)
         await stored.delete(conn, tenant, done.deleted)

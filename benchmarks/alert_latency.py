@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 from alerts import stored
 from benchmarks import loadgen
 from benchmarks.stack import OUT, TALLY, Bench
+from sealed import SecretBox
 from schemas.alerts import AlertRule
 from tally.settings import Settings
 
@@ -102,14 +103,15 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=0.5, help="seconds between probes")
     args = parser.parse_args(argv)
     bench = Bench.create(Settings())
-    settings = bench.settings.model_copy(update={"processor_metrics_port": 0, "jobs_metrics_port": 0})
+    settings = bench.settings.model_copy(update={"processor_metrics_port": 0, "jobs_metrics_port": 0,
+                                                 "alerts_min_every_s": 1})  # the rules below run every second
     try:
         await bench.setup()
         bench.topics(settings)
         conn = await asyncpg.connect(settings.database_url)
         try:
             for rule in RULES:
-                await stored.save(conn, "bench", AlertRule.model_validate(rule))
+                await stored.save(conn, "bench", AlertRule.model_validate(rule), SecretBox(settings.secrets_key))
         finally:
             await conn.close()
         gateway = bench.gateway(settings)

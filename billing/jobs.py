@@ -97,7 +97,7 @@ async def _alerts_loop(ctx: JobContext) -> None:
     """Record the thresholds crossed; `tally alerts` publishes and delivers them (alerts/usage.py)."""
     while True:
         try:
-            await alerts.detect(ctx.pool, ctx.reader)
+            await alerts.detect(ctx.pool, ctx.reader, ctx.config.late_horizon_s)
         except Exception:
             log.exception("usage alerts failed")
         await asyncio.sleep(ctx.config.alerts_refresh_s)

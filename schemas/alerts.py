@@ -12,7 +12,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from egress import MAX_URL_BYTES, endpoint
 
 from schemas.logs import Level
 
@@ -63,14 +65,16 @@ class SlackTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["slack"]
-    url: HttpUrl = Field(description="a Slack incoming webhook")
+    url: str = Field(min_length=1, max_length=MAX_URL_BYTES, description="a Slack incoming webhook (on a Slack hook "
+                     "host unless the operator allows others); checked by egress.check_target where it enters")
 
 
 class WebhookTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["webhook"]
-    url: HttpUrl
+    url: str = Field(min_length=1, max_length=MAX_URL_BYTES, description="an http(s) URL at a public address "
+                     "(unless the operator allows private ones); checked by egress.check_target where it enters")
     secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{24,}$",
                         description="Standard Webhooks signing secret, whsec_ and base64 of at least 18 bytes")
 
@@ -89,7 +93,8 @@ class AlertRule(BaseModel):
     filter: RuleFilter = Field(default_factory=RuleFilter)
     measure: Measure = Field(default_factory=Measure)
     window: Seconds = Field(300, ge=60, le=MAX_WINDOW_S, description="e.g. 5m; whole minutes")
-    every: Seconds = Field(5, ge=1, le=3600, description="how often the rule is evaluated")
+    every: Seconds = Field(5, ge=1, le=3600, description="how often the rule is evaluated (the API refuses less "
+                           "than TALLY_ALERTS_MIN_EVERY_S)")
     comparison: Literal[">", ">=", "<", "<="] = ">"
     threshold: Decimal
     group_by: list[Literal["service", "subject", "level", "type"]] = Field(default_factory=list, max_length=3)
@@ -121,11 +126,13 @@ class AlertRule(BaseModel):
                 "<": value < self.threshold, "<=": value <= self.threshold}[self.comparison]
 
     def public(self) -> dict[str, Any]:
-        """The rule as the API shows it: webhook secrets masked."""
+        """The rule as the API shows it: a target's scheme and host only (a Slack URL's path is its credential, a
+        webhook's may hold a token) and no character of a webhook secret."""
         body = self.model_dump(mode="json", by_alias=True)
         for target in body["targets"]:
+            target["url"] = endpoint(target["url"])
             if "secret" in target:
-                target["secret"] = target["secret"][:10] + "…"
+                target["secret"] = "whsec_…"
         return body
 
 

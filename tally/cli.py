@@ -47,6 +47,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 def _products(settings: Settings) -> list:
     """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
     from alerts.api import AlertsProduct
+    from alerts.policy import AlertPolicy
     from query.cache import AnswerCache
     from query.routes import QueryProduct
     from usage.api import UsageProduct
@@ -57,7 +58,7 @@ def _products(settings: Settings) -> list:
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
                          settings.redis_counter_ttl_s, meters, settings.usage_link_secret, settings.usage_page_poll_s,
                          settings.usage_max_plans, settings.usage_max_subscriptions),
-            AlertsProduct(meters, settings.query_cursor_secret)]
+            AlertsProduct(meters, settings.query_cursor_secret, AlertPolicy.from_settings(settings))]
 
 
 def _meters(settings: Settings):  # noqa: ANN202 - schemas' own type
@@ -262,12 +263,13 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
     from alerts import rulesfile, stored
+    from alerts.policy import AlertPolicy
 
     async def apply(conn: asyncpg.Connection) -> int:
         try:
             with open(args.file) as f:
                 wanted = rulesfile.parse(f.read(), _meters(settings))
-            done = await rulesfile.apply(conn, args.tenant, wanted)
+            done = await rulesfile.apply(conn, args.tenant, wanted, AlertPolicy.from_settings(settings))
         except rulesfile.Refused as exc:
             for problem in exc.problems:
                 print(f"{args.file}: {problem}", file=sys.stderr)
@@ -545,19 +547,21 @@ def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
     from functools import partial
 
     from alerts.delivery import DeliveryPolicy
+    from alerts.policy import AlertPolicy
     from alerts.service import AlertsConfig, run
     from processors.faults import crash_point
 
     config = AlertsConfig(
         database_url=settings.database_url, kafka_bootstrap=settings.kafka_bootstrap,
         counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
-        meters=_meters(settings),
+        meters=_meters(settings), policy=AlertPolicy.from_settings(settings),
         tick_s=settings.alerts_tick_s, rules_reload_s=settings.alerts_rules_reload_s,
         hook=partial(crash_point, armed=settings.crash_at),
         delivery=DeliveryPolicy(
             max_attempts=settings.alerts_delivery_max_attempts, backoff_s=settings.alerts_delivery_backoff_s,
             backoff_max_s=settings.alerts_delivery_backoff_max_s, timeout_s=settings.alerts_delivery_timeout_s,
-            concurrency=settings.alerts_delivery_concurrency, poll_s=settings.alerts_delivery_poll_s))
+            concurrency=settings.alerts_delivery_concurrency, per_target=settings.alerts_delivery_per_target,
+            poll_s=settings.alerts_delivery_poll_s))
     if settings.alerts_metrics_port:
         from prometheus_client import start_http_server
 

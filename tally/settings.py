@@ -141,9 +141,22 @@ class Settings(BaseSettings):
                                                                      "each further one doubles it, jittered")
     alerts_delivery_backoff_max_s: float = Field(900.0, gt=0, description="the longest wait between two tries "
                                                                           "(a longer Retry-After is cut to this)")
-    alerts_delivery_timeout_s: float = Field(5.0, gt=0, description="one request to Slack or a webhook receiver")
+    alerts_delivery_timeout_s: float = Field(5.0, gt=0, description="the whole of one request to Slack or a webhook "
+                                                                     "receiver (a total deadline, not per read)")
     alerts_delivery_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
     alerts_delivery_poll_s: float = Field(1.0, gt=0, description="how often due deliveries are looked for")
+    # outbound calls to tenants' URLs, secrets at rest, per-tenant alert bounds (egress/, sealed/, docs/adr/0075, 0076)
+    alerts_allow_private_targets: str = Field(
+        "", description="comma-separated CIDRs, addresses or host names a tenant's alert target may reach beyond"
+                        " public addresses (a self-hosted receiver on the private network); empty: public only")
+    alerts_slack_hosts: str = Field("hooks.slack.com", description="comma-separated hosts a Slack target may name")
+    alerts_delivery_per_target: int = Field(2, ge=1, description="deliveries in flight to one target URL at once")
+    alerts_max_rules_per_tenant: int = Field(100, ge=1, description="alert rules one tenant may keep")
+    alerts_max_targets_per_rule: int = Field(5, ge=1, le=10, description="targets one alert rule may name")
+    alerts_min_every_s: int = Field(5, ge=1, description="the shortest `every` a rule may have (shorter ones are"
+                                                         " refused by the API and evaluated this often)")
+    secrets_key: str = Field("", description="comma-separated Fernet keys sealing secrets at rest; the first seals,"
+                                             " all open (rotation); empty: the public development key (sealed/)")
 
     # the local stack (deploy/local/, docs/adr/0085)
     state_dir: Path = Field(ROOT / ".local", description="logs, pid files, secrets and supervisord's socket of "

@@ -1,8 +1,11 @@
 """Usage alerts: when a subject's period usage crosses a threshold of an included quantity (80% and 100%
 unless the plan says otherwise), one alert per subject, meter, period and threshold.
 
-"Once" is a unique row in PostgreSQL, keyed by the period: re-reading usage after a processor restart,
-a replay or a duplicate finds the row and adds nothing, and a new period is a new key (docs/adr/0045).
+"Once" is a unique row in PostgreSQL, keyed by the period and the included quantity: re-reading usage after a
+processor restart, a replay or a duplicate finds the row and adds nothing; a new period, or a plan change that
+moves the included quantity, is a new key (docs/adr/0045). The previous period is read too while late events can
+still count into it, so a threshold crossed only by events processed after the period ended still alerts
+(billing review L2).
 The row is the in-app list's; `tally alerts` takes it up as an alert transition, published to
 `tally.alerts.v1` and sent to the tenant's Slack like any rule's (alerts/usage.py, docs/adr/0052).
 """
@@ -10,7 +13,7 @@ The row is the in-app list's; `tally alerts` takes it up as an alert transition,
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -39,10 +42,21 @@ returning id
 """
 
 
-async def detect(pool: asyncpg.Pool, reader: WindowReader, now: datetime | None = None) -> int:
-    """Record every threshold crossed in the current periods; returns how many alerts are new."""
+async def detect(pool: asyncpg.Pool, reader: WindowReader, late_s: int, now: datetime | None = None) -> int:
+    """Record every threshold crossed in the current periods, and in the periods that were current `late_s` ago
+    (TALLY_LATE_HORIZON_S: events that old still count), each under the plan then; returns how many alerts
+    are new."""
     now = now or datetime.now(timezone.utc)
-    rows = await pool.fetch(_CURRENT, now)
+    new, seen = 0, set()
+    for at in (now, now - timedelta(seconds=late_s)):
+        new += await _detect_at(pool, reader, now, at, seen)
+    return new
+
+
+async def _detect_at(pool: asyncpg.Pool, reader: WindowReader, now: datetime, at: datetime,
+                     seen: set[tuple[str, str, date]]) -> int:
+    """The thresholds crossed by `now` in the periods current at `at`, those in `seen` left out (and added)."""
+    rows = await pool.fetch(_CURRENT, at)
     by_subject: dict[tuple[str, str], list[asyncpg.Record]] = {}
     for r in rows:
         by_subject.setdefault((r["tenant"], r["subject"]), []).append(r)
@@ -52,9 +66,12 @@ async def detect(pool: asyncpg.Pool, reader: WindowReader, now: datetime | None 
         sub = Subscription(subject=subject, plan_id=first["plan_id"], anchor_day=first["anchor_day"],
                            time_zone=first["time_zone"], start_date=first["start_date"])
         try:
-            period = period_at(sub.anchor(), now)
+            period = period_at(sub.anchor(), at)
         except PeriodError:
             continue
+        if (tenant, subject, period.label) in seen:
+            continue
+        seen.add((tenant, subject, period.label))
         windows = await reader.read(tenant, subject, [m["meter"] for m in meters], period.start, period.end, now)
         for m in meters:
             used = combine(list(windows[m["meter"]].values()))

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from alerts.policy import configured as alert_policy
+from egress import Refused, check_target, endpoint
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from usage import links
@@ -210,17 +212,25 @@ class UsageProduct:
         return _json(message(row))
 
     async def put_slack(self, request: Request) -> Response:
-        """The tenant's Slack incoming-webhook URL for usage alerts (null turns Slack off)."""
+        """The tenant's Slack incoming-webhook URL for usage alerts (null turns Slack off): checked as `tally alerts`
+        checks it before each delivery (egress.check_target), stored sealed, answered masked (scheme and host)."""
         tenant = await self._edge.tenant(request, ADMIN)
         body = await _body(request)
-        url = body.get("webhook_url") if isinstance(body, dict) else None
-        if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
-            raise Problem(400, "Invalid request", "webhook_url is an http(s) URL or null",
-                          errors=[{"field": "webhook_url", "message": "an http(s) URL or null"}])
+        if not isinstance(body, dict) or "webhook_url" not in body:
+            raise Problem(400, "Invalid request", "the body is an object with webhook_url (a URL or null)",
+                          errors=[{"field": "webhook_url", "message": "required: a Slack incoming-webhook URL or null"}])
+        url, policy = body["webhook_url"], alert_policy()
+        if url is not None:
+            try:
+                url = await check_target(url, "slack", policy.egress)
+            except Refused as exc:
+                raise Problem(422, "Slack URL not allowed", f"webhook_url: {exc}",
+                              errors=[{"field": "webhook_url", "message": str(exc)}]) from None
         await self._edge.pool.execute(
             "insert into usage_settings (tenant, slack_webhook_url) values ($1, $2) on conflict (tenant)"
-            " do update set slack_webhook_url = excluded.slack_webhook_url, updated_at = now()", tenant, url)
-        return _json({"webhook_url": url})
+            " do update set slack_webhook_url = excluded.slack_webhook_url, updated_at = now()", tenant,
+            url and policy.box.seal(url))
+        return _json({"webhook_url": url and endpoint(url)})
 
     async def post_link(self, request: Request) -> Response:
         """A signed link to one subject's usage page, valid `ttl_s` seconds (default 7 days, at most 90)."""
@@ -297,6 +307,15 @@ class UsageProduct:
             raise Problem(409, "Subscription cannot be read", str(exc)) from None
         return _json(body)
 
+    @staticmethod
+    def _slack_openapi(operation: dict[str, Any]) -> dict[str, Any]:
+        """PUT /v1/usage/slack: its body, and 422 for a URL `tally alerts` would not call."""
+        operation["responses"]["422"] = {"description": "a URL that may not be called (the reason names webhook_url)"}
+        return {**operation, "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["webhook_url"], "properties": {"webhook_url": {
+                "type": ["string", "null"], "maxLength": 2048,
+                "description": "a Slack incoming webhook (on a Slack hook host), or null to turn Slack off"}}}}}}}
+
     def openapi_paths(self) -> dict[str, Any]:
         def op(summary: str, scope: str, params: list[str] = ()) -> dict[str, Any]:
             return {"summary": summary, "description": f"Needs an API key with scope `{scope}`.",
@@ -334,8 +353,8 @@ class UsageProduct:
             "/v1/usage/alerts/{id}/read": {"post": {
                 **op("Mark an alert read", READ),
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]}},
-            "/v1/usage/slack": {"put": {**op("Set the Slack incoming-webhook URL for usage alerts", ADMIN),
-                                        **json_body}},
+            "/v1/usage/slack": {"put": self._slack_openapi(op("Set the Slack incoming-webhook URL for usage alerts",
+                                                              ADMIN))},
             "/v1/usage/links": {"post": {**op("A signed, expiring link to a subject's usage page", READ),
                                          **json_body}},
         }

@@ -11,6 +11,7 @@ import pytest
 
 from sinks.migrations import migrate
 from tally.settings import Settings
+from tests.alerting.helpers import LOCAL_TARGETS
 from tests.conftest import _with_database
 
 
@@ -19,7 +20,8 @@ async def alone(isolated: Settings, base_settings: Settings) -> AsyncIterator[Se
     name = f"{isolated.database_url.rsplit('/', 1)[1].split('?')[0]}_{uuid.uuid4().hex[:6]}"
     admin = await asyncpg.connect(base_settings.database_url)
     await admin.execute(f'create database "{name}"')
-    own = isolated.model_copy(update={"database_url": _with_database(isolated.database_url, name)})
+    own = isolated.model_copy(update={"database_url": _with_database(isolated.database_url, name),
+                                      "alerts_min_every_s": 1, **LOCAL_TARGETS})
     try:
         await migrate(own.database_url, own.migrations_dir)
         yield own

@@ -9,11 +9,18 @@ from typing import Any
 import asyncpg
 
 from alerts import stored
+from egress import EgressPolicy
 from schemas.alerts import AlertRule
+from sealed import SecretBox
 from schemas.envelope import LOG_EVENT_TYPE, Envelope
 from tests.processor.helpers import envelope
 
 _ids = itertools.count()
+
+BOX = SecretBox()  # the development key, as the processes the tests start use
+# Test receivers listen on loopback: the tests allow it, as an operator would for a receiver of its own.
+LOCAL_TARGETS = {"alerts_allow_private_targets": "127.0.0.0/8", "alerts_slack_hosts": "hooks.slack.com,127.0.0.1"}
+LOCAL = EgressPolicy.parse(LOCAL_TARGETS["alerts_allow_private_targets"], LOCAL_TARGETS["alerts_slack_hosts"])
 
 
 def log_record(tenant: str, service: str, level: str, at: datetime, message: str = "boom") -> Envelope:
@@ -28,7 +35,7 @@ def event(tenant: str, type_: str, at: datetime | None = None) -> Envelope:
 
 async def add_rule(db: asyncpg.Connection, tenant: str, **definition: Any) -> AlertRule:
     rule = AlertRule.model_validate({"name": definition.get("id", "rule"), **definition})
-    await stored.save(db, tenant, rule)
+    await stored.save(db, tenant, rule, BOX)
     return rule
 
 

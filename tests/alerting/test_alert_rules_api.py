@@ -13,6 +13,8 @@ import asyncpg
 import orjson
 import pytest
 
+from alerts.ledger import digest
+from egress import endpoint
 from ingest.auth import create_key
 from tally.settings import Settings
 from tests.gateway.helpers import Gateway, start_gateway
@@ -28,7 +30,8 @@ RULE = {"id": "checkout-errors", "name": "Checkout errors", "filter": {"service"
 
 @pytest.fixture(scope="module")
 def gateway(settings: Settings) -> Iterator[Gateway]:
-    with start_gateway("gateway-alerts", settings, TALLY_GATEWAY_RATE_LIMIT_BURST="100000") as gw:
+    with start_gateway("gateway-alerts", settings, TALLY_GATEWAY_RATE_LIMIT_BURST="100000",
+                       TALLY_ALERTS_MAX_RULES_PER_TENANT="3") as gw:
         yield gw
 
 
@@ -144,7 +147,7 @@ async def test_another_tenants_rules_are_not_found(gateway: Gateway, db: asyncpg
 
 
 async def test_credentials_are_masked_wherever_a_rule_is_shown(gateway: Gateway, db: asyncpg.Connection) -> None:
-    _, writer, _ = await _tenant(db)
+    tenant, writer, _ = await _tenant(db)
     async with gateway.client(writer) as client:
         answers = [await client.post("/v1/alert-rules", json=RULE), await client.get("/v1/alert-rules"),
                    await client.get("/v1/alert-rules/checkout-errors"),
@@ -154,8 +157,11 @@ async def test_credentials_are_masked_wherever_a_rule_is_shown(gateway: Gateway,
         for credential in (SECRET, "SlackPathIsTheCredential", "QueryToken"):
             assert credential not in answer.text
     slack, webhook = answers[2].json()["targets"]
-    assert slack == {"type": "slack", "url": "https://hooks.slack.com/…"}
-    assert webhook["url"] == "https://ops.example.com/hook" and webhook["secret"].endswith("…")
+    assert slack == {"type": "slack", "url": "https://hooks.slack.com"}
+    assert webhook == {"type": "webhook", "url": "https://ops.example.com", "secret": "whsec_…"}
+    stored = await db.fetchval("select definition::text from alert_rules where tenant = $1", tenant)
+    for credential in (SECRET, SECRET.removeprefix("whsec_"), "SlackPathIsTheCredential", "QueryToken", "/hook"):
+        assert credential not in stored  # sealed at rest
 
 
 async def test_applying_the_same_file_twice_changes_nothing(settings: Settings, db: asyncpg.Connection,
@@ -224,8 +230,9 @@ async def _transitions(db: asyncpg.Connection, tenant: str, n: int) -> list[int]
         "insert into alert_transitions (tenant, rule_id, rule_name, group_key, grp, kind, value, threshold, comparison,"
         " window_s, at, fired_at) values ($1, $2, $3, '{}', '{}', $4, 3, 1, '>', 300, $5, $5) returning id", *row)
         for row in rows]
-    await db.executemany("insert into alert_deliveries (transition_id, target, kind, url, status, attempts, sent_at)"
-                         " values ($1, 0, 'slack', $2, 'sent', 1, now())", [(i, SLACK) for i in ids])
+    await db.executemany("insert into alert_deliveries (transition_id, target, kind, endpoint, target_digest, status,"
+                         " attempts, sent_at) values ($1, 0, 'slack', $2, $3, 'sent', 1, now())",
+                         [(i, endpoint(SLACK), digest("slack", SLACK)) for i in ids])
     return ids
 
 
@@ -250,7 +257,7 @@ async def test_alerts_are_paged_newest_first_each_seen_once(gateway: Gateway, db
     assert len(pages) == 7
     assert [a["id"] for a in seen] == [f"alert-{i}" for i in reversed(ids)]
     assert {a["tenant"] for a in seen} == {tenant}
-    assert seen[0]["deliveries"] == [{"target": 0, "kind": "slack", "url": "https://hooks.slack.com/…",
+    assert seen[0]["deliveries"] == [{"target": 0, "kind": "slack", "url": "https://hooks.slack.com",
                                       "status": "sent", "attempts": 1, "last_status": None, "last_error": None,
                                       "sent_at": seen[0]["deliveries"][0]["sent_at"]}]
     assert "SlackPathIsTheCredential" not in "".join(page.text for page in pages)
@@ -285,3 +292,58 @@ async def test_active_lists_the_groups_firing_now_for_the_tenant_only(gateway: G
     async with gateway.client(other_reader) as client:
         assert [a["rule"] for a in (await client.get("/v1/alerts/active")).json()["active"]] == [
             {"id": "checkout-errors", "name": None}]
+
+
+@pytest.mark.parametrize(("target", "field"), [
+    ({"type": "webhook", "url": "http://127.0.0.1:8080/v1/alert-rules", "secret": SECRET}, "targets[0].url"),
+    ({"type": "webhook", "url": "http://169.254.169.254/latest/meta-data/", "secret": SECRET}, "targets[0].url"),
+    ({"type": "webhook", "url": "http://localhost:1/", "secret": SECRET}, "targets[0].url"),
+    ({"type": "slack", "url": "http://127.0.0.1:9104/"}, "targets[0].url"),
+    ({"type": "slack", "url": "https://hooks.evil.example/services/x"}, "targets[0].url"),
+])
+async def test_a_target_a_tenant_may_not_call_is_refused_naming_it(gateway: Gateway, db: asyncpg.Connection,
+                                                                   target: dict, field: str) -> None:
+    """Security review H2: the review's probe rule is refused when saved (the default allows public addresses
+    and Slack's hook host only)."""
+    _, writer, _ = await _tenant(db)
+    async with gateway.client(writer) as client:
+        answer = await client.put("/v1/alert-rules/ssrf", json={**RULE, "id": "ssrf", "targets": [target]})
+    assert answer.status_code == 422, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert [e["field"] for e in answer.json()["errors"]] == [field]
+
+
+async def test_rules_and_targets_per_tenant_are_bounded(gateway: Gateway, db: asyncpg.Connection) -> None:
+    """Security review M4: the gateway allows 3 rules per tenant here; 5 targets per rule and `every` >= 5s."""
+    _, writer, _ = await _tenant(db)
+    hooks = [{"type": "webhook", "url": f"https://ops.example.com/{n}", "secret": SECRET} for n in range(6)]
+    async with gateway.client(writer) as client:
+        many = await client.post("/v1/alert-rules", json={**RULE, "targets": hooks})
+        assert many.status_code == 422 and many.json()["errors"][0]["field"] == "targets", many.text
+        often = await client.post("/v1/alert-rules", json={**RULE, "every": "1s"})
+        assert often.status_code == 422 and often.json()["errors"][0]["field"] == "every", often.text
+        for n in range(3):
+            assert (await client.post("/v1/alert-rules", json={**RULE, "id": f"r{n}"})).status_code == 201
+        for over in (await client.post("/v1/alert-rules", json={**RULE, "id": "r3"}),
+                     await client.put("/v1/alert-rules/r3", json=RULE | {"id": "r3"})):
+            assert over.status_code == 422 and over.json()["title"] == "Rule quota reached", over.text
+        assert (await client.put("/v1/alert-rules/r0", json={**RULE, "id": "r0", "threshold": 1})).status_code == 200
+
+
+async def test_the_usage_slack_url_is_checked_sealed_and_masked(gateway: Gateway, db: asyncpg.Connection) -> None:
+    """Security review H1: PUT /v1/usage/slack checks the URL as `tally alerts` does before each delivery."""
+    tenant = f"usage-{uuid.uuid4().hex[:8]}"
+    _, admin = await create_key(db, tenant, "admin", ["admin:write"])
+    async with gateway.client(admin) as client:
+        for url in ("http://", "http://a b", "https://hooks.slack.com/" + "a" * 2100, "http://127.0.0.1:9104/",
+                    "https://evil.example/services/x", 7):
+            refused = await client.put("/v1/usage/slack", json={"webhook_url": url})
+            assert refused.status_code == 422, (url, refused.text)
+            assert refused.json()["errors"][0]["field"] == "webhook_url"
+        for body in ([None, None], {}, {"url": SLACK}):
+            assert (await client.put("/v1/usage/slack", json=body)).status_code == 400
+        assert await db.fetchval("select count(*) from usage_settings where tenant = $1", tenant) == 0
+        taken = await client.put("/v1/usage/slack", json={"webhook_url": SLACK})
+        assert taken.status_code == 200 and taken.json() == {"webhook_url": "https://hooks.slack.com"}
+    stored = await db.fetchval("select slack_webhook_url from usage_settings where tenant = $1", tenant)
+    assert stored.startswith("sealed:") and "SlackPathIsTheCredential" not in stored

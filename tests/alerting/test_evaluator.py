@@ -15,7 +15,7 @@ from alerts.windows import MinuteWindows, minute_start
 from processors.meters import load_meters
 from schemas.meters import DEFAULT_METERS
 from tally.settings import Settings
-from tests.alerting.helpers import add_rule, event, log_record, transitions
+from tests.alerting.helpers import BOX, add_rule, event, log_record, transitions
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import running
 
@@ -58,7 +58,7 @@ async def test_window_for_cooldown_and_restart(alone: Settings, alone_db: asyncp
                        *[log_record(tenant, "db", "error", t0) for _ in range(9)]])
 
     def evaluator() -> Evaluator:
-        return Evaluator(pool, DEFAULT_METERS, MinuteWindows())
+        return Evaluator(pool, DEFAULT_METERS, MinuteWindows(), BOX)
 
     first = evaluator()
     await first.load(t0 + timedelta(seconds=10))
@@ -114,7 +114,7 @@ async def test_group_by_and_value_measure(alone: Settings, alone_db: asyncpg.Con
               " windows: [minute]}]")
     await processed(alone, db, logs + payments + orders, TALLY_METERS=meters)
 
-    evaluator = Evaluator(pool, load_meters(inline=meters), MinuteWindows())
+    evaluator = Evaluator(pool, load_meters(inline=meters), MinuteWindows(), BOX)
     await evaluator.load(now)
     await evaluator.evaluate(now)
     got = sorted(await transitions(db, tenant))

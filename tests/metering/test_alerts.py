@@ -13,6 +13,7 @@ import orjson
 
 from schemas.envelope import Envelope
 from tally.settings import Settings
+from tests.alerting.helpers import LOCAL_TARGETS
 from tests.gateway.helpers import start_gateway
 from tests.metering.helpers import metered, run_tally, tenant_keys
 from tests.metering.recording_server import recording_server
@@ -49,7 +50,7 @@ async def _setup(api: httpx.AsyncClient, slack_url: str) -> None:
 
 async def test_each_threshold_alerts_once_across_a_restart_and_a_replay(isolated: Settings,
                                                                       db: asyncpg.Connection) -> None:
-    settings = metered(isolated)
+    settings = metered(isolated).model_copy(update=LOCAL_TARGETS)  # the Slack double listens on loopback
     tenant, admin, writer = await tenant_keys(settings)
     failing_tenant, failing_admin, failing_writer = await tenant_keys(settings)
     at = datetime.now(timezone.utc) - timedelta(minutes=1)
