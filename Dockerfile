@@ -11,6 +11,8 @@ COPY query query
 COPY usage usage
 COPY billing billing
 COPY alerts alerts
+COPY egress egress
+COPY sealed sealed
 COPY deploy/migrations deploy/migrations
 COPY deploy/local/secrets.sh deploy/local/secrets.sh
 # /state: the compose volume that keeps the secrets deploy/local/secrets.sh makes once
