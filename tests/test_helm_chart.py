@@ -73,18 +73,35 @@ def test_the_chart_lints(helm: Path, values: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _kubeconform(kubeconform: Path, manifest: str) -> subprocess.CompletedProcess[str]:
+    return _run([str(kubeconform), "-strict", "-summary", "-output", "text",
+                 "-schema-location", str(SCHEMAS / "kubernetes" / "{{ .ResourceKind }}{{ .KindSuffix }}.json"),
+                 "-schema-location", str(SCHEMAS / "crds" / "{{ .Group }}" /
+                                         "{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"), "-"], manifest)
+
+
 @pytest.mark.parametrize("values", [{}, EXISTING], ids=["defaults", "existing-services"])
 def test_the_rendered_manifests_pass_kubeconform_strict(helm: Path, kubeconform: Path,
                                                         values: dict[str, str]) -> None:
     manifest = _template(helm, values)
-    done = _run([str(kubeconform), "-strict", "-summary", "-output", "text",
-                 "-schema-location", str(SCHEMAS / "kubernetes" / "{{ .ResourceKind }}{{ .KindSuffix }}.json"),
-                 "-schema-location", str(SCHEMAS / "crds" / "{{ .Group }}" /
-                                         "{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"), "-"], manifest)
+    done = _kubeconform(kubeconform, manifest)
     assert done.returncode == 0, done.stdout + done.stderr
     # every object was checked against a schema: none skipped, none missing
     count = len(_objects(manifest))
     assert re.search(rf"Valid: {count}, Invalid: 0, Errors: 0, Skipped: 0", done.stdout), done.stdout
+
+
+@pytest.mark.parametrize(("field", "typo"), [
+    ("  topicName:", "  topicNam:"),                                           # a Strimzi CRD
+    ("      terminationGracePeriodSeconds:", "      terminationGracePeriod:"),  # a Kubernetes kind
+    ("    poolMode: session", "    poolMode: sessions"),                        # an enum of CloudNativePG's
+])
+def test_kubeconform_refuses_what_the_schemas_do_not_allow(helm: Path, kubeconform: Path, field: str,
+                                                           typo: str) -> None:
+    manifest = _template(helm, {})
+    assert field in manifest
+    done = _kubeconform(kubeconform, manifest.replace(field, typo, 1))
+    assert done.returncode != 0 and "Invalid: 1," in done.stdout, done.stdout
 
 
 def test_the_defaults_make_every_operator_managed_part(helm: Path) -> None:

@@ -123,7 +123,7 @@ spec:
         {{- include "tally.selector" . | nindent 8 }}
         tally-job: {{ include "tally.job" . }}
     spec:
-      {{- include "tally.podSpec" $root | nindent 6 }}
+      {{- include "tally.podSpec" $root | trim | nindent 6 }}
       terminationGracePeriodSeconds: 60
       containers:
         - name: {{ .component }}
