@@ -9,17 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack
 
-import httpx
 import promql_parser
 import pytest
 import yaml
 
 from tally.settings import ROOT, Settings
-from tally.topics import create_topics
-from tests.gateway.helpers import start_gateway
-from tests.support import free_port, running, wait_until
+from tests.tally_stack import scrape, tally_stack
 
 GENERATOR = ROOT / "deploy" / "grafana" / "dashboards.py"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tally.json"
@@ -37,14 +33,6 @@ def _generator():
     return module
 
 
-def _scrape(url: str) -> str:
-    try:
-        response = httpx.get(url, timeout=2)
-    except httpx.HTTPError:
-        return ""
-    return response.text if response.status_code == 200 else ""
-
-
 def _series_names(exposition: str) -> set[str]:
     names = set()
     for line in exposition.splitlines():
@@ -58,22 +46,8 @@ def _series_names(exposition: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def exposed(settings: Settings) -> Iterator[set[str]]:
-    own = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}dash.",
-                                      "consumer_group": f"{settings.consumer_group}-dash"})
-    create_topics(own)
-    ports = {"process": ("processor_metrics_port", free_port(), "tally_processor_consumed_total"),
-             "jobs": ("jobs_metrics_port", free_port(), "tally_reconcile_drift"),
-             "alerts": ("alerts_metrics_port", free_port(), "tally_alerts_leader")}
-    pages: dict[str, str] = {}
-    with ExitStack() as stack:
-        for command, (setting, port, _) in ports.items():
-            stack.enter_context(running(f"{command}-dash", [command], own.model_copy(update={setting: port})))
-        gateway = stack.enter_context(start_gateway("gateway-dash", own))
-        pages["gateway"] = _scrape(f"{gateway.url}/metrics")
-        for command, (_, port, expected) in ports.items():
-            url = f"http://127.0.0.1:{port}/metrics"
-            wait_until(lambda url=url, expected=expected: expected in _scrape(url), 60, 0.2, f"the {command} /metrics")
-            pages[command] = _scrape(url)
+    with tally_stack(settings, "dash") as targets:
+        pages = {command: scrape(target.url) for command, target in targets.items()}
     assert "tally_gateway_requests" in pages["gateway"]
     yield set().union(*(_series_names(page) for page in pages.values()))
 

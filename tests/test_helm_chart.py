@@ -42,8 +42,7 @@ def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 
 
 def _sets(values: dict[str, str]) -> list[str]:
-    return [arg for key, value in values.items() for arg in ("--set-string" if key.endswith("prefix") else "--set",
-                                                             f"{key}={value}")]
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
 def _template(helm: Path, values: dict[str, str]) -> str:
