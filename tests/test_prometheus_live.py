@@ -57,7 +57,8 @@ def prometheus(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
         port = free_port()
         with (home / "prometheus.log").open("wb") as log:
             server = subprocess.Popen([binary, f"--config.file={home / 'prometheus.yml'}",
-                                       f"--storage.tsdb.path={home / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                       f"--storage.tsdb.path={home / 'data'}",
+                                       f"--web.listen-address=127.0.0.1:{port}"],
                                       stdout=log, stderr=subprocess.STDOUT)
             try:
                 base = f"http://127.0.0.1:{port}"

@@ -30,11 +30,9 @@ def _series(title: str, unit: str, description: str, *queries: tuple[str, str], 
     return panel
 
 
-def _quantiles(histogram: str, by: str = "") -> list[tuple[str, str]]:
-    group = f"le{', ' + by if by else ''}"
-    label = f"{{{{{by}}}}} " if by else ""
-    return [(f"histogram_quantile({q}, sum by ({group}) (rate({histogram}_bucket[{RATE}])))", f"{label}p{int(q * 100)}")
-            for q in (0.5, 0.99)]
+def _quantiles(histogram: str, legend: str = "", quantiles: tuple[float, ...] = (0.5, 0.99)) -> list[tuple[str, str]]:
+    return [(f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[{RATE}])))", f"{legend}p{int(q * 100)}")
+            for q in quantiles]
 
 
 def build() -> dict:
@@ -62,18 +60,20 @@ def build() -> dict:
              "{{route}}")))
         .with_panel(_series(
             "Gateway latency", "s", "Request latency and the time to Kafka's ack (acks=all).",
-            *_quantiles("tally_gateway_request_seconds"), *_quantiles("tally_gateway_produce_seconds")[1:]))
+            *_quantiles("tally_gateway_request_seconds", "request "),
+            *_quantiles("tally_gateway_produce_seconds", "Kafka ack ", (0.99,))))
 
         .with_row(dashboard.Row("Processors"))
         .with_panel(_series(
             "Consumer lag (messages)", "short", "High watermark minus committed offset, per topic of the "
             "processors' group.",
-            ("sum by (job, topic) (max by (job, topic, partition) (tally_processor_consumer_lag))", "{{job}} {{topic}}")))
+            ("sum by (job, topic) (max by (job, topic, partition) (tally_processor_consumer_lag))",
+             "{{job}} {{topic}}")))
         .with_panel(_series(
             "Consumer lag (seconds)", "s", "Lag divided by the group's consume rate: how long the backlog takes "
             "to drain at the present pace.",
-            (f"sum by (job) (tally_processor_consumer_lag) / sum by (job) (rate(tally_processor_consumed_total[{RATE}]))",
-             "{{job}}")))
+            ("sum by (job) (tally_processor_consumer_lag) / "
+             f"sum by (job) (rate(tally_processor_consumed_total[{RATE}]))", "{{job}}")))
         .with_panel(_series(
             "Batch time", "s", "Consume to offset commit, per batch.",
             *_quantiles("tally_processor_batch_duration_seconds")))
