@@ -122,9 +122,9 @@ def test_the_defaults_make_every_operator_managed_part(helm: Path) -> None:
     assert migrate["spec"]["template"]["spec"]["containers"][0]["args"] == ["tally", "migrate"]
     assert set(migrate["metadata"]["annotations"]["helm.sh/hook"].split(",")) == {"post-install", "pre-upgrade"}
     env = _env(deployments["tally-gateway"])
-    assert env["TALLY_DATABASE_URL"]["value"].startswith("postgresql://$(TALLY_PG_USER):$(TALLY_PG_PASSWORD)@"
+    assert env["TALLY_DATABASE_URL"]["value"].startswith("postgresql://$(PGUSER):$(PGPASSWORD)@"
                                                          "tally-postgres-pooler:5432/")
-    assert env["TALLY_PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "tally-postgres-app"
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "tally-postgres-app"
     assert {name for name in env if "secretKeyRef" in env[name].get("valueFrom", {})} >= {
         "TALLY_STRIPE_API_KEY", "TALLY_USAGE_LINK_SECRET", "TALLY_QUERY_CURSOR_SECRET", "TALLY_SECRETS_KEY"}
     assert kinds["Pooler"][0]["spec"]["pgbouncer"]["poolMode"] == "session"

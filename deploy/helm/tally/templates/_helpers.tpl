@@ -47,13 +47,13 @@ envFrom:
       name: {{ include "tally.fullname" . }}
 env:
 {{- if .Values.postgres.cnpg.enabled }}
-  - name: TALLY_PG_USER
+  - name: PGUSER
     valueFrom: {secretKeyRef: {name: {{ include "tally.pgCluster" . }}-app, key: username}}
-  - name: TALLY_PG_PASSWORD
+  - name: PGPASSWORD
     valueFrom: {secretKeyRef: {name: {{ include "tally.pgCluster" . }}-app, key: password}}
   - name: TALLY_DATABASE_URL
     {{- $host := ternary (printf "%s-pooler" (include "tally.pgCluster" .)) (printf "%s-rw" (include "tally.pgCluster" .)) .Values.postgres.cnpg.pooler.enabled }}
-    value: {{ printf "postgresql://$(TALLY_PG_USER):$(TALLY_PG_PASSWORD)@%s:5432/%s?sslmode=require" $host .Values.postgres.cnpg.database | quote }}
+    value: {{ printf "postgresql://$(PGUSER):$(PGPASSWORD)@%s:5432/%s?sslmode=require" $host .Values.postgres.cnpg.database | quote }}
 {{- else }}
   - name: TALLY_DATABASE_URL
     valueFrom:
