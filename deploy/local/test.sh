@@ -6,7 +6,7 @@ SERVICE=test
 
 bash "$ROOT/deploy/local/services.sh"
 bash "$ROOT/deploy/local/promtool.sh" || say "promtool could not be built; the metrics check will say so and skip"
-bash "$ROOT/deploy/local/helm.sh" && bash "$ROOT/deploy/local/kubeconform.sh" && bash "$ROOT/deploy/local/prometheus.sh" || say "helm, kubeconform or prometheus could not be set up; their tests will say why"
 say "running the test suite"
+bash "$ROOT/deploy/local/helm.sh" && bash "$ROOT/deploy/local/kubeconform.sh" && bash "$ROOT/deploy/local/prometheus.sh" || say "helm, kubeconform or prometheus could not be set up; their tests will say why"
 cd "$ROOT"
 exec "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
