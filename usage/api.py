@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from alerts.policy import configured as alert_policy
-from egress import Refused, check_target, endpoint
+from egress import Refused as TargetRefused, check_target, endpoint
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from usage import links
@@ -223,7 +223,7 @@ class UsageProduct:
         if url is not None:
             try:
                 url = await check_target(url, "slack", policy.egress)
-            except Refused as exc:
+            except TargetRefused as exc:
                 raise Problem(422, "Slack URL not allowed", f"webhook_url: {exc}",
                               errors=[{"field": "webhook_url", "message": str(exc)}]) from None
         await self._edge.pool.execute(
