@@ -11,4 +11,5 @@ stop_pidfile "$STATE/run/gateway.pid" "gateway"
 bash "$HERE/stripe-mock.sh" stop
 bash "$HERE/redis.sh" stop
 bash "$HERE/kafka.sh" stop
+bash "$HERE/kafka-cluster.sh" stop
 bash "$HERE/postgres.sh" stop
