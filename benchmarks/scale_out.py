@@ -6,9 +6,10 @@ and one processor, in one run on an isolated slice of the running services (benc
   3, min.insync.replicas 2), in alternating order over --rounds. This process posts batches of 100
   for --seconds, then the processor drains: events/s acked, request p50/p99, events/s from the
   first post to the last commit, and CPU µs per accepted event of every process.
-- Members: one events topic of 12 partitions holding --events events (10% duplicates), drained by
-  1, 2 and 4 processors, each time a new consumer group: the drain rate, and per member the events
-  it consumed and its CPU µs per event. A member beyond the partition count would get none.
+- Members: 1, 2 and 4 processors join a new group on a new events topic of 12 partitions; once
+  they share the partitions, --events events (10% duplicates) are loaded and drained: the drain
+  rate, and per member the events it consumed and its CPU µs per event. A member beyond the
+  partition count would get none.
 
 CPU comes from /proc per process (benchmarks/cpu.py); it is the figure that carries to a machine
 with more cores, and the projection is made from it. Starts the cluster when it is not running and
@@ -30,6 +31,7 @@ import urllib.request
 from typing import Any
 
 import httpx
+from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import kafka_bench, pg_bench
@@ -140,44 +142,53 @@ def consumed(port: int) -> int:
     return 0
 
 
-async def members(bench: Bench, settings: Settings, loaded: kafka_bench.Loaded, count: int,
-                  args: argparse.Namespace) -> dict[str, Any]:
-    """`count` processors in a new group drain the loaded topic: rate, and per member events and CPU."""
-    group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-m{count}"})
+def joined(settings: Settings, count: int, timeout_s: float) -> None:
+    """Until the group is stable with `count` members sharing the partitions evenly: the cooperative
+    rebalances of members joining one by one are over before the events come."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        group = admin.describe_consumer_groups([settings.consumer_group])[settings.consumer_group].result(10)
+        shares = [len(m.assignment.topic_partitions) for m in group.members]
+        if (group.state == ConsumerGroupState.STABLE and len(shares) == count and sum(shares) == PARTITIONS
+                and max(shares) - min(shares) <= 1):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{count} processors did not share the {PARTITIONS} partitions within {timeout_s:.0f}s")
+
+
+async def members(bench: Bench, count: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`count` processors join a group on an empty topic of PARTITIONS partitions; then --events events are
+    loaded and drained: the rate from the first produce to the last commit, and per member its events and
+    CPU over that time (start-up excluded)."""
+    settings = bench.scoped(f"m{count}", events_partitions=PARTITIONS)
+    bench.topics(settings)
     await pg_bench.clear(settings.database_url)
-    lag = kafka_bench.Lag(group.kafka_bootstrap, group.consumer_group, loaded.topic)
     ports = [free_port() for _ in range(count)]
-    began = time.monotonic()
-    started: list[Service] = [bench.start(f"member-{count}-{i}", [*TALLY, "process"], group,
+    started: list[Service] = [bench.start(f"member-{count}-{i}", [*TALLY, "process"], settings,
                                           TALLY_PROCESSOR_METRICS_PORT=str(port)) for i, port in enumerate(ports)]
-    first = 0.0
-    first_committed = 0
-    done: float | None = None
+    lag = kafka_bench.Lag(settings.kafka_bootstrap, settings.consumer_group, settings.topics.events)
     try:
-        deadline = began + args.drain_timeout
-        while time.monotonic() < deadline:
-            end, committed = await asyncio.to_thread(lag.sample)
-            if committed and not first:
-                first, first_committed = time.monotonic(), committed
-            if committed >= end:
-                done = time.monotonic()
-                break
-            await asyncio.sleep(0.2)
-        seconds = {s.name: process_seconds(s.process.pid) or 0.0 for s in started}
+        await asyncio.to_thread(joined, settings, count, 180)
+        before = {s.name: process_seconds(s.process.pid) or 0.0 for s in started}
+        began = time.monotonic()
+        loaded = await asyncio.to_thread(kafka_bench.load, settings.kafka_bootstrap, settings.topics.events,
+                                         f"{bench.run}-m{count}", args.events, 0.1)
+        done = await drained(lag, args.drain_timeout)
+        seconds = {s.name: (process_seconds(s.process.pid) or 0.0) - before[s.name] for s in started}
         taken = {s.name: consumed(port) for s, port in zip(started, ports, strict=True)}
     finally:
         lag.close()
         for service in started:
             bench.stop(service)
-    check = await pg_bench.verify(group.database_url, loaded.distinct) if done else {"exact": False}
-    per_member = [{"name": name, "consumed": taken[name],
-                   "cpu_us_per_event": seconds[name] * 1e6 / taken[name] if taken[name] else None,
-                   "cpu_s": seconds[name]} for name in seconds]
-    steady = (loaded.messages - first_committed) / (done - first) if done and first and done > first else None
-    return {"members": count, "drained": done is not None, "seconds": (done or time.monotonic()) - began,
-            "events_s": loaded.messages / ((done or time.monotonic()) - began), "steady_events_s": steady,
-            "cpu_us_per_event": sum(seconds.values()) * 1e6 / loaded.messages, "per_member": per_member,
-            "check": check}
+    check = await pg_bench.verify(settings.database_url, loaded.distinct) if done else {"exact": False}
+    elapsed = (done or time.monotonic()) - began
+    per_member = [{"name": name, "consumed": taken[name], "cpu_s": seconds[name],
+                   "cpu_us_per_event": seconds[name] * 1e6 / taken[name] if taken[name] else None}
+                  for name in seconds]
+    return {"members": count, "loaded": loaded.messages, "drained": done is not None, "seconds": elapsed,
+            "events_s": loaded.messages / elapsed, "cpu_us_per_event": sum(seconds.values()) * 1e6 / loaded.messages,
+            "per_member": per_member, "check": check}
 
 
 def projection(us_per_event: float, processor_us: float) -> list[str]:
@@ -187,7 +198,7 @@ def projection(us_per_event: float, processor_us: float) -> list[str]:
     for cores in (2, 4, 8, 16, 32):
         rate = cores * 1e6 / us_per_event
         needed = rate * processor_us / 1e6
-        cap = "" if needed <= PARTITIONS else f" — more than {PARTITIONS}: create the topic with more partitions"
+        cap = "" if round(needed, 1) <= PARTITIONS else f" — more than {PARTITIONS}: create the topic with more partitions"
         lines.append(f"| {cores} | {rate:,.0f} | {needed:.1f} cores{cap} |")
     return lines
 
@@ -202,9 +213,12 @@ def cpu_text(figures: dict[str, float | None]) -> str:
 
 def report(results: dict[str, Any], command: str) -> list[str]:
     loads = results["load_average"]
-    lines = [f"`{command}` at {results['revision']}, {results['cpus']} cores. **Measured on a loaded machine**: "
-             f"load average {loads['before']:.1f} before and {loads['after']:.1f} after the run (other work "
-             "included); the throughput figures say more about the sharing than about Tally, CPU per event less so.",
+    busy = max(loads.values()) > results["cpus"] / 2
+    lines = [f"`{command}` at {results['revision']}, {results['cpus']} cores, "
+             + ("**measured on a loaded machine**" if busy else "measured on a quiet machine")
+             + f": load average {loads['before']:.1f} before and {loads['after']:.1f} after the run (other work "
+             "included)" + ("; the throughput figures say more about the sharing than about Tally, CPU per event "
+                            "less so." if busy else "."),
              "", "**1 broker against 3** (a gateway and one processor; batches of 100 from "
              f"{SENDERS} senders for {results['args']['seconds']} s, then the drain; CPU µs per accepted event):", "",
              "| brokers | round | events/s acked | p50 / p99 ms per batch | failed | events/s end to end | exact | "
@@ -213,16 +227,17 @@ def report(results: dict[str, Any], command: str) -> list[str]:
         lines.append(f"| {row['name']} | {row['round']} | {fmt(row['events_s'])} | {row['p50_ms']:.0f} / "
                      f"{row['p99_ms']:.0f} | {row['failed']:,} | {fmt(row['end_to_end_events_s'])} | "
                      f"{row['check'].get('exact')} | {cpu_text(row['cpu_us_per_event'])} |")
-    lines += ["", f"**Processors 1 → 2 → 4 on one topic of {PARTITIONS} partitions** ({results['loaded']:,} events, "
-              "10% duplicates, on the single broker; each count a new consumer group):", "",
-              "| members | drained in s | events/s (with start-up) | events/s once committing | exact | "
-              "events consumed per member | CPU µs per event per member |", "|---:|---:|---:|---:|---|---|---|"]
+    lines += ["", f"**Processors 1 → 2 → 4 on one topic of {PARTITIONS} partitions** (on the single broker; each "
+              f"count a new topic and group: the members join, then {results['args']['events']:,} events, 10% "
+              "duplicates, are loaded and drained; events/s from the first produce to the last commit; CPU over "
+              "that time, start-up excluded):", "",
+              "| members | drained in s | events/s | exact | events consumed per member | CPU µs per event per member "
+              "| processors' CPU µs per event |", "|---:|---:|---:|---|---|---|---:|"]
     for row in results["members"]:
         per = row["per_member"]
-        lines.append(f"| {row['members']} | {row['seconds']:.1f} | {fmt(row['events_s'])} | "
-                     f"{fmt(row['steady_events_s'])} | {row['check'].get('exact')} | "
+        lines.append(f"| {row['members']} | {row['seconds']:.1f} | {row['events_s']:,.0f} | {row['check'].get('exact')} | "
                      + " · ".join(f"{m['consumed']:,}" for m in per) + " | "
-                     + " · ".join(fmt(m["cpu_us_per_event"]) for m in per) + " |")
+                     + " · ".join(fmt(m["cpu_us_per_event"]) for m in per) + f" | {row['cpu_us_per_event']:,.0f} |")
     base = [r for r in results["brokers"] if r["name"] == "1 broker"]
     if base:
         cpu = {k: statistics.median(r["cpu_us_per_event"].get(k) or 0 for r in base)
@@ -271,18 +286,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {row['events_s']:,.0f} events/s acked, end to end {fmt(row['end_to_end_events_s'])}, "
                       f"exact {row['check'].get('exact')}; CPU µs/event {cpu_text(row['cpu_us_per_event'])}",
                       flush=True)
-        settings = bench.scoped("members", events_partitions=PARTITIONS)
-        bench.topics(settings)
-        loaded = kafka_bench.load(settings.kafka_bootstrap, settings.topics.events, bench.run, args.events, 0.1)
-        results["loaded"] = loaded.messages
         for count in MEMBERS:
-            print(f"[scale-out] {count} member(s) drain {loaded.messages:,} events", flush=True)
-            row = await members(bench, settings, loaded, count, args)
+            print(f"[scale-out] {count} member(s) on {PARTITIONS} partitions drain {args.events:,} events", flush=True)
+            row = await members(bench, count, args)
             results["members"].append(row)
-            print(f"  {fmt(row['events_s'])} events/s ({fmt(row['steady_events_s'])} once committing), exact "
-                  f"{row['check'].get('exact')}; per member consumed/µs per event: "
-                  + ", ".join(f"{m['consumed']:,}/{fmt(m['cpu_us_per_event'])}" for m in row["per_member"]),
-                  flush=True)
+            print(f"  {row['events_s']:,.0f} events/s, exact {row['check'].get('exact')}; per member consumed/"
+                  "µs per event: " + ", ".join(f"{m['consumed']:,}/{fmt(m['cpu_us_per_event'])}"
+                                               for m in row["per_member"]), flush=True)
     finally:
         await bench.teardown()
         drop_topics(three, bench.settings.topic_prefix)
@@ -297,10 +307,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bash benchmarks/run.sh --scale-out", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=20, help="posting time per broker variant and round")
-    parser.add_argument("--events", type=int, default=200_000, help="events on the 12-partition topic to drain")
+    parser.add_argument("--events", type=int, default=200_000, help="events drained by each count of processors")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of 1 and 3 brokers, in alternating order")
     parser.add_argument("--drain-timeout", type=int, default=300)
     args = parser.parse_args()
+    if "<!-- section: scale-out -->" not in RESULTS.read_text():
+        parser.error("benchmarks/RESULTS.md lacks the scale-out section's markers")
     OUT.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(run(args))
     (OUT / "scale-out.json").write_text(json.dumps(results, indent=1, default=str))

@@ -124,7 +124,7 @@ class Load:
                 event_id = f"w{n}-{self.sent}"
                 self.sent += 1
                 body = {"specversion": "1.0", "id": event_id, "source": "cluster-test", "type": "load.tick",
-                        "subject": f"customer-{self.sent % 5}", "time": datetime.now(timezone.utc).isoformat(),
+                        "subject": f"customer-{self.sent % 50}", "time": datetime.now(timezone.utc).isoformat(),
                         "data": {"n": self.sent}}
                 while True:  # the same event until Kafka has it
                     began = time.monotonic()
@@ -207,7 +207,8 @@ async def test_broker_kills_lose_nothing_and_503_only_below_two_in_sync_replicas
                            "100 more events accepted after the brokers came back")
         finally:
             load.stopping = True
-            await asyncio.gather(*workers)
+            await asyncio.to_thread(cluster.start)  # after a failure too: the re-sent 503s then get their 202s
+            await asyncio.wait_for(asyncio.gather(*workers), 300)
             try:
                 accepted = load.accepted()
                 assert {a.id for a in load.attempts} == accepted, "an event never got its 202"
