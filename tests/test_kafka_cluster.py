@@ -225,6 +225,10 @@ async def test_broker_kills_lose_nothing_and_503_only_below_two_in_sync_replicas
                                          " where tenant = $1 and meter = 'events' group by window_name", tenant)
                 assert {r["window_name"]: r["total"] for r in windows} == {"hour": len(accepted),
                                                                             "day": len(accepted)}
+                refused = load.answered(503, 0)
+                print(f"{len(accepted)} events accepted; {len(refused)} answers 503, first after "
+                      f"{min(a.ended for a in refused) - down_at:.1f}s of one broker, last "
+                      f"{max(a.ended for a in refused) - recovered_at:.1f}s after three were in sync again")
             finally:
                 await db.close()
         assert first.alive(), first.output()[-4000:]
@@ -235,6 +239,13 @@ async def test_broker_kills_lose_nothing_and_503_only_below_two_in_sync_replicas
         names = [t for t in cluster.admin.list_topics(timeout=10).topics if t.startswith(own.topic_prefix)]
         for future in cluster.admin.delete_topics(names, operation_timeout=30).values():
             future.result()
+
+
+def test_min_insync_replicas_above_the_replication_factor_is_refused(settings: Settings) -> None:
+    """Kafka would create such topics, and then refuse every acks=all write to them."""
+    wrong = settings.model_copy(update={"topic_replication_factor": 1, "topic_min_insync_replicas": 2})
+    with pytest.raises(ValueError, match="TALLY_TOPIC_MIN_INSYNC_REPLICAS"):
+        create_topics(wrong)
 
 
 async def _true(value: bool) -> bool:
