@@ -264,7 +264,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = cluster("status").returncode != 0
     if started:
         print("[scale-out] starting the three-broker cluster", flush=True)
-        assert cluster("start").returncode == 0, "kafka-cluster.sh start failed; see .local/log/kafka-cluster-*.log"
+        if cluster("start").returncode != 0:
+            raise RuntimeError("kafka-cluster.sh start failed; see .local/log/kafka-cluster-*.log")
     three = cluster("bootstrap").stdout.strip()
     bench = Bench.create(Settings())
     await bench.setup()
