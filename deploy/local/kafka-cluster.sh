@@ -58,6 +58,7 @@ PROPS
 }
 
 start_all() {
+  require_java
   install
   [ -f "$CLUSTER_ID_FILE" ] || java -cp "$(classpath)" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1 \
     > "$CLUSTER_ID_FILE"

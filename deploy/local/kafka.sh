@@ -19,7 +19,7 @@ use_instance() {
   CONFIG="$HOME_DIR/server-$INSTANCE.properties"
 }
 use_instance "${KAFKA_INSTANCE:-main}"
-LAUNCHED="--- launched by kafka.sh"
+declare -A LOG_FROM  # instance -> the byte of its log where its last launch began
 
 classpath() {
   if [ -n "${KAFKA_HOME:-}" ] && [ -d "$KAFKA_HOME/libs" ]; then echo "$KAFKA_HOME/libs/*"; else echo "$LIBS/*"; fi
@@ -85,10 +85,13 @@ log.cleaner.backoff.ms=1000
 PROPS
 }
 
+require_java() {
+  have java || die "Java is not installed; Kafka needs Java 17 or newer" "apt-get install openjdk-17-jre-headless"
+}
+
 # launch [CLUSTER_ID]: format the storage on first use and start the JVM, without waiting for it.
 # The brokers of one cluster share a cluster id; a lone broker makes its own.
 launch() {
-  have java || die "Java is not installed; Kafka needs Java 17 or newer" "apt-get install openjdk-17-jre-headless"
   ensure_port_free "$KAFKA_PORT" "Kafka"
   ensure_port_free "$KAFKA_CONTROLLER_PORT" "Kafka's controller"
   local cp; cp=$(classpath)
@@ -99,19 +102,18 @@ launch() {
       -c "$CONFIG" >>"$LOG" 2>&1 || die "formatting Kafka storage failed" "see $LOG"
   fi
   say "starting broker on 127.0.0.1:$KAFKA_PORT (heap $KAFKA_HEAP, log $LOG)"
-  echo "$LAUNCHED $(date -u +%FT%TZ)" >>"$LOG"  # await_ready reads the log from the last such line
+  LOG_FROM[$INSTANCE]=$(( $(stat -c %s "$LOG" 2>/dev/null || echo 0) + 1 ))
   nohup java -Xms256m -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$ROOT/deploy/local/kafka-log4j2.yaml" \
     -cp "$cp" kafka.Kafka "$CONFIG" >>"$LOG" 2>&1 &
   echo $! > "$PIDFILE"
 }
 
-# await_ready SECONDS: until the broker says it started since its last launch, or fail pointing at its log.
+# await_ready SECONDS: until the broker says it started since its launch, or fail pointing at its log.
 await_ready() {
   wait_port "$KAFKA_PORT" "$1" "$LOG"
   for _ in $(seq 1 $(( $1 * 5 ))); do
-    awk -v m="$LAUNCHED" 'index($0, m) == 1 { up = 0 } /Kafka Server started/ { up = 1 } END { exit !up }' "$LOG" \
-      && return 0
+    grep -q "Kafka Server started" < <(tail -c +"${LOG_FROM[$INSTANCE]}" "$LOG") && return 0
     pid_alive "$PIDFILE" || die "Kafka exited during start-up" "see $LOG"
     sleep 0.2
   done
@@ -120,6 +122,7 @@ await_ready() {
 
 start() {
   if pid_alive "$PIDFILE"; then say "already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$KAFKA_PORT"; return; fi
+  require_java
   install
   write_config
   launch
