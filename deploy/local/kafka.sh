@@ -62,7 +62,7 @@ install() {
 
 write_config() {
   mkdir -p "$HOME_DIR"
-  cat > "$CONFIG" <<PROPS
+  cat > "$HOME_DIR/server-$INSTANCE.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
