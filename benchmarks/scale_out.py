@@ -37,7 +37,7 @@ from confluent_kafka.admin import AdminClient
 from benchmarks import kafka_bench, pg_bench
 from benchmarks.cpu import CpuMeter, listener_pid, process_seconds
 from benchmarks.harness import UNLIMITED
-from benchmarks.report import fill
+from benchmarks.report import fill, fmt
 from benchmarks.stack import OUT, TALLY, Bench, Service, free_port
 from tally.settings import ROOT, Settings
 
@@ -201,10 +201,6 @@ def projection(us_per_event: float, processor_us: float) -> list[str]:
         cap = "" if round(needed, 1) <= PARTITIONS else f" — more than {PARTITIONS}: create the topic with more partitions"
         lines.append(f"| {cores} | {rate:,.0f} | {needed:.1f} cores{cap} |")
     return lines
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "–" if value is None else f"{value:,.{digits}f}"
 
 
 def cpu_text(figures: dict[str, float | None]) -> str:
