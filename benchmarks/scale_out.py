@@ -198,7 +198,8 @@ def projection(us_per_event: float, processor_us: float) -> list[str]:
     for cores in (2, 4, 8, 16, 32):
         rate = cores * 1e6 / us_per_event
         needed = rate * processor_us / 1e6
-        cap = "" if round(needed, 1) <= PARTITIONS else f" — more than {PARTITIONS}: create the topic with more partitions"
+        cap = ("" if round(needed, 1) <= PARTITIONS
+               else f" — more than {PARTITIONS}: create the topic with more partitions")
         lines.append(f"| {cores} | {rate:,.0f} | {needed:.1f} cores{cap} |")
     return lines
 
@@ -231,7 +232,8 @@ def report(results: dict[str, Any], command: str) -> list[str]:
               "| processors' CPU µs per event |", "|---:|---:|---:|---|---|---|---:|"]
     for row in results["members"]:
         per = row["per_member"]
-        lines.append(f"| {row['members']} | {row['seconds']:.1f} | {row['events_s']:,.0f} | {row['check'].get('exact')} | "
+        lines.append(f"| {row['members']} | {row['seconds']:.1f} | {row['events_s']:,.0f} | "
+                     f"{row['check'].get('exact')} | "
                      + " · ".join(f"{m['consumed']:,}" for m in per) + " | "
                      + " · ".join(fmt(m["cpu_us_per_event"]) for m in per) + f" | {row['cpu_us_per_event']:,.0f} |")
     base = [r for r in results["brokers"] if r["name"] == "1 broker"]

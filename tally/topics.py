@@ -12,7 +12,8 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, str]
     """Returns topic -> 'created' or 'exists'."""
     if settings.topic_min_insync_replicas > settings.topic_replication_factor:
         raise ValueError(f"TALLY_TOPIC_MIN_INSYNC_REPLICAS ({settings.topic_min_insync_replicas}) is above "
-                         f"TALLY_TOPIC_REPLICATION_FACTOR ({settings.topic_replication_factor}): no write could be acked")
+                         f"TALLY_TOPIC_REPLICATION_FACTOR ({settings.topic_replication_factor}): "
+                         "no write could be acked")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "socket.connection.setup.timeout.ms": 3000})
     specs = settings.topics.specs(
         events_partitions=settings.events_partitions,

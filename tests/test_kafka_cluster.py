@@ -22,6 +22,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from tally.settings import ROOT, Settings
 from tally.topics import create_topics
 from tests.gateway.helpers import start_gateway
 from tests.processor.helpers import drained, wait_for
-from tests.support import read_topic, running, wait_until
+from tests.support import env_for, read_topic, running, wait_until
 
 SCRIPT = ROOT / "deploy" / "local" / "kafka-cluster.sh"
 RUN_DIR = ROOT / ".local" / "run"
@@ -246,6 +247,10 @@ def test_min_insync_replicas_above_the_replication_factor_is_refused(settings: S
     wrong = settings.model_copy(update={"topic_replication_factor": 1, "topic_min_insync_replicas": 2})
     with pytest.raises(ValueError, match="TALLY_TOPIC_MIN_INSYNC_REPLICAS"):
         create_topics(wrong)
+    cli = subprocess.run([sys.executable, "-m", "tally.cli", "topics", "create"], env=env_for(wrong), cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert (cli.returncode, cli.stdout) == (2, "")
+    assert "TALLY_TOPIC_MIN_INSYNC_REPLICAS (2) is above" in cli.stderr and "Traceback" not in cli.stderr
 
 
 async def _true(value: bool) -> bool:
