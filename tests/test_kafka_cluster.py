@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 
 import asyncpg
 import httpx
@@ -53,7 +54,11 @@ class Cluster:
 
     def __init__(self) -> None:
         self.bootstrap = self._run("bootstrap").stdout.strip()
-        self.admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 3000})
+
+    @cached_property
+    def admin(self) -> AdminClient:
+        """Made once the brokers run: a client logs every failed connection while they do not."""
+        return AdminClient({"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 3000})
 
     @staticmethod
     def _run(command: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
@@ -96,6 +101,7 @@ def cluster() -> Iterator[Cluster]:
     try:
         yield brokers
     finally:
+        brokers.__dict__.pop("admin", None)  # closed before the brokers stop, for the same reason
         if started:
             brokers.stop()
 
