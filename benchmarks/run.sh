@@ -6,6 +6,8 @@
 SERVICE=bench
 . "$(dirname "$0")/../deploy/local/common.sh"
 cd "$ROOT"
+# --scale-out (first): 1 broker against 3, processors 1 -> 2 -> 4 (benchmarks/scale_out.py); needs no other tools
+[ "${1:-}" = --scale-out ] && { shift; exec .venv/bin/python -m benchmarks.scale_out "$@"; }
 case " $* " in *" -h "*|*" --help "*) exec .venv/bin/python -m benchmarks.harness --help ;; esac
 
 bash benchmarks/install.sh

@@ -189,7 +189,12 @@ def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
 def cmd_topics_create(_args: argparse.Namespace, settings: Settings) -> int:
     from tally.topics import create_topics
 
-    for name, outcome in create_topics(settings).items():
+    try:
+        created = create_topics(settings)
+    except ValueError as exc:  # settings no topic could work with
+        print(f"tally topics create: {exc}", file=sys.stderr)
+        return 2
+    for name, outcome in created.items():
         print(f"{outcome:8} {name}")
     return 0
 

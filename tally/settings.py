@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     counters_partitions: int = 4
     dlq_partitions: int = 1
     dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+    # replication of the topics `tally topics create` makes (3 and 2 on deploy/local/kafka-cluster.sh's cluster)
+    topic_replication_factor: int = Field(1, ge=1, description="copies of each partition of Tally's topics")
+    topic_min_insync_replicas: int = Field(
+        1, ge=1, description="copies that must hold an event before Kafka acks it (acks=all) and the gateway answers "
+                             "202; fewer in sync: 503. At most the replication factor")
 
     # gateway (ingest/)
     gateway_host: str = "127.0.0.1"

@@ -9,4 +9,5 @@ bash "$HERE/apps.sh" stop
 bash "$HERE/stripe-mock.sh" stop
 bash "$HERE/redis.sh" stop
 bash "$HERE/kafka.sh" stop
+bash "$HERE/kafka-cluster.sh" stop
 bash "$HERE/postgres.sh" stop

@@ -3,15 +3,23 @@
 # Uses $KAFKA_HOME when it points at an installation, else the release tarball, else the
 # broker's jars from Maven Central. Usage: kafka.sh start|stop|status
 # KAFKA_PORT, KAFKA_CONTROLLER_PORT and KAFKA_INSTANCE may be overridden (tests run a second broker).
-SERVICE=kafka
-. "$(dirname "$0")/common.sh"
+# Sourced (by kafka-cluster.sh) it only defines its functions, for brokers of a cluster.
+SERVICE=${SERVICE:-kafka}
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-INSTANCE="${KAFKA_INSTANCE:-main}"
 HOME_DIR="$STATE/kafka"
 LIBS="$HOME_DIR/libs-$KAFKA_VERSION"
-DATA="$HOME_DIR/data-$INSTANCE"
-PIDFILE="$STATE/run/kafka-$INSTANCE.pid"
-LOG="$STATE/log/kafka-$INSTANCE.log"
+
+# use_instance NAME: the broker the functions below act on (its data, pid file, log and config).
+use_instance() {
+  INSTANCE=$1
+  DATA="$HOME_DIR/data-$INSTANCE"
+  PIDFILE="$STATE/run/kafka-$INSTANCE.pid"
+  LOG="$STATE/log/kafka-$INSTANCE.log"
+  CONFIG="$HOME_DIR/server-$INSTANCE.properties"
+}
+use_instance "${KAFKA_INSTANCE:-main}"
+declare -A LOG_FROM  # instance -> the byte of its log where its last launch began
 
 classpath() {
   if [ -n "${KAFKA_HOME:-}" ] && [ -d "$KAFKA_HOME/libs" ]; then echo "$KAFKA_HOME/libs/*"; else echo "$LIBS/*"; fi
@@ -77,33 +85,52 @@ log.cleaner.backoff.ms=1000
 PROPS
 }
 
-start() {
-  if pid_alive "$PIDFILE"; then say "already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$KAFKA_PORT"; return; fi
+require_java() {
   have java || die "Java is not installed; Kafka needs Java 17 or newer" "apt-get install openjdk-17-jre-headless"
+}
+
+# launch [CLUSTER_ID]: format the storage on first use and start the JVM, without waiting for it.
+# The brokers of one cluster share a cluster id; a lone broker makes its own.
+launch() {
   ensure_port_free "$KAFKA_PORT" "Kafka"
   ensure_port_free "$KAFKA_CONTROLLER_PORT" "Kafka's controller"
-  install
-  write_config
   local cp; cp=$(classpath)
   if [ ! -f "$DATA/meta.properties" ]; then
     say "formatting KRaft storage in $DATA"
     java -cp "$cp" -Dlog4j2.configurationFile="$ROOT/deploy/local/kafka-log4j2.yaml" kafka.tools.StorageTool format \
-      -t "$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)" \
-      -c "$HOME_DIR/server-$INSTANCE.properties" >>"$LOG" 2>&1 || die "formatting Kafka storage failed" "see $LOG"
+      -t "${1:-$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)}" \
+      -c "$CONFIG" >>"$LOG" 2>&1 || die "formatting Kafka storage failed" "see $LOG"
   fi
   say "starting broker on 127.0.0.1:$KAFKA_PORT (heap $KAFKA_HEAP, log $LOG)"
+  LOG_FROM[$INSTANCE]=$(( $(stat -c %s "$LOG" 2>/dev/null || echo 0) + 1 ))
   nohup java -Xms256m -Xmx"$KAFKA_HEAP" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$ROOT/deploy/local/kafka-log4j2.yaml" \
-    -cp "$cp" kafka.Kafka "$HOME_DIR/server-$INSTANCE.properties" >>"$LOG" 2>&1 &
+    -cp "$cp" kafka.Kafka "$CONFIG" >>"$LOG" 2>&1 &
   echo $! > "$PIDFILE"
-  wait_port "$KAFKA_PORT" 90 "$LOG"
-  for _ in $(seq 1 150); do
-    grep -q "Kafka Server started" "$LOG" && break
+}
+
+# await_ready SECONDS: until the broker says it started since its launch, or fail pointing at its log.
+await_ready() {
+  wait_port "$KAFKA_PORT" "$1" "$LOG"
+  for _ in $(seq 1 $(( $1 * 5 ))); do
+    grep -q "Kafka Server started" < <(tail -c +"${LOG_FROM[$INSTANCE]}" "$LOG") && return 0
     pid_alive "$PIDFILE" || die "Kafka exited during start-up" "see $LOG"
     sleep 0.2
   done
+  die "Kafka did not finish starting within $1 s" "see $LOG"
+}
+
+start() {
+  if pid_alive "$PIDFILE"; then say "already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$KAFKA_PORT"; return; fi
+  require_java
+  install
+  write_config
+  launch
+  await_ready 90
   say "ready on 127.0.0.1:$KAFKA_PORT"
 }
+
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-start}" in
   start) start ;;
