@@ -15,7 +15,8 @@ import asyncpg
 
 from processors import metrics, stateful
 from processors.batch import Validator
-from processors.consumer import Processor, ProcessorConfig, Sinks
+from processors.checkpoint import Sinks
+from processors.consumer import Processor, ProcessorConfig
 from processors.faults import crash_point
 from processors.meters import MeterSet, load_meters
 from sinks.counter_topic import CounterTopicSink
@@ -110,5 +111,6 @@ async def run(config: ServiceConfig) -> None:
     try:
         await processor.run()
     finally:
+        await cache.close()
         publisher.close()
         await pool.close()

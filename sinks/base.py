@@ -1,15 +1,17 @@
 """The sink contract, after Kafka Connect's SinkTask and Quix Streams' BatchingSink.
 
 A processor hands a sink a batch with `write`, then calls `flush`; when `flush` returns, what
-was written is durable, and only then may the processor commit the batch's offsets.
+was written is durable, and only then may the processor commit the batch's offsets. `flush`
+returns what the sink found (the store: new events, duplicates, conflicts, poison) or None.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 
 
 class StoredEvent(Protocol):
@@ -38,7 +40,7 @@ class Record(NamedTuple):
     counted: bool = True
 
 
-class Sink(Protocol, Generic[T_contra]):
+class Sink(Protocol[T_contra, R_co]):
     async def write(self, batch: T_contra) -> None: ...
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> R_co: ...
