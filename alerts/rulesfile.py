@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from alerts import rules, stored
 from ingest.problems import validation_errors
+from meters.definitions import MetersConfig
 from schemas.alerts import AlertRule
-from schemas.meters import MetersConfig
 
 ORIGIN = "file"
 

@@ -40,11 +40,10 @@ from prometheus_client import Counter
 
 from billing.context import JobContext
 from billing.stripe_report import COUNTED
-from processors.decode import Event
-from processors.meters import MeterSet
-from schemas.counters import CounterDelta, CounterState
-from schemas.meters import STATEFUL, Aggregation
-from sinks.base import Record
+from meters.definitions import STATEFUL
+from meters.meterset import MeterSet
+from schemas.counters import Aggregation, CounterDelta, CounterState
+from sinks.base import Event, Record
 from sinks.counter_topic import CounterTopicSink
 from sinks.kafka import KafkaPublisher
 from sinks.outbox import OutboxRelay, queue

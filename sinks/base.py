@@ -7,6 +7,7 @@ returns what the sink found (the store: new events, duplicates, conflicts, poiso
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -16,6 +17,20 @@ R_co = TypeVar("R_co", covariant=True)
 
 class StoredEvent(Protocol):
     """The envelope attributes storage and meters read: an Envelope, or the processor's lighter Event."""
+
+    tenant: str
+    source: str
+    id: str
+    type: str
+    subject: str | None
+    time: datetime
+    received_at: datetime
+    data: Any
+
+
+@dataclass(slots=True)
+class Event:
+    """A StoredEvent without a pydantic model: what the processor decodes and reconciliation reads back."""
 
     tenant: str
     source: str

@@ -69,7 +69,7 @@ with upserted as (
             when 'MAX' then greatest(c.value, excluded.value)
             when 'MIN' then least(c.value, excluded.value)
             when 'AVG' then (c.total + excluded.total) / (c.count + excluded.count)
-            -- computed against the stored state under the window's lock (processors/stateful.py)
+            -- computed against the stored state under the window's lock (meters/stateful.py)
             when 'UNIQUE_COUNT' then excluded.value
             when 'WEIGHTED_SUM' then excluded.value
             else case when excluded.latest_time >= c.latest_time then excluded.value else c.value end

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from processors.meters import MeterSet, load_meters
+from meters.definitions import load_meters
+from meters.meterset import MeterSet
 from schemas.envelope import Envelope
 from sinks.base import Record
 from sinks.postgres import PostgresSink

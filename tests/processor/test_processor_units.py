@@ -7,13 +7,13 @@ from decimal import Context, Decimal
 
 import pytest
 
+from meters.definitions import Meter, MetersConfig, Window, load_meters
+from meters.meterset import MeterError, MeterSet
+from meters.windows import bounds
 from processors.batch import Validator
-from processors.meters import MeterError, MeterSet, load_meters
-from processors.windows import bounds
-from schemas.counters import CounterState
+from schemas.counters import Aggregation, CounterState
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
-from schemas.meters import Aggregation, Meter, MetersConfig, Window
 from sinks.base import Record
 
 UTC = timezone.utc

@@ -1,23 +1,29 @@
-"""UNIQUE_COUNT storage: the distinct values of each counter window, and distinct values over a period.
+"""UNIQUE_COUNT: the distinct values of each counter window, and distinct values over any period.
 
 Each window keeps the 63-bit hashes of its distinct values in `counter_distinct`, claimed with
 `on conflict do nothing` in the transaction that counts the events, so the window's value grows by
-exactly the values that were new to it. Past the meter's `max_distinct` a window keeps a sample: the
-hashes below 2^(63 - level), the level rising by one (and halving the sample) until it fits; the value
-is then sample × 2^level and published as approximate (docs/adr/0030).
+exactly the values that were new to it. `apply` runs under the window's lock (meters.stateful): it reads
+the window's sample level and size and claims the new values' hashes (those below the level's
+threshold). Past the meter's `max_distinct` a window keeps a sample: the hashes below 2^(63 - level),
+the level rising by one (and halving the sample) until it fits; the value is then sample × 2^level and
+published as approximate (docs/adr/0030). The delta carries the absolute value.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import orjson
 
-from schemas.meters import Window
+from meters.definitions import Meter, Window
+from meters.meterset import MeterSet, StatefulInput
+from schemas.counters import CounterDelta, CounterKey
 
 CLAIM = """
 insert into counter_distinct (window_id, hash)
@@ -46,6 +52,64 @@ def value_hash(raw: Any) -> int:
 def threshold(level: int) -> int:
     """A window at sampling `level` keeps the hashes below this."""
     return 1 << (63 - level)
+
+
+@dataclass
+class Pending:
+    """A counter window's share of the new events: their value hashes, how many, the latest time."""
+
+    meter: Meter
+    key: CounterKey
+    end: datetime
+    latest: datetime
+    events: int = 0
+    hashes: set[int] = field(default_factory=set)
+
+
+def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Pending]:
+    """The new events' value hashes per counter window, keyed by the window's key text."""
+    out: dict[str, Pending] = {}
+    for i in inputs:
+        h = value_hash(i.value)
+        at = i.event.time
+        for name in i.meter.windows:
+            start, end = meters.window(name, at)
+            key = CounterKey(i.tenant, i.meter.slug, name.value, start, i.subject, i.group)
+            text = key.to_text()
+            w = out.get(text)
+            if w is None:
+                w = out[text] = Pending(i.meter, key, end, at)
+            w.events += 1
+            w.latest = max(w.latest, at)
+            w.hashes.add(h)
+    return out
+
+
+async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tuple[str, CounterDelta]]:
+    if not found:
+        return []
+    stored = {r["key"]: (r["value"], r["sample_level"] or 0) for r in await conn.fetch(STATES, list(found))}
+    ids: list[bytes] = []
+    hashes: list[int] = []
+    for text, w in found.items():
+        wid = window_id(text)
+        keep = threshold(stored.get(text, (0, 0))[1])
+        for h in w.hashes:
+            if h < keep:
+                ids.append(wid)
+                hashes.append(h)
+    claimed = Counter(r[0] for r in await conn.fetch(CLAIM, ids, hashes)) if ids else Counter()
+    out = []
+    for text, w in found.items():
+        value, level = stored.get(text, (0, 0))
+        wid = window_id(text)
+        size = (int(value) >> level) + claimed[wid]
+        while size > w.meter.max_distinct:
+            level += 1
+            size -= int((await conn.execute(DROP_ABOVE, wid, threshold(level))).split()[-1])
+        out.append((text, CounterDelta(w.key, w.end, w.meter.aggregation, Decimal(size << level),
+                                       w.events, w.latest, sample_level=level)))
+    return out
 
 
 @dataclass(frozen=True)
