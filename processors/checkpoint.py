@@ -2,7 +2,8 @@
 
 It owns the offsets on the way and the partitions they belong to: which are assigned, which left
 while a batch was in flight, and which offsets are durable but not yet committed. `commit` numbers its
-steps; the rebalance callbacks keep the three sets true.
+steps as the rest of the processor does (step 1, validation, comes before it); the rebalance callbacks
+keep the three sets true.
 
 A commit the group refuses while it rebalances (ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS,
 UNKNOWN_MEMBER_ID) keeps its offsets; the loop calls `commit_refused` on its idle turns, after each poll
@@ -88,34 +89,33 @@ class Checkpoint:
         self._refused = False  # the last commit was refused by a rebalance: `commit_refused` makes it again
 
     async def commit(self, batch: Batch) -> StoreResult | None:
-        """Take `batch` to committed; what the store found, or None if it had no records. Raises Abandoned
-        when the batch's partitions left (or the processor stops) while a step waited to retry.
+        """Take a validated batch to committed; what the store found, or None if it had no records. Raises
+        Abandoned when the batch's partitions left (or the processor stops) while a step waited to retry.
 
-        1. Flush the store: one PostgreSQL transaction per share stores new events, applies the meters,
+        1. (Before the checkpoint: the batch is decoded and validated, processors.batch.)
+        2. Flush the store: one PostgreSQL transaction per share stores new events, applies the meters,
            upserts counter windows and queues them in the outbox.
-        2. Produce: dead letters (from step 1 of the loop and from the store), then the queued counter
-           states, each acked by Kafka.
-        3. Note the batch's offsets as durable, for the partitions still assigned.
-        4. Commit the offsets noted, for the partitions still assigned.
+        3. Produce: dead letters (from step 1 and from the store), then the queued counter states, each
+           acked by Kafka.
+        4. Commit: note the batch's offsets as durable and commit them, for the partitions still assigned.
         """
         self.revoked.clear()
         in_flight = set(batch.offsets)
-        # Step 1. Flush the store
+        # Step 2. Flush the store
         stored = None
         if batch.records:
             stored = await self._step("postgres", partial(self._flush_store, batch.records), in_flight)
             batch.dead_letters.extend(_store_letters(batch, stored))
         crash_point("after_pg_commit", self._crash_at)
-        # Step 2. Produce dead letters and counter states
+        # Step 3. Produce dead letters and counter states
         if batch.dead_letters:
             await self._step("dead letters", partial(self._send_dead_letters, batch.dead_letters), in_flight)
         await self.publish_counters(in_flight)
         crash_point("after_publish", self._crash_at)
-        # Step 3. Note the offsets
+        # Step 4. Commit the offsets
         for tp, offset in batch.offsets.items():
             if tp in self.assigned:
                 self.uncommitted[tp] = offset + 1
-        # Step 4. Commit the offsets
         await self._commit()
         return stored
 

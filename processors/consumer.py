@@ -1,7 +1,8 @@
 """The processor loop: one consumer-group member on the events topic.
 
-Per batch: decode and validate, poison set aside as dead letters (processors.batch); then the
-checkpoint writes, publishes and commits it (processors.checkpoint). A failing step is retried with
+Per batch: (1) decode and validate, poison set aside as dead letters (processors.batch); then the
+checkpoint (processors.checkpoint) (2) writes it to PostgreSQL, (3) publishes dead letters and counter
+states, (4) commits offsets. A failing step is retried with
 backoff while the partitions are paused; nothing is committed until every step before it succeeded,
 so a crash anywhere re-delivers work that dedup then recognises.
 
