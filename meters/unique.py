@@ -25,7 +25,7 @@ from meters.definitions import Meter, Window
 from meters.meterset import MeterSet, StatefulInput
 from schemas.counters import CounterDelta, CounterKey
 
-CLAIM = """
+_CLAIM = """
 insert into counter_distinct (window_id, hash)
 select w, h from unnest($1::bytea[], $2::bigint[]) as u(w, h)
 order by w, h
@@ -33,9 +33,9 @@ on conflict do nothing
 returning window_id
 """
 
-STATES = "select key, value, sample_level from counters where key = any($1::text[])"
+_STATES = "select key, value, sample_level from counters where key = any($1::text[])"
 
-DROP_ABOVE = "delete from counter_distinct where window_id = $1 and hash >= $2"
+_DROP_ABOVE = "delete from counter_distinct where window_id = $1 and hash >= $2"
 
 
 def window_id(key_text: str) -> bytes:
@@ -88,7 +88,7 @@ def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Pending]
 async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tuple[str, CounterDelta]]:
     if not found:
         return []
-    stored = {r["key"]: (r["value"], r["sample_level"] or 0) for r in await conn.fetch(STATES, list(found))}
+    stored = {r["key"]: (r["value"], r["sample_level"] or 0) for r in await conn.fetch(_STATES, list(found))}
     ids: list[bytes] = []
     hashes: list[int] = []
     for text, w in found.items():
@@ -98,7 +98,7 @@ async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tup
             if h < keep:
                 ids.append(wid)
                 hashes.append(h)
-    claimed = Counter(r[0] for r in await conn.fetch(CLAIM, ids, hashes)) if ids else Counter()
+    claimed = Counter(r[0] for r in await conn.fetch(_CLAIM, ids, hashes)) if ids else Counter()
     out = []
     for text, w in found.items():
         value, level = stored.get(text, (0, 0))
@@ -106,7 +106,7 @@ async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tup
         size = (int(value) >> level) + claimed[wid]
         while size > w.meter.max_distinct:
             level += 1
-            size -= int((await conn.execute(DROP_ABOVE, wid, threshold(level))).split()[-1])
+            size -= int((await conn.execute(_DROP_ABOVE, wid, threshold(level))).split()[-1])
         out.append((text, CounterDelta(w.key, w.end, w.meter.aggregation, Decimal(size << level),
                                        w.events, w.latest, sample_level=level)))
     return out

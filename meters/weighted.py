@@ -27,10 +27,10 @@ from schemas.counters import CounterDelta, CounterKey, Scalar, exact_seconds
 
 # Levels are within 1e±100 (meters.meterset) and spans within years of microseconds: 250 digits hold
 # every product and sum exactly.
-WIDE = Context(prec=250)
+_WIDE = Context(prec=250)
 _PLACES = Decimal("1e-18")
 
-INSERT = """
+_INSERT = """
 insert into weighted_points (series, at, source, id, level)
 select * from unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::numeric[])
 order by 1, 2, 3, 4
@@ -38,7 +38,7 @@ on conflict do nothing
 """
 
 # Per series: the last level change before `lo` and the first after `hi`.
-NEIGHBOURS = """
+_NEIGHBOURS = """
 select u.series,
        (select max(at) from weighted_points w where w.series = u.series and w.at < u.lo) as before,
        (select min(at) from weighted_points w where w.series = u.series and w.at > u.hi) as after
@@ -47,7 +47,7 @@ from unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) as u(series, lo, h
 
 # Per series: the level changes in [lo, hi), the last one before lo (the level entering) and the first
 # at or after hi (which says the level is known up to hi).
-SPAN = """
+_SPAN = """
 select u.series, p.at, p.level
 from unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) as u(series, lo, hi)
 cross join lateral (
@@ -86,11 +86,11 @@ def integrate(points: Sequence[tuple[datetime, Decimal]], start: datetime, end: 
     for at, new_level in points:
         if at >= end:
             if level is not None:
-                total = WIDE.add(total, WIDE.multiply(level, exact_seconds(end - cursor)))
+                total = _WIDE.add(total, _WIDE.multiply(level, exact_seconds(end - cursor)))
             return Integral(total, level, end)
         if at > cursor:
             if level is not None:
-                total = WIDE.add(total, WIDE.multiply(level, exact_seconds(at - cursor)))
+                total = _WIDE.add(total, _WIDE.multiply(level, exact_seconds(at - cursor)))
             cursor = at
         level = new_level
     return Integral(total, level, cursor)
@@ -98,9 +98,9 @@ def integrate(points: Sequence[tuple[datetime, Decimal]], start: datetime, end: 
 
 def in_unit(level_seconds: Decimal, unit_seconds: int) -> Decimal:
     """level × seconds in level × unit, rounded half-even to 18 decimal places, trailing zeros dropped."""
-    value = WIDE.divide(level_seconds, Decimal(unit_seconds)).quantize(_PLACES, context=WIDE)
-    return value.normalize(WIDE).quantize(Decimal(1), context=WIDE) if value == value.to_integral_value() \
-        else value.normalize(WIDE)
+    value = _WIDE.divide(level_seconds, Decimal(unit_seconds)).quantize(_PLACES, context=_WIDE)
+    return value.normalize(_WIDE).quantize(Decimal(1), context=_WIDE) if value == value.to_integral_value() \
+        else value.normalize(_WIDE)
 
 
 @dataclass
@@ -128,12 +128,12 @@ async def apply(conn: asyncpg.Connection, meters: MeterSet, found: dict[str, Ser
     if not found:
         return []
     rows = [(text, at, source, id_, level) for text, s in found.items() for at, source, id_, level in s.new]
-    await conn.execute(INSERT, *map(list, zip(*rows)))
+    await conn.execute(_INSERT, *map(list, zip(*rows)))
     texts = list(found)
     lows = [min(at for at, *_ in found[t].new) for t in texts]
     highs = [max(at for at, *_ in found[t].new) for t in texts]
     spans: dict[str, dict] = {}
-    for row in await conn.fetch(NEIGHBOURS, texts, lows, highs):
+    for row in await conn.fetch(_NEIGHBOURS, texts, lows, highs):
         s = found[row["series"]]
         lo = row["before"] or min(at for at, *_ in s.new)
         hi = row["after"] or max(at for at, *_ in s.new)
@@ -141,7 +141,7 @@ async def apply(conn: asyncpg.Connection, meters: MeterSet, found: dict[str, Ser
     starts = [min(lo for lo, _ in spans[t].values()) for t in texts]
     ends = [max(hi for _, hi in spans[t].values()) for t in texts]
     points: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
-    for row in await conn.fetch(SPAN, texts, starts, ends):
+    for row in await conn.fetch(_SPAN, texts, starts, ends):
         points[row["series"]].append((row["at"], row["level"]))
     out = []
     for text in texts:
@@ -173,5 +173,5 @@ async def weighted_sum_over(conn: asyncpg.Connection, tenant: str, meter: str, s
                             group: dict[str, Any], start: datetime, end: datetime) -> Integral:
     """The exact integral of a WEIGHTED_SUM series over any [start, end), from its level changes."""
     series = series_text(tenant, meter, subject, group)
-    rows = await conn.fetch(SPAN, [series], [start], [end])
+    rows = await conn.fetch(_SPAN, [series], [start], [end])
     return integrate([(r["at"], r["level"]) for r in rows], start, end)

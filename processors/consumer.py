@@ -2,9 +2,9 @@
 
 Per batch: (1) decode and validate, poison set aside as dead letters (processors.batch); then the
 checkpoint (processors.checkpoint) (2) writes it to PostgreSQL, (3) publishes dead letters and counter
-states, (4) commits offsets. A failing step is retried with
-backoff while the partitions are paused; nothing is committed until every step before it succeeded,
-so a crash anywhere re-delivers work that dedup then recognises.
+states, (4) commits offsets. A failing step is retried with backoff while the partitions are paused;
+nothing is committed until every step before it succeeded, so a crash anywhere re-delivers work that
+dedup then recognises.
 
 Every call on the Kafka consumer runs on one worker thread, so rebalance callbacks run there
 too, and only while the loop polls: between batches, or while a failed step waits to retry.

@@ -11,26 +11,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from schemas.envelope import Envelope
+
 T_contra = TypeVar("T_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)
 
 
-class StoredEvent(Protocol):
-    """The envelope attributes storage and meters read: an Envelope, or the processor's lighter Event."""
-
-    tenant: str
-    source: str
-    id: str
-    type: str
-    subject: str | None
-    time: datetime
-    received_at: datetime
-    data: Any
-
-
 @dataclass(slots=True)
 class Event:
-    """A StoredEvent without a pydantic model: what the processor decodes and reconciliation reads back."""
+    """The envelope's attributes without a pydantic model: what the processor decodes and reconciliation
+    reads back."""
 
     tenant: str
     source: str
@@ -40,6 +30,10 @@ class Event:
     time: datetime
     received_at: datetime
     data: Any
+
+
+# The envelope attributes storage and meters read: an Envelope, or the lighter Event.
+StoredEvent = Event | Envelope
 
 
 class Record(NamedTuple):
