@@ -22,10 +22,10 @@ from alerts.policy import AlertPolicy
 from ingest.body import parse_json, read_body
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
+from meters.definitions import MetersConfig
 from query.cursor import Cursors, invalid_cursor
 from query.filters import parse
 from schemas.alerts import AlertRule
-from schemas.meters import MetersConfig
 
 READ, WRITE = "alerts:read", "alerts:write"
 MAX_RULE_BYTES = 64 * 1024

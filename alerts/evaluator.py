@@ -26,8 +26,8 @@ from alerts import rules as rulebook
 from alerts import stored
 from alerts.lifecycle import Standing, Step, step
 from alerts.windows import MinuteWindows
+from meters.definitions import MetersConfig
 from schemas.alerts import AlertRule
-from schemas.meters import MetersConfig
 from sealed import SecretBox
 
 log = logging.getLogger("tally.alerts")

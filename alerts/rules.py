@@ -8,9 +8,9 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Any
 
+from meters.definitions import MetersConfig, Window
 from schemas.alerts import AlertRule
-from schemas.counters import CounterState
-from schemas.meters import Aggregation, MetersConfig, Window
+from schemas.counters import Aggregation, CounterState
 
 # Aggregations whose minute windows add up to the window's value (UNIQUE_COUNT and WEIGHTED_SUM do not).
 _VALUE_MEASURES = {Aggregation.COUNT, Aggregation.SUM, Aggregation.MAX, Aggregation.MIN, Aggregation.AVG}

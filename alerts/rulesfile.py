@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from alerts import rules, stored
 from alerts.policy import AlertPolicy
 from ingest.problems import validation_errors
+from meters.definitions import MetersConfig
 from schemas.alerts import AlertRule
-from schemas.meters import MetersConfig
 
 ORIGIN = "file"
 

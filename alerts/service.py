@@ -28,7 +28,7 @@ from alerts.rounds import every
 from alerts.sealing import reseal
 from alerts.usage import take_up
 from alerts.windows import MinuteWindows
-from schemas.meters import MetersConfig
+from meters.definitions import MetersConfig
 from sinks.kafka import KafkaPublisher, PublishError
 
 log = logging.getLogger("tally.alerts")

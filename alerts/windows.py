@@ -18,10 +18,10 @@ import orjson
 
 from alerts.ledger import group_key
 from alerts.rules import group_of, matches
-from processors.windows import bounds
+from meters.definitions import Window
+from meters.windows import bounds
 from schemas.alerts import AlertRule
-from schemas.counters import CounterState
-from schemas.meters import Aggregation, Window
+from schemas.counters import Aggregation, CounterState
 from sinks.outbox import STATE_COLUMNS, state_of
 
 MINUTE = timedelta(minutes=1)

@@ -49,7 +49,7 @@ select tenant, source, id, persisted_at,
        kafka_partition, kafka_offset
 from events where tenant = $1 order by tenant, source, id
 """
-# The logs meter (schemas.meters.LOGS_METER): COUNT per tenant, service and level, minute and hour windows,
+# The logs meter (meters.definitions.LOGS_METER): COUNT per tenant, service and level, minute and hour windows,
 # keyed by CounterKey.to_text(); the session runs in UTC, so date_trunc gives the UTC windows. Inserted in
 # time order, as the processor creates windows while time passes, so one hour's windows share pages.
 _WINDOWS = """

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as redis
 
-from schemas.meters import MetersConfig
+from meters.definitions import MetersConfig
 from usage.windows import WindowReader
 
 MAX_INVOICE_GRACE_S = 72 * 3600  # Stripe's longest invoice finalisation grace (docs/adr/0065)

@@ -20,7 +20,7 @@ here: an under-report is sent by the next report run, an over-report is not take
 Events are streamed through a server-side cursor and folded chunk by chunk in a thread, so memory holds
 windows, not events, and the jobs worker's event loop (the hard-limit refresh every 0.5 s) never waits for
 more than one chunk. UNIQUE_COUNT and WEIGHTED_SUM windows depend on state the events alone do not give
-(processors/stateful.py) and are not compared.
+(meters/stateful.py) and are not compared.
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ from prometheus_client import Counter
 
 from billing.context import JobContext
 from billing.stripe_report import COUNTED
-from processors.decode import Event
-from processors.meters import MeterSet
-from schemas.counters import CounterDelta, CounterState
-from schemas.meters import STATEFUL, Aggregation
-from sinks.base import Record
+from meters.definitions import STATEFUL
+from meters.meterset import MeterSet
+from schemas.counters import Aggregation, CounterDelta, CounterState
+from sinks.base import Event, Record
 from sinks.counter_topic import CounterTopicSink
 from sinks.kafka import KafkaPublisher
 from sinks.outbox import OutboxRelay, queue

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
+from meters.meterset import MeterError, MeterSet
 from processors.decode import decode
 from processors.dlq import dead_letter
-from processors.meters import MeterError, MeterSet
 from processors.storable import Unstorable, check_bounds, check_no_nul
 from schemas.deadletter import DeadLetter
 from sinks.base import Record

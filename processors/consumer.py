@@ -1,11 +1,10 @@
 """The processor loop: one consumer-group member on the events topic.
 
-Per batch, in this order: (1) decode and validate, poison set aside as dead letters; (2) one
-PostgreSQL transaction claims dedup keys, stores new events, applies meters, upserts counter
-windows and queues them in the outbox; (3) dead letters and counter states are published and
-acked; (4) offsets are committed. A failing step is retried with backoff while the partitions
-are paused; nothing is committed until every step before it succeeded, so a crash anywhere
-re-delivers work that dedup then recognises.
+Per batch: (1) decode and validate, poison set aside as dead letters (processors.batch); then the
+checkpoint (processors.checkpoint) (2) writes it to PostgreSQL, (3) publishes dead letters and counter
+states, (4) commits offsets. A failing step is retried with backoff while the partitions are paused;
+nothing is committed until every step before it succeeded, so a crash anywhere re-delivers work that
+dedup then recognises.
 
 Every call on the Kafka consumer runs on one worker thread, so rebalance callbacks run there
 too, and only while the loop polls: between batches, or while a failed step waits to retry.
@@ -28,21 +27,12 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from processors import metrics
 from processors.batch import Batch, Validator
-from processors.dlq import conflict_letter, dead_letter
-from processors.faults import crash_point
+from processors.checkpoint import TP, Checkpoint, Sinks, retriable_commit_error
 from processors.retry import Abandoned, retrying
-from schemas.counters import PublishedState
-from schemas.deadletter import STORE_STAGE, DeadLetter
-from sinks.dlq_topic import DeadLetterSink
-from sinks.maintenance import Maintenance
-from sinks.outbox import OutboxRelay
-from sinks.postgres import PostgresSink
-from sinks.redis_cache import RedisCounterCache
 
 log = logging.getLogger("tally.processor")
 
 T = TypeVar("T")
-TP = tuple[str, int]
 _VALIDATE_CHUNK = 1000
 
 
@@ -86,15 +76,6 @@ def consumer_config(config: ProcessorConfig, **overrides: Any) -> dict[str, Any]
     return settings
 
 
-@dataclass(frozen=True)
-class Sinks:
-    store: PostgresSink
-    relay: OutboxRelay
-    dead_letters: DeadLetterSink
-    maintenance: Maintenance
-    cache: RedisCounterCache | None = None
-
-
 class Processor:
     def __init__(self, config: ProcessorConfig, validator: Validator, sinks: Sinks) -> None:
         self.config = config
@@ -103,9 +84,7 @@ class Processor:
         self._consumer = Consumer(consumer_config(config))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         self._stopping = asyncio.Event()
-        self._assigned: set[TP] = set()
-        self._revoked: set[TP] = set()  # revoked or lost while a batch was in flight
-        self._uncommitted: dict[TP, int] = {}  # next offset per partition, durable but not yet committed
+        self.checkpoint = Checkpoint(self._consumer, sinks, self._step, self._kafka, config.crash_at)
         self._held: list[Message] = []  # polled while a failed step waited; processed next
         self._paused = False
 
@@ -140,9 +119,12 @@ class Processor:
                         later, ahead = await ahead, None
                         self._read_again(batch, later)
                     last_relay = time.monotonic()
-                elif now - last_relay > self.config.idle_relay_s:
+                    continue
+                # Idle: the poll just made served any rebalance, so a commit it refused can be made now.
+                await self.checkpoint.commit_refused()
+                if now - last_relay > self.config.idle_relay_s:
                     # Windows queued by a member that crashed after its commit are published here.
-                    await self._step("publish counters", self._publish_counters, set())
+                    await self.checkpoint.publish_counters(set())
                     last_relay = time.monotonic()
         except Abandoned as exc:
             log.info("stopping with the batch in flight abandoned (%s)", exc)
@@ -151,8 +133,6 @@ class Processor:
                 await asyncio.gather(ahead, return_exceptions=True)  # uncommitted: read again after a restart
             await self._kafka(self._consumer.close)
             self._thread.shutdown(wait=True)
-            if self.sinks.cache is not None:
-                await self.sinks.cache.close()
             log.info("processor closed")
 
     async def _kafka(self, call: Callable[[], T]) -> T:
@@ -168,7 +148,7 @@ class Processor:
         for msg in messages:
             if msg.error() is not None:
                 log.warning("consumer error: %s", msg.error())
-            elif (msg.topic(), msg.partition()) in self._assigned:
+            elif (msg.topic(), msg.partition()) in self.checkpoint.assigned:
                 good.append(msg)
         return good
 
@@ -188,26 +168,17 @@ class Processor:
     def _read_again(self, abandoned: Batch, later: Batch | None) -> None:
         """Queue an abandoned batch's messages, then those consumed after it, in consume order."""
         messages = abandoned.messages + (later.messages if later is not None else []) + self._held
-        self._held = [m for m in messages if (m.topic(), m.partition()) in self._assigned]
+        self._held = [m for m in messages if (m.topic(), m.partition()) in self.checkpoint.assigned]
 
     # -- one batch -----------------------------------------------------------------------------
 
     async def _handle(self, batch: Batch) -> bool:
         """Write, publish and commit one batch; False if it was abandoned because partitions left."""
         started = time.perf_counter()
-        self._revoked.clear()
-        in_flight = set(batch.offsets)
         metrics.CONSUMED.inc(batch.consumed)
         metrics.BATCH_SIZE.observe(batch.consumed)
         try:
-            if batch.records:
-                await self._step("postgres", partial(self._store, batch.records), in_flight)
-                batch.dead_letters.extend(self._store_letters(batch))
-            crash_point("after_pg_commit", self.config.crash_at)
-            if batch.dead_letters:
-                await self._step("dead letters", partial(self._send_dead_letters, batch), in_flight)
-            await self._step("publish counters", self._publish_counters, in_flight)
-            crash_point("after_publish", self.config.crash_at)
+            stored = await self.checkpoint.commit(batch)
         except Abandoned as exc:
             reason = "stopping" if self._stopping.is_set() else "revoked"
             metrics.ABANDONED.labels(reason).inc()
@@ -215,104 +186,36 @@ class Processor:
                 raise
             log.info("batch abandoned: %s; its remaining partitions are read again", exc)
             return False
-        for (topic, partition), offset in batch.offsets.items():
-            if (topic, partition) in self._assigned:
-                self._uncommitted[(topic, partition)] = offset + 1
-        await self._commit()
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.LATE.inc(batch.late)
-        store = self.sinks.store.last if batch.records else None
-        new = len(store.new) if store else 0
-        if store:
+        new = len(stored.new) if stored else 0
+        if stored:
             committed_at = datetime.now(timezone.utc)
-            for record in store.new:
+            for record in stored.new:
                 metrics.END_TO_END_SECONDS.observe((committed_at - record.envelope.received_at).total_seconds())
         log.info("batch: %d consumed, %d new, %d duplicate, %d dead-lettered, %d late", batch.consumed, new,
                  batch.consumed - new - len(batch.dead_letters), len(batch.dead_letters), batch.late)
         return True
-
-    async def _store(self, records: list) -> None:
-        store = self.sinks.store
-        await store.write(records)
-        await store.flush()
-        metrics.PERSISTED.inc(len(store.last.new))
-        metrics.DUPLICATES.inc(store.last.duplicates)
-
-    def _store_letters(self, batch: Batch) -> list[DeadLetter]:
-        """Dead letters for the copies step 2 found in conflict and the events PostgreSQL refused alone."""
-        last = self.sinks.store.last
-        if not last.conflicts and not last.poison:
-            return []
-        messages = {(m.partition(), m.offset()): m for m in batch.messages}
-        now = datetime.now(timezone.utc)
-        return [conflict_letter(messages[(c.record.partition, c.record.offset)], c.kept_partition, c.kept_offset, now)
-                for c in last.conflicts] + [
-            dead_letter(messages[(p.record.partition, p.record.offset)], STORE_STAGE, p.error_class, p.message, now)
-            for p in last.poison]
-
-    async def _send_dead_letters(self, batch: Batch) -> None:
-        await self.sinks.dead_letters.write(batch.dead_letters)
-        await self.sinks.dead_letters.flush()
-        for letter in batch.dead_letters:
-            metrics.DEAD_LETTERED.labels(letter.stage, letter.error_class).inc()
-
-    async def _publish_counters(self) -> None:
-        states: list[PublishedState] = await self.sinks.relay.publish_all()
-        metrics.COUNTERS_PUBLISHED.inc(len(states))
-        if states and self.sinks.cache is not None:
-            await self.sinks.cache.write(states)
-            await self.sinks.cache.flush()
 
     async def _maintain(self) -> None:
         # Batches wait while this runs: prune for a part of one attempt and carry on at the next run.
         upkeep = await self.sinks.maintenance.run(budget_s=self.config.attempt_timeout_s / 4)
         log.info("maintenance: %s", upkeep.summary())
 
-    async def _commit(self) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items() if (t, p) in self._assigned]
-        if not offsets:
-            return
-        started = time.perf_counter()
-        try:
-            await self._step("commit", partial(self._commit_offsets, offsets), set(), commit=True)
-        except KafkaException as exc:
-            # Not retriable (the group moved on): what was written is durable; dedup absorbs redelivery.
-            metrics.COMMIT_FAILURES.inc()
-            log.warning("offset commit failed for good: %s", exc)
-            return
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        for tp in offsets:
-            self._uncommitted.pop((tp.topic, tp.partition), None)
-        await self._kafka(partial(self._observe_lag, offsets))
-
-    async def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
-        await self._kafka(partial(self._commit_assigned, offsets))
-
-    def _commit_assigned(self, offsets: list[TopicPartition]) -> None:
-        """Runs on the consumer thread, where rebalance callbacks run: a partition revoked while this
-        commit waited for the thread (behind the batch ahead's consume) is left to its next owner."""
-        assigned = [tp for tp in offsets if (tp.topic, tp.partition) in self._assigned]
-        if assigned:
-            self._consumer.commit(offsets=assigned, asynchronous=False)
-
-    def _observe_lag(self, offsets: list[TopicPartition]) -> None:
-        for tp in offsets:
-            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0:
-                metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
-
     # -- retries: the batch held, partitions paused, the consumer kept alive ------------------------
 
-    async def _step(self, what: str, call: Callable[[], Awaitable[Any]], in_flight: set[TP],
-                    commit: bool = False) -> None:
+    async def _step(self, what: str, call: Callable[[], Awaitable[T]], in_flight: set[TP],
+                    commit: bool = False) -> T:
+        """Run one step of a batch until it succeeds, polling between attempts; its result."""
         retry = retrying(what, partial(self._hold, in_flight), lambda step: metrics.RETRIES.labels(step).inc(),
                          self.config.retry_initial_s, self.config.retry_max_s)
         if commit:
-            retry = retry.copy(retry=_retriable_commit_error)
+            retry = retry.copy(retry=retriable_commit_error)
         try:
             async for attempt in retry:
                 with attempt:
-                    await asyncio.wait_for(call(), self.config.attempt_timeout_s)
+                    result = await asyncio.wait_for(call(), self.config.attempt_timeout_s)
+            return result
         finally:
             if self._paused:
                 await self._kafka(self._resume)
@@ -323,8 +226,9 @@ class Processor:
         while True:
             if self._stopping.is_set():
                 raise Abandoned("shutting down")
-            if self._revoked & in_flight:
-                raise Abandoned(f"partitions {sorted(self._revoked & in_flight)} revoked")
+            left = self.checkpoint.revoked & in_flight
+            if left:
+                raise Abandoned(f"partitions {sorted(left)} revoked")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -348,27 +252,20 @@ class Processor:
     # -- rebalance callbacks (run on the consumer thread) ----------------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        self.checkpoint.on_assign(partitions)
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what is durable for the partitions leaving, so their next owner starts after it."""
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        offsets = [TopicPartition(t, p, self._uncommitted[(t, p)]) for t, p in gone if (t, p) in self._uncommitted]
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("commit on revoke failed (the next owner re-reads, dedup absorbs it): %s", exc)
-        self._forget(consumer, partitions)
-        log.info("revoked %s", sorted(p for _, p in gone))
+        self.checkpoint.on_revoke(partitions)
+        self._leave(consumer, partitions)
+        log.info("revoked %s", sorted(tp.partition for tp in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Lost partitions already belong to someone else: commit nothing for them."""
-        self._forget(consumer, partitions)
+        self.checkpoint.on_lost(partitions)
+        self._leave(consumer, partitions)
         log.warning("lost %s", sorted(tp.partition for tp in partitions))
 
-    def _forget(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _leave(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # librdkafka keeps a partition's pause across revoke and re-assignment: one leaving while a failed
         # step holds the batch would come back paused and never be fetched again, so resume it on the way out.
         try:
@@ -376,17 +273,4 @@ class Processor:
         except KafkaException as exc:
             log.warning("resume on revoke failed: %s", exc)
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._assigned -= gone
-        self._revoked |= gone
-        for tp in gone:
-            self._uncommitted.pop(tp, None)
         self._held = [m for m in self._held if (m.topic(), m.partition()) not in gone]
-
-
-def _retriable_commit_error(state: Any) -> bool:
-    exc = state.outcome.exception() if state.outcome else None
-    if exc is None or isinstance(exc, Abandoned):
-        return False
-    if isinstance(exc, KafkaException):
-        return bool(exc.args and exc.args[0].retriable())
-    return True

@@ -9,7 +9,6 @@ the model's: the fast path may only say "valid, with these values", never "inval
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,6 +16,7 @@ import orjson
 
 from processors.storable import check_integers
 from schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE, Envelope
+from sinks.base import Event
 
 MAX_TENANT = 128
 MAX_CONTENT_TYPE = 128
@@ -28,20 +28,6 @@ _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[
 # 19 digits to it. Digits map to b"0", everything else to b" ", then a plain substring search.
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 _LONG_DIGITS = b"0" * 19
-
-
-@dataclass(slots=True)
-class Event:
-    """What the processor needs of an envelope; the same attribute names as Envelope."""
-
-    tenant: str
-    source: str
-    id: str
-    type: str
-    subject: str | None
-    time: datetime
-    received_at: datetime
-    data: Any
 
 
 def decode(raw: bytes) -> Event:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import asyncpg
 
-from processors import metrics, stateful
+from meters import stateful
+from meters.definitions import load_meters
+from meters.meterset import MeterSet
+from processors import metrics
 from processors.batch import Validator
-from processors.consumer import Processor, ProcessorConfig, Sinks
+from processors.checkpoint import Sinks
+from processors.consumer import Processor, ProcessorConfig
 from processors.faults import crash_point
-from processors.meters import MeterSet, load_meters
 from sinks.counter_topic import CounterTopicSink
 from sinks.dlq_topic import DeadLetterSink
 from sinks.kafka import KafkaPublisher
@@ -110,5 +113,6 @@ async def run(config: ServiceConfig) -> None:
     try:
         await processor.run()
     finally:
+        await cache.close()
         publisher.close()
         await pool.close()

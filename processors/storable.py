@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from schemas.envelope import MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_SUBJECT_BYTES, MAX_TENANT_BYTES
+from schemas.envelope import MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_SUBJECT_BYTES, MAX_TENANT_BYTES, over_bytes
 
 # Every window of an event time in this range starts and ends inside Python's datetime range.
 EARLIEST_TIME = datetime(1, 1, 2, tzinfo=timezone.utc)
@@ -22,11 +22,6 @@ _MAX_INT = 2**64 - 1
 
 class Unstorable(ValueError):
     """An event that PostgreSQL or the meters could never take; the message says which rule it breaks."""
-
-
-def over_bytes(text: str, limit: int) -> bool:
-    """Whether `text` is longer than `limit` bytes in UTF-8 (ASCII text is measured without encoding it)."""
-    return len(text) > limit if text.isascii() else len(text.encode()) > limit
 
 
 def check_bounds(event: Any) -> None:

@@ -9,14 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from enum import Enum
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from schemas.meters import Aggregation
-
 Scalar = str | int | float | bool | None
+
+
+# How a meter makes a window's value from its events (meters.definitions); published with every counter state.
+class Aggregation(str, Enum):
+    COUNT = "COUNT"
+    SUM = "SUM"
+    MAX = "MAX"
+    MIN = "MIN"
+    LATEST = "LATEST"
+    AVG = "AVG"  # kept as sum and count; the value is their quotient
+    UNIQUE_COUNT = "UNIQUE_COUNT"  # distinct values per window, exact up to max_distinct (ADR 0030)
+    WEIGHTED_SUM = "WEIGHTED_SUM"  # level × time, events carry the new level (ADR 0031)
 
 
 @dataclass(frozen=True, order=True)

@@ -39,6 +39,11 @@ MAX_SUBJECT_BYTES = 512
 MAX_GROUP_VALUE_BYTES = 512
 
 
+def over_bytes(text: str, limit: int) -> bool:
+    """Whether `text` is longer than `limit` bytes in UTF-8 (ASCII text is measured without encoding it)."""
+    return len(text) > limit if text.isascii() else len(text.encode()) > limit
+
+
 class CloudEvent(BaseModel):
     """A CloudEvent 1.0 in structured mode, as a producer posts it. `time` must carry its offset (RFC 3339)."""
 

@@ -1,19 +1,26 @@
 """The sink contract, after Kafka Connect's SinkTask and Quix Streams' BatchingSink.
 
 A processor hands a sink a batch with `write`, then calls `flush`; when `flush` returns, what
-was written is durable, and only then may the processor commit the batch's offsets.
+was written is durable, and only then may the processor commit the batch's offsets. `flush`
+returns what the sink found (the store: new events, duplicates, conflicts, poison) or None.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from schemas.envelope import Envelope
 
 T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 
 
-class StoredEvent(Protocol):
-    """The envelope attributes storage and meters read: an Envelope, or the processor's lighter Event."""
+@dataclass(slots=True)
+class Event:
+    """The envelope's attributes without a pydantic model: what the processor decodes and reconciliation
+    reads back."""
 
     tenant: str
     source: str
@@ -23,6 +30,10 @@ class StoredEvent(Protocol):
     time: datetime
     received_at: datetime
     data: Any
+
+
+# The envelope attributes storage and meters read: an Envelope, or the lighter Event.
+StoredEvent = Event | Envelope
 
 
 class Record(NamedTuple):
@@ -38,7 +49,7 @@ class Record(NamedTuple):
     counted: bool = True
 
 
-class Sink(Protocol, Generic[T_contra]):
+class Sink(Protocol[T_contra, R_co]):
     async def write(self, batch: T_contra) -> None: ...
 
-    async def flush(self) -> None: ...
+    async def flush(self) -> R_co: ...

@@ -69,7 +69,7 @@ with upserted as (
             when 'MAX' then greatest(c.value, excluded.value)
             when 'MIN' then least(c.value, excluded.value)
             when 'AVG' then (c.total + excluded.total) / (c.count + excluded.count)
-            -- computed against the stored state under the window's lock (processors/stateful.py)
+            -- computed against the stored state under the window's lock (meters/stateful.py)
             when 'UNIQUE_COUNT' then excluded.value
             when 'WEIGHTED_SUM' then excluded.value
             else case when excluded.latest_time >= c.latest_time then excluded.value else c.value end
@@ -143,13 +143,13 @@ class PostgresSink:
         self._parallel = max(1, parallel)
         self._on_commit = on_commit  # called after each transaction commits (the tests' crash hook)
         self._pending: list[Record] = []
-        self.last = StoreResult()
 
     async def write(self, batch: Sequence[Record]) -> None:
         """Queue records; of several with one dedup key (tenant, source, id), the first to commit is kept."""
         self._pending.extend(batch)
 
-    async def flush(self) -> None:
+    async def flush(self) -> StoreResult:
+        """Write what was queued; what the store found (new, duplicates, conflicts, poison)."""
         records, self._pending = self._pending, []
         shares: list[list[Record]] = [[] for _ in range(self._parallel)]
         for r in records:
@@ -158,7 +158,7 @@ class PostgresSink:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
-        self.last = sum(results, StoreResult())
+        return sum(results, StoreResult())
 
     async def _store(self, share: list[Record]) -> StoreResult:
         """The share in one transaction; if its records make it fail, each half in its own, down to the

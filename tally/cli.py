@@ -64,7 +64,7 @@ def _products(settings: Settings) -> list:
 def _meters(settings: Settings):  # noqa: ANN202 - schemas' own type
     from pathlib import Path
 
-    from processors.meters import load_meters
+    from meters.definitions import load_meters
 
     return load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters)
 

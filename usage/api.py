@@ -21,13 +21,13 @@ from alerts.policy import configured as alert_policy
 from egress import Refused as TargetRefused, check_target, endpoint
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
+from meters.definitions import MetersConfig
 from usage import links
 from usage.alerts import message
 from usage.changes import SubjectChanges
 from usage.figures import NotFound, Unreadable, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
-from schemas.meters import MetersConfig
 from usage.plans import (SLUG, Plan, QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
                          check_meters, load_plans, load_subscriptions, plan_history, save_plan, subscription_history)
 from usage.windows import WindowReader

@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import redis.asyncio as redis
 
-from schemas.meters import MetersConfig
+from meters.definitions import MetersConfig
 from usage.periods import Anchor, NotStarted, PeriodError, period_at, skipped
 from usage.windows import WindowReader, combine
 

@@ -18,7 +18,8 @@ import asyncpg
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.meters import Aggregation, MetersConfig, Window
+from meters.definitions import MetersConfig, Window
+from schemas.counters import Aggregation
 from usage.periods import Anchor, NotStarted, PeriodError, check_zone, period_at
 from usage.plan_changes import notify
 

@@ -12,8 +12,7 @@ import pytest
 
 from alerts.evaluator import Evaluator
 from alerts.windows import MinuteWindows, minute_start
-from processors.meters import load_meters
-from schemas.meters import DEFAULT_METERS
+from meters.definitions import DEFAULT_METERS, load_meters
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, add_rule, event, log_record, transitions
 from tests.processor.helpers import drained, produce, wait_for

@@ -14,7 +14,7 @@ import pytest
 from alerts import ledger
 from alerts.evaluator import Evaluator
 from alerts.windows import MinuteWindows
-from schemas.meters import DEFAULT_METERS
+from meters.definitions import DEFAULT_METERS
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, add_rule, event, transitions
 from tests.alerting.test_evaluator import processed

@@ -11,7 +11,7 @@ import asyncpg
 from alerts.evaluator import Evaluator
 from alerts.usage import take_up
 from alerts.windows import MinuteWindows
-from schemas.meters import DEFAULT_METERS
+from meters.definitions import DEFAULT_METERS
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, transitions
 

@@ -15,7 +15,7 @@ import asyncpg
 from billing.accounts import set_account
 from billing.context import BillingConfig, JobContext
 from billing.jobs import Job, run_job
-from processors.meters import load_meters
+from meters.definitions import load_meters
 from schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.metering.helpers import METERS, account_of, metered, run_tally

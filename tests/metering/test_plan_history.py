@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from billing.accounts import set_account
 from billing.close import close_periods
 from billing.context import BillingConfig, JobContext
-from processors.meters import load_meters
+from meters.definitions import load_meters
 from schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.metering.helpers import METERS, account_of, metered, pipeline, run_tally, tenant_keys
@@ -25,7 +25,7 @@ from tests.metering.stripe_double import stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import running
-from usage.figures import UsageService, Unreadable
+from usage.figures import Unreadable, UsageService
 from usage.limits import decide
 from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 

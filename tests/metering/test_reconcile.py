@@ -19,18 +19,18 @@ from billing import jobs
 from billing.context import BillingConfig, JobContext
 from billing.reconcile import reconcile
 from billing.registry import RECONCILE
-from processors.meters import load_meters
+from meters.definitions import load_meters
 from schemas.envelope import Envelope
 from sinks.counter_topic import CounterTopicSink
 from sinks.kafka import KafkaPublisher
 from sinks.outbox import OutboxRelay
 from sinks.redis_cache import cache_key
 from tally.settings import Settings
-from usage.periods import period_at, previous
-from usage.plans import load_subscriptions
 from tests.metering.helpers import METERS, billed_subject, calls, metered, run_tally
 from tests.processor.helpers import assert_topic_matches_postgres, drained, latest_counter_states, produce, wait_for
 from tests.support import running
+from usage.periods import period_at, previous
+from usage.plans import load_subscriptions
 
 
 async def test_reconcile_finds_injected_drift_and_fix_repairs_it_through_the_outbox(

@@ -22,7 +22,7 @@ import asyncpg
 from billing.accounts import set_account
 from billing.context import BillingConfig, JobContext
 from billing.stripe_report import StripeSender, report, resolve
-from processors.meters import load_meters
+from meters.definitions import load_meters
 from schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
 from tests.metering.helpers import METERS, account_of, billed_subject, calls, metered, run_tally

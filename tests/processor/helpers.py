@@ -44,7 +44,7 @@ def produce(settings: Settings, messages: Iterable[Envelope | tuple[bytes | None
 
 
 def expected_counts(events: Iterable[Envelope]) -> Counter[tuple[str, str, str, str | None, str]]:
-    """Independent of processors.windows: the default meter, counted by hand per hour and day."""
+    """Independent of meters.windows: the default meter, counted by hand per hour and day."""
     out: Counter[tuple[str, str, str, str | None, str]] = Counter()
     for e in events:
         t = e.time.astimezone(timezone.utc)

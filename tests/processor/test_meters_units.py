@@ -8,13 +8,13 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from processors.meters import MeterError, MeterSet
+from meters.definitions import Meter, MetersConfig
+from meters.meterset import MeterError, MeterSet
+from meters.unique import threshold, value_hash
+from meters.weighted import in_unit, integrate
 from schemas.counters import CounterState, encode_state
 from schemas.envelope import Envelope
-from schemas.meters import Meter, MetersConfig
 from sinks.base import Record
-from sinks.distinct import threshold, value_hash
-from sinks.weighted import in_unit, integrate
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 10, tzinfo=UTC)

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from processors.meters import MeterSet, load_meters
+from meters.definitions import load_meters
+from meters.meterset import MeterSet
 from schemas.envelope import Envelope
 from sinks.base import Record
 from sinks.postgres import PostgresSink
@@ -39,11 +40,11 @@ async def test_one_record_postgres_refuses_is_isolated_and_the_rest_stored_once(
         sink = PostgresSink(pool, MeterSet(load_meters()).aggregate, parallel=2)
         for attempt in range(2):
             await sink.write(records)
-            await sink.flush()
-            [poison] = sink.last.poison
+            stored = await sink.flush()
+            [poison] = stored.poison
             assert poison.record.offset == 1000 and poison.error_class == "ProgramLimitExceededError"
             assert "54000" in poison.message
-            assert (len(sink.last.new), sink.last.duplicates) == ((100, 0) if attempt == 0 else (0, 100))
+            assert (len(stored.new), stored.duplicates) == ((100, 0) if attempt == 0 else (0, 100))
     finally:
         await pool.close()
     assert await db.fetchval("select count(*) from events where tenant = $1", tenant) == 100

@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from processors.meters import MeterSet, load_meters
+from meters.definitions import load_meters
+from meters.meterset import MeterSet
 from schemas.envelope import Envelope
 from sinks.base import Record
 from sinks.counter_topic import CounterTopicSink

@@ -7,13 +7,13 @@ from decimal import Context, Decimal
 
 import pytest
 
+from meters.definitions import Meter, MetersConfig, Window, load_meters
+from meters.meterset import MeterError, MeterSet
+from meters.windows import bounds
 from processors.batch import Validator
-from processors.meters import MeterError, MeterSet, load_meters
-from processors.windows import bounds
-from schemas.counters import CounterState
+from schemas.counters import Aggregation, CounterState
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Envelope
-from schemas.meters import Aggregation, Meter, MetersConfig, Window
 from sinks.base import Record
 
 UTC = timezone.utc
@@ -222,6 +222,7 @@ def test_an_abandoned_batch_is_read_again_before_what_was_consumed_after_it() ->
         return Batch(messages=[FakeMessage(b"{}", o, p) for p, o in offsets])
 
     # Partition 1 left the group while the batch was in flight; 0 and 2 stay.
-    state = SimpleNamespace(_assigned={("events", 0), ("events", 2)}, _held=[FakeMessage(b"{}", 9, 0)])
+    state = SimpleNamespace(checkpoint=SimpleNamespace(assigned={("events", 0), ("events", 2)}),
+                            _held=[FakeMessage(b"{}", 9, 0)])
     Processor._read_again(state, batch((0, 1), (1, 1), (2, 1)), batch((0, 2), (1, 2)))  # type: ignore[arg-type]
     assert [(m.partition(), m.offset()) for m in state._held] == [(0, 1), (2, 1), (0, 2), (0, 9)]

@@ -7,25 +7,17 @@ the event (except COUNT), groups by paths into the event, and keeps one counter 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.counters import Aggregation
 from schemas.envelope import LOG_EVENT_TYPE
 
 
-class Aggregation(str, Enum):
-    COUNT = "COUNT"
-    SUM = "SUM"
-    MAX = "MAX"
-    MIN = "MIN"
-    LATEST = "LATEST"
-    AVG = "AVG"  # kept as sum and count; the value is their quotient
-    UNIQUE_COUNT = "UNIQUE_COUNT"  # distinct values per window, exact up to max_distinct (ADR 0030)
-    WEIGHTED_SUM = "WEIGHTED_SUM"  # level × time, events carry the new level (ADR 0031)
-
-
 # Aggregations whose window value depends on what is already stored, not only on the new events:
-# they are applied under a lock inside the writing transaction (processors/stateful.py).
+# they are applied under a lock inside the writing transaction (meters/stateful.py).
 STATEFUL = frozenset({Aggregation.UNIQUE_COUNT, Aggregation.WEIGHTED_SUM})
 
 
@@ -110,3 +102,13 @@ def with_built_ins(config: MetersConfig) -> MetersConfig:
     if any(meter.slug == LOGS_METER.slug for meter in config.meters):
         return config
     return MetersConfig(meters=[*config.meters, LOGS_METER])
+
+
+def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
+    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set; always with the
+    built-in logs meter that log stats read."""
+    if inline.strip():
+        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(inline)))
+    if path is not None:
+        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(path.read_text())))
+    return DEFAULT_METERS

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from processors import unique, weighted
-from processors.meters import MeterSet
-from schemas.counters import CounterDelta
-from schemas.meters import Aggregation
+from meters import unique, weighted
+from meters.meterset import MeterSet
+from schemas.counters import Aggregation, CounterDelta
 from sinks.base import Record
 
 _LOCK = """

@@ -1,4 +1,4 @@
-"""Meters: load their definitions, check events against them, fold new events into counter deltas.
+"""The configured meters, compiled: check events against them, fold new events into counter deltas.
 
 Every event is checked while its batch is validated, so an event a meter cannot read (a SUM whose
 value is missing or not a number) is a dead letter before anything is written, never a silent zero.
@@ -12,17 +12,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Context, Decimal, Inexact, InvalidOperation
-from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
-from processors.storable import over_bytes
-from processors.windows import bounds
-from schemas.counters import CounterDelta, CounterKey, Scalar
-from schemas.envelope import MAX_GROUP_VALUE_BYTES
-from schemas.meters import DEFAULT_METERS, STATEFUL, Aggregation, Meter, MetersConfig, Window, with_built_ins
+from meters.definitions import STATEFUL, Meter, MetersConfig, Window
+from meters.windows import bounds
+from schemas.counters import Aggregation, CounterDelta, CounterKey, Scalar
+from schemas.envelope import MAX_GROUP_VALUE_BYTES, over_bytes
 from sinks.base import Record, StoredEvent
 
 _MISSING = object()
@@ -34,16 +31,6 @@ _EXACT = Context(prec=2 * _MAX_EXPONENT + 30, Emax=999_999, Emin=-999_999, traps
 
 class MeterError(ValueError):
     """An event matched a meter but the meter cannot take a value from it."""
-
-
-def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
-    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set; always with the
-    built-in logs meter that log stats read."""
-    if inline.strip():
-        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(inline)))
-    if path is not None:
-        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(path.read_text())))
-    return DEFAULT_METERS
 
 
 _ROOTS = frozenset({"type", "source", "subject", "id", "data"})
@@ -120,7 +107,7 @@ class _Compiled:
     group_by: tuple[tuple[str, tuple[str, ...]], ...]
     counts: bool  # COUNT: no value to read, only events to count
     read: Callable[[Any, Meter], Any]  # the value an event gives, or MeterError
-    stateful: bool  # folded by processors/stateful.py against what is stored, not here
+    stateful: bool  # folded by meters/stateful.py against what is stored, not here
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from schemas.meters import Window
+from meters.definitions import Window
 
 _FIXED = {
     Window.MINUTE: timedelta(minutes=1),

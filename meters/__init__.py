@@ -1,0 +1,1 @@
+"""Meters: what to count and how: definitions, windows, and the aggregations with their SQL."""
