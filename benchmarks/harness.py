@@ -208,8 +208,7 @@ class Harness:
             await asyncio.to_thread(usage_bench.warm, url, keys.reader)
             with self.profiled("usage", gateway):
                 await self.measured_load("usage", "k6_usage_read", served, partial(
-                    self.k6, "usage_read", url, key=keys.reader, SCENARIO="usage", MODE="rate", RATE=1000, P95_MS=10,
-                    P99_MS=10, VUS=64, MAX_VUS=256), per_request=True)
+                    self.k6, "usage_read", url, key=keys.reader, **usage_bench.READS), per_request=True)
         self.results["usage"]["blocked_subjects"] = usage_bench.BLOCKED
 
     # -- processor ---------------------------------------------------------------------------------

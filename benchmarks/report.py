@@ -39,6 +39,18 @@ def ratio(a: float | None, b: float | None) -> str:
     return "–" if not a or not b else f"{a / b:.2f}"
 
 
+def loaded(loads: dict[str, float], cpus: int) -> bool:
+    """Other work weighed on a run when the load average passed half the cores before or after it."""
+    return max(loads.values()) > cpus / 2
+
+
+def machine_load(loads: dict[str, float], cpus: int) -> str:
+    """The run's machine, quiet or loaded, and the load average before and after it."""
+    return (("**measured on a loaded machine**" if loaded(loads, cpus) else "measured on a quiet machine")
+            + f": load average {loads['before']:.1f} before and {loads['after']:.1f} after the run (other work "
+            "included)")
+
+
 def aim(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "**not met**")
 

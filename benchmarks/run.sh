@@ -8,13 +8,17 @@ SERVICE=bench
 cd "$ROOT"
 # --scale-out (first): 1 broker against 3, processors 1 -> 2 -> 4 (benchmarks/scale_out.py); needs no other tools
 [ "${1:-}" = --scale-out ] && { shift; exec .venv/bin/python -m benchmarks.scale_out "$@"; }
-case " $* " in *" -h "*|*" --help "*) exec .venv/bin/python -m benchmarks.harness --help ;; esac
+# --side-by-side (first): a gateway of another revision against this checkout's in one run (benchmarks/side_by_side.py)
+module=harness
+[ "${1:-}" = --side-by-side ] && { shift; module=side_by_side; }
+case " $* " in *" -h "*|*" --help "*) exec .venv/bin/python -m benchmarks.$module --help ;; esac
 
 bash benchmarks/install.sh
 # One run at a time: runs share benchmarks/out and the machine, so a second run waits for the first.
 exec 9>benchmarks/.venv/run.lock
 if ! flock -n 9; then say "another benchmark run is going on; waiting for it to finish"; flock 9; fi
 [ -x .venv/bin/python ] || die "the project's virtual environment is missing" "run bash deploy/local/up.sh first"
+[ $module = side_by_side ] && exec .venv/bin/python -m benchmarks.side_by_side "$@"
 rm -rf benchmarks/out && mkdir -p benchmarks/out
 # The log-read part queries a database of 10 million log records: made on first use (minutes, with
 # progress), reused afterwards, outside the run's time budget (benchmarks/logs_seed.py).

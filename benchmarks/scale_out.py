@@ -37,7 +37,7 @@ from confluent_kafka.admin import AdminClient
 from benchmarks import kafka_bench, pg_bench
 from benchmarks.cpu import CpuMeter, listener_pid, process_seconds
 from benchmarks.harness import UNLIMITED
-from benchmarks.report import fill, fmt
+from benchmarks.report import fill, fmt, loaded, machine_load
 from benchmarks.stack import OUT, TALLY, Bench, Service, free_port
 from tally.settings import ROOT, Settings
 
@@ -210,12 +210,9 @@ def cpu_text(figures: dict[str, float | None]) -> str:
 
 def report(results: dict[str, Any], command: str) -> list[str]:
     loads = results["load_average"]
-    busy = max(loads.values()) > results["cpus"] / 2
-    lines = [f"`{command}` at {results['revision']}, {results['cpus']} cores, "
-             + ("**measured on a loaded machine**" if busy else "measured on a quiet machine")
-             + f": load average {loads['before']:.1f} before and {loads['after']:.1f} after the run (other work "
-             "included)" + ("; the throughput figures say more about the sharing than about Tally, CPU per event "
-                            "less so." if busy else "."),
+    lines = [f"`{command}` at {results['revision']}, {results['cpus']} cores, " + machine_load(loads, results["cpus"])
+             + ("; the throughput figures say more about the sharing than about Tally, CPU per event less so."
+                if loaded(loads, results["cpus"]) else "."),
              "", "**1 broker against 3** (a gateway and one processor; batches of 100 from "
              f"{SENDERS} senders for {results['args']['seconds']} s, then the drain; CPU µs per accepted event):", "",
              "| brokers | round | events/s acked | p50 / p99 ms per batch | failed | events/s end to end | exact | "

@@ -22,6 +22,9 @@ from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 METERS = "meters: [{slug: api_calls, event_type: api.request, aggregation: COUNT, windows: [hour, day]}]"
 SUBJECTS = 500  # the load scripts post for customer-0 .. customer-499
 BLOCKED = 1000
+# k6 reading `GET /v1/usage` for those subjects at a constant 1,000 req/s, aiming at a 10 ms p95 and p99
+READS: dict[str, str | int] = {"SCENARIO": "usage", "MODE": "rate", "RATE": 1000, "P95_MS": 10, "P99_MS": 10,
+                               "VUS": 64, "MAX_VUS": 256}
 
 
 @dataclass(frozen=True)
