@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY tally tally
 COPY schemas schemas
+COPY meters meters
 COPY ingest ingest
 COPY processors processors
 COPY sinks sinks

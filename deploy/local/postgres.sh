@@ -37,6 +37,9 @@ start() {
     say "creating role $POSTGRES_USER"
     psql_admin -c "create role $POSTGRES_USER login createdb password '$POSTGRES_PASSWORD'"
   fi
+  # Dropping a database WITH (FORCE) ends its sessions, an autovacuum worker's included, which PostgreSQL 15
+  # allows only to members of pg_signal_backend (the test suite drops its databases so).
+  psql_admin -c "set client_min_messages = warning" -c "grant pg_signal_backend to $POSTGRES_USER" >/dev/null
   if [ "$(psql_admin -c "select 1 from pg_database where datname='$POSTGRES_DB'")" != 1 ]; then
     say "creating database $POSTGRES_DB"
     psql_admin -c "create database $POSTGRES_DB owner $POSTGRES_USER"
