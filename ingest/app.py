@@ -33,7 +33,7 @@ from ingest.asgi_intake import AsgiIntake
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
 from ingest.limits import UsageLimits
-from ingest.metrics import Metrics, MetricsMiddleware
+from ingest.metrics import Metrics, MetricsMiddleware, route_label
 from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
@@ -151,8 +151,9 @@ class Gateway:
     async def tenant(self, request: Request, scope: str) -> str:
         """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write."""
         client = request.client.host if request.client else "unknown"
-        principal = await self.principal(request.headers.get("authorization", ""), scope, request.url.path, client)
-        await self.limited(request.url.path, "reads", principal.key_id, self.key_limit)
+        route = route_label(request.scope)
+        principal = await self.principal(request.headers.get("authorization", ""), scope, route, client)
+        await self.limited(route, "reads", principal.key_id, self.key_limit)
         return principal.tenant
 
     @property
