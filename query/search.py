@@ -64,7 +64,9 @@ def log_filters(tenant: str, query: LogQuery) -> Where:
 
 
 def event_filters(tenant: str, query: EventQuery) -> Where:
+    """Events other than log records: those are read with `logs:read` (security review M1, ADR 0080)."""
     where = Where(tenant)
+    where.add("type <> {0}", LOG_EVENT_TYPE)
     for column in ("type", "subject", "source"):
         value = getattr(query, column)
         if value is not None:

@@ -13,6 +13,7 @@ import asyncpg
 
 from query.filters import EventStatsQuery, LogStatsQuery
 from query.search import Where
+from schemas.envelope import LOG_EVENT_TYPE
 
 _DIMENSIONS = {"service": "subject", "level": "grp->>'level'", "type": "grp->>'type'", "subject": "subject"}
 
@@ -27,7 +28,7 @@ async def log_stats(conn: asyncpg.Connection, tenant: str, query: LogStatsQuery)
 
 async def event_stats(conn: asyncpg.Connection, tenant: str, query: EventStatsQuery) -> list[dict[str, Any]]:
     where = Where(tenant)
-    where.add("meter = 'events' and window_name = {0}", query.step)
+    where.add("meter = 'events' and window_name = {0} and grp->>'type' <> {1}", query.step, LOG_EVENT_TYPE)
     if query.type is not None:
         where.add("grp->>'type' = {0}", query.type)
     if query.subject is not None:

@@ -35,6 +35,12 @@ def _log(tenant: str, n: int, *, service: str | None = None, minutes_ago: int | 
                     time=when, received_at=datetime.now(timezone.utc), data=data, tenant=tenant)
 
 
+def _orders(tenant: str) -> list[Envelope]:
+    """Events that are not logs: what a key with `events:read` alone may read."""
+    return [Envelope(id=f"order-{n}", source="shop", type="order.paid", subject=f"svc-{n % 3}",
+                     time=NOW - timedelta(minutes=n), received_at=datetime.now(timezone.utc), data={"n": n},
+                     tenant=tenant) for n in range(30)]
+
 
 @pytest.fixture(scope="module")
 async def stack(settings: Settings):  # noqa: ANN201
@@ -49,15 +55,16 @@ async def stack(settings: Settings):  # noqa: ANN201
     _, secret = await create_key(conn, tenant, "reader", ["logs:read", "events:read"])
     _, other_secret = await create_key(conn, other, "reader", ["logs:read", "events:read"])
     _, writer = await create_key(conn, tenant, "writer", ["events:write"])
+    _, events_reader = await create_key(conn, tenant, "events reader", ["events:read"])
     logs = [_log(tenant, n) for n in range(600)]
-    await asyncio.to_thread(produce, own, logs + [_log(other, n) for n in range(20)])
+    await asyncio.to_thread(produce, own, logs + [_log(other, n) for n in range(20)] + _orders(tenant))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running("gateway", ["gateway", "--port", str(port)], own), running("processor", ["process"], own):
         await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         await wait_for(lambda: drained(own, conn), 60, "the processor to store the logs")
         yield {"settings": own, "url": url, "tenant": tenant, "secret": secret, "other": other_secret,
-               "writer": writer, "logs": logs, "db": conn}
+               "writer": writer, "events_reader": events_reader, "logs": logs, "db": conn}
     await conn.close()
 
 
@@ -209,11 +216,19 @@ async def test_log_stats_equal_a_recomputation_from_the_records(stack: dict) -> 
     assert {s["service"]: s["total"] for s in by_service["series"]} == dict(totals)
 
 
-async def test_events_search_and_stats(stack: dict) -> None:
-    expected = await _raw(stack, "select subject, 1, 1, count(*)")
-    async with _client(stack) as client:
-        events = await _all_pages(client, "/v1/events", {**RANGE, "subject": "svc-1", "limit": 100}, "events")
-        stats = (await client.get("/v1/events/stats", params={**RANGE, "by": "subject", "step": "hour"})).json()
-    assert len(events) == expected[("svc-1", 1, 1)]
-    assert all(e["type"] == "tally.log" and e["subject"] == "svc-1" for e in events)
-    assert {s["subject"]: s["total"] for s in stats["series"]} == {k[0]: v for k, v in expected.items()}
+async def test_events_search_and_stats_leave_logs_to_the_logs_scope(stack: dict) -> None:
+    """Security review M1: `events:read` reads events, not log records; those need `logs:read` on /v1/logs."""
+    rows = await stack["db"].fetch("select subject, count(*) from events where tenant = $1 and type <> 'tally.log'"
+                                   " and counted group by 1", stack["tenant"])
+    expected = {row[0]: row[1] for row in rows}
+    async with _client(stack, stack["events_reader"]) as client:
+        events = await _all_pages(client, "/v1/events", {**RANGE, "subject": "svc-1", "limit": 7}, "events")
+        logs = (await client.get("/v1/events", params={**RANGE, "type": "tally.log"})).json()
+        stats = (await client.get("/v1/events/stats", params={**RANGE, "by": "type,subject", "step": "hour"})).json()
+        refused = await client.get("/v1/logs")
+    assert len(events) == expected["svc-1"] == 10
+    assert all(e["type"] == "order.paid" and e["subject"] == "svc-1" for e in events)
+    assert logs["events"] == []
+    assert {s["type"] for s in stats["series"]} == {"order.paid"}
+    assert {s["subject"]: s["total"] for s in stats["series"]} == expected
+    assert refused.status_code == 403
