@@ -39,6 +39,7 @@ from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from ingest.products import Product
 from ingest.producer import EventProducer, producer_config
+from ingest.reads import ReadSlots
 from ingest.publish import Publisher, fields
 from ingest.ratelimit import Decision, Limit, RateLimiter
 from ingest.redisguard import RedisGuard
@@ -76,6 +77,8 @@ class Gateway:
         self.openapi = orjson.dumps(document(config, [p.openapi_paths() for p in self.products]))
         self.assets = docs_assets()
         self._pool: asyncpg.Pool | None = None
+        self._key_pool: asyncpg.Pool | None = None
+        self.reads = ReadSlots(config.reads_per_tenant)
         self._ready: tuple[float, bool, bool] | None = None
         self._probe: asyncio.Future[list[bool]] | None = None
         self.keys: KeyStore
@@ -89,9 +92,12 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         c = self.config
-        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4,
-                                               command_timeout=c.key_lookup_timeout_s)
-        self.keys = KeyStore(self._pool, c.key_cache_ttl_s, c.key_lookup_timeout_s)
+        # Key lookups and product reads on pools apart: no read can hold the connection a key check needs.
+        self._key_pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4,
+                                                   command_timeout=c.key_lookup_timeout_s)
+        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=c.read_pool_size,
+                                               server_settings={"statement_timeout": f"{int(c.read_timeout_s * 1000)}"})
+        self.keys = KeyStore(self._key_pool, c.key_cache_ttl_s, c.key_lookup_timeout_s)
         overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms,
                      "message.max.bytes": c.max_message_bytes}
         producer = EventProducer(producer_config(c.kafka_bootstrap, **overrides), c.queue_full_wait_s)
@@ -125,6 +131,7 @@ class Gateway:
                 log.info("gateway stopped: producer flushed, nothing undelivered")
             await self.guard.close()
             await self._pool.close()
+            await self._key_pool.close()
 
     async def principal(self, authorization: str, scope: str, route: str, client: str) -> Principal:
         """The key's principal; the tenant of every write comes from here and nowhere else.
@@ -149,12 +156,18 @@ class Gateway:
         return principal
 
     async def tenant(self, request: Request, scope: str) -> str:
-        """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write."""
+        """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write,
+        holding one of the tenant's read slots until the route answered."""
+        return (await self.key(request, scope)).tenant
+
+    async def key(self, request: Request, scope: str) -> Principal:
+        """As `tenant`, with the key's id and scopes."""
         client = request.client.host if request.client else "unknown"
         route = route_label(request.scope)
         principal = await self.principal(request.headers.get("authorization", ""), scope, route, client)
         await self.limited(route, "reads", principal.key_id, self.key_limit)
-        return principal.tenant
+        self.reads.take(request.scope, principal.tenant)
+        return principal
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -383,6 +396,12 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return Problem(exc.status_code, exc.detail, headers=dict(exc.headers or {})).response()
 
 
+async def _read_cancelled(_request: Request, _exc: Exception) -> Response:
+    """A product read past the statement timeout (ADR 81): the database is busy or the query too broad."""
+    return Problem(503, "Service unavailable", "the read took too long and was cancelled; narrow it or retry",
+                   headers={"Retry-After": "5"}).response()
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Response(orjson.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500}),
@@ -404,10 +423,11 @@ def create_app(config: GatewayConfig, products: Sequence[Product] = ()) -> ASGIA
             Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
             Route("/docs", gateway.docs, methods=["GET"]),
             Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
-            *(route for product in gateway.products for route in product.routes(gateway)),
+            *(gateway.reads.guard(route) for product in gateway.products for route in product.routes(gateway)),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
-        exception_handlers={Problem: _problem, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={Problem: _problem, HTTPException: _http_error,
+                            asyncpg.QueryCanceledError: _read_cancelled, Exception: _server_error},
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway

@@ -13,10 +13,16 @@ import asyncpg
 from starlette.requests import Request
 from starlette.routing import BaseRoute
 
+from ingest.auth import Principal
+
 
 class Edge(Protocol):
     async def tenant(self, request: Request, scope: str) -> str:
         """The tenant of the request's API key, which must hold `scope`; raises the 401/403/429 problem."""
+        ...
+
+    async def key(self, request: Request, scope: str) -> Principal:
+        """As `tenant`, with the key's id and scopes (a link records the key that minted it)."""
         ...
 
     @property

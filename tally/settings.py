@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     alerts_delivery_concurrency: int = Field(4, ge=1, description="deliveries in flight at once")
     alerts_delivery_poll_s: float = Field(1.0, gt=0, description="how often due deliveries are looked for")
 
+    # product APIs: reads apart from the intake, usage links, quotas, retention of alert history (ADR 0081, 0082)
+    gateway_read_pool_size: int = Field(4, description="connections for product reads, apart from key lookups")
+    gateway_read_timeout_s: float = Field(10.0, description="the server cancels a product read after this (503)")
+    gateway_reads_per_tenant: int = Field(2, description="product requests of one tenant in flight per gateway (429)")
+
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property

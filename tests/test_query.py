@@ -129,6 +129,34 @@ async def test_word_search_in_steps_pages_exactly_as_one_plain_query(stack: dict
     assert found == [row["id"] for row in expected] and found
 
 
+class _Counting:
+    """The connection, counting the word-search steps (statements that read rows in page order)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn, self.steps = conn, 0
+
+    async def fetch(self, sql: str, *args: object) -> list:
+        self.steps += "row_number()" in sql
+        return await self.conn.fetch(sql, *args)
+
+
+async def test_a_word_search_reads_a_bounded_number_of_rows(stack: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Security review H4: past MAX_SCAN rows read in steps, the rest goes through the (tenant's) full-text index;
+    the page is the same as one plain query's."""
+    monkeypatch.setattr(search, "FIRST_SCAN", 8)
+    monkeypatch.setattr(search, "RARE", 3)
+    monkeypatch.setattr(search, "MAX_SCAN", 60, raising=False)
+    query = LogQuery.model_validate({**RANGE, "q": "paid", "limit": 1000, "order": "asc"})
+    conn = _Counting(stack["db"])
+    rows = await search.page(conn, search.log_filters(stack["tenant"], query), query, None)  # type: ignore[arg-type]
+    expected = await stack["db"].fetch(
+        "select id from events where tenant = $1 and type = 'tally.log' and time >= $2 and time < $3 and"
+        " to_tsvector('simple', data->>'message') @@ plainto_tsquery('simple', 'paid') order by time, source, id",
+        stack["tenant"], query.start, query.end)
+    assert [row["id"] for row in rows] == [row["id"] for row in expected]
+    assert conn.steps == 3  # 8, 16 and 32 rows; 64 more would pass 60
+
+
 async def test_pages_never_skip_or_repeat_while_records_keep_arriving(stack: dict) -> None:
     settings, tenant = stack["settings"], stack["tenant"]
     seen: list[str] = []
