@@ -54,7 +54,9 @@ def _products(settings: Settings) -> list:
     return [QueryProduct(settings.query_cursor_secret,
                          AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
-                         settings.redis_counter_ttl_s, settings.usage_link_secret, settings.usage_page_poll_s),
+                         settings.redis_counter_ttl_s, settings.usage_link_secret, settings.usage_page_poll_s,
+                         [s for s in settings.usage_link_previous_secrets.split(",") if s],
+                         settings.usage_links_per_tenant),
             AlertsProduct(_meters(settings), settings.query_cursor_secret)]
 
 

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     gateway_read_pool_size: int = Field(4, description="connections for product reads, apart from key lookups")
     gateway_read_timeout_s: float = Field(10.0, description="the server cancels a product read after this (503)")
     gateway_reads_per_tenant: int = Field(2, description="product requests of one tenant in flight per gateway (429)")
+    usage_link_previous_secrets: str = Field("", description="comma-separated secrets that signed usage links before "
+                                             "TALLY_USAGE_LINK_SECRET; their links work until they expire")
+    usage_links_per_tenant: int = Field(10_000, description="live (unexpired, unrevoked) usage links per tenant (409)")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from ingest.body import parse_json, read_body
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from usage import links
@@ -32,7 +34,7 @@ STATIC = Path(__file__).parent / "static"
 PAGE = (STATIC / "page.html").read_text()
 ASSETS = {"page.js": ((STATIC / "page.js").read_bytes(), "text/javascript"),
           "page.css": ((STATIC / "page.css").read_bytes(), "text/css")}
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
@@ -40,11 +42,19 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, media_type="application/json")
 
 
+MAX_BODY_BYTES = 64 * 1024  # the largest plan a tenant may send; every usage route reads at most this
+BODY_TIMEOUT_S = 30.0
+MAX_ID = 2**63 - 1
+
+
 async def _body(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, "Invalid JSON", str(exc)) from None
+    """The JSON body, refused with 413 past MAX_BODY_BYTES before it is read whole (security review M3)."""
+    return parse_json(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S))
+
+
+def _shown(row: Any) -> dict[str, Any]:
+    """An alert as the link holder sees it: not the tenant's name nor the platform-wide ids (security review)."""
+    return {k: v for k, v in message(row).items() if k not in ("id", "tenant", "alert")}
 
 
 def _invalid(exc: ValidationError | ValueError) -> Problem:
@@ -57,12 +67,14 @@ class UsageProduct:
     """`ingest.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
     def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int,
-                 link_secret: str = "", page_poll_s: float = 30.0) -> None:
+                 link_secret: str = "", page_poll_s: float = 30.0, link_previous_secrets: Sequence[str] = (),
+                 links_per_tenant: int = 10_000) -> None:
         self._database_url = database_url
         self._redis_url = redis_url
         self._prefix = redis_prefix
         self._cache_ttl_s = cache_ttl_s
-        self._link_secret = link_secret
+        self._links = links.Signer(link_secret, link_previous_secrets)
+        self._links_per_tenant = links_per_tenant
         self._page_poll_s = page_poll_s
         self._service: UsageService | None = None
         self._edge: Edge
@@ -80,6 +92,8 @@ class UsageProduct:
             Route("/v1/usage/alerts/{id:int}/read", self.read_alert, methods=["POST"]),
             Route("/v1/usage/slack", self.put_slack, methods=["PUT"]),
             Route("/v1/usage/links", self.post_link, methods=["POST"]),
+            Route("/v1/usage/links", self.revoke_links, methods=["DELETE"]),
+            Route("/v1/usage/links/{id:int}", self.revoke_link, methods=["DELETE"]),
             Route("/usage/{subject}", self.page, methods=["GET"]),
             Route("/usage/{subject}/data", self.page_data, methods=["GET"]),
             Route("/usage-assets/{name}", self.asset, methods=["GET"]),
@@ -144,7 +158,10 @@ class UsageProduct:
         return _json({"alerts": [message(r) for r in rows]})
 
     async def read_alert(self, request: Request) -> Response:
-        tenant = await self._edge.tenant(request, READ)
+        """Marking an alert read changes data: a write scope (security review, lows)."""
+        tenant = await self._edge.tenant(request, ADMIN)
+        if request.path_params["id"] > MAX_ID:
+            raise Problem(404, "Not Found", "no such alert")
         row = await self._edge.pool.fetchrow(
             "update usage_alerts set read_at = coalesce(read_at, now()) where tenant = $1 and id = $2 returning *",
             tenant, request.path_params["id"])
@@ -166,42 +183,66 @@ class UsageProduct:
         return _json({"webhook_url": url})
 
     async def post_link(self, request: Request) -> Response:
-        """A signed link to one subject's usage page, valid `ttl_s` seconds (default 7 days, at most 90)."""
-        tenant = await self._edge.tenant(request, READ)
-        if not self._link_secret:
+        """A signed link to one subject's usage page, valid `ttl_s` seconds (default 7 days, at most 90).
+        Sharing a subject's usage is a change a read-only key may not make (security review M2)."""
+        principal = await self._edge.key(request, ADMIN)
+        if not self._links.configured:
             raise Problem(503, "Usage links are not configured", "set TALLY_USAGE_LINK_SECRET on the gateway")
         body = await _body(request)
         subject = body.get("subject") if isinstance(body, dict) else None
         ttl_s = body.get("ttl_s", 7 * 86400) if isinstance(body, dict) else None
-        if not isinstance(subject, str) or not subject or "/" in subject:
+        if not isinstance(subject, str) or not subject or "/" in subject or len(subject.encode()) > 256:
             raise Problem(400, "Invalid request", "subject is required",
-                          errors=[{"field": "subject", "message": "a subject without '/'"}])
-        if not isinstance(ttl_s, int) or not 60 <= ttl_s <= 90 * 86400:
+                          errors=[{"field": "subject", "message": "1 to 256 bytes without '/'"}])
+        if type(ttl_s) is not int or not 60 <= ttl_s <= 90 * 86400:
             raise Problem(400, "Invalid request", "ttl_s is 60 to 7776000 seconds",
                           errors=[{"field": "ttl_s", "message": "60 to 7776000"}])
         expires = int(time.time()) + ttl_s
-        token = links.sign(self._link_secret, tenant, subject, expires)
-        return _json({"url": f"/usage/{quote(subject, safe='')}?token={token}",
+        try:
+            link = await links.mint(self._edge.pool, principal.tenant, principal.key_id, subject, expires,
+                                    self._links_per_tenant)
+        except links.TooManyLinks as exc:
+            raise Problem(409, "Quota exceeded", str(exc)) from None
+        token = self._links.sign(links.Claims(link, principal.tenant, subject, expires))
+        return _json({"id": link, "url": f"/usage/{quote(subject, safe='')}?token={token}", "key_id": principal.key_id,
                       "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat()}, 201)
 
-    def _link_tenant(self, request: Request) -> str:
-        if not self._link_secret:
+    async def revoke_link(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, ADMIN)
+        link = request.path_params["id"]
+        if link > MAX_ID or not await links.revoke(self._edge.pool, tenant, link=link):
+            raise Problem(404, "Not Found", "no live usage link with this id")
+        return Response(status_code=204)
+
+    async def revoke_links(self, request: Request) -> Response:
+        """Every live link minted by one API key (`key_id`), as when the key leaked."""
+        tenant = await self._edge.tenant(request, ADMIN)
+        key_id = request.query_params.get("key_id", "")
+        if not 0 < len(key_id) <= 64 or set(request.query_params) != {"key_id"}:
+            raise Problem(400, "Invalid request", "key_id, the id of the key whose links to revoke, is required",
+                          errors=[{"field": "key_id", "message": "required, at most 64 characters"}])
+        return _json({"revoked": await links.revoke(self._edge.pool, tenant, key_id=key_id)})
+
+    async def _link_tenant(self, request: Request) -> str:
+        if not self._links.configured:
             raise Problem(404, "Not Found")
         try:
-            return links.verify(self._link_secret, request.query_params.get("token", ""),
-                                request.path_params["subject"])
+            claims = self._links.verify(request.query_params.get("token", ""), request.path_params["subject"])
         except links.BadLink as exc:
             raise Problem(403, "Forbidden", str(exc)) from None
+        if not await links.live(self._edge.pool, claims):
+            raise Problem(403, "Forbidden", "the link was revoked; ask for a new one")
+        return claims.tenant
 
     async def page(self, request: Request) -> Response:
         """The usage page itself; everything it loads comes from this server (CSP default-src 'self')."""
-        self._link_tenant(request)
+        await self._link_tenant(request)
         html = PAGE.replace("{poll_s}", f"{self._page_poll_s:g}")
         return Response(html, 200, PAGE_HEADERS, media_type="text/html")
 
     async def page_data(self, request: Request) -> Response:
         """What the page polls: the subject's current usage, its days and unread alerts."""
-        tenant = self._link_tenant(request)
+        tenant = await self._link_tenant(request)
         subject = request.path_params["subject"]
         now = datetime.now(timezone.utc)
         try:
@@ -212,7 +253,7 @@ class UsageProduct:
         alerts = await self._edge.pool.fetch(
             "select * from usage_alerts where tenant = $1 and subject = $2 and read_at is null order by id desc"
             " limit 20", tenant, subject)
-        return Response(orjson.dumps({"usage": usage, "history": history, "alerts": [message(a) for a in alerts]}),
+        return Response(orjson.dumps({"usage": usage, "history": history, "alerts": [_shown(a) for a in alerts]}),
                         200, {"Cache-Control": "no-store"}, media_type="application/json")
 
     async def asset(self, request: Request) -> Response:
@@ -245,6 +286,10 @@ class UsageProduct:
                                   "404": {"description": "no such subscription, plan or meter"}}}
 
         json_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
+        link_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["subject"],
+            "properties": {"subject": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[^/]*$"},
+                           "ttl_s": {"type": "integer", "minimum": 60, "maximum": 7776000}}}}}}}
         return {
             "/v1/plans": {"post": {**op("Create or replace a plan", ADMIN), **json_body},
                           "get": op("List plans", READ)},
@@ -259,10 +304,22 @@ class UsageProduct:
                                             ["subject", "meter", "period"])},
             "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, ["subject", "unread"])},
             "/v1/usage/alerts/{id}/read": {"post": {
-                **op("Mark an alert read", READ),
+                **op("Mark an alert read", ADMIN),
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]}},
             "/v1/usage/slack": {"put": {**op("Set the Slack incoming-webhook URL for usage alerts", ADMIN),
                                         **json_body}},
-            "/v1/usage/links": {"post": {**op("A signed, expiring link to a subject's usage page", READ),
-                                         **json_body}},
+            "/v1/usage/links": {
+                "post": {**op("A signed, expiring link to a subject's usage page (503 until the gateway has "
+                              "TALLY_USAGE_LINK_SECRET)", ADMIN), **link_body,
+                         "responses": {"201": {"description": "the link: id, url, key_id, expires_at"},
+                                       "400": {"description": "invalid request"},
+                                       "409": {"description": "the tenant has as many live links as it may"},
+                                       "503": {"description": "usage links are not configured"}}},
+                "delete": {**op("Revoke every live link minted by one API key", ADMIN),
+                           "parameters": [{"name": "key_id", "in": "query", "required": True,
+                                           "schema": {"type": "string", "minLength": 1, "maxLength": 64}}]}},
+            "/v1/usage/links/{id}": {"delete": {
+                **op("Revoke one usage link", ADMIN),
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                "responses": {"204": {"description": "revoked"}, "404": {"description": "no live link with this id"}}}},
         }

@@ -42,6 +42,8 @@ def resolve_period(anchor: Anchor, spec: str, now: datetime) -> Period:
         day = date.fromisoformat(spec)
     except ValueError:
         raise PeriodError("period is current, previous or a date (YYYY-MM-DD)") from None
+    if day.year >= date.max.year:
+        raise PeriodError(f"period is a date before {date.max.year}-01-01 (its period must end within the calendar)")
     return period_of_date(anchor, day)
 
 
