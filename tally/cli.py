@@ -110,7 +110,9 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
 def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
     from sinks.maintenance import Retention
 
-    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days)
+    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days,
+                     alert_transitions_days=settings.alert_transitions_retention_days,
+                     usage_alerts_days=settings.usage_alerts_retention_days)
 
 
 def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     usage_link_previous_secrets: str = Field("", description="comma-separated secrets that signed usage links before "
                                              "TALLY_USAGE_LINK_SECRET; their links work until they expire")
     usage_links_per_tenant: int = Field(10_000, description="live (unexpired, unrevoked) usage links per tenant (409)")
+    alert_transitions_retention_days: int = Field(
+        90, description="prune alert transitions and their deliveries this long after (0 keeps); never one still to "
+                        "be published or delivered, nor one a kept usage alert names")
+    usage_alerts_retention_days: int = Field(400, description="prune usage alerts this long after they were recorded,"
+                                             " once resolved (0 keeps)")
 
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 

@@ -34,7 +34,8 @@ STATIC = Path(__file__).parent / "static"
 PAGE = (STATIC / "page.html").read_text()
 ASSETS = {"page.js": ((STATIC / "page.js").read_bytes(), "text/javascript"),
           "page.css": ((STATIC / "page.css").read_bytes(), "text/css")}
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+PAGE_HEADERS = {"Content-Security-Policy":
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 

@@ -28,8 +28,8 @@ async def test_a_flood_of_unknown_keys_on_random_paths_adds_no_series(gateway_se
                 for _ in range(rounds):
                     for path in _paths():
                         method = "POST" if path.endswith("/read") or "/webhooks/" in path else "GET"
-                        answer = await client.request(method, path,
-                                                      headers={"Authorization": "Bearer tly_" + secrets.token_urlsafe(32)})
+                        token = "tly_" + secrets.token_urlsafe(32)
+                        answer = await client.request(method, path, headers={"Authorization": f"Bearer {token}"})
                         statuses.add(answer.status_code)
                 return statuses
 
