@@ -6,6 +6,8 @@ carries the resolved time range and a cursor signed for this tenant and these fi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timezone
@@ -30,8 +32,10 @@ Shape = Callable[[Any], dict[str, Any]]
 
 class QueryProduct:
     def __init__(self, cursor_secret: str, cache: AnswerCache) -> None:
-        # Without a configured secret, cursors are good for this gateway process only.
-        self._cursors = Cursors(cursor_secret.encode() or secrets.token_bytes(32))
+        # Without a configured secret, cursors are good for this gateway process only. The secret is shared with
+        # the alerts API's cursors: sign with a key of the query API's own, derived from it.
+        secret = cursor_secret.encode() or secrets.token_bytes(32)
+        self._cursors = Cursors(hmac.new(secret, b"tally query cursors", hashlib.sha256).digest())
         self._cache = cache
 
     def routes(self, edge: Edge) -> list[BaseRoute]:
@@ -55,7 +59,8 @@ class QueryProduct:
                     name: str) -> Response:
         tenant = await edge.tenant(request, scope)
         query = parse(model, request.query_params)
-        signed = _fingerprint(query, exclude={"cursor", "limit"})
+        # Signed with the route too: a cursor of /v1/events is not one of /v1/logs with the same range.
+        signed = f"{request.url.path} {_fingerprint(query, exclude={'cursor', 'limit'})}"
         after = self._cursors.decode(tenant, signed, query.cursor) if query.cursor else None
         async with edge.pool.acquire() as conn:
             rows = await search.page(conn, filters(tenant, query), query, after)

@@ -196,6 +196,17 @@ async def test_a_cursor_is_refused_by_another_tenant_and_beside_other_filters(st
     assert not any(r["id"].startswith("log-") and r["service"] is None for r in own["records"])
 
 
+async def test_a_cursor_is_refused_on_another_route(stack: dict) -> None:
+    """Security review, lows: the MAC covers the route, so an events cursor is no logs cursor."""
+    async with _client(stack) as client:
+        events = (await client.get("/v1/events", params={**RANGE, "limit": 5})).json()
+        cursor = httpx.URL(events["next"]).params["cursor"]
+        moved = await client.get("/v1/logs", params={**RANGE, "limit": 5, "cursor": cursor})
+        same = await client.get("/v1/events", params={**RANGE, "limit": 5, "cursor": cursor})
+    assert moved.status_code == 400 and moved.json()["errors"][0]["field"] == "cursor"
+    assert same.status_code == 200
+
+
 async def test_the_other_tenant_sees_only_its_own(stack: dict) -> None:
     async with _client(stack, stack["other"]) as client:
         records = await _all_pages(client, "/v1/logs", {**RANGE, "limit": 1000})
