@@ -208,7 +208,11 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         try:
             if args.keys_command == "create":
                 scopes = args.scope or list(auth.DEFAULT_SCOPES)
-                key_id, secret = await auth.create_key(conn, args.tenant, args.name, scopes)
+                try:
+                    key_id, secret = await auth.create_key(conn, args.tenant, args.name, scopes)
+                except ValueError as exc:
+                    print(exc, file=sys.stderr)
+                    return 2
                 print(f"id:     {key_id}\ntenant: {args.tenant}\nkey:    {secret}\n(the key is shown once; store it now)")
             elif args.keys_command == "list":
                 for row in await auth.list_keys(conn, args.tenant):
@@ -218,7 +222,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"no active key with id {args.key_id}", file=sys.stderr)
                 return 1
             else:
-                print(f"revoked {args.key_id}; a gateway that cached it accepts it for up to "
+                print(f"revoked {args.key_id} and the usage links it minted; a gateway that cached it accepts it for up to "
                       f"{settings.gateway_key_cache_ttl_s:g} s more (TALLY_GATEWAY_KEY_CACHE_TTL_S)")
             return 0
         finally:
