@@ -31,12 +31,13 @@ Shape = Callable[[Any], dict[str, Any]]
 
 
 class QueryProduct:
-    def __init__(self, cursor_secret: str, cache: AnswerCache) -> None:
+    def __init__(self, cursor_secret: str, cache: AnswerCache, max_points: int = 10_000) -> None:
         # Without a configured secret, cursors are good for this gateway process only. The secret is shared with
         # the alerts API's cursors: sign with a key of the query API's own, derived from it.
         secret = cursor_secret.encode() or secrets.token_bytes(32)
         self._cursors = Cursors(hmac.new(secret, b"tally query cursors", hashlib.sha256).digest())
         self._cache = cache
+        self._max_points = max_points
 
     def routes(self, edge: Edge) -> list[BaseRoute]:
         async def logs(request: Request) -> Response:
@@ -81,7 +82,7 @@ class QueryProduct:
 
         async def fresh() -> bytes:
             async with edge.pool.acquire() as conn:
-                series = await compute(conn, tenant, query)
+                series = await compute(conn, tenant, query, self._max_points)
             return orjson.dumps({"series": series, "start": query.start, "end": query.end,
                                  "as_of": datetime.now(timezone.utc)}, option=orjson.OPT_UTC_Z)
 

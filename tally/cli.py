@@ -52,7 +52,8 @@ def _products(settings: Settings) -> list:
     from usage.api import UsageProduct
 
     return [QueryProduct(settings.query_cursor_secret,
-                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
+                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s),
+                         settings.query_stats_max_points),
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
                          settings.redis_counter_ttl_s, settings.usage_link_secret, settings.usage_page_poll_s,
                          [s for s in settings.usage_link_previous_secrets.split(",") if s],

@@ -142,6 +142,8 @@ class Settings(BaseSettings):
     gateway_reads_per_tenant: int = Field(2, description="product requests of one tenant in flight per gateway (429)")
     usage_link_previous_secrets: str = Field("", description="comma-separated secrets that signed usage links before "
                                              "TALLY_USAGE_LINK_SECRET; their links work until they expire")
+    query_stats_max_points: int = Field(10_000, description="points in one stats answer; more is a 400 (the answers "
+                                        "are kept in Redis)")
     usage_links_per_tenant: int = Field(10_000, description="live (unexpired, unrevoked) usage links per tenant (409)")
     alert_transitions_retention_days: int = Field(
         90, description="prune alert transitions and their deliveries this long after (0 keeps); never one still to "

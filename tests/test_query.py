@@ -17,7 +17,7 @@ from query import search
 from query.filters import LogQuery
 from tally.settings import Settings
 from tests.processor.helpers import drained, produce, wait_for
-from tests.gateway.helpers import healthy
+from tests.gateway.helpers import healthy, start_gateway
 from tests.support import free_port, running, wait_until
 from schemas.envelope import Envelope
 
@@ -253,6 +253,20 @@ async def test_log_stats_equal_a_recomputation_from_the_records(stack: dict) -> 
     for (service, _, _), count in expected.items():
         totals[service] += count
     assert {s["service"]: s["total"] for s in by_service["series"]} == dict(totals)
+
+
+async def test_a_stats_answer_is_bounded_before_it_is_cached(stack: dict) -> None:
+    """Security review M4: past TALLY_QUERY_STATS_MAX_POINTS points, a 400 asking to narrow the query, and
+    nothing stored in Redis."""
+    params = {**RANGE, "step": "minute", "by": "level", "service": "svc-0"}  # not cached by another test
+    with start_gateway("gateway-stats-bound", stack["settings"], TALLY_QUERY_STATS_MAX_POINTS="20") as gw:
+        async with gw.client(stack["secret"]) as client:
+            wide = await client.get("/v1/logs/stats", params=params)
+            again = await client.get("/v1/logs/stats", params=params)
+            narrow = await client.get("/v1/logs/stats", params={**RANGE, "step": "hour", "by": "service"})
+    assert wide.status_code == again.status_code == 400, wide.text[:300]
+    assert wide.headers["content-type"] == "application/problem+json" and "20" in wide.json()["detail"]
+    assert narrow.status_code == 200 and sum(len(s["points"]) for s in narrow.json()["series"]) <= 20
 
 
 async def test_events_search_and_stats_leave_logs_to_the_logs_scope(stack: dict) -> None:
