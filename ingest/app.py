@@ -37,7 +37,7 @@ from ingest.metrics import Metrics, MetricsMiddleware, route_label
 from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
-from ingest.products import Product
+from ingest.products import Product, one_per_path
 from ingest.producer import EventProducer, producer_config
 from ingest.reads import ReadSlots
 from ingest.publish import Publisher, fields
@@ -166,6 +166,7 @@ class Gateway:
         route = route_label(request.scope)
         principal = await self.principal(request.headers.get("authorization", ""), scope, route, client)
         await self.limited(route, "reads", principal.key_id, self.key_limit)
+        _no_nul(request)
         self.reads.take(request.scope, principal.tenant)
         return principal
 
@@ -385,6 +386,18 @@ class Gateway:
         return Response(asset[0], 200, media_type=asset[1], headers={"Cache-Control": "max-age=86400"})
 
 
+def _no_nul(request: Request) -> None:
+    """PostgreSQL text cannot hold NUL: a product route's parameter with one is a 400 (a path naming one: no
+    such resource, 404), not a failed query."""
+    if any("\x00" in str(value) for value in request.path_params.values()):
+        raise Problem(404, "Not Found", "no resource has a name with a NUL character")
+    bad = sorted({name for name, value in request.query_params.multi_items() if "\x00" in name + value})
+    if bad:
+        raise Problem(400, "Invalid request", "a parameter holds a NUL character",
+                      errors=[{"field": name.replace("\x00", "\\u0000"), "message": "contains a NUL character"}
+                              for name in bad])
+
+
 async def _problem(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
     return exc.response()
@@ -411,20 +424,21 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(config: GatewayConfig, products: Sequence[Product] = ()) -> ASGIApp:
     """The Starlette app behind the plain-ASGI intake routes (`ingest.asgi_intake`), with each product's routes."""
     gateway = Gateway(config, products)
+    routes = one_per_path([
+        Route("/v1/events", gateway.post_event, methods=["POST"]),
+        Route("/v1/events/batch", gateway.post_batch, methods=["POST"]),
+        Route("/v1/logs", gateway.post_logs, methods=["POST"]),
+        Route("/v1/webhooks/{source}", gateway.post_webhook, methods=["POST"]),
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/readyz", gateway.readyz, methods=["GET"]),
+        Route("/metrics", gateway.metrics_page, methods=["GET"]),
+        Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
+        Route("/docs", gateway.docs, methods=["GET"]),
+        Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
+        *(route for product in gateway.products for route in product.routes(gateway)),
+    ])
     app = Starlette(
-        routes=[
-            Route("/v1/events", gateway.post_event, methods=["POST"]),
-            Route("/v1/events/batch", gateway.post_batch, methods=["POST"]),
-            Route("/v1/logs", gateway.post_logs, methods=["POST"]),
-            Route("/v1/webhooks/{source}", gateway.post_webhook, methods=["POST"]),
-            Route("/healthz", gateway.healthz, methods=["GET"]),
-            Route("/readyz", gateway.readyz, methods=["GET"]),
-            Route("/metrics", gateway.metrics_page, methods=["GET"]),
-            Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
-            Route("/docs", gateway.docs, methods=["GET"]),
-            Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
-            *(gateway.reads.guard(route) for product in gateway.products for route in product.routes(gateway)),
-        ],
+        routes=[gateway.reads.guard(route) for route in routes],
         middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
         exception_handlers={Problem: _problem, HTTPException: _http_error,
                             asyncpg.QueryCanceledError: _read_cancelled, Exception: _server_error},

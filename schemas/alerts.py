@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, StrictBool, model_validator
 
 from schemas.logs import Level
 
@@ -29,10 +29,23 @@ def _seconds(value: Any) -> Any:
         if not match:
             raise ValueError("a duration is a whole number of s, m or h, e.g. 30s, 5m, 1h")
         return int(match.group(1)) * _SECONDS[match.group(2)]
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as 5m, not true or false")
     return value
 
 
 Seconds = Annotated[int, BeforeValidator(_seconds)]
+
+
+def _stored_url(url: HttpUrl) -> HttpUrl:
+    """The URL as stored (normalized, e.g. IDNA) must be one HttpUrl reads back, or the rule could not be
+    shown nor evaluated again."""
+    if len(str(url)) > 2083:
+        raise ValueError("the URL is longer than 2083 characters once normalized")
+    return url
+
+
+TargetUrl = Annotated[HttpUrl, AfterValidator(_stored_url)]
 Scalar = str | int | float | bool
 
 
@@ -63,14 +76,14 @@ class SlackTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["slack"]
-    url: HttpUrl = Field(description="a Slack incoming webhook")
+    url: TargetUrl = Field(description="a Slack incoming webhook")
 
 
 class WebhookTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["webhook"]
-    url: HttpUrl
+    url: TargetUrl
     secret: str = Field(pattern=r"^whsec_[A-Za-z0-9+/=]{24,}$",
                         description="Standard Webhooks signing secret, whsec_ and base64 of at least 18 bytes")
 
@@ -96,7 +109,7 @@ class AlertRule(BaseModel):
     for_: Seconds = Field(0, alias="for", ge=0, le=MAX_WINDOW_S, description="how long the breach lasts before firing")
     cooldown: Seconds = Field(0, ge=0, le=7 * 24 * 3600, description="after resolving, how long before it fires again")
     targets: list[Target] = Field(default_factory=list, max_length=MAX_TARGETS)
-    enabled: bool = True
+    enabled: StrictBool = True
 
     @model_validator(mode="after")
     def _whole_minutes(self) -> "AlertRule":

@@ -4,20 +4,22 @@ read), `GET /v1/usage` and `GET /v1/usage/history`. The tenant always comes from
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from http import HTTPStatus
+from datetime import date, datetime, timezone
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
 import redis.asyncio as redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ingest.body import parse_json, read_body
+from ingest.openapi import json_schema
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from usage import links
@@ -26,10 +28,12 @@ from usage.changes import SubjectChanges
 from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
-from usage.plans import Plan, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
+from query.filters import NO_NUL, parameters, parse
+from usage.plans import Plan, PlanMeter, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
 from usage.windows import WindowReader
 
 ADMIN, READ = "admin:write", "usage:read"
+METER = PlanMeter.model_fields["meter"].metadata[0].pattern
 STATIC = Path(__file__).parent / "static"
 PAGE = (STATIC / "page.html").read_text()
 ASSETS = {"page.js": ((STATIC / "page.js").read_bytes(), "text/javascript"),
@@ -51,6 +55,23 @@ MAX_ID = 2**63 - 1
 async def _body(request: Request) -> Any:
     """The JSON body, refused with 413 past MAX_BODY_BYTES before it is read whole (security review M3)."""
     return parse_json(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S))
+
+
+class UsageQuery(BaseModel):
+    """The query of GET /v1/usage and /v1/usage/history; the OpenAPI parameters are made from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str = Field(min_length=1, max_length=256)
+    meter: str | None = Field(None, pattern=METER)
+    period: Literal["current", "previous"] | date = Field("current", description="or a date inside the period")
+
+
+class AlertsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str | None = Field(None, min_length=1, max_length=256)
+    unread: bool = Field(False, description="only those not yet read")
 
 
 def _shown(row: Any) -> dict[str, Any]:
@@ -151,11 +172,10 @@ class UsageProduct:
     async def get_alerts(self, request: Request) -> Response:
         """Newest first; `subject` narrows to one subject, `unread=true` to those not yet read."""
         tenant = await self._edge.tenant(request, READ)
-        q = request.query_params
+        q = parse(AlertsQuery, request.query_params)
         rows = await self._edge.pool.fetch(
             "select * from usage_alerts where tenant = $1 and ($2::text is null or subject = $2)"
-            " and (not $3 or read_at is null) order by id desc limit 200",
-            tenant, q.get("subject"), q.get("unread") == "true")
+            " and (not $3 or read_at is null) order by id desc limit 200", tenant, q.subject, q.unread)
         return _json({"alerts": [message(r) for r in rows]})
 
     async def read_alert(self, request: Request) -> Response:
@@ -174,7 +194,10 @@ class UsageProduct:
         """The tenant's Slack incoming-webhook URL for usage alerts (null turns Slack off)."""
         tenant = await self._edge.tenant(request, ADMIN)
         body = await _body(request)
-        url = body.get("webhook_url") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) != {"webhook_url"}:
+            raise Problem(400, "Invalid request", 'the body is {"webhook_url": <URL or null>}',
+                          errors=[{"field": "(body)", "message": "an object with webhook_url alone"}])
+        url = body["webhook_url"]
         if url is not None and not (isinstance(url, str) and url.startswith(("https://", "http://"))):
             raise Problem(400, "Invalid request", "webhook_url is an http(s) URL or null",
                           errors=[{"field": "webhook_url", "message": "an http(s) URL or null"}])
@@ -190,11 +213,15 @@ class UsageProduct:
         if not self._links.configured:
             raise Problem(503, "Usage links are not configured", "set TALLY_USAGE_LINK_SECRET on the gateway")
         body = await _body(request)
-        subject = body.get("subject") if isinstance(body, dict) else None
-        ttl_s = body.get("ttl_s", 7 * 86400) if isinstance(body, dict) else None
-        if not isinstance(subject, str) or not subject or "/" in subject or len(subject.encode()) > 256:
+        if not isinstance(body, dict) or not set(body) <= {"subject", "ttl_s"}:
+            raise Problem(400, "Invalid request", "the body is an object with subject and ttl_s",
+                          errors=[{"field": "(body)", "message": "an object of subject and ttl_s"}])
+        subject, ttl_s = body.get("subject"), body.get("ttl_s", 7 * 86400)
+        if isinstance(ttl_s, float) and ttl_s.is_integer():
+            ttl_s = int(ttl_s)  # 600.0 is an integer to JSON Schema
+        if not isinstance(subject, str) or not subject or "/" in subject or "\x00" in subject or len(subject) > 256:
             raise Problem(400, "Invalid request", "subject is required",
-                          errors=[{"field": "subject", "message": "1 to 256 bytes without '/'"}])
+                          errors=[{"field": "subject", "message": "1 to 256 characters without '/' or NUL"}])
         if type(ttl_s) is not int or not 60 <= ttl_s <= 90 * 86400:
             raise Problem(400, "Invalid request", "ttl_s is 60 to 7776000 seconds",
                           errors=[{"field": "ttl_s", "message": "60 to 7776000"}])
@@ -265,13 +292,9 @@ class UsageProduct:
 
     async def _read(self, request: Request, read: Any) -> Response:
         tenant = await self._edge.tenant(request, READ)
-        q = request.query_params
-        subject = q.get("subject")
-        if not subject:
-            raise Problem(400, "Invalid request", "subject is required",
-                          errors=[{"field": "subject", "message": "required"}])
+        q = parse(UsageQuery, request.query_params)
         try:
-            body = await read(tenant, subject, q.get("meter"), q.get("period", "current"), datetime.now(timezone.utc))
+            body = await read(tenant, q.subject, q.meter, str(q.period), datetime.now(timezone.utc))
         except PeriodError as exc:
             raise Problem(400, "Invalid request", str(exc), errors=[{"field": "period", "message": str(exc)}]) from None
         except NotFound as exc:
@@ -279,48 +302,64 @@ class UsageProduct:
         return _json(body)
 
     def openapi_paths(self) -> dict[str, Any]:
-        def op(summary: str, scope: str, params: list[str] = ()) -> dict[str, Any]:
-            return {"summary": summary, "description": f"Needs an API key with scope `{scope}`.",
-                    "parameters": [{"name": p, "in": "query", "required": p == "subject", "schema": {"type": "string"}}
-                                   for p in params],
-                    "responses": {"200": {"description": "OK"}, "400": {"description": "invalid request"},
-                                  "404": {"description": "no such subscription, plan or meter"}}}
+        def op(summary: str, scope: str, params: list[dict[str, Any]] | None = None, ok: str = "200",
+               body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 404)) -> dict[str, Any]:
+            statuses = sorted({*errors, 401, 403, 429, 503, *((413,) if body else ())})
+            operation: dict[str, Any] = {
+                "summary": summary, "description": f"Needs an API key with scope `{scope}`.",
+                "security": [{"apiKey": []}], "parameters": params or [],
+                "responses": {ok: {"description": "OK", **({} if ok == "204" else {"content": {
+                    "application/json": {"schema": {"type": "object"}}}})},
+                              **{str(s): _problem_response(s) for s in statuses}}}
+            if body is not None:
+                operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+            return operation
 
-        json_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
-        link_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["subject"],
-            "properties": {"subject": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[^/]*$"},
-                           "ttl_s": {"type": "integer", "minimum": 60, "maximum": 7776000}}}}}}}
+        def path(name: str, schema: dict[str, Any]) -> list[dict[str, Any]]:
+            if schema["type"] == "string":
+                schema = {**schema, "pattern": NO_NUL}
+            return [{"name": name, "in": "path", "required": True, "schema": schema}]
+
+        link_body = {"type": "object", "required": ["subject"], "additionalProperties": False,
+                     "properties": {"subject": {"type": "string", "minLength": 1, "maxLength": 256,
+                                                "pattern": "^[^/\\u0000]*$"},
+                                    "ttl_s": {"type": "integer", "minimum": 60, "maximum": 7776000}}}
+        slack_body = {"type": "object", "required": ["webhook_url"], "additionalProperties": False,
+                      "properties": {"webhook_url": {"anyOf": [{"type": "string", "pattern": "^https?://"},
+                                                               {"type": "null"}]}}}
+        subscription = {**json_schema(Subscription)}
+        subscription["properties"] = {k: v for k, v in subscription["properties"].items() if k != "subject"}
+        subscription["required"] = [r for r in subscription.get("required", []) if r != "subject"]
         return {
-            "/v1/plans": {"post": {**op("Create or replace a plan", ADMIN), **json_body},
-                          "get": op("List plans", READ)},
-            "/v1/subscriptions/{subject}": {"put": {
-                **op("Subscribe a subject to a plan (a different plan is a plan change from now)", ADMIN),
-                "parameters": [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}],
-                **json_body}},
-            "/v1/subscriptions": {"get": op("List subscriptions", READ, ["subject"])},
-            "/v1/usage": {"get": op("A subject's usage per meter in a billing period", READ,
-                                    ["subject", "meter", "period"])},
+            "/v1/plans": {"post": op("Create or replace a plan", ADMIN, ok="201", body=json_schema(Plan)),
+                          "get": op("List plans", READ, errors=(400,))},
+            "/v1/subscriptions/{subject}": {"put": op(
+                "Subscribe a subject to a plan (a different plan is a plan change from now)", ADMIN,
+                path("subject", {"type": "string", "minLength": 1, "maxLength": 256}), body=subscription)},
+            "/v1/subscriptions": {"get": op("List subscriptions", READ, [
+                {"name": "subject", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": NO_NUL}}], errors=(400,))},
+            "/v1/usage": {"get": op("A subject's usage per meter in a billing period", READ, parameters(UsageQuery))},
             "/v1/usage/history": {"get": op("A subject's usage per day of a billing period", READ,
-                                            ["subject", "meter", "period"])},
-            "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, ["subject", "unread"])},
-            "/v1/usage/alerts/{id}/read": {"post": {
-                **op("Mark an alert read", ADMIN),
-                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]}},
-            "/v1/usage/slack": {"put": {**op("Set the Slack incoming-webhook URL for usage alerts", ADMIN),
-                                        **json_body}},
+                                            parameters(UsageQuery))},
+            "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, parameters(AlertsQuery),
+                                           errors=(400,))},
+            "/v1/usage/alerts/{id}/read": {"post": op("Mark an alert read", ADMIN, path("id", {"type": "integer"}))},
+            "/v1/usage/slack": {"put": op("Set the Slack incoming-webhook URL for usage alerts (null: none)", ADMIN,
+                                          body=slack_body, errors=(400,))},
             "/v1/usage/links": {
-                "post": {**op("A signed, expiring link to a subject's usage page (503 until the gateway has "
-                              "TALLY_USAGE_LINK_SECRET)", ADMIN), **link_body,
-                         "responses": {"201": {"description": "the link: id, url, key_id, expires_at"},
-                                       "400": {"description": "invalid request"},
-                                       "409": {"description": "the tenant has as many live links as it may"},
-                                       "503": {"description": "usage links are not configured"}}},
-                "delete": {**op("Revoke every live link minted by one API key", ADMIN),
-                           "parameters": [{"name": "key_id", "in": "query", "required": True,
-                                           "schema": {"type": "string", "minLength": 1, "maxLength": 64}}]}},
-            "/v1/usage/links/{id}": {"delete": {
-                **op("Revoke one usage link", ADMIN),
-                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-                "responses": {"204": {"description": "revoked"}, "404": {"description": "no live link with this id"}}}},
+                "post": op("A signed, expiring link to a subject's usage page; 503 until the gateway has "
+                           "TALLY_USAGE_LINK_SECRET, 409 past the tenant's live links", ADMIN, ok="201",
+                           body=link_body, errors=(400, 409)),
+                "delete": op("Revoke every live link minted by one API key", ADMIN, [
+                    {"name": "key_id", "in": "query", "required": True,
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NO_NUL}}],
+                    errors=(400,))},
+            "/v1/usage/links/{id}": {"delete": op("Revoke one usage link", ADMIN, path("id", {"type": "integer"}),
+                                                  ok="204")},
         }
+
+
+def _problem_response(status: int) -> dict[str, Any]:
+    return {"description": HTTPStatus(status).phrase,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}

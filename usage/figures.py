@@ -42,6 +42,8 @@ def resolve_period(anchor: Anchor, spec: str, now: datetime) -> Period:
         day = date.fromisoformat(spec)
     except ValueError:
         raise PeriodError("period is current, previous or a date (YYYY-MM-DD)") from None
+    if day < anchor.start_date:
+        raise NotFound(f"the subscription starts on {anchor.start_date}; there is no period on {day}")
     if day.year >= date.max.year:
         raise PeriodError(f"period is a date before {date.max.year}-01-01 (its period must end within the calendar)")
     return period_of_date(anchor, day)

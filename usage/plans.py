@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from usage.periods import Anchor, check_zone
 from usage.plan_changes import notify
@@ -54,6 +54,13 @@ class Plan(BaseModel):
         return value
 
 
+def _iso_date(value: object) -> object:
+    """A date is written YYYY-MM-DD; pydantic would also read a number as a Unix time."""
+    if not isinstance(value, (str, date)):
+        raise ValueError("a date, YYYY-MM-DD")
+    return value
+
+
 class Subscription(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,7 +69,7 @@ class Subscription(BaseModel):
     stripe_customer_id: str | None = None
     anchor_day: int = Field(1, ge=1, le=31)
     time_zone: str = "UTC"
-    start_date: date
+    start_date: Annotated[date, BeforeValidator(_iso_date)]
 
     @field_validator("time_zone")
     @classmethod
