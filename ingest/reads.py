@@ -33,7 +33,7 @@ class ReadSlots:
         scope[_HELD] = tenant
 
     def guard(self, route: BaseRoute) -> BaseRoute:
-        """The route, giving back whatever slot its request took."""
+        """The route, giving back whatever slot its request took (a route that never takes one costs a call)."""
         if isinstance(route, Route):
             route.app = self._releasing(route.app)
         return route

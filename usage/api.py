@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from ingest.body import parse_json, read_body
+from ingest.body import parse_document, read_body
 from ingest.openapi import json_schema
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
@@ -54,7 +54,7 @@ MAX_ID = 2**63 - 1
 
 async def _body(request: Request) -> Any:
     """The JSON body, refused with 413 past MAX_BODY_BYTES before it is read whole (security review M3)."""
-    return parse_json(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S))
+    return parse_document(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S))
 
 
 class UsageQuery(BaseModel):
