@@ -39,9 +39,9 @@ from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
 from ingest.products import Product, one_per_path
 from ingest.producer import EventProducer, producer_config
-from ingest.reads import ReadSlots
 from ingest.publish import Publisher, fields
 from ingest.ratelimit import Decision, Limit, RateLimiter
+from ingest.reads import ReadSlots
 from ingest.redisguard import RedisGuard
 from ingest.replay import ReplayMemory
 from ingest.signatures import SignatureError

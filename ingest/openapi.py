@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from swagger_ui_bundle import swagger_ui_path
 from pydantic import BaseModel
+from swagger_ui_bundle import swagger_ui_path
 
 from ingest.config import GatewayConfig
 from ingest.precheck import MAX_CONTENT_TYPE, MAX_SCHEMA

@@ -18,7 +18,8 @@ DEFAULT_RANGE = timedelta(hours=1)
 MAX_RANGE = timedelta(days=31)
 MAX_LIMIT = 1000
 NO_NUL = "^[^\\u0000]*$"
-_RFC3339 = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$")
+_RFC3339 = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
 
 
 def _rfc3339(value: object) -> object:
@@ -112,5 +113,6 @@ def parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
             prop = {k: v for k, v in prop.items() if k != "default"}
         if prop.get("type") == "string" and "pattern" not in prop and "enum" not in prop and "format" not in prop:
             prop = {**prop, "pattern": NO_NUL}  # the gateway refuses a NUL in any product parameter
-        out.append({"name": name, "in": "query", "required": name in schema.get("required", ()), "schema": prop})
+        required = name in schema.get("required", ())
+        out.append({"name": name, "in": "query", "required": required, "schema": prop})
     return out

@@ -223,7 +223,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"no active key with id {args.key_id}", file=sys.stderr)
                 return 1
             else:
-                print(f"revoked {args.key_id} and the usage links it minted; a gateway that cached it accepts it for up to "
+                print(f"revoked {args.key_id} and the usage links it minted; a gateway that cached the key accepts it"
+                      " for up to "
                       f"{settings.gateway_key_cache_ttl_s:g} s more (TALLY_GATEWAY_KEY_CACHE_TTL_S)")
             return 0
         finally:

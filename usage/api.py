@@ -4,10 +4,10 @@ read), `GET /v1/usage` and `GET /v1/usage/history`. The tenant always comes from
 from __future__ import annotations
 
 import time
-from http import HTTPStatus
-from datetime import date, datetime, timezone
-from pathlib import Path
 from collections.abc import Sequence
+from datetime import date, datetime, timezone
+from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -22,14 +22,15 @@ from ingest.body import parse_document, read_body
 from ingest.openapi import json_schema
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
+from query.filters import NO_NUL, parameters, parse
 from usage import links
 from usage.alerts import message
 from usage.changes import SubjectChanges
 from usage.figures import NotFound, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
-from query.filters import NO_NUL, parameters, parse
-from usage.plans import Plan, PlanMeter, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan, subscribe
+from usage.plans import (Plan, PlanMeter, Subscription, UnknownPlan, load_plans, load_subscriptions, save_plan,
+                         subscribe)
 from usage.windows import WindowReader
 
 ADMIN, READ = "admin:write", "usage:read"
