@@ -100,7 +100,9 @@ class QueryProduct:
                                           **{str(s): {"description": d, "content": {"application/problem+json": {
                                               "schema": {"$ref": "#/components/schemas/Problem"}}}}
                                              for s, d in ((400, "invalid query or cursor"), (401, "no valid key"),
-                                                          (403, "the key lacks the scope"), (429, "rate limited"))}}}}
+                                                          (403, "the key lacks the scope"), (429, "rate limited"),
+                                                          (503, "keys cannot be checked, or the read took too long"))
+                                             }}}}
 
         return {
             "/v1/logs": get("Search log records (newest first), a page at a time", LogQuery, "logs:read"),

@@ -68,3 +68,19 @@ async def test_hogging_searches_of_one_tenant_leave_another_tenants_key_checks_a
     assert took < 2, took
     assert read.status_code == 200, read.text
     assert 500 not in statuses and statuses, statuses
+
+
+async def test_a_read_past_the_statement_timeout_is_a_503(gateway_settings: Settings) -> None:
+    """The server cancels a product read after TALLY_GATEWAY_READ_TIMEOUT_S; the client gets a problem to retry."""
+    conn = await asyncpg.connect(gateway_settings.database_url)
+    try:
+        _, secret = await create_key(conn, f"slow-{uuid.uuid4().hex[:6]}", "reader", ["logs:read"])
+    finally:
+        await conn.close()
+    with start_gateway("gateway-read-timeout", gateway_settings, TALLY_GATEWAY_READ_TIMEOUT_S="0.001") as gw:
+        async with gw.client(secret) as client:
+            answer = await client.get("/v1/logs", params={"q": "needle"})
+            output = gw.process.output()
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"] == "application/problem+json" and "retry-after" in answer.headers
+    assert "Traceback" not in output
