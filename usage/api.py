@@ -326,7 +326,7 @@ class UsageProduct:
                                                 "pattern": "^[^/\\u0000]*$"},
                                     "ttl_s": {"type": "integer", "minimum": 60, "maximum": 7776000}}}
         slack_body = {"type": "object", "required": ["webhook_url"], "additionalProperties": False,
-                      "properties": {"webhook_url": {"anyOf": [{"type": "string", "pattern": "^https?://"},
+                      "properties": {"webhook_url": {"anyOf": [{"type": "string", "pattern": "^https?://[^\\u0000]*$"},
                                                                {"type": "null"}]}}}
         subscription = {**json_schema(Subscription)}
         subscription["properties"] = {k: v for k, v in subscription["properties"].items() if k != "subject"}
