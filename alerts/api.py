@@ -19,7 +19,7 @@ from alerts import history, rules, stored
 from alerts.history import AlertsQuery
 from alerts.openapi import paths
 from alerts.policy import AlertPolicy
-from ingest.body import parse_json, read_body
+from ingest.body import parse_document, read_body
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from meters.definitions import MetersConfig
@@ -118,7 +118,7 @@ class AlertsProduct:
 
     async def _rule(self, request: Request, rule_id: str | None) -> AlertRule:
         """The body as a rule that can be evaluated: 400 naming each invalid field, 422 naming each problem."""
-        body = parse_json(await read_body(request, MAX_RULE_BYTES, BODY_TIMEOUT_S))
+        body = parse_document(await read_body(request, MAX_RULE_BYTES, BODY_TIMEOUT_S))
         if not isinstance(body, dict):
             raise Problem(400, "Invalid request", "a rule is a JSON object",
                           errors=[{"field": "(body)", "message": "an object"}])

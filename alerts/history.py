@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import asyncpg
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from query.filters import Rfc3339
 from alerts.transitions import transition
 
 MAX_ACTIVE = 1000
@@ -21,8 +22,8 @@ class AlertsQuery(BaseModel):
 
     rule_id: str | None = Field(None, min_length=1, max_length=64)
     status: Literal["firing", "resolved"] | None = None
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: Rfc3339 | None = None
+    until: Rfc3339 | None = None
     limit: int = Field(100, ge=1, le=500)
     cursor: str | None = Field(None, max_length=2048, description="the `next` link's cursor")
 

@@ -33,14 +33,15 @@ from ingest.asgi_intake import AsgiIntake
 from ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
 from ingest.idempotency import IdempotencyStore, Retention, fingerprint, incomplete, parse_key
 from ingest.limits import UsageLimits
-from ingest.metrics import Metrics, MetricsMiddleware
+from ingest.metrics import Metrics, MetricsMiddleware, route_label
 from ingest.openapi import DOCS_PAGE, docs_assets, document
 from ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
 from ingest.problems import Problem
-from ingest.products import Product
+from ingest.products import Product, one_per_path
 from ingest.producer import EventProducer, producer_config
 from ingest.publish import Publisher, fields
 from ingest.ratelimit import Decision, Limit, RateLimiter
+from ingest.reads import ReadSlots
 from ingest.redisguard import RedisGuard
 from ingest.replay import ReplayMemory
 from ingest.signatures import SignatureError
@@ -76,6 +77,8 @@ class Gateway:
         self.openapi = orjson.dumps(document(config, [p.openapi_paths() for p in self.products]))
         self.assets = docs_assets()
         self._pool: asyncpg.Pool | None = None
+        self._key_pool: asyncpg.Pool | None = None
+        self.reads = ReadSlots(config.reads_per_tenant)
         self._ready: tuple[float, bool, bool] | None = None
         self._probe: asyncio.Future[list[bool]] | None = None
         self.keys: KeyStore
@@ -89,9 +92,12 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         c = self.config
-        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4,
-                                               command_timeout=c.key_lookup_timeout_s)
-        self.keys = KeyStore(self._pool, c.key_cache_ttl_s, c.key_lookup_timeout_s)
+        # Key lookups and product reads on pools apart: no read can hold the connection a key check needs.
+        self._key_pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=4,
+                                                   command_timeout=c.key_lookup_timeout_s)
+        self._pool = await asyncpg.create_pool(c.database_url, min_size=1, max_size=c.read_pool_size,
+                                               server_settings={"statement_timeout": f"{int(c.read_timeout_s * 1000)}"})
+        self.keys = KeyStore(self._key_pool, c.key_cache_ttl_s, c.key_lookup_timeout_s)
         overrides = {"message.timeout.ms": c.produce_timeout_ms, "linger.ms": c.linger_ms,
                      "message.max.bytes": c.max_message_bytes}
         producer = EventProducer(producer_config(c.kafka_bootstrap, **overrides), c.queue_full_wait_s)
@@ -125,6 +131,7 @@ class Gateway:
                 log.info("gateway stopped: producer flushed, nothing undelivered")
             await self.guard.close()
             await self._pool.close()
+            await self._key_pool.close()
 
     async def principal(self, authorization: str, scope: str, route: str, client: str) -> Principal:
         """The key's principal; the tenant of every write comes from here and nowhere else.
@@ -149,11 +156,19 @@ class Gateway:
         return principal
 
     async def tenant(self, request: Request, scope: str) -> str:
-        """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write."""
+        """For product routes (`ingest.products.Edge`): the key's tenant, checked and rate-limited like a write,
+        holding one of the tenant's read slots until the route answered."""
+        return (await self.key(request, scope)).tenant
+
+    async def key(self, request: Request, scope: str) -> Principal:
+        """As `tenant`, with the key's id and scopes."""
         client = request.client.host if request.client else "unknown"
-        principal = await self.principal(request.headers.get("authorization", ""), scope, request.url.path, client)
-        await self.limited(request.url.path, "reads", principal.key_id, self.key_limit)
-        return principal.tenant
+        route = route_label(request.scope)
+        principal = await self.principal(request.headers.get("authorization", ""), scope, route, client)
+        await self.limited(route, "reads", principal.key_id, self.key_limit)
+        _no_nul(request)
+        self.reads.take(request.scope, principal.tenant)
+        return principal
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -371,6 +386,18 @@ class Gateway:
         return Response(asset[0], 200, media_type=asset[1], headers={"Cache-Control": "max-age=86400"})
 
 
+def _no_nul(request: Request) -> None:
+    """PostgreSQL text cannot hold NUL: a product route's parameter with one is a 400 (a path naming one: no
+    such resource, 404), not a failed query."""
+    if any("\x00" in str(value) for value in request.path_params.values()):
+        raise Problem(404, "Not Found", "no resource has a name with a NUL character")
+    bad = sorted({name for name, value in request.query_params.multi_items() if "\x00" in name + value})
+    if bad:
+        raise Problem(400, "Invalid request", "a parameter holds a NUL character",
+                      errors=[{"field": name.replace("\x00", "\\u0000"), "message": "contains a NUL character"}
+                              for name in bad])
+
+
 async def _problem(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
     return exc.response()
@@ -382,6 +409,12 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return Problem(exc.status_code, exc.detail, headers=dict(exc.headers or {})).response()
 
 
+async def _read_cancelled(_request: Request, _exc: Exception) -> Response:
+    """A product read past the statement timeout (ADR 81): the database is busy or the query too broad."""
+    return Problem(503, "Service unavailable", "the read took too long and was cancelled; narrow it or retry",
+                   headers={"Retry-After": "5"}).response()
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Response(orjson.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500}),
@@ -391,22 +424,24 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def create_app(config: GatewayConfig, products: Sequence[Product] = ()) -> ASGIApp:
     """The Starlette app behind the plain-ASGI intake routes (`ingest.asgi_intake`), with each product's routes."""
     gateway = Gateway(config, products)
+    routes = one_per_path([
+        Route("/v1/events", gateway.post_event, methods=["POST"]),
+        Route("/v1/events/batch", gateway.post_batch, methods=["POST"]),
+        Route("/v1/logs", gateway.post_logs, methods=["POST"]),
+        Route("/v1/webhooks/{source}", gateway.post_webhook, methods=["POST"]),
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/readyz", gateway.readyz, methods=["GET"]),
+        Route("/metrics", gateway.metrics_page, methods=["GET"]),
+        Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
+        Route("/docs", gateway.docs, methods=["GET"]),
+        Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
+        *(route for product in gateway.products for route in product.routes(gateway)),
+    ])
     app = Starlette(
-        routes=[
-            Route("/v1/events", gateway.post_event, methods=["POST"]),
-            Route("/v1/events/batch", gateway.post_batch, methods=["POST"]),
-            Route("/v1/logs", gateway.post_logs, methods=["POST"]),
-            Route("/v1/webhooks/{source}", gateway.post_webhook, methods=["POST"]),
-            Route("/healthz", gateway.healthz, methods=["GET"]),
-            Route("/readyz", gateway.readyz, methods=["GET"]),
-            Route("/metrics", gateway.metrics_page, methods=["GET"]),
-            Route("/openapi.json", gateway.openapi_document, methods=["GET"]),
-            Route("/docs", gateway.docs, methods=["GET"]),
-            Route("/docs/{asset}", gateway.docs_asset, methods=["GET"]),
-            *(route for product in gateway.products for route in product.routes(gateway)),
-        ],
+        routes=[gateway.reads.guard(route) for route in routes],
         middleware=[Middleware(MetricsMiddleware, metrics=gateway.metrics)],
-        exception_handlers={Problem: _problem, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={Problem: _problem, HTTPException: _http_error,
+                            asyncpg.QueryCanceledError: _read_cancelled, Exception: _server_error},
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway

@@ -89,6 +89,10 @@ class KeyStore:
 
 
 async def create_key(conn: asyncpg.Connection, tenant: str, name: str, scopes: list[str]) -> tuple[str, str]:
+    """A new key; `ValueError` for a scope no route checks (a typo would make a key without the intended right)."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope {', '.join(unknown)}; the scopes are {', '.join(SCOPES)}")
     secret, key_id = new_key()
     await conn.execute(
         "insert into api_keys (id, tenant, name, key_hash, scopes) values ($1, $2, $3, $4, $5)",

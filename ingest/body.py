@@ -9,7 +9,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from ingest.problems import Problem
-from ingest.values import check_integers
+from ingest.values import Hazards, check, check_integers
 
 
 def media_type(request: Request) -> str:
@@ -69,6 +69,14 @@ def parse_json(body: bytes, what: str = "the body") -> Any:
         raise Problem(400, "Malformed JSON", f"{what} is not valid JSON: {exc}",
                       errors=[{"field": "(body)", "message": str(exc)}]) from None
     check_integers(body)
+    return value
+
+
+def parse_document(body: bytes) -> Any:
+    """A product route's JSON body: as `parse_json`, and refused whole when nested too deep or holding a NUL
+    character, which PostgreSQL cannot store (the intake judges such values per item instead)."""
+    value = parse_json(body)
+    check(value, Hazards.of(body))
     return value
 
 

@@ -25,6 +25,11 @@ class GatewayConfig:
     key_lookup_rate_limit_per_s: float = 20.0  # lookups of tokens not in the cache, per client address
     key_lookup_rate_limit_burst: int = 100
 
+    # product reads: a pool apart from key lookups, a statement timeout and a per-tenant bound (ADR 81)
+    read_pool_size: int = 4
+    read_timeout_s: float = 10.0  # the server cancels a product route's statement after this; 503
+    reads_per_tenant: int = 2  # product requests of one tenant in flight in one gateway; more get 429
+
     # body and batch limits: a request over them gets 413 before its body is read whole
     max_event_bytes: int = 256 * 1024
     max_batch_bytes: int = 8 * 1024 * 1024
@@ -67,6 +72,7 @@ class GatewayConfig:
                             "(a webhook Kafka cannot take would be refused on every retry)")
         for name in ("rate_limit_per_s", "webhook_rate_limit_per_s", "rate_limit_burst", "webhook_rate_limit_burst",
                      "key_lookup_rate_limit_per_s", "key_lookup_rate_limit_burst", "key_lookup_timeout_s",
+                     "read_pool_size", "read_timeout_s", "reads_per_tenant",
                      "redis_timeout_s", "body_timeout_s", "idempotency_ttl_s", "idempotency_lock_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be greater than 0")

@@ -69,7 +69,7 @@ class UsageLimits:
             return
         pipe = self._client.pipeline(transaction=False)
         for tenant in tenants:
-            pipe.hgetall(f"{self._prefix}limits:{tenant}")
+            pipe.hgetall(f"{self._prefix}limits:tenant:{tenant}")
         blocks: dict[str, dict[str, list[Block]]] = {}
         for tenant, found in zip(tenants, await pipe.execute()):
             blocks[tenant] = {subject.decode(): [(_matcher(glob), meter, datetime.fromisoformat(until))

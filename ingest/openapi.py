@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
 from ingest.config import GatewayConfig
@@ -58,6 +59,23 @@ IDEMPOTENCY = {
     "description": "1-255 visible ASCII characters; a retry with the same key gets the first response back",
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21\\x23-\\x7e]+$"},
 }
+
+
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its definitions inlined, for a request body of the document."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
 
 
 def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -136,7 +154,8 @@ def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) 
             "/v1/events/batch": {"post": {
                 "summary": f"Publish up to {config.max_batch_items} CloudEvents; each item is accepted or rejected alone",
                 "security": [{"apiKey": []}], "parameters": [IDEMPOTENCY],
-                "requestBody": _json_body({"type": "array", "items": {"$ref": "#/components/schemas/CloudEvent"}},
+                "requestBody": _json_body({"type": "array", "minItems": 1, "maxItems": config.max_batch_items,
+                                           "items": {"$ref": "#/components/schemas/CloudEvent"}},
                                           "application/cloudevents-batch+json", "application/json"),
                 "responses": {"202": {"description": "at least one item acknowledged by Kafka; see results",
                                       "content": {"application/json": {"schema": {
@@ -149,7 +168,8 @@ def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) 
                                " partialSuccess counts the refused records.",
                 "security": [{"apiKey": []}], "parameters": [IDEMPOTENCY],
                 "requestBody": _json_body({"oneOf": [{"$ref": "#/components/schemas/LogRecord"}, {
-                    "type": "array", "items": {"$ref": "#/components/schemas/LogRecord"}}]}, "application/json"),
+                    "type": "array", "minItems": 1, "maxItems": config.max_batch_items,
+                    "items": {"$ref": "#/components/schemas/LogRecord"}}]}, "application/json"),
                 "responses": {"202": {"description": "at least one record acknowledged by Kafka; see results",
                                       "content": {"application/json": {"schema": {
                                           "$ref": "#/components/schemas/ItemResults"}}}},

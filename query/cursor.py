@@ -1,8 +1,9 @@
 """Opaque page cursors: where the last page ended, signed for one tenant and one query.
 
 A cursor names a position in the total order (time, source, id), so pages never skip or repeat a
-row however many arrive meanwhile. It is signed with the tenant and the query's filters, so it is
-refused (not silently misread) by another tenant or beside other filters.
+row however many arrive meanwhile. It is signed with the tenant and the query's filters (the read API
+puts its route in them too), so it is refused (not silently misread) by another tenant, beside other
+filters or on another route.
 """
 
 from __future__ import annotations

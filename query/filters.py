@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+import re
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ingest.problems import Problem, validation_errors
 from schemas.envelope import MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
@@ -14,6 +17,19 @@ from schemas.logs import Level
 DEFAULT_RANGE = timedelta(hours=1)
 MAX_RANGE = timedelta(days=31)
 MAX_LIMIT = 1000
+NO_NUL = "^[^\\u0000]*$"
+_RFC3339 = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                      r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
+
+
+def _rfc3339(value: object) -> object:
+    """pydantic would also read a number as a Unix time; a query's times are RFC 3339, as documented."""
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("an RFC 3339 date-time with an offset, such as 2026-01-02T03:04:05Z")
+    return value
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 
 
 class TimeRange(BaseModel):
@@ -21,15 +37,15 @@ class TimeRange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: AwareDatetime | None = None
-    end: AwareDatetime | None = None
+    start: Rfc3339 | None = None
+    end: Rfc3339 | None = None
 
     @model_validator(mode="after")
     def _bounded(self) -> "TimeRange":
         end = self.end or datetime.now(timezone.utc)
         start = self.start or end - DEFAULT_RANGE
-        if start >= end:
-            raise ValueError("start must be before end")
+        if start > end:
+            raise ValueError("start must not be after end")
         if end - start > MAX_RANGE:
             raise ValueError(f"the range may span at most {MAX_RANGE.days} days")
         self.start, self.end = start, end
@@ -89,10 +105,14 @@ def parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
         if "$ref" in prop:
             prop = {**definitions[prop["$ref"].rsplit("/", 1)[1]]}
         if "anyOf" in prop:
-            options = [p for p in prop["anyOf"] if p.get("type") != "null"]
-            inner = definitions[options[0]["$ref"].rsplit("/", 1)[1]] if "$ref" in options[0] else options[0]
+            options = [definitions[p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p
+                       for p in prop["anyOf"] if p.get("type") != "null"]
+            inner = options[0] if len(options) == 1 else {"anyOf": options}
             prop = {**inner, **{k: v for k, v in prop.items() if k in ("description", "default")}}
         if prop.get("default", 0) is None:
             prop = {k: v for k, v in prop.items() if k != "default"}
-        out.append({"name": name, "in": "query", "required": False, "schema": prop})
+        if prop.get("type") == "string" and "pattern" not in prop and "enum" not in prop and "format" not in prop:
+            prop = {**prop, "pattern": NO_NUL}  # the gateway refuses a NUL in any product parameter
+        required = name in schema.get("required", ())
+        out.append({"name": name, "in": "query", "required": required, "schema": prop})
     return out

@@ -6,6 +6,8 @@ carries the resolved time range and a cursor signed for this tenant and these fi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime, timezone
@@ -29,10 +31,13 @@ Shape = Callable[[Any], dict[str, Any]]
 
 
 class QueryProduct:
-    def __init__(self, cursor_secret: str, cache: AnswerCache) -> None:
-        # Without a configured secret, cursors are good for this gateway process only.
-        self._cursors = Cursors(cursor_secret.encode() or secrets.token_bytes(32))
+    def __init__(self, cursor_secret: str, cache: AnswerCache, max_points: int = 10_000) -> None:
+        # Without a configured secret, cursors are good for this gateway process only. The secret is shared with
+        # the alerts API's cursors: sign with a key of the query API's own, derived from it.
+        secret = cursor_secret.encode() or secrets.token_bytes(32)
+        self._cursors = Cursors(hmac.new(secret, b"tally query cursors", hashlib.sha256).digest())
         self._cache = cache
+        self._max_points = max_points
 
     def routes(self, edge: Edge) -> list[BaseRoute]:
         async def logs(request: Request) -> Response:
@@ -55,7 +60,8 @@ class QueryProduct:
                     name: str) -> Response:
         tenant = await edge.tenant(request, scope)
         query = parse(model, request.query_params)
-        signed = _fingerprint(query, exclude={"cursor", "limit"})
+        # Signed with the route too: a cursor of /v1/events is not one of /v1/logs with the same range.
+        signed = f"{request.url.path} {_fingerprint(query, exclude={'cursor', 'limit'})}"
         after = self._cursors.decode(tenant, signed, query.cursor) if query.cursor else None
         async with edge.pool.acquire() as conn:
             rows = await search.page(conn, filters(tenant, query), query, after)
@@ -76,7 +82,7 @@ class QueryProduct:
 
         async def fresh() -> bytes:
             async with edge.pool.acquire() as conn:
-                series = await compute(conn, tenant, query)
+                series = await compute(conn, tenant, query, self._max_points)
             return orjson.dumps({"series": series, "start": query.start, "end": query.end,
                                  "as_of": datetime.now(timezone.utc)}, option=orjson.OPT_UTC_Z)
 
@@ -94,7 +100,9 @@ class QueryProduct:
                                           **{str(s): {"description": d, "content": {"application/problem+json": {
                                               "schema": {"$ref": "#/components/schemas/Problem"}}}}
                                              for s, d in ((400, "invalid query or cursor"), (401, "no valid key"),
-                                                          (403, "the key lacks the scope"), (429, "rate limited"))}}}}
+                                                          (403, "the key lacks the scope"), (429, "rate limited"),
+                                                          (503, "keys cannot be checked, or the read took too long"))
+                                             }}}}
 
         return {
             "/v1/logs": get("Search log records (newest first), a page at a time", LogQuery, "logs:read"),

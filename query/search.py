@@ -23,6 +23,9 @@ _WORDS = "to_tsvector('simple', data->>'message') @@ plainto_tsquery('simple', {
 # once fewer than one row in RARE matches, the rest of the range is searched through the full-text index.
 FIRST_SCAN = 5000
 RARE = 600
+# The steps together read at most this many rows (5,000 + 10,000 + ... + 80,000); past it the rest of the range
+# is searched through the full-text index, scoped by tenant, so one search's work is bounded (security review H4).
+MAX_SCAN = 155_000
 
 
 class Where:
@@ -64,7 +67,9 @@ def log_filters(tenant: str, query: LogQuery) -> Where:
 
 
 def event_filters(tenant: str, query: EventQuery) -> Where:
+    """Events other than log records: those are read with `logs:read` (security review M1, ADR 0080)."""
     where = Where(tenant)
+    where.add("type <> {0}", LOG_EVENT_TYPE)
     for column in ("type", "subject", "source"):
         value = getattr(query, column)
         if value is not None:
@@ -103,6 +108,7 @@ async def _with_words(conn: asyncpg.Connection, where: Where, query: Page,
     they match often enough; below one in RARE, the rest through the full-text index, whose cost grows with
     the matches it holds (rare words are few there), not with the rows read."""
     wanted, scan, order = query.limit + 1, FIRST_SCAN, _order(query)
+    read = 0
     found: list[asyncpg.Record] = []
     while True:
         step = _from(where, query, after)
@@ -118,7 +124,8 @@ async def _with_words(conn: asyncpg.Connection, where: Where, query: Page,
         if len(found) == wanted or edge is None:
             return found
         after = (edge["time"], edge["source"], edge["id"])
-        if len(matched) * RARE < scan:
+        read += scan
+        if len(matched) * RARE < scan or read + 2 * scan > MAX_SCAN:
             return found + await _rows(conn, where.plus(_WORDS, where.words), query, after, wanted - len(found))
         scan *= 2
 

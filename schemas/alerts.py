@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from egress import MAX_URL_BYTES, endpoint
 
@@ -31,6 +31,8 @@ def _seconds(value: Any) -> Any:
         if not match:
             raise ValueError("a duration is a whole number of s, m or h, e.g. 30s, 5m, 1h")
         return int(match.group(1)) * _SECONDS[match.group(2)]
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as 5m, not true or false")
     return value
 
 
@@ -101,7 +103,7 @@ class AlertRule(BaseModel):
     for_: Seconds = Field(0, alias="for", ge=0, le=MAX_WINDOW_S, description="how long the breach lasts before firing")
     cooldown: Seconds = Field(0, ge=0, le=7 * 24 * 3600, description="after resolving, how long before it fires again")
     targets: list[Target] = Field(default_factory=list, max_length=MAX_TARGETS)
-    enabled: bool = True
+    enabled: StrictBool = True
 
     @model_validator(mode="after")
     def _whole_minutes(self) -> "AlertRule":

@@ -1,4 +1,4 @@
-"""Storage upkeep: monthly events partitions and retention of event keys and counter windows.
+"""Storage upkeep: monthly events partitions and retention of event keys, counter windows and alert history.
 
 The processor runs it at start and every few hours; `tally maintenance` runs it once. Each part is
 safe to run from several places at once: partitions are created under an advisory lock, and pruning
@@ -38,6 +38,43 @@ with gone as (
 )
 select count(*) from gone
 """
+# A usage alert goes once its period's alert is resolved (or it never fired); one still firing stays.
+_PRUNE_USAGE_ALERTS = """
+with gone as (
+    delete from usage_alerts where id = any(array(
+        select id from usage_alerts where created_at < $1 and taken_up
+            and (fired_transition is null or resolved_transition is not null)
+        order by id limit $2))
+    returning 1
+)
+select count(*) from gone
+"""
+
+# A transition goes with its deliveries (on delete cascade) once published, delivered or given up, and no
+# longer named by a usage alert.
+_PRUNE_TRANSITIONS = """
+with gone as (
+    delete from alert_transitions where id = any(array(
+        select t.id from alert_transitions t where t.at < $1 and t.published_at is not null
+            and not exists (select 1 from alert_deliveries d where d.transition_id = t.id and d.status = 'pending')
+            and not exists (select 1 from usage_alerts u
+                            where u.fired_transition = t.id or u.resolved_transition = t.id)
+        order by t.id limit $2))
+    returning 1
+)
+select count(*) from gone
+"""
+
+# A usage link is of no use a day after it expired (the day: a page open at the expiry still says why).
+_PRUNE_LINKS = """
+with gone as (
+    delete from usage_links where id = any(array(
+        select id from usage_links where expires_at < $1 order by expires_at limit $2))
+    returning 1
+)
+select count(*) from gone
+"""
+
 # Creating a month attaches it beside the default partition under an exclusive lock on that partition:
 # give up quickly rather than queue every writer behind the lock request; the next run tries again.
 _PARTITION_LOCK_TIMEOUT = "set local lock_timeout = '5s'"
@@ -52,6 +89,8 @@ class Retention:
     months_ahead: int = 2
     event_keys_days: int = 0
     counter_days: dict[str, int] = field(default_factory=dict)
+    alert_transitions_days: int = 0  # with their deliveries, counted from the transition
+    usage_alerts_days: int = 0
 
 
 @dataclass
@@ -59,11 +98,15 @@ class Upkeep:
     partitions: int = 0
     event_keys: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    usage_alerts: int = 0
+    alert_transitions: int = 0
+    usage_links: int = 0
 
     def summary(self) -> str:
         counters = ", ".join(f"{n} {window}" for window, n in self.counters.items()) or "none"
         return (f"partitions created: {self.partitions}; event keys pruned: {self.event_keys};"
-                f" counter windows pruned: {counters}")
+                f" counter windows pruned: {counters}; usage alerts pruned: {self.usage_alerts};"
+                f" alert transitions pruned: {self.alert_transitions}; usage links pruned: {self.usage_links}")
 
 
 class Maintenance:
@@ -91,6 +134,14 @@ class Maintenance:
                 if days > 0:
                     upkeep.counters[window] = await _batches(conn, deadline, _PRUNE_COUNTERS, window,
                                                              now - timedelta(days=days))
+            # Usage alerts first: a transition is kept while a usage alert names it.
+            if r.usage_alerts_days > 0:
+                upkeep.usage_alerts = await _batches(conn, deadline, _PRUNE_USAGE_ALERTS,
+                                                     now - timedelta(days=r.usage_alerts_days))
+            if r.alert_transitions_days > 0:
+                upkeep.alert_transitions = await _batches(conn, deadline, _PRUNE_TRANSITIONS,
+                                                          now - timedelta(days=r.alert_transitions_days))
+            upkeep.usage_links = await _batches(conn, deadline, _PRUNE_LINKS, now - timedelta(days=1))
         return upkeep
 
 

@@ -54,10 +54,13 @@ def _products(settings: Settings) -> list:
 
     meters = _meters(settings)
     return [QueryProduct(settings.query_cursor_secret,
-                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s)),
+                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s),
+                         settings.query_stats_max_points),
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
                          settings.redis_counter_ttl_s, meters, settings.usage_link_secret, settings.usage_page_poll_s,
-                         settings.usage_max_plans, settings.usage_max_subscriptions),
+                         settings.usage_max_plans, settings.usage_max_subscriptions,
+                         [s for s in settings.usage_link_previous_secrets.split(",") if s],
+                         settings.usage_links_per_tenant),
             AlertsProduct(meters, settings.query_cursor_secret, AlertPolicy.from_settings(settings))]
 
 
@@ -111,7 +114,9 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
 def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
     from sinks.maintenance import Retention
 
-    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days)
+    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days,
+                     alert_transitions_days=settings.alert_transitions_retention_days,
+                     usage_alerts_days=settings.usage_alerts_retention_days)
 
 
 def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:
@@ -212,7 +217,11 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         try:
             if args.keys_command == "create":
                 scopes = args.scope or list(auth.DEFAULT_SCOPES)
-                key_id, secret = await auth.create_key(conn, args.tenant, args.name, scopes)
+                try:
+                    key_id, secret = await auth.create_key(conn, args.tenant, args.name, scopes)
+                except ValueError as exc:
+                    print(exc, file=sys.stderr)
+                    return 2
                 print(f"id:     {key_id}\ntenant: {args.tenant}\nkey:    {secret}\n(the key is shown once; store it now)")
             elif args.keys_command == "list":
                 for row in await auth.list_keys(conn, args.tenant):
@@ -222,7 +231,8 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"no active key with id {args.key_id}", file=sys.stderr)
                 return 1
             else:
-                print(f"revoked {args.key_id}; a gateway that cached it accepts it for up to "
+                print(f"revoked {args.key_id} and the usage links it minted; a gateway that cached the key accepts it"
+                      " for up to "
                       f"{settings.gateway_key_cache_ttl_s:g} s more (TALLY_GATEWAY_KEY_CACHE_TTL_S)")
             return 0
         finally:

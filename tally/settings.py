@@ -167,6 +167,21 @@ class Settings(BaseSettings):
     state_dir: Path = Field(ROOT / ".local", description="logs, pid files, secrets and supervisord's socket of "
                                                          "deploy/local/; `tally status` asks supervisord there")
 
+    # product APIs: reads apart from the intake, usage links, quotas, retention of alert history (ADR 0081, 0082)
+    gateway_read_pool_size: int = Field(4, description="connections for product reads, apart from key lookups")
+    gateway_read_timeout_s: float = Field(10.0, description="the server cancels a product read after this (503)")
+    gateway_reads_per_tenant: int = Field(2, description="product requests of one tenant in flight per gateway (429)")
+    usage_link_previous_secrets: str = Field("", description="comma-separated secrets that signed usage links before "
+                                             "TALLY_USAGE_LINK_SECRET; their links work until they expire")
+    query_stats_max_points: int = Field(10_000, description="points in one stats answer; more is a 400 (the answers "
+                                        "are kept in Redis)")
+    usage_links_per_tenant: int = Field(10_000, description="live (unexpired, unrevoked) usage links per tenant (409)")
+    alert_transitions_retention_days: int = Field(
+        90, description="prune alert transitions and their deliveries this long after (0 keeps); never one still to "
+                        "be published or delivered, nor one a kept usage alert names")
+    usage_alerts_retention_days: int = Field(400, description="prune usage alerts this long after they were recorded,"
+                                             " once resolved (0 keeps)")
+
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property

@@ -17,7 +17,7 @@ from query import search
 from query.filters import LogQuery
 from tally.settings import Settings
 from tests.processor.helpers import drained, produce, wait_for
-from tests.gateway.helpers import healthy
+from tests.gateway.helpers import healthy, start_gateway
 from tests.support import free_port, running, wait_until
 from schemas.envelope import Envelope
 
@@ -35,6 +35,12 @@ def _log(tenant: str, n: int, *, service: str | None = None, minutes_ago: int | 
                     time=when, received_at=datetime.now(timezone.utc), data=data, tenant=tenant)
 
 
+def _orders(tenant: str) -> list[Envelope]:
+    """Events that are not logs: what a key with `events:read` alone may read."""
+    return [Envelope(id=f"order-{n}", source="shop", type="order.paid", subject=f"svc-{n % 3}",
+                     time=NOW - timedelta(minutes=n), received_at=datetime.now(timezone.utc), data={"n": n},
+                     tenant=tenant) for n in range(30)]
+
 
 @pytest.fixture(scope="module")
 async def stack(settings: Settings):  # noqa: ANN201
@@ -49,15 +55,16 @@ async def stack(settings: Settings):  # noqa: ANN201
     _, secret = await create_key(conn, tenant, "reader", ["logs:read", "events:read"])
     _, other_secret = await create_key(conn, other, "reader", ["logs:read", "events:read"])
     _, writer = await create_key(conn, tenant, "writer", ["events:write"])
+    _, events_reader = await create_key(conn, tenant, "events reader", ["events:read"])
     logs = [_log(tenant, n) for n in range(600)]
-    await asyncio.to_thread(produce, own, logs + [_log(other, n) for n in range(20)])
+    await asyncio.to_thread(produce, own, logs + [_log(other, n) for n in range(20)] + _orders(tenant))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running("gateway", ["gateway", "--port", str(port)], own), running("processor", ["process"], own):
         await asyncio.to_thread(wait_until, lambda: healthy(url), 30, 0.1, "the gateway")
         await wait_for(lambda: drained(own, conn), 60, "the processor to store the logs")
         yield {"settings": own, "url": url, "tenant": tenant, "secret": secret, "other": other_secret,
-               "writer": writer, "logs": logs, "db": conn}
+               "writer": writer, "events_reader": events_reader, "logs": logs, "db": conn}
     await conn.close()
 
 
@@ -122,6 +129,34 @@ async def test_word_search_in_steps_pages_exactly_as_one_plain_query(stack: dict
     assert found == [row["id"] for row in expected] and found
 
 
+class _Counting:
+    """The connection, counting the word-search steps (statements that read rows in page order)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn, self.steps = conn, 0
+
+    async def fetch(self, sql: str, *args: object) -> list:
+        self.steps += "row_number()" in sql
+        return await self.conn.fetch(sql, *args)
+
+
+async def test_a_word_search_reads_a_bounded_number_of_rows(stack: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Security review H4: past MAX_SCAN rows read in steps, the rest goes through the (tenant's) full-text index;
+    the page is the same as one plain query's."""
+    monkeypatch.setattr(search, "FIRST_SCAN", 8)
+    monkeypatch.setattr(search, "RARE", 3)
+    monkeypatch.setattr(search, "MAX_SCAN", 60, raising=False)
+    query = LogQuery.model_validate({**RANGE, "q": "paid", "limit": 1000, "order": "asc"})
+    conn = _Counting(stack["db"])
+    rows = await search.page(conn, search.log_filters(stack["tenant"], query), query, None)  # type: ignore[arg-type]
+    expected = await stack["db"].fetch(
+        "select id from events where tenant = $1 and type = 'tally.log' and time >= $2 and time < $3 and"
+        " to_tsvector('simple', data->>'message') @@ plainto_tsquery('simple', 'paid') order by time, source, id",
+        stack["tenant"], query.start, query.end)
+    assert [row["id"] for row in rows] == [row["id"] for row in expected]
+    assert conn.steps == 3  # 8, 16 and 32 rows; 64 more would pass 60
+
+
 async def test_pages_never_skip_or_repeat_while_records_keep_arriving(stack: dict) -> None:
     settings, tenant = stack["settings"], stack["tenant"]
     seen: list[str] = []
@@ -159,6 +194,17 @@ async def test_a_cursor_is_refused_by_another_tenant_and_beside_other_filters(st
         assert response.json()["errors"][0]["field"] == "cursor"
     assert {r["service"] for r in own["records"]} <= {"svc-0", "svc-1", "svc-2"}
     assert not any(r["id"].startswith("log-") and r["service"] is None for r in own["records"])
+
+
+async def test_a_cursor_is_refused_on_another_route(stack: dict) -> None:
+    """Security review, lows: the MAC covers the route, so an events cursor is no logs cursor."""
+    async with _client(stack) as client:
+        events = (await client.get("/v1/events", params={**RANGE, "limit": 5})).json()
+        cursor = httpx.URL(events["next"]).params["cursor"]
+        moved = await client.get("/v1/logs", params={**RANGE, "limit": 5, "cursor": cursor})
+        same = await client.get("/v1/events", params={**RANGE, "limit": 5, "cursor": cursor})
+    assert moved.status_code == 400 and moved.json()["errors"][0]["field"] == "cursor"
+    assert same.status_code == 200
 
 
 async def test_the_other_tenant_sees_only_its_own(stack: dict) -> None:
@@ -209,11 +255,33 @@ async def test_log_stats_equal_a_recomputation_from_the_records(stack: dict) -> 
     assert {s["service"]: s["total"] for s in by_service["series"]} == dict(totals)
 
 
-async def test_events_search_and_stats(stack: dict) -> None:
-    expected = await _raw(stack, "select subject, 1, 1, count(*)")
-    async with _client(stack) as client:
-        events = await _all_pages(client, "/v1/events", {**RANGE, "subject": "svc-1", "limit": 100}, "events")
-        stats = (await client.get("/v1/events/stats", params={**RANGE, "by": "subject", "step": "hour"})).json()
-    assert len(events) == expected[("svc-1", 1, 1)]
-    assert all(e["type"] == "tally.log" and e["subject"] == "svc-1" for e in events)
-    assert {s["subject"]: s["total"] for s in stats["series"]} == {k[0]: v for k, v in expected.items()}
+async def test_a_stats_answer_is_bounded_before_it_is_cached(stack: dict) -> None:
+    """Security review M4: past TALLY_QUERY_STATS_MAX_POINTS points, a 400 asking to narrow the query, and
+    nothing stored in Redis."""
+    params = {**RANGE, "step": "minute", "by": "level", "service": "svc-0"}  # not cached by another test
+    with start_gateway("gateway-stats-bound", stack["settings"], TALLY_QUERY_STATS_MAX_POINTS="20") as gw:
+        async with gw.client(stack["secret"]) as client:
+            wide = await client.get("/v1/logs/stats", params=params)
+            again = await client.get("/v1/logs/stats", params=params)
+            narrow = await client.get("/v1/logs/stats", params={**RANGE, "step": "hour", "by": "service"})
+    assert wide.status_code == again.status_code == 400, wide.text[:300]
+    assert wide.headers["content-type"] == "application/problem+json" and "20" in wide.json()["detail"]
+    assert narrow.status_code == 200 and sum(len(s["points"]) for s in narrow.json()["series"]) <= 20
+
+
+async def test_events_search_and_stats_leave_logs_to_the_logs_scope(stack: dict) -> None:
+    """Security review M1: `events:read` reads events, not log records; those need `logs:read` on /v1/logs."""
+    rows = await stack["db"].fetch("select subject, count(*) from events where tenant = $1 and type <> 'tally.log'"
+                                   " and counted group by 1", stack["tenant"])
+    expected = {row[0]: row[1] for row in rows}
+    async with _client(stack, stack["events_reader"]) as client:
+        events = await _all_pages(client, "/v1/events", {**RANGE, "subject": "svc-1", "limit": 7}, "events")
+        logs = (await client.get("/v1/events", params={**RANGE, "type": "tally.log"})).json()
+        stats = (await client.get("/v1/events/stats", params={**RANGE, "by": "type,subject", "step": "hour"})).json()
+        refused = await client.get("/v1/logs")
+    assert len(events) == expected["svc-1"] == 10
+    assert all(e["type"] == "order.paid" and e["subject"] == "svc-1" for e in events)
+    assert logs["events"] == []
+    assert {s["type"] for s in stats["series"]} == {"order.paid"}
+    assert {s["subject"]: s["total"] for s in stats["series"]} == expected
+    assert refused.status_code == 403

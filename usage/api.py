@@ -5,39 +5,47 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import date, datetime, timezone
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
 import redis.asyncio as redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from alerts.policy import configured as alert_policy
 from egress import Refused as TargetRefused, check_target, endpoint
+from ingest.body import parse_document, read_body
+from ingest.openapi import json_schema
 from ingest.problems import Problem, validation_errors
 from ingest.products import Edge
 from meters.definitions import MetersConfig
+from query.filters import NO_NUL, parameters, parse
 from usage import links
 from usage.alerts import message
 from usage.changes import SubjectChanges
 from usage.figures import NotFound, Unreadable, UsageService
 from usage.periods import PeriodError
 from usage.plan_changes import PlanChanges
-from usage.plans import (SLUG, Plan, QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
-                         check_meters, load_plans, load_subscriptions, plan_history, save_plan, subscription_history)
+from usage.plans import (SLUG, Plan, PlanMeter, QuotaExceeded, Refused, SubscriptionChange, UnknownPlan,
+                         change_subscription, check_meters, load_plans, load_subscriptions, plan_history, save_plan,
+                         subscription_history)
 from usage.windows import WindowReader
 
 ADMIN, READ = "admin:write", "usage:read"
+METER = PlanMeter.model_fields["meter"].metadata[0].pattern
 STATIC = Path(__file__).parent / "static"
 PAGE = (STATIC / "page.html").read_text()
 ASSETS = {"page.js": ((STATIC / "page.js").read_bytes(), "text/javascript"),
           "page.css": ((STATIC / "page.css").read_bytes(), "text/css")}
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
+PAGE_HEADERS = {"Content-Security-Policy":
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
                 "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
@@ -45,11 +53,36 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, media_type="application/json")
 
 
+MAX_BODY_BYTES = 64 * 1024  # the largest plan a tenant may send; every usage route reads at most this
+BODY_TIMEOUT_S = 30.0
+MAX_ID = 2**63 - 1
+
+
 async def _body(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, "Invalid JSON", str(exc)) from None
+    """The JSON body, refused with 413 past MAX_BODY_BYTES before it is read whole (security review M3)."""
+    return parse_document(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S))
+
+
+class UsageQuery(BaseModel):
+    """The query of GET /v1/usage and /v1/usage/history; the OpenAPI parameters are made from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str = Field(min_length=1, max_length=256)
+    meter: str | None = Field(None, pattern=METER)
+    period: Literal["current", "previous"] | date = Field("current", description="or a date inside the period")
+
+
+class AlertsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str | None = Field(None, min_length=1, max_length=256)
+    unread: bool = Field(False, description="only those not yet read")
+
+
+def _shown(row: Any) -> dict[str, Any]:
+    """An alert as the link holder sees it: not the tenant's name nor the platform-wide ids (security review)."""
+    return {k: v for k, v in message(row).items() if k not in ("id", "tenant", "alert")}
 
 
 def _invalid(exc: ValidationError | ValueError) -> Problem:
@@ -67,10 +100,6 @@ def _refusal(exc: Refused | QuotaExceeded | UnknownPlan) -> Problem:
     return Problem(404, "Unknown plan", str(exc), errors=[{"field": "plan_id", "message": str(exc)}])
 
 
-def _with(operation: dict[str, Any], extra: dict[str, Any], responses: dict[str, Any]) -> dict[str, Any]:
-    return {**operation, **extra, "responses": {**operation["responses"], **responses}}
-
-
 def _subject(subject: str) -> str:
     if len(subject.encode()) > 256 or "\x00" in subject:
         raise Problem(400, "Invalid request", "subject is at most 256 bytes, without NUL characters",
@@ -83,7 +112,8 @@ class UsageProduct:
 
     def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, meters: MetersConfig,
                  link_secret: str = "", page_poll_s: float = 30.0, max_plans: int | None = None,
-                 max_subscriptions: int | None = None) -> None:
+                 max_subscriptions: int | None = None, link_previous_secrets: Sequence[str] = (),
+                 links_per_tenant: int = 10_000) -> None:
         self._database_url = database_url
         self._meters = meters
         self._max_plans = max_plans
@@ -91,7 +121,8 @@ class UsageProduct:
         self._redis_url = redis_url
         self._prefix = redis_prefix
         self._cache_ttl_s = cache_ttl_s
-        self._link_secret = link_secret
+        self._links = links.Signer(link_secret, link_previous_secrets)
+        self._links_per_tenant = links_per_tenant
         self._page_poll_s = page_poll_s
         self._service: UsageService | None = None
         self._edge: Edge
@@ -111,6 +142,8 @@ class UsageProduct:
             Route("/v1/usage/alerts/{id:int}/read", self.read_alert, methods=["POST"]),
             Route("/v1/usage/slack", self.put_slack, methods=["PUT"]),
             Route("/v1/usage/links", self.post_link, methods=["POST"]),
+            Route("/v1/usage/links", self.revoke_links, methods=["DELETE"]),
+            Route("/v1/usage/links/{id:int}", self.revoke_link, methods=["DELETE"]),
             Route("/usage/{subject}", self.page, methods=["GET"]),
             Route("/usage/{subject}/data", self.page_data, methods=["GET"]),
             Route("/usage-assets/{name}", self.asset, methods=["GET"]),
@@ -195,15 +228,17 @@ class UsageProduct:
     async def get_alerts(self, request: Request) -> Response:
         """Newest first; `subject` narrows to one subject, `unread=true` to those not yet read."""
         tenant = await self._edge.tenant(request, READ)
-        q = request.query_params
+        q = parse(AlertsQuery, request.query_params)
         rows = await self._edge.pool.fetch(
             "select * from usage_alerts where tenant = $1 and ($2::text is null or subject = $2)"
-            " and (not $3 or read_at is null) order by id desc limit 200",
-            tenant, q.get("subject"), q.get("unread") == "true")
+            " and (not $3 or read_at is null) order by id desc limit 200", tenant, q.subject, q.unread)
         return _json({"alerts": [message(r) for r in rows]})
 
     async def read_alert(self, request: Request) -> Response:
-        tenant = await self._edge.tenant(request, READ)
+        """Marking an alert read changes data: a write scope (security review, lows)."""
+        tenant = await self._edge.tenant(request, ADMIN)
+        if request.path_params["id"] > MAX_ID:
+            raise Problem(404, "Not Found", "no such alert")
         row = await self._edge.pool.fetchrow(
             "update usage_alerts set read_at = coalesce(read_at, now()) where tenant = $1 and id = $2 returning *",
             tenant, request.path_params["id"])
@@ -216,9 +251,9 @@ class UsageProduct:
         checks it before each delivery (egress.check_target), stored sealed, answered masked (scheme and host)."""
         tenant = await self._edge.tenant(request, ADMIN)
         body = await _body(request)
-        if not isinstance(body, dict) or "webhook_url" not in body:
-            raise Problem(400, "Invalid request", "the body is an object with webhook_url (a URL or null)",
-                          errors=[{"field": "webhook_url", "message": "required: a Slack incoming-webhook URL or null"}])
+        if not isinstance(body, dict) or set(body) != {"webhook_url"}:
+            raise Problem(400, "Invalid request", 'the body is {"webhook_url": <URL or null>}',
+                          errors=[{"field": "(body)", "message": "an object with webhook_url alone"}])
         url, policy = body["webhook_url"], alert_policy()
         if url is not None:
             try:
@@ -233,42 +268,70 @@ class UsageProduct:
         return _json({"webhook_url": url and endpoint(url)})
 
     async def post_link(self, request: Request) -> Response:
-        """A signed link to one subject's usage page, valid `ttl_s` seconds (default 7 days, at most 90)."""
-        tenant = await self._edge.tenant(request, READ)
-        if not self._link_secret:
+        """A signed link to one subject's usage page, valid `ttl_s` seconds (default 7 days, at most 90).
+        Sharing a subject's usage is a change a read-only key may not make (security review M2)."""
+        principal = await self._edge.key(request, ADMIN)
+        if not self._links.configured:
             raise Problem(503, "Usage links are not configured", "set TALLY_USAGE_LINK_SECRET on the gateway")
         body = await _body(request)
-        subject = body.get("subject") if isinstance(body, dict) else None
-        ttl_s = body.get("ttl_s", 7 * 86400) if isinstance(body, dict) else None
-        if not isinstance(subject, str) or not subject or "/" in subject:
+        if not isinstance(body, dict) or not set(body) <= {"subject", "ttl_s"}:
+            raise Problem(400, "Invalid request", "the body is an object with subject and ttl_s",
+                          errors=[{"field": "(body)", "message": "an object of subject and ttl_s"}])
+        subject, ttl_s = body.get("subject"), body.get("ttl_s", 7 * 86400)
+        if isinstance(ttl_s, float) and ttl_s.is_integer():
+            ttl_s = int(ttl_s)  # 600.0 is an integer to JSON Schema
+        if not isinstance(subject, str) or not subject or "/" in subject or "\x00" in subject or len(subject) > 256:
             raise Problem(400, "Invalid request", "subject is required",
-                          errors=[{"field": "subject", "message": "a subject without '/'"}])
-        if not isinstance(ttl_s, int) or not 60 <= ttl_s <= 90 * 86400:
+                          errors=[{"field": "subject", "message": "1 to 256 characters without '/' or NUL"}])
+        if type(ttl_s) is not int or not 60 <= ttl_s <= 90 * 86400:
             raise Problem(400, "Invalid request", "ttl_s is 60 to 7776000 seconds",
                           errors=[{"field": "ttl_s", "message": "60 to 7776000"}])
         expires = int(time.time()) + ttl_s
-        token = links.sign(self._link_secret, tenant, subject, expires)
-        return _json({"url": f"/usage/{quote(subject, safe='')}?token={token}",
+        try:
+            link = await links.mint(self._edge.pool, principal.tenant, principal.key_id, subject, expires,
+                                    self._links_per_tenant)
+        except links.TooManyLinks as exc:
+            raise Problem(409, "Quota exceeded", str(exc)) from None
+        token = self._links.sign(links.Claims(link, principal.tenant, subject, expires))
+        return _json({"id": link, "url": f"/usage/{quote(subject, safe='')}?token={token}", "key_id": principal.key_id,
                       "expires_at": datetime.fromtimestamp(expires, timezone.utc).isoformat()}, 201)
 
-    def _link_tenant(self, request: Request) -> str:
-        if not self._link_secret:
+    async def revoke_link(self, request: Request) -> Response:
+        tenant = await self._edge.tenant(request, ADMIN)
+        link = request.path_params["id"]
+        if link > MAX_ID or not await links.revoke(self._edge.pool, tenant, link=link):
+            raise Problem(404, "Not Found", "no live usage link with this id")
+        return Response(status_code=204)
+
+    async def revoke_links(self, request: Request) -> Response:
+        """Every live link minted by one API key (`key_id`), as when the key leaked."""
+        tenant = await self._edge.tenant(request, ADMIN)
+        key_id = request.query_params.get("key_id", "")
+        if not 0 < len(key_id) <= 64 or set(request.query_params) != {"key_id"}:
+            raise Problem(400, "Invalid request", "key_id, the id of the key whose links to revoke, is required",
+                          errors=[{"field": "key_id", "message": "required, at most 64 characters"}])
+        return _json({"revoked": await links.revoke(self._edge.pool, tenant, key_id=key_id)})
+
+    async def _link_tenant(self, request: Request) -> str:
+        if not self._links.configured:
             raise Problem(404, "Not Found")
         try:
-            return links.verify(self._link_secret, request.query_params.get("token", ""),
-                                request.path_params["subject"])
+            claims = self._links.verify(request.query_params.get("token", ""), request.path_params["subject"])
         except links.BadLink as exc:
             raise Problem(403, "Forbidden", str(exc)) from None
+        if not await links.live(self._edge.pool, claims):
+            raise Problem(403, "Forbidden", "the link was revoked; ask for a new one")
+        return claims.tenant
 
     async def page(self, request: Request) -> Response:
         """The usage page itself; everything it loads comes from this server (CSP default-src 'self')."""
-        self._link_tenant(request)
+        await self._link_tenant(request)
         html = PAGE.replace("{poll_s}", f"{self._page_poll_s:g}")
         return Response(html, 200, PAGE_HEADERS, media_type="text/html")
 
     async def page_data(self, request: Request) -> Response:
         """What the page polls: the subject's current usage, its days and unread alerts."""
-        tenant = self._link_tenant(request)
+        tenant = await self._link_tenant(request)
         subject = request.path_params["subject"]
         now = datetime.now(timezone.utc)
         try:
@@ -281,7 +344,7 @@ class UsageProduct:
         alerts = await self._edge.pool.fetch(
             "select * from usage_alerts where tenant = $1 and subject = $2 and read_at is null order by id desc"
             " limit 20", tenant, subject)
-        return Response(orjson.dumps({"usage": usage, "history": history, "alerts": [message(a) for a in alerts]}),
+        return Response(orjson.dumps({"usage": usage, "history": history, "alerts": [_shown(a) for a in alerts]}),
                         200, {"Cache-Control": "no-store"}, media_type="application/json")
 
     async def asset(self, request: Request) -> Response:
@@ -292,13 +355,9 @@ class UsageProduct:
 
     async def _read(self, request: Request, read: Any) -> Response:
         tenant = await self._edge.tenant(request, READ)
-        q = request.query_params
-        subject = q.get("subject")
-        if not subject:
-            raise Problem(400, "Invalid request", "subject is required",
-                          errors=[{"field": "subject", "message": "required"}])
+        q = parse(UsageQuery, request.query_params)
         try:
-            body = await read(tenant, subject, q.get("meter"), q.get("period", "current"), datetime.now(timezone.utc))
+            body = await read(tenant, q.subject, q.meter, str(q.period), datetime.now(timezone.utc))
         except PeriodError as exc:
             raise Problem(400, "Invalid request", str(exc), errors=[{"field": "period", "message": str(exc)}]) from None
         except NotFound as exc:
@@ -307,54 +366,78 @@ class UsageProduct:
             raise Problem(409, "Subscription cannot be read", str(exc)) from None
         return _json(body)
 
-    @staticmethod
-    def _slack_openapi(operation: dict[str, Any]) -> dict[str, Any]:
-        """PUT /v1/usage/slack: its body, and 422 for a URL `tally alerts` would not call."""
-        operation["responses"]["422"] = {"description": "a URL that may not be called (the reason names webhook_url)"}
-        return {**operation, "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["webhook_url"], "properties": {"webhook_url": {
-                "type": ["string", "null"], "maxLength": 2048,
-                "description": "a Slack incoming webhook (on a Slack hook host), or null to turn Slack off"}}}}}}}
-
     def openapi_paths(self) -> dict[str, Any]:
-        def op(summary: str, scope: str, params: list[str] = ()) -> dict[str, Any]:
-            return {"summary": summary, "description": f"Needs an API key with scope `{scope}`.",
-                    "parameters": [{"name": p, "in": "query", "required": p == "subject", "schema": {"type": "string"}}
-                                   for p in params],
-                    "responses": {"200": {"description": "OK"}, "400": {"description": "invalid request"},
-                                  "404": {"description": "no such subscription, plan or meter"}}}
+        def op(summary: str, scope: str, params: list[dict[str, Any]] | None = None, ok: str = "200",
+               body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 404)) -> dict[str, Any]:
+            statuses = sorted({*errors, 401, 403, 429, 503, *((413,) if body else ())})
+            operation: dict[str, Any] = {
+                "summary": summary, "description": f"Needs an API key with scope `{scope}`.",
+                "security": [{"apiKey": []}], "parameters": params or [],
+                "responses": {ok: {"description": "OK", **({} if ok == "204" else {"content": {
+                    "application/json": {"schema": {"type": "object"}}}})},
+                              **{str(s): _problem_response(s) for s in statuses}}}
+            if body is not None:
+                operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+            return operation
 
-        json_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
-        refusals = {"409": {"description": "the tenant's bound on plans or subscriptions is reached"},
-                    "422": {"description": "the change cannot be applied; `errors` names each field and why"}}
-        subject = [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}]
-        unreadable = {"409": {"description": "the stored subscription's periods cannot be computed (its zone)"}}
+        def path(name: str, schema: dict[str, Any]) -> list[dict[str, Any]]:
+            if schema["type"] == "string":
+                schema = {**schema, "pattern": NO_NUL}
+            return [{"name": name, "in": "path", "required": True, "schema": schema}]
+
+        link_body = {"type": "object", "required": ["subject"], "additionalProperties": False,
+                     "properties": {"subject": {"type": "string", "minLength": 1, "maxLength": 256,
+                                                "pattern": "^[^/\\u0000]*$"},
+                                    "ttl_s": {"type": "integer", "minimum": 60, "maximum": 7776000}}}
+        slack_body = {"type": "object", "required": ["webhook_url"], "additionalProperties": False,
+                      "properties": {"webhook_url": {
+                          "anyOf": [{"type": "string", "maxLength": 2048, "pattern": "^https?://[^\\u0000]*$"},
+                                    {"type": "null"}],
+                          "description": "a Slack incoming webhook (on a Slack hook host), or null to turn Slack off;"
+                                         " a URL that may not be called is a 422 naming webhook_url"}}}
+        subject = path("subject", {"type": "string", "minLength": 1, "maxLength": 256})
         return {
-            "/v1/plans": {"post": _with(op("Create a plan, or a new version of it effective from now (docs/adr/0060);"
-                                           " every meter must be a configured COUNT or SUM meter with an hour"
-                                           " window and no group_by", ADMIN), json_body, refusals),
-                          "get": op("List plans (current versions)", READ)},
-            "/v1/plans/{plan_id}": {"get": {
-                **op("A plan's current version and every version it had", READ),
-                "parameters": [{"name": "plan_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+            "/v1/plans": {"post": op("Create a plan, or a new version of it effective from now (docs/adr/0060); every"
+                                     " meter must be a configured COUNT or SUM meter with an hour window and no"
+                                     " group_by (422); 409 past the tenant's bound on plans", ADMIN, ok="201",
+                                     body=json_schema(Plan), errors=(400, 409, 422)),
+                          "get": op("List plans (current versions)", READ, errors=(400,))},
+            "/v1/plans/{plan_id}": {"get": op("A plan's current version and every version it had", READ,
+                                              path("plan_id", {"type": "string", "minLength": 1, "maxLength": 64}))},
             "/v1/subscriptions/{subject}": {
-                "put": _with(op("Create a subscription (plan_id required; anchor day 1, UTC, from today unless"
-                                " named) or change only what the body names: a plan or customer change is a new"
-                                " version, billed from the next whole hour; anchor_day, time_zone and start_date"
-                                " cannot change once the first period has begun (422)", ADMIN),
-                             {"parameters": subject, **json_body}, refusals),
-                "get": {**op("A subscription with every version it had", READ), "parameters": subject}},
-            "/v1/subscriptions": {"get": op("List subscriptions", READ, ["subject"])},
-            "/v1/usage": {"get": _with(op("A subject's usage per meter in a billing period", READ,
-                                          ["subject", "meter", "period"]), {}, unreadable)},
-            "/v1/usage/history": {"get": _with(op("A subject's usage per day of a billing period", READ,
-                                                  ["subject", "meter", "period"]), {}, unreadable)},
-            "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, ["subject", "unread"])},
-            "/v1/usage/alerts/{id}/read": {"post": {
-                **op("Mark an alert read", READ),
-                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]}},
-            "/v1/usage/slack": {"put": self._slack_openapi(op("Set the Slack incoming-webhook URL for usage alerts",
-                                                              ADMIN))},
-            "/v1/usage/links": {"post": {**op("A signed, expiring link to a subject's usage page", READ),
-                                         **json_body}},
+                "put": op("Create a subscription (plan_id required; anchor day 1, UTC, from today unless named) or"
+                          " change only what the body names: a plan or customer change is a new version, billed"
+                          " from the next whole hour; anchor_day, time_zone and start_date cannot change once the"
+                          " first period has begun (422); 409 past the tenant's bound on subscriptions", ADMIN,
+                          subject, body=json_schema(SubscriptionChange), errors=(400, 404, 409, 422)),
+                "get": op("A subscription with every version it had", READ, subject)},
+            "/v1/subscriptions": {"get": op("List subscriptions", READ, [
+                {"name": "subject", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": NO_NUL}}], errors=(400,))},
+            "/v1/usage": {"get": op("A subject's usage per meter in a billing period (409: the stored subscription's"
+                                    " periods cannot be computed)", READ, parameters(UsageQuery),
+                                    errors=(400, 404, 409))},
+            "/v1/usage/history": {"get": op("A subject's usage per day of a billing period (409: the stored"
+                                            " subscription's periods cannot be computed)", READ,
+                                            parameters(UsageQuery), errors=(400, 404, 409))},
+            "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, parameters(AlertsQuery),
+                                           errors=(400,))},
+            "/v1/usage/alerts/{id}/read": {"post": op("Mark an alert read", ADMIN, path("id", {"type": "integer"}))},
+            "/v1/usage/slack": {"put": op("Set the Slack incoming-webhook URL for usage alerts (null: none)", ADMIN,
+                                          body=slack_body, errors=(400, 422))},
+            "/v1/usage/links": {
+                "post": op("A signed, expiring link to a subject's usage page; 503 until the gateway has "
+                           "TALLY_USAGE_LINK_SECRET, 409 past the tenant's live links", ADMIN, ok="201",
+                           body=link_body, errors=(400, 409)),
+                "delete": op("Revoke every live link minted by one API key", ADMIN, [
+                    {"name": "key_id", "in": "query", "required": True,
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NO_NUL}}],
+                    errors=(400,))},
+            "/v1/usage/links/{id}": {"delete": op("Revoke one usage link", ADMIN, path("id", {"type": "integer"}),
+                                                  ok="204")},
         }
+
+
+def _problem_response(status: int) -> dict[str, Any]:
+    return {"description": HTTPStatus(status).phrase,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}

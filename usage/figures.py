@@ -39,16 +39,26 @@ class Unreadable(Exception):
 
 
 def resolve_period(anchor: Anchor, spec: str, now: datetime) -> Period:
-    """`current`, `previous` or the local date of any day in the wanted period."""
-    if spec == "current":
-        return period_at(anchor, now)
+    """`current`, `previous` or the local date of any day in the wanted period; a period before the
+    subscription started is not found."""
+    if spec in ("current", "previous"):
+        day = now.astimezone(anchor.tz()).date()
+    else:
+        try:
+            day = date.fromisoformat(spec)
+        except ValueError:
+            raise PeriodError("period is current, previous or a date (YYYY-MM-DD)") from None
+        if day.year >= date.max.year:
+            raise PeriodError(f"period is a date before {date.max.year}-01-01 (its period must end within the "
+                              "calendar)")
+    if day < anchor.start_date:
+        raise NotFound(f"the subscription starts on {anchor.start_date}; there is no period on {day}")
+    period = period_of_date(anchor, day)
     if spec == "previous":
-        return previous(anchor, period_at(anchor, now))
-    try:
-        day = date.fromisoformat(spec)
-    except ValueError:
-        raise PeriodError("period is current, previous or a date (YYYY-MM-DD)") from None
-    return period_of_date(anchor, day)
+        if period.label <= anchor.start_date:
+            raise NotFound(f"the subscription starts on {anchor.start_date}; its first period has none before it")
+        return previous(anchor, period)
+    return period
 
 
 def _text(value: Decimal) -> str:

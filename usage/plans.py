@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from meters.definitions import MetersConfig, Window
 from schemas.counters import Aggregation
@@ -67,6 +67,13 @@ class Plan(BaseModel):
         return next((m for m in self.meters if m.meter == meter), None)
 
 
+def _iso_date(value: object) -> object:
+    """A date is written YYYY-MM-DD; pydantic would also read a number as a Unix time."""
+    if not isinstance(value, (str, date)):
+        raise ValueError("a date, YYYY-MM-DD")
+    return value
+
+
 class Subscription(BaseModel):
     """A subscription's current state (a row of `subscriptions`)."""
 
@@ -77,7 +84,7 @@ class Subscription(BaseModel):
     stripe_customer_id: str | None = Field(None, max_length=255, pattern=TEXT)
     anchor_day: int = Field(1, ge=1, le=31)
     time_zone: str = "UTC"
-    start_date: date
+    start_date: Annotated[date, BeforeValidator(_iso_date)]
 
     @field_validator("time_zone")
     @classmethod

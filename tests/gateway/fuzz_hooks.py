@@ -1,5 +1,6 @@
 """Schemathesis hooks (SCHEMATHESIS_HOOKS=tests.gateway.fuzz_hooks): put deep nesting and numbers past
-64 bits and past a double's range into the generated bodies, where schema-driven generation rarely goes."""
+64 bits and past a double's range into the generated bodies, and a NUL, deep nesting or a huge number into
+any query or path parameter, where schema-driven generation rarely goes."""
 
 from __future__ import annotations
 
@@ -40,3 +41,29 @@ def flatmap_body(_context: Any, body: Any) -> st.SearchStrategy:
     keys = sorted(body) if isinstance(body, dict) else []
     where = st.one_of(st.just("data"), st.sampled_from(keys)) if keys else st.just("data")
     return st.one_of(st.just(body), st.builds(_spoil_body, st.just(body), where, _odd_values))
+
+
+_odd_strings = st.sampled_from(["\x00", "a\x00b", "[" * 300 + "]" * 300, '{"n":' * 100 + "0" + "}" * 100, "9" * 400,
+                                "1e400", "-9223372036854775809", "18446744073709551616", "NaN", "-0"])
+
+
+def _spoil_one(params: dict[str, Any] | None, where: str, value: str) -> dict[str, Any] | None:
+    return {**params, where: value} if params else params
+
+
+def _parameters(params: dict[str, Any] | None) -> st.SearchStrategy:
+    """The parameters as generated, or with one of them a NUL, deep nesting or a number past 64 bits."""
+    if not params:
+        return st.just(params)
+    return st.one_of(st.just(params), st.builds(_spoil_one, st.just(params), st.sampled_from(sorted(params)),
+                                                _odd_strings))
+
+
+@schemathesis.hook
+def flatmap_query(_context: Any, query: dict[str, Any] | None) -> st.SearchStrategy:
+    return _parameters(query)
+
+
+@schemathesis.hook
+def flatmap_path_parameters(_context: Any, path_parameters: dict[str, Any] | None) -> st.SearchStrategy:
+    return _parameters(path_parameters)

@@ -20,7 +20,7 @@ from tally.settings import Settings
 from tests.metering.helpers import metered, pipeline, run_tally, tenant_keys
 from tests.processor.helpers import drained, wait_for
 from tests.support import running
-from usage.limits import publish
+from usage.limits import publish, tenant_key
 
 RATE = 20  # events per second
 INCLUDED = 40
@@ -112,7 +112,7 @@ async def test_the_gateway_copies_the_blocks_again_only_when_the_decision_change
         await publish(client, prefix, {"t": {"a": [["api.*", "api_calls", until]]}}, 60)
         await limits.load()
         assert limits.refused("t", {"type": "api.call", "subject": "a"}, datetime.now(timezone.utc)) is not None
-        await client.hdel(f"{prefix}limits:t", "a")  # not a decision: the digest is unchanged, the copy kept
+        await client.hdel(tenant_key(prefix, "t"), "a")  # not a decision: the digest is unchanged, the copy kept
         await limits.load()
         assert limits.refused("t", {"type": "api.call", "subject": "a"}, datetime.now(timezone.utc)) is not None
         await publish(client, prefix, {"t": {"b": [["api.*", "api_calls", until]]}}, 60)

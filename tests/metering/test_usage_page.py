@@ -49,7 +49,7 @@ async def test_usage_page_shows_figures_that_follow_new_events(isolated: Setting
             url = gw.url + link.json()["url"]
 
             assert (await api.get(url.replace("token=", "token=x"))).status_code == 403
-            expired = links.sign(SECRET, tenant, "acme", int(time.time()) - 1)
+            expired = links.Signer(SECRET).sign(links.Claims(link.json()["id"], tenant, "acme", int(time.time()) - 1))
             assert (await api.get(f"/usage/acme?token={expired}")).status_code == 403
             assert (await api.get(f"/usage/other?token={link.json()['url'].split('token=')[1]}")).status_code == 403
 
