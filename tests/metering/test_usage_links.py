@@ -16,6 +16,7 @@ import pytest
 from ingest.auth import create_key, revoke_key
 from tally.settings import Settings
 from tests.gateway.helpers import start_gateway
+from tests.metering.helpers import metered
 from usage import links
 
 OLD, NEW = "usage-link-secret-one", "usage-link-secret-two"
@@ -105,7 +106,7 @@ async def test_a_tenant_has_a_bounded_number_of_live_links(settings: Settings, t
 
 async def test_the_page_shows_no_tenant_name_nor_platform_ids(settings: Settings, tenant: dict) -> None:
     db = tenant["db"]
-    with start_gateway("gateway-links-page", settings, TALLY_USAGE_LINK_SECRET=NEW) as gw:
+    with start_gateway("gateway-links-page", metered(settings), TALLY_USAGE_LINK_SECRET=NEW) as gw:
         async with _client(gw, tenant["keys"]["admin"]) as api, gw.client() as anyone:
             plan = {"id": "team", "meters": [{"meter": "api_calls", "included": 5}]}
             assert (await api.post("/v1/plans", json=plan)).status_code == 201
@@ -148,7 +149,7 @@ async def test_usage_bodies_are_read_with_a_byte_limit(settings: Settings, tenan
 
 async def test_marking_an_alert_read_needs_a_write_scope_and_odd_periods_are_400(settings: Settings,
                                                                                   tenant: dict) -> None:
-    with start_gateway("gateway-usage-lows", settings) as gw:
+    with start_gateway("gateway-usage-lows", metered(settings)) as gw:
         async with _client(gw, tenant["keys"]["reader"]) as reader, _client(gw, tenant["keys"]["admin"]) as api:
             read = await reader.post("/v1/usage/alerts/1/read")
             plan = {"id": "team", "meters": [{"meter": "api_calls", "included": 5}]}
