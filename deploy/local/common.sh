@@ -68,3 +68,23 @@ stop_pidfile() {
   fi
   rm -f "$pidfile"
 }
+
+# go_tool NAME VERSION PACKAGE [PREPARE]: NAME built from its Go module into $STATE/bin/NAME-VERSION, once.
+# PREPARE, a function, may first write a module of its own into the build directory (its argument), from
+# which PACKAGE is installed; without one, PACKAGE@VERSION is installed as published.
+go_tool() {
+  local name=$1 version=$2 package=$3 prepare=${4:-}
+  local bin="$STATE/bin/$name-$version" build="$STATE/build/$name-$version" log="$STATE/log/$name-build.log"
+  if [ -x "$bin" ]; then say "$name $version present"; return 0; fi
+  have go || die "Go is not installed; $name is built from its Go module" "install Go (apt-get install golang)"
+  say "building $name $version with go install"
+  mkdir -p "$build" "$STATE/bin"
+  if [ -n "$prepare" ]; then
+    "$prepare" "$build"
+    (cd "$build" && go mod tidy && GOBIN="$build/bin" go install "$package") >"$log" 2>&1
+  else
+    GOBIN="$build/bin" go install "$package@$version" >"$log" 2>&1
+  fi || die "go install of $name failed (no network to the Go module proxy?)" "see $log"
+  mv "$build/bin/$name" "$bin"
+  say "$name at $bin"
+}
