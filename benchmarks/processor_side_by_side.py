@@ -39,13 +39,21 @@ async def drain(bench: Bench, settings: Settings, loaded: kafka_bench.Loaded, na
     before = await meter.snapshot()
     began = time.monotonic()
     cpu: dict[str, float | None] = {}
+    running: dict[str, float | None] = {}
+    first: tuple[dict[str, dict[int, float]], int] | None = None
     try:
         with harness.profiling(service, profile) if profile else contextlib.nullcontext():
             while time.monotonic() < began + timeout_s:
                 end, committed = lag.sample()
                 if committed >= end:
-                    cpu = CpuMeter.per_event(before, await meter.snapshot(), loaded.messages)
+                    after = await meter.snapshot()
+                    cpu = CpuMeter.per_event(before, after, loaded.messages)
+                    if first is not None and end > first[1]:
+                        running = CpuMeter.per_event(first[0], after, end - first[1])
                     break
+                if committed and first is None:
+                    # Once running: from the first commit seen, leaving out start-up (imports, connections).
+                    first = (await meter.snapshot(), committed)
                 if service.process.poll() is not None:
                     raise RuntimeError(f"{name} exited; see benchmarks/out/logs/{name}.log")
                 await asyncio.sleep(0.2)
@@ -59,12 +67,14 @@ async def drain(bench: Bench, settings: Settings, loaded: kafka_bench.Loaded, na
     if not check["exact"]:
         raise RuntimeError(f"{name}: not exact: {check}")
     return {"processor": cpu["processor"] or 0.0, "postgresql": cpu["postgresql"] or 0.0,
+            "processor_running": running.get("processor") or 0.0, "postgresql_running": running.get("postgresql") or 0.0,
             "events_s": loaded.messages / seconds}
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.processor_side_by_side", description=__doc__)
     parser.add_argument("--base", required=True, help="the revision to compare with (e.g. main)")
+    parser.add_argument("--this", help="a revision to run instead of this checkout's files")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--drain-timeout", type=int, default=300)
@@ -74,7 +84,8 @@ async def main() -> None:
     def rev(*argv: str) -> str:
         return subprocess.run(["git", *argv], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
-    names = {"base": f"base {rev('rev-parse', '--short', args.base)}", "this": f"this {rev('describe', '--always', '--dirty')}"}
+    this = rev("rev-parse", "--short", args.this) if args.this else rev("describe", "--always", "--dirty")
+    names = {"base": f"base {rev('rev-parse', '--short', args.base)}", "this": f"this {this}"}
     OUT.mkdir(parents=True, exist_ok=True)
     bench = Bench.create(Settings())
     await bench.setup()
@@ -86,9 +97,13 @@ async def main() -> None:
             loaded = kafka_bench.load(settings.kafka_bootstrap, settings.topics.events, bench.run, args.events, 0.1)
             print(f"loaded {loaded.messages:,} events ({loaded.distinct:,} distinct); load average "
                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-            checkouts = {"base": checkout_of(args.base, Path(scratch)), "this": ROOT}
-            print("| round | processor | processor CPU µs/event | PostgreSQL CPU µs/event | events/s | load avg (1 min) |")
-            print("|---:|---|---:|---:|---:|---:|")
+            for which in ("base", "this"):
+                (Path(scratch) / which).mkdir()
+            checkouts = {"base": checkout_of(args.base, Path(scratch) / "base"),
+                         "this": checkout_of(args.this, Path(scratch) / "this") if args.this else ROOT}
+            print("| round | processor | CPU µs/event: processor | PostgreSQL | once running: processor | PostgreSQL "
+                  "| events/s | load avg (1 min) |")
+            print("|---:|---|---:|---:|---:|---:|---:|---:|")
             for n in range(1, args.rounds + 1):
                 # Each round starts with the other one, so neither always runs first.
                 order = ["base", "this"] if n % 2 else ["this", "base"]
@@ -99,13 +114,13 @@ async def main() -> None:
                                         args.drain_timeout)
                     figures[which].append(found)
                     print(f"| {n} | {names[which]} | {found['processor']:.1f} | {found['postgresql']:.1f} | "
+                          f"{found['processor_running']:.1f} | {found['postgresql_running']:.1f} | "
                           f"{found['events_s']:,.0f} | {os.getloadavg()[0]:.2f} |", flush=True)
             for which, runs in figures.items():
-                cpu = [r["processor"] for r in runs]
-                pg = [r["postgresql"] for r in runs]
-                print(f"{names[which]}: processor median {statistics.median(cpu):.1f} µs/event "
-                      f"(range {min(cpu):.1f}–{max(cpu):.1f}), PostgreSQL median {statistics.median(pg):.1f} "
-                      f"(range {min(pg):.1f}–{max(pg):.1f})")
+                print(f"{names[which]}: medians (ranges) in CPU µs/event: " + ", ".join(
+                    f"{figure} {statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+                    for figure in ("processor", "postgresql", "processor_running", "postgresql_running")
+                    for values in ([r[figure] for r in runs],)))
         finally:
             await bench.teardown()
 
