@@ -25,8 +25,15 @@ from pathlib import Path
 from benchmarks import harness, kafka_bench, pg_bench
 from benchmarks.cpu import CpuMeter
 from benchmarks.stack import OUT, ROOT, TALLY, Bench
-from benchmarks.usage_side_by_side import checkout_of
 from tally.settings import Settings
+
+
+def checkout_of(rev: str, into: Path) -> Path:
+    """REV's files in `into`, from `git archive`."""
+    into.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 async def drain(bench: Bench, settings: Settings, loaded: kafka_bench.Loaded, name: str, checkout: Path,
@@ -97,8 +104,6 @@ async def main() -> None:
             loaded = kafka_bench.load(settings.kafka_bootstrap, settings.topics.events, bench.run, args.events, 0.1)
             print(f"loaded {loaded.messages:,} events ({loaded.distinct:,} distinct); load average "
                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-            for which in ("base", "this"):
-                (Path(scratch) / which).mkdir()
             checkouts = {"base": checkout_of(args.base, Path(scratch) / "base"),
                          "this": checkout_of(args.this, Path(scratch) / "this") if args.this else ROOT}
             print("| round | processor | CPU µs/event: processor | PostgreSQL | once running: processor | PostgreSQL "
