@@ -117,30 +117,21 @@ class Content(Protocol):
     data: Any
 
 
-def content_digest(event: Content, data: bytes | None = None) -> bytes:
+def content_digest(event: Content) -> bytes:
     """What makes two copies of one (tenant, source, id) the same event: type, subject, time and data.
 
     An exact re-send is a duplicate; a copy that differs in any of these is a conflict (docs/adr/0014).
     A `time` equal to `received_at` is the one the gateway filled in for a producer that sent none, so
     it is left out: a retry of such an event gets another receipt time but is the same event. Keys of
-    `data` are sorted, so the order a producer's serialiser writes them in does not matter. `data`, if
-    given, is `canonical_data(event.data)`, made once by a caller that stores it too.
+    `data` are sorted, so the order a producer's serialiser writes them in does not matter.
     """
     moment = None if event.time == event.received_at else (event.time - _EPOCH) // _MICROSECOND
+    content = [event.type, event.subject, moment, event.data]
     try:
-        # The bytes of orjson.dumps([type, subject, moment, data], option=OPT_SORT_KEYS), stored digests' form.
-        canonical = (orjson.dumps([event.type, event.subject, moment])[:-1] + b","
-                     + (canonical_data(event.data) if data is None else data) + b"]")
+        canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # integers beyond 64 bits, which orjson does not write
-        content = [event.type, event.subject, moment, event.data]
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     return hashlib.blake2b(canonical, digest_size=16).digest()
-
-
-def canonical_data(data: Any) -> bytes:
-    """`data` as JSON with its keys sorted: what the content digest covers, and what storage writes
-    (jsonb keeps no key order). TypeError for integers beyond 64 bits."""
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

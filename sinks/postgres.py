@@ -24,7 +24,7 @@ import asyncpg
 import orjson
 
 from schemas.counters import CounterDelta
-from schemas.envelope import canonical_data, content_digest
+from schemas.envelope import content_digest
 from sinks.base import Record
 from sinks.errors import is_poison
 
@@ -177,8 +177,7 @@ class PostgresSink:
     async def _transaction(self, share: list[Record]) -> StoreResult:
         """One transaction: claim the keys, store the new events, apply and queue their counter windows,
         and tell the copies that repeat a kept event's id with other content from plain duplicates."""
-        # The first copy of each key, its digest and its data as stored (serialised once for both).
-        first: dict[tuple[str, str, str], tuple[Record, bytes, bytes | None]] = {}
+        first: dict[tuple[str, str, str], tuple[Record, bytes]] = {}
         repeats: list[tuple[Record, bytes]] = []
         for r in share:
             e = r.envelope
@@ -186,23 +185,20 @@ class PostgresSink:
             if key in first:
                 repeats.append((r, content_digest(e)))
             else:
-                data = None if e.data is None else canonical_data(e.data)
-                first[key] = (r, content_digest(e, b"null" if data is None else data), data)
+                first[key] = (r, content_digest(e))
         async with self._pool.acquire() as conn, conn.transaction():
             # The statement sorts the keys itself (the lock order); Python only maps them back.
             # A claimed key is named by where its first copy was read: two ints, no text to decode.
             claimed = {(row[0], row[1]) for row in await conn.fetch(_CLAIM, *_claim_columns(first))}
-            kept = [k for k in first.values() if (k[0].partition, k[0].offset) in claimed]
-            new = [r for r, _, _ in kept]
+            new = [r for r, _ in first.values() if (r.partition, r.offset) in claimed]
             if new:
-                await conn.copy_records_to_table("events", records=[_row(r, data) for r, _, data in kept],
-                                                 columns=_EVENT_COLUMNS)
+                await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
             deltas = self._aggregate(new)
             if self._stateful is not None and new:
                 deltas = sorted(deltas + await self._stateful(conn, new), key=lambda item: item[0])
             if deltas:
                 await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
-            repeats += [(r, digest) for r, digest, _ in first.values() if (r.partition, r.offset) not in claimed]
+            repeats += [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
             conflicts = await _conflicts(conn, repeats) if repeats else []
         if self._on_commit is not None:
             self._on_commit()
@@ -229,10 +225,10 @@ async def _conflicts(conn: asyncpg.Connection, repeats: list[tuple[Record, bytes
     return conflicts
 
 
-def _claim_columns(first: dict[tuple[str, str, str], tuple[Record, bytes, bytes | None]]) -> list[list]:
+def _claim_columns(first: dict[tuple[str, str, str], tuple[Record, bytes]]) -> list[list]:
     kept = first.values()
-    return [[k[0] for k in first], [k[1] for k in first], [k[2] for k in first], [d for _, d, _ in kept],
-            [r.partition for r, _, _ in kept], [r.offset for r, _, _ in kept]]
+    return [[k[0] for k in first], [k[1] for k in first], [k[2] for k in first], [d for _, d in kept],
+            [r.partition for r, _ in kept], [r.offset for r, _ in kept]]
 
 
 def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:
@@ -248,7 +244,8 @@ def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:
     return columns
 
 
-def _row(record: Record, data: bytes | None) -> tuple:
+def _row(record: Record) -> tuple:
     e = record.envelope
-    return (e.tenant, e.source, e.id, e.type, e.subject, e.time, e.received_at, None if data is None else data.decode(),
+    data = None if e.data is None else orjson.dumps(e.data).decode()
+    return (e.tenant, e.source, e.id, e.type, e.subject, e.time, e.received_at, data,
             record.partition, record.offset, record.counted)

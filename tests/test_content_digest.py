@@ -38,23 +38,3 @@ def test_any_other_difference_is_a_conflict() -> None:
     for changed in (_event(type="u"), _event(subject=None), _event(time=NOW - timedelta(minutes=2)),
                     _event(data={"x": 2, "y": [1, 2]}), _event(data={"x": 1, "y": [2, 1]})):
         assert content_digest(changed) != base
-
-
-def test_digests_keep_the_form_stored_in_event_keys() -> None:
-    """Digests are stored with every claimed key: a change of form would turn re-deliveries of kept
-    events into conflicts. The digest is BLAKE2b-128 of the sorted-key JSON [type, subject, µs since the
-    epoch or null, data]; made from data already serialised by `canonical_data`, it is the same."""
-    import hashlib
-
-    import orjson
-
-    from schemas.envelope import canonical_data
-
-    for event in (_event(), _event(subject=None, data=None), _event(time=NOW, data={"é": ["\u2603", 1.5, None]}),
-                  _event(data={"b": {"z": 1, "a": [{"y": 2, "x": True}]}, "a": "x"}), _event(data=[3, "a"])):
-        moment = None if event.time == event.received_at else (event.time - datetime(1970, 1, 1, tzinfo=timezone.utc)
-                                                                ) // timedelta(microseconds=1)
-        stored = hashlib.blake2b(orjson.dumps([event.type, event.subject, moment, event.data],
-                                              option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
-        assert content_digest(event) == stored
-        assert content_digest(event, canonical_data(event.data)) == stored
