@@ -10,9 +10,9 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from datetime import datetime, timedelta, timezone
 from decimal import Context, Decimal, Inexact, InvalidOperation
+from functools import partial
 from typing import Any
 
 import orjson
@@ -147,7 +147,8 @@ class StatefulInput:
 
 
 class MeterSet:
-    """The configured meters, compiled once: type filters become a regex per meter, paths are split.
+    """The configured meters, compiled once: type filters become a regex per meter, paths are split, and
+    the checks an event type needs are made at its first event (docs/adr/0110).
 
     `check` runs in step 1 on every event; `aggregate` runs inside the PostgreSQL transaction on the
     events that turned out to be new, folding them into one delta per counter window.
