@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Context, Decimal, Inexact, InvalidOperation
+from functools import partial
 from typing import Any
 
 import orjson
@@ -93,6 +94,29 @@ def _scalar(raw: Any) -> Scalar:
     return orjson.dumps(raw, option=orjson.OPT_SORT_KEYS).decode()
 
 
+@dataclass(frozen=True)
+class _TypeOnly:
+    """All an event's type tells of it: what `_compile_checks` resolves paths against."""
+
+    type: str
+
+
+def _read_value(read: Callable[[Any, Meter], Any], meter: Meter, raw: Any) -> None:
+    read(raw, meter)
+
+
+def _read_group(name: str, meter: Meter, raw: Any) -> None:
+    _check_group_value(raw, name, meter)
+
+
+def _checked(step: Callable[[Any], None], parts: tuple[str, ...], event: StoredEvent) -> None:
+    step(_resolve(event, parts))
+
+
+def _refuse(reason: str, event: StoredEvent) -> None:
+    raise MeterError(reason)
+
+
 _MINUTE = timedelta(minutes=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -123,7 +147,8 @@ class StatefulInput:
 
 
 class MeterSet:
-    """The configured meters, compiled once: type filters become a regex per meter, paths are split.
+    """The configured meters, compiled once: type filters become a regex per meter, paths are split, and
+    the checks an event type needs are made at its first event (docs/adr/0110).
 
     `check` runs in step 1 on every event; `aggregate` runs inside the PostgreSQL transaction on the
     events that turned out to be new, folding them into one delta per counter window.
@@ -141,23 +166,39 @@ class MeterSet:
         ]
         self.has_stateful = any(c.stateful for c in self._compiled)
         self._by_type: dict[str, list[tuple[int, _Compiled]]] = {}
-        self._checked_by_type: dict[str, list[_Compiled]] = {}
+        self._checks_by_type: dict[str, tuple[Callable[[StoredEvent], None], ...]] = {}
         self._bounds: dict[tuple[Window, int], tuple[datetime, datetime]] = {}
         self._minutes: dict[datetime, int] = {}
 
     def check(self, envelope: StoredEvent) -> None:
         """Raise MeterError if a meter that matches this event cannot read its value or group it."""
-        checked = self._checked_by_type.get(envelope.type)
-        if checked is None:
-            checked = [c for _, c in self._matching(envelope.type) if not c.counts or c.group_by]
-            if len(self._checked_by_type) > 10_000:
-                self._checked_by_type.clear()
-            self._checked_by_type[envelope.type] = checked
-        for c in checked:
-            if not c.counts:
-                c.read(_resolve(envelope, c.value_path), c.meter)
-            for name, parts in c.group_by:
-                _check_group_value(_resolve(envelope, parts), name, c.meter)
+        checks = self._checks_by_type.get(envelope.type)
+        if checks is None:
+            checks = self._compile_checks(envelope.type)
+        for check in checks:
+            check(envelope)
+
+    def _compile_checks(self, event_type: str) -> tuple[Callable[[StoredEvent], None], ...]:
+        """The checks an event of this type needs, in the order `check` makes them (so the first failing
+        one still names the reason). A path rooted at `type`, or at no envelope attribute, gives the same
+        value for every event of the type: it is checked here, once, and left out if it passes."""
+        checks: list[Callable[[StoredEvent], None]] = []
+        known = _TypeOnly(event_type)
+        for _, c in self._matching(event_type):
+            steps = [] if c.counts else [(c.value_path, partial(_read_value, c.read, c.meter))]
+            steps += [(parts, partial(_read_group, name, c.meter)) for name, parts in c.group_by]
+            for parts, step in steps:
+                if parts[0] in _ROOTS and parts[0] != "type":
+                    checks.append(partial(_checked, step, parts))
+                    continue
+                try:
+                    step(_resolve(known, parts))
+                except MeterError as exc:
+                    checks.append(partial(_refuse, str(exc)))
+        if len(self._checks_by_type) > 10_000:
+            self._checks_by_type.clear()
+        found = self._checks_by_type[event_type] = tuple(checks)
+        return found
 
     def aggregate(self, records: Iterable[Record]) -> list[tuple[str, CounterDelta]]:
         """One delta per counter window touched by these records, sorted by key text (the lock order).

@@ -190,9 +190,7 @@ class Processor:
         metrics.LATE.inc(batch.late)
         new = len(stored.new) if stored else 0
         if stored:
-            committed_at = datetime.now(timezone.utc)
-            for record in stored.new:
-                metrics.END_TO_END_SECONDS.observe((committed_at - record.envelope.received_at).total_seconds())
+            metrics.observe_end_to_end(datetime.now(timezone.utc), [r.envelope.received_at for r in stored.new])
         log.info("batch: %d consumed, %d new, %d duplicate, %d dead-lettered, %d late", batch.consumed, new,
                  batch.consumed - new - len(batch.dead_letters), len(batch.dead_letters), batch.late)
         return True

@@ -5,6 +5,7 @@ The CLI maps settings onto ServiceConfig and calls `run`; nothing here reads the
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -110,6 +111,9 @@ async def run(config: ServiceConfig) -> None:
     )
     processor = Processor(config.processor, validator, sinks)
     processor.install_signal_handlers()
+    # What exists now (modules, meters, clients) lives as long as the process: kept out of the collector's
+    # scans, which then look at the batches' objects alone (docs/adr/0113).
+    gc.freeze()
     try:
         await processor.run()
     finally:

@@ -41,6 +41,8 @@ class Record(NamedTuple):
     built per message).
 
     `counted` is false for an event older than the late-event horizon: it is stored, not counted.
+    `partition` and `offset` name one message of the events topic: storage maps the keys it claimed
+    back to records by them (docs/adr/0112).
     """
 
     envelope: StoredEvent

@@ -34,7 +34,7 @@ select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[],
          as k(tenant, source, id, digest, kafka_partition, kafka_offset)
 order by tenant, source, id
 on conflict do nothing
-returning tenant, source, id
+returning kafka_partition, kafka_offset
 """
 
 # The kept copies of keys this transaction did not claim. Under READ COMMITTED this statement sees a
@@ -188,8 +188,9 @@ class PostgresSink:
                 first[key] = (r, content_digest(e))
         async with self._pool.acquire() as conn, conn.transaction():
             # The statement sorts the keys itself (the lock order); Python only maps them back.
-            claimed = {tuple(row) for row in await conn.fetch(_CLAIM, *_claim_columns(first))}
-            new = [first[key][0] for key in first if key in claimed]
+            # A claimed key is named by where its first copy was read: two ints, no text to decode.
+            claimed = {(row[0], row[1]) for row in await conn.fetch(_CLAIM, *_claim_columns(first))}
+            new = [r for r, _ in first.values() if (r.partition, r.offset) in claimed]
             if new:
                 await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
             deltas = self._aggregate(new)
@@ -197,7 +198,7 @@ class PostgresSink:
                 deltas = sorted(deltas + await self._stateful(conn, new), key=lambda item: item[0])
             if deltas:
                 await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
-            repeats += [first[key] for key in first if key not in claimed]
+            repeats += [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
             conflicts = await _conflicts(conn, repeats) if repeats else []
         if self._on_commit is not None:
             self._on_commit()
@@ -225,11 +226,9 @@ async def _conflicts(conn: asyncpg.Connection, repeats: list[tuple[Record, bytes
 
 
 def _claim_columns(first: dict[tuple[str, str, str], tuple[Record, bytes]]) -> list[list]:
-    columns: list[list] = [[], [], [], [], [], []]
-    for (tenant, source, id_), (record, digest) in first.items():
-        for column, value in zip(columns, (tenant, source, id_, digest, record.partition, record.offset)):
-            column.append(value)
-    return columns
+    kept = first.values()
+    return [[k[0] for k in first], [k[1] for k in first], [k[2] for k in first], [d for _, d in kept],
+            [r.partition for r, _ in kept], [r.offset for r, _ in kept]]
 
 
 def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:

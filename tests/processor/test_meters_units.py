@@ -84,3 +84,23 @@ def test_a_reader_extrapolates_an_open_weighted_window_up_to_its_end() -> None:
     assert state.level_seconds_at(NOW + H) == 432000
     assert state.level_seconds_at(NOW + 3 * H) / 3600 == 120 + 150 * 2
     assert state.level_seconds_at(NOW + 48 * H) / 3600 == 120 + 150 * 23
+
+
+def test_checks_decided_by_the_type_alone_refuse_every_event_of_it_with_the_same_reason() -> None:
+    """Checks are compiled per event type and those the type decides run once: each event of a refused
+    type is still refused, with the reason the first failing check gives (value before groups)."""
+    meters = MeterSet(MetersConfig(meters=[
+        Meter(slug="by_type", group_by={"type": "type"}),
+        Meter(slug="tokens", aggregation="SUM", value_path="data.n", group_by={"kind": "type"}),
+        Meter(slug="odd", aggregation="SUM", value_path="type", event_type="odd.*"),
+    ]))
+    long_type = "\U0001F600" * 129  # 129 characters, 516 bytes: over the group value limit in bytes
+    for n in range(2):
+        with pytest.raises(MeterError, match="^meter by_type: group type is longer than 512 bytes$"):
+            meters.check(event(n, {"n": 1}, long_type))
+        with pytest.raises(MeterError, match="^meter tokens: no value at data.n$"):
+            meters.check(event(n, {}, "api.call"))
+        with pytest.raises(MeterError, match="^meter odd: value at type is not a number$"):
+            meters.check(event(n, {"n": 1}, "odd.one"))
+        meters.check(event(n, {"n": 1}, "\U0001F600" * 128))  # 512 bytes: fits
+        meters.check(event(n, {"n": "2.5"}, "api.call"))

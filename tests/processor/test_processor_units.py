@@ -226,3 +226,24 @@ def test_an_abandoned_batch_is_read_again_before_what_was_consumed_after_it() ->
                             _held=[FakeMessage(b"{}", 9, 0)])
     Processor._read_again(state, batch((0, 1), (1, 1), (2, 1)), batch((0, 2), (1, 2)))  # type: ignore[arg-type]
     assert [(m.partition(), m.offset()) for m in state._held] == [(0, 1), (2, 1), (0, 2), (0, 9)]
+
+
+def test_a_batch_observed_at_once_reads_as_each_event_observed_alone() -> None:
+    """metrics.observe_many writes prometheus_client's histogram itself: it must land where `observe` would."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from processors.metrics import observe_many
+
+    buckets = (0.01, 0.05, 0.1, 1)
+    one_by_one = Histogram("h", "h", buckets=buckets, registry=CollectorRegistry())
+    at_once = Histogram("h", "h", buckets=buckets, registry=CollectorRegistry())
+    for amount, times in ((0.0, 3), (0.01, 2), (0.011, 5), (0.1, 1), (0.5, 4), (1.0, 1), (7.25, 2)):
+        for _ in range(times):
+            one_by_one.observe(amount)
+        observe_many(at_once, amount, times)
+
+    def samples(h: Histogram) -> dict[tuple[str, str], float]:
+        return {(s.name, s.labels.get("le", "")): s.value for s in next(iter(h.collect())).samples
+                if not s.name.endswith("_created")}
+
+    assert samples(at_once) == pytest.approx(samples(one_by_one))
