@@ -78,7 +78,7 @@ class Gateway:
         self.assets = docs_assets()
         self._pool: asyncpg.Pool | None = None
         self._key_pool: asyncpg.Pool | None = None
-        self.reads = ReadSlots(config.reads_per_tenant)
+        self.reads = ReadSlots(config.reads_per_tenant, config.read_slot_wait_s)
         self._ready: tuple[float, bool, bool] | None = None
         self._probe: asyncio.Future[list[bool]] | None = None
         self.keys: KeyStore
@@ -167,7 +167,7 @@ class Gateway:
         principal = await self.principal(request.headers.get("authorization", ""), scope, route, client)
         await self.limited(route, "reads", principal.key_id, self.key_limit)
         _no_nul(request)
-        self.reads.take(request.scope, principal.tenant)
+        await self.reads.take(request.scope, principal.tenant)
         return principal
 
     @property

@@ -28,7 +28,8 @@ class GatewayConfig:
     # product reads: a pool apart from key lookups, a statement timeout and a per-tenant bound (ADR 81)
     read_pool_size: int = 4
     read_timeout_s: float = 10.0  # the server cancels a product route's statement after this; 503
-    reads_per_tenant: int = 2  # product requests of one tenant in flight in one gateway; more get 429
+    reads_per_tenant: int = 2  # product requests of one tenant in flight in one gateway; more wait, then get 429
+    read_slot_wait_s: float = 1.0  # how long a product request waits for one of its tenant's slots
 
     # body and batch limits: a request over them gets 413 before its body is read whole
     max_event_bytes: int = 256 * 1024
@@ -72,7 +73,7 @@ class GatewayConfig:
                             "(a webhook Kafka cannot take would be refused on every retry)")
         for name in ("rate_limit_per_s", "webhook_rate_limit_per_s", "rate_limit_burst", "webhook_rate_limit_burst",
                      "key_lookup_rate_limit_per_s", "key_lookup_rate_limit_burst", "key_lookup_timeout_s",
-                     "read_pool_size", "read_timeout_s", "reads_per_tenant",
+                     "read_pool_size", "read_timeout_s", "reads_per_tenant", "read_slot_wait_s",
                      "redis_timeout_s", "body_timeout_s", "idempotency_ttl_s", "idempotency_lock_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be greater than 0")

@@ -170,7 +170,9 @@ class Settings(BaseSettings):
     # product APIs: reads apart from the intake, usage links, quotas, retention of alert history (ADR 0081, 0082)
     gateway_read_pool_size: int = Field(4, description="connections for product reads, apart from key lookups")
     gateway_read_timeout_s: float = Field(10.0, description="the server cancels a product read after this (503)")
-    gateway_reads_per_tenant: int = Field(2, description="product requests of one tenant in flight per gateway (429)")
+    gateway_reads_per_tenant: int = Field(2, description="product requests of one tenant in flight per gateway (then wait, 429)")
+    gateway_read_slot_wait_s: float = Field(1.0, gt=0, description="how long a product request waits for one of its"
+                                            " tenant's slots before its 429")
     usage_link_previous_secrets: str = Field("", description="comma-separated secrets that signed usage links before "
                                              "TALLY_USAGE_LINK_SECRET; their links work until they expire")
     query_stats_max_points: int = Field(10_000, description="points in one stats answer; more is a 400 (the answers "

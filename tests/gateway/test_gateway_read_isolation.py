@@ -84,3 +84,17 @@ async def test_a_read_past_the_statement_timeout_is_a_503(gateway_settings: Sett
     assert answer.status_code == 503, answer.text
     assert answer.headers["content-type"] == "application/problem+json" and "retry-after" in answer.headers
     assert "Traceback" not in output
+
+
+async def test_a_burst_of_quick_reads_waits_for_the_tenants_slots_instead_of_a_429(gateway_settings: Settings) -> None:
+    """A tenant's dashboard reading fast, a few requests at once: each waits briefly for one of the tenant's
+    read slots (TALLY_GATEWAY_READ_SLOT_WAIT_S) rather than being refused while others answer in a millisecond."""
+    conn = await asyncpg.connect(gateway_settings.database_url)
+    try:
+        _, reader = await create_key(conn, f"burst-{uuid.uuid4().hex[:6]}", "reader", ["events:read"])
+    finally:
+        await conn.close()
+    with start_gateway("gateway-burst", gateway_settings) as gw:
+        async with gw.client(reader) as client:
+            answers = await asyncio.gather(*(client.get("/v1/events", params={"limit": 1}) for _ in range(24)))
+    assert [a.status_code for a in answers] == [200] * 24, [a.text for a in answers if a.status_code != 200][:2]
