@@ -24,16 +24,9 @@ from pathlib import Path
 
 from benchmarks import harness, kafka_bench, pg_bench
 from benchmarks.cpu import CpuMeter
+from benchmarks.side_by_side import checkout_of
 from benchmarks.stack import OUT, ROOT, TALLY, Bench
 from tally.settings import Settings
-
-
-def checkout_of(rev: str, into: Path) -> Path:
-    """REV's files in `into`, from `git archive`."""
-    into.mkdir()
-    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 async def drain(bench: Bench, settings: Settings, loaded: kafka_bench.Loaded, name: str, checkout: Path,

@@ -53,6 +53,8 @@ SIDES = ("base", "this")
 
 
 def checkout_of(rev: str, into: Path) -> Path:
+    """REV's files in `into`, from `git archive`."""
+    into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
@@ -146,9 +146,7 @@ class Planned:
     not_reported: set[str] = field(default_factory=set)  # tenants without a Stripe account
 
     def figures(self) -> dict[str, Any]:
-        return {"rows_written": self.rows_written, "cancelling": self.cancelling, "carried": self.carried,
-                "blocked_by_failed": self.blocked_by_failed, "period_errors": self.period_errors,
-                "subscription_errors": self.subscription_errors, "not_reported": sorted(self.not_reported)}
+        return {**asdict(self), "not_reported": sorted(self.not_reported)}
 
 
 @dataclass
