@@ -3,17 +3,6 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY tally tally
-COPY schemas schemas
-COPY meters meters
-COPY ingest ingest
-COPY processors processors
-COPY sinks sinks
-COPY query query
-COPY usage usage
-COPY billing billing
-COPY alerts alerts
-COPY egress egress
-COPY sealed sealed
 COPY deploy/migrations deploy/migrations
 COPY deploy/local/secrets.sh deploy/local/secrets.sh
 # /state: the compose volume that keeps the secrets deploy/local/secrets.sh makes once

@@ -24,11 +24,11 @@ import httpx
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from alerts import stored
+from tally.alerts import stored
 from benchmarks import loadgen
 from benchmarks.stack import OUT, TALLY, Bench
-from sealed import SecretBox
-from schemas.alerts import AlertRule
+from tally.sealed import SecretBox
+from tally.schemas.alerts import AlertRule
 from tally.settings import Settings
 
 RULES = [

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 
 from benchmarks import loadgen
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.client import TallyClient, event
 from tally.settings import ROOT, Settings
 

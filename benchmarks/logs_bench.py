@@ -11,9 +11,9 @@ import orjson
 
 from benchmarks import log_records
 from benchmarks.kafka_bench import TENANT, Loaded, Message, load
-from ingest import auth
-from ingest.publish import headers
-from schemas.envelope import LOG_EVENT_TYPE, encode, message_key
+from tally.ingest import auth
+from tally.ingest.publish import headers
+from tally.schemas.envelope import LOG_EVENT_TYPE, encode, message_key
 from tally.settings import ROOT
 
 # The migrations that added indexes for reading logs (docs/adr/0035); without them is the intake before them.

@@ -1,7 +1,7 @@
 """`python -m benchmarks.logs_seed`: the database the log-read benchmarks query, 10 million log records,
 made once and reused (a finished seed leaves a row in `bench_logs_seed`; a run finding it is done in seconds).
 
-Rows are what the processor writes for log records (sinks/postgres.py): an `events` row of type
+Rows are what the processor writes for log records (tally/sinks/postgres.py): an `events` row of type
 tally.log in its monthly partition, its `event_keys` claim, and the built-in `logs` meter's minute and
 hour windows, here derived in SQL from the stored rows so that the stats endpoint reads counters exactly
 as in production. Indexes on `events` are dropped for the load and rebuilt from their own definitions
@@ -22,8 +22,8 @@ import asyncpg
 import orjson
 
 from benchmarks import log_records
-from schemas.counters import CounterKey
-from sinks.migrations import migrate
+from tally.schemas.counters import CounterKey
+from tally.sinks.migrations import migrate
 from tally.settings import Settings
 
 DATABASE = "tally_bench_logs"

@@ -21,8 +21,8 @@ import asyncpg
 import redis
 from confluent_kafka.admin import AdminClient
 
-from ingest import auth
-from sinks.migrations import migrate
+from tally.ingest import auth
+from tally.sinks.migrations import migrate
 from tally.settings import ROOT, Settings
 from tally.topics import create_topics
 

@@ -13,11 +13,11 @@ from datetime import date, datetime, timedelta, timezone
 import asyncpg
 import redis.asyncio as redis
 
-from ingest import auth
-from processors.progress import caught_up
+from tally.ingest import auth
+from tally.processors.progress import caught_up
 from tally.settings import Settings
-from usage.limits import publish
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.limits import publish
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 METERS = "meters: [{slug: api_calls, event_type: api.request, aggregation: COUNT, windows: [hour, day]}]"
 SUBJECTS = 500  # the load scripts post for customer-0 .. customer-499

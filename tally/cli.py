@@ -13,7 +13,7 @@ from tally.settings import Settings, get_settings
 
 
 def _gateway_config(settings: Settings):  # noqa: ANN202 - ingest's own type
-    from ingest.config import GatewayConfig
+    from tally.ingest.config import GatewayConfig
 
     return GatewayConfig.from_prefixed(
         settings.model_dump(),
@@ -29,7 +29,7 @@ def _gateway_config(settings: Settings):  # noqa: ANN202 - ingest's own type
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from ingest.app import create_app
+    from tally.ingest.app import create_app
 
     uvicorn.run(
         create_app(_gateway_config(settings), _products(settings)),
@@ -45,12 +45,12 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _products(settings: Settings) -> list:
-    """The product packages whose routes the gateway serves beside intake (`ingest.products`)."""
-    from alerts.api import AlertsProduct
-    from alerts.policy import AlertPolicy
-    from query.cache import AnswerCache
-    from query.routes import QueryProduct
-    from usage.api import UsageProduct
+    """The product packages whose routes the gateway serves beside intake (`tally.ingest.products`)."""
+    from tally.alerts.api import AlertsProduct
+    from tally.alerts.policy import AlertPolicy
+    from tally.query.cache import AnswerCache
+    from tally.query.routes import QueryProduct
+    from tally.usage.api import UsageProduct
 
     meters = _meters(settings)
     return [QueryProduct(settings.query_cursor_secret,
@@ -67,14 +67,14 @@ def _products(settings: Settings) -> list:
 def _meters(settings: Settings):  # noqa: ANN202 - schemas' own type
     from pathlib import Path
 
-    from meters.definitions import load_meters
+    from tally.meters.definitions import load_meters
 
     return load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters)
 
 
 def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
-    from processors.consumer import ProcessorConfig
-    from processors.service import ServiceConfig
+    from tally.processors.consumer import ProcessorConfig
+    from tally.processors.service import ServiceConfig
 
     return ServiceConfig(
         processor=ProcessorConfig(
@@ -112,7 +112,7 @@ def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own typ
 
 
 def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
-    from sinks.maintenance import Retention
+    from tally.sinks.maintenance import Retention
 
     return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days,
                      alert_transitions_days=settings.alert_transitions_retention_days,
@@ -120,7 +120,7 @@ def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
 
 
 def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.maintenance import Maintenance
+    from tally.sinks.maintenance import Maintenance
 
     async def run() -> str:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
@@ -134,14 +134,14 @@ def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
-    from processors.service import run
+    from tally.processors.service import run
 
     asyncio.run(run(_processor_config(settings)))
     return 0
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from processors import dlq
+    from tally.processors import dlq
 
     selection = dlq.Selection(args.stage, args.error_class, *(args.position or (None, None)))
     letters = [item for item in dlq.read_letters(settings.kafka_bootstrap, settings.topics.dlq) if selection(item)]
@@ -157,7 +157,7 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     elif args.dry_run:
         print(f"would replay {len(letters)} dead letters")
     else:
-        from sinks.kafka import KafkaPublisher
+        from tally.sinks.kafka import KafkaPublisher
 
         cut = [item for item in letters if item.letter.truncated_from is not None]
         for item in cut:
@@ -182,7 +182,7 @@ def _date(text: str):  # noqa: ANN202 - a datetime.date
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.migrations import migrate
+    from tally.sinks.migrations import migrate
 
     applied = asyncio.run(migrate(settings.database_url, settings.migrations_dir))
     for migration in applied:
@@ -205,8 +205,8 @@ def cmd_topics_create(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest import auth
-    from schemas.envelope import MAX_TENANT
+    from tally.ingest import auth
+    from tally.schemas.envelope import MAX_TENANT
 
     if args.keys_command == "create" and not 0 < len(args.tenant.encode()) <= MAX_TENANT:
         print(f"the tenant must be 1 to {MAX_TENANT} bytes in UTF-8 (every event carries it)", file=sys.stderr)
@@ -245,7 +245,7 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
     import yaml
     from pydantic import ValidationError
 
-    from usage.plans import Plan, QuotaExceeded, Refused, check_meters, load_plans, plan_history, save_plan
+    from tally.usage.plans import Plan, QuotaExceeded, Refused, check_meters, load_plans, plan_history, save_plan
 
     async def run() -> int:
         conn = await asyncpg.connect(settings.database_url)
@@ -277,8 +277,8 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
-    from alerts import rulesfile, stored
-    from alerts.policy import AlertPolicy
+    from tally.alerts import rulesfile, stored
+    from tally.alerts.policy import AlertPolicy
 
     async def apply(conn: asyncpg.Connection) -> int:
         try:
@@ -313,7 +313,7 @@ def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import ValidationError
 
-    from usage.plans import (QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
+    from tally.usage.plans import (QuotaExceeded, Refused, SubscriptionChange, UnknownPlan, change_subscription,
                              load_subscriptions, subscription_history)
 
     async def run() -> int:
@@ -352,8 +352,8 @@ def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
 def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
     from functools import partial
 
-    from billing.context import BillingConfig
-    from processors.faults import crash_point
+    from tally.billing.context import BillingConfig
+    from tally.processors.faults import crash_point
 
     return BillingConfig(
         database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,
@@ -385,9 +385,9 @@ def _counter_topic_states(settings: Settings, tenant: str | None) -> dict:
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
-    from billing.context import JobContext
-    from billing.jobs import run_job, work
-    from billing.registry import BY_NAME, SCHEDULED
+    from tally.billing.context import JobContext
+    from tally.billing.jobs import run_job, work
+    from tally.billing.registry import BY_NAME, SCHEDULED
 
     config = _billing_config(settings)
     if args.jobs_command != "list" and config.problems():
@@ -433,8 +433,8 @@ def cmd_billing(args: argparse.Namespace, settings: Settings) -> int:
     """Stripe accounts per tenant, rows that need a person, and the invoice-line proof (billing/)."""
     from datetime import date, datetime, timezone
 
-    from billing import accounts, explain, stripe_report
-    from billing.context import JobContext
+    from tally.billing import accounts, explain, stripe_report
+    from tally.billing.context import JobContext
 
     async def account(conn: asyncpg.Connection) -> int:
         if args.account_command == "set":
@@ -533,8 +533,8 @@ def _billing_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime
 
-    from billing.context import JobContext
-    from billing.reconcile import reconcile
+    from tally.billing.context import JobContext
+    from tally.billing.reconcile import reconcile
 
     async def run() -> int:
         config = _billing_config(settings)
@@ -561,10 +561,10 @@ def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
     import signal
     from functools import partial
 
-    from alerts.delivery import DeliveryPolicy
-    from alerts.policy import AlertPolicy
-    from alerts.service import AlertsConfig, run
-    from processors.faults import crash_point
+    from tally.alerts.delivery import DeliveryPolicy
+    from tally.alerts.policy import AlertPolicy
+    from tally.alerts.service import AlertsConfig, run
+    from tally.processors.faults import crash_point
 
     config = AlertsConfig(
         database_url=settings.database_url, kafka_bootstrap=settings.kafka_bootstrap,

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from schemas.counters import CounterState
-from schemas.topics import Topics
+from tally.schemas.counters import CounterState
+from tally.schemas.topics import Topics
 
 OnChange = Callable[[CounterState], None]
 

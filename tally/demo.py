@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 
-from ingest import auth
-from processors.progress import caught_up
+from tally.ingest import auth
+from tally.processors.progress import caught_up
 from tally.settings import ROOT, Settings
 
 SOURCE = "tally-demo"

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.topics import Topics
+from tally.schemas.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     counter_retention_day_days: int = Field(0, description="prune day windows this long after they end (0 keeps)")
     counter_retention_month_days: int = Field(0, description="prune month windows this long after they end (0 keeps)")
     crash_at: str = Field("", description="test hook only: SIGKILL the processor or a job at this point "
-                                         "(processors/faults.py)")
+                                         "(tally/processors/faults.py)")
 
     # usage and billing (usage/, billing/)
     usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")
@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     stripe_breaker_reset_s: float = Field(30.0, description="an open breaker lets one call through after this")
     close_grace_s: int = Field(86400, description="a period is closed this long after its end; keep it at least "
                                                  "TALLY_LATE_HORIZON_S (docs/adr/0043)")
-    # Stripe's rules (billing/stripe_report.py, docs/adr/0065)
+    # Stripe's rules (tally/billing/stripe_report.py, docs/adr/0065)
     stripe_invoice_grace_s: int = Field(3600, description="your Stripe account's invoice finalisation grace "
                                         "(1 hour by default, at most 72): rows stamped in a finished period go out "
                                         "before it ends, later ones are adjustments on the next invoice")
@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
     alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")
     alerts_metrics_port: int = Field(9104, description="`tally alerts` serves /metrics here; 0: off")
-    # alert delivery (alerts/delivery.py, docs/adr/0051)
+    # alert delivery (tally/alerts/delivery.py, docs/adr/0051)
     alerts_delivery_max_attempts: int = Field(8, ge=1, description="tries per target before a delivery is failed")
     alerts_delivery_backoff_s: float = Field(15.0, gt=0, description="the first retry comes after up to this long; "
                                                                      "each further one doubles it, jittered")

@@ -14,7 +14,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from sinks.migrations import migrate
+from tally.sinks.migrations import migrate
 from tally.settings import Settings
 from tally.topics import create_topics
 

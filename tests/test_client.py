@@ -11,7 +11,7 @@ import uuid
 import asyncpg
 import pytest
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.client import AsyncTallyClient, BufferFull, TallyClient, event
 from tally.settings import Settings
 from tally.topics import create_topics

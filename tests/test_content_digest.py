@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from schemas.envelope import Envelope, content_digest
+from tally.schemas.envelope import Envelope, content_digest
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 

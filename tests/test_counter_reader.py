@@ -10,7 +10,7 @@ import uuid
 import asyncpg
 from confluent_kafka import Producer
 
-from schemas.counters import CounterState
+from tally.schemas.counters import CounterState
 from tally.counters import CounterReader
 from tally.settings import Settings
 from tests.processor.helpers import drained, envelope, produce, wait_for

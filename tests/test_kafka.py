@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from ingest.producer import EventProducer, producer_config
+from tally.ingest.producer import EventProducer, producer_config
 from tally.settings import Settings
 from tally.topics import create_topics
 from tests.support import read_topic

@@ -36,7 +36,7 @@ import orjson
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.settings import ROOT, Settings
 from tally.topics import create_topics
 from tests.gateway.helpers import start_gateway

@@ -8,7 +8,7 @@ import uuid
 
 import asyncpg
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.logging import TallyHandler, level_name
 from tally.settings import Settings
 from tests.processor.helpers import drained, wait_for

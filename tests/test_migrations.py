@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from sinks.migrations import discover, migrate
+from tally.sinks.migrations import discover, migrate
 from tally.settings import Settings
 
 

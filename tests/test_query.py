@@ -12,14 +12,14 @@ import asyncpg
 import httpx
 import pytest
 
-from ingest.auth import create_key
-from query import search
-from query.filters import LogQuery
+from tally.ingest.auth import create_key
+from tally.query import search
+from tally.query.filters import LogQuery
 from tally.settings import Settings
 from tests.processor.helpers import drained, produce, wait_for
 from tests.gateway.helpers import healthy, start_gateway
 from tests.support import free_port, running, wait_until
-from schemas.envelope import Envelope
+from tally.schemas.envelope import Envelope
 
 LEVELS = ["debug", "info", "warn", "error"]
 NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)

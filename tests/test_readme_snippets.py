@@ -11,7 +11,7 @@ import uuid
 
 import asyncpg
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.settings import ROOT, Settings
 from tests.processor.helpers import drained, wait_for
 from tests.gateway.helpers import healthy

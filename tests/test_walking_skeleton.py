@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, counter_counts, drained, event_count, expected_counts, wait_for,

@@ -1,4 +1,4 @@
--- Every run of a billing job (billing/jobs.py): which job, for which period or day (`run_key`), how it
+-- Every run of a billing job (tally/billing/jobs.py): which job, for which period or day (`run_key`), how it
 -- ended and its figures. Two workers never run one job for one key at once (an advisory lock on
 -- hashtext(job:key)); a key with a run that ended 'ok' is not run again by the worker.
 create table job_runs (

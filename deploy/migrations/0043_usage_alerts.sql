@@ -1,4 +1,4 @@
--- Usage alerts (usage/alerts.py): one row per subject, meter, period and threshold crossed, ever, so an
+-- Usage alerts (tally/usage/alerts.py): one row per subject, meter, period and threshold crossed, ever, so an
 -- alert fires once however often usage is re-read (docs/adr/0045). Delivery state beside it: published
 -- to tally.alerts.v1, read in the app, sent to Slack.
 create table usage_alerts (

@@ -1,6 +1,6 @@
 -- Alert rules and their lifecycle (alerts/, docs/adr/0050).
 
--- A tenant's rules: the validated definition (schemas/alerts.py AlertRule) as JSON. `origin` says whether the
+-- A tenant's rules: the validated definition (tally/schemas/alerts.py AlertRule) as JSON. `origin` says whether the
 -- API or a rules file owns the rule: applying a file replaces only the rules it owns.
 create table alert_rules (
     tenant      text not null,

@@ -1,4 +1,4 @@
--- Usage alerts go through the alert lifecycle (alerts/usage.py, docs/adr/0052): each row becomes the firing of
+-- Usage alerts go through the alert lifecycle (tally/alerts/usage.py, docs/adr/0052): each row becomes the firing of
 -- rule usage:<meter>:<threshold> for its subject, resolved when its period ends; publication and delivery are
 -- the alerts' own, so usage_alerts no longer keeps its own delivery state. Rows recorded before this migration
 -- were delivered the old way and are not taken up again.

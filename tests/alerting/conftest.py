@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sinks.migrations import migrate
+from tally.sinks.migrations import migrate
 from tally.settings import Settings
 from tests.alerting.helpers import LOCAL_TARGETS
 from tests.conftest import _with_database

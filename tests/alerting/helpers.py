@@ -8,11 +8,11 @@ from typing import Any
 
 import asyncpg
 
-from alerts import stored
-from egress import EgressPolicy
-from schemas.alerts import AlertRule
-from sealed import SecretBox
-from schemas.envelope import LOG_EVENT_TYPE, Envelope
+from tally.alerts import stored
+from tally.egress import EgressPolicy
+from tally.schemas.alerts import AlertRule
+from tally.sealed import SecretBox
+from tally.schemas.envelope import LOG_EVENT_TYPE, Envelope
 from tests.processor.helpers import envelope
 
 _ids = itertools.count()

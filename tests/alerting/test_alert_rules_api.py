@@ -13,9 +13,9 @@ import asyncpg
 import orjson
 import pytest
 
-from alerts.ledger import digest
-from egress import endpoint
-from ingest.auth import create_key
+from tally.alerts.ledger import digest
+from tally.egress import endpoint
+from tally.ingest.auth import create_key
 from tally.settings import Settings
 from tests.gateway.helpers import Gateway, start_gateway
 from tests.metering.helpers import run_tally

@@ -26,11 +26,11 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
-import egress.client
-from alerts.delivery import Deliverer, DeliveryPolicy
-from alerts.ledger import digest
-from alerts.transitions import transition
-from egress import EgressPolicy, endpoint
+import tally.egress.client
+from tally.alerts.delivery import Deliverer, DeliveryPolicy
+from tally.alerts.ledger import digest
+from tally.alerts.transitions import transition
+from tally.egress import EgressPolicy, endpoint
 from tally.settings import ROOT, Settings
 from tests.alerting.helpers import BOX, LOCAL
 from tests.alerting.receivers import receiver
@@ -40,7 +40,7 @@ from tests.support import free_port, wait_until
 # A deliverer in a process of its own, to be killed with SIGKILL.
 _DELIVER_IN_A_PROCESS = """
 import asyncio, sys
-from alerts.delivery import Deliverer, DeliveryPolicy
+from tally.alerts.delivery import Deliverer, DeliveryPolicy
 from tests.alerting.helpers import BOX, LOCAL
 async def main():
     deliverer = await Deliverer.open(sys.argv[1], DeliveryPolicy(timeout_s=60), LOCAL, BOX)
@@ -65,7 +65,7 @@ async def tenant(db: asyncpg.Connection) -> AsyncIterator[str]:
 @pytest.fixture
 async def deliverer(settings: Settings) -> AsyncIterator[Deliverer]:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=POLICY.concurrency)
-    async with egress.client.client(LOCAL) as client:
+    async with tally.egress.client.client(LOCAL) as client:
         yield Deliverer(pool, client, POLICY, LOCAL, BOX)
     await pool.close()
 
@@ -266,7 +266,7 @@ async def test_two_deliverers_deliver_each_row_once(db: asyncpg.Connection, tena
                    for kind in ["firing", "resolved"] * 3]
         pools = [await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4) for _ in range(2)]
         try:
-            async with egress.client.client(LOCAL) as client:
+            async with tally.egress.client.client(LOCAL) as client:
                 outcomes = await asyncio.gather(*(Deliverer(pool, client, POLICY, LOCAL, BOX).run_once()
                                                   for pool in pools))
         finally:
@@ -427,7 +427,7 @@ async def test_a_target_that_may_not_be_called_is_refused_and_shown(
         other = await _transition(db, tenant, [("webhook", f"{rx.url.replace('127.0.0.1', 'localhost')}/hook",
                                                 _secret()), ("webhook", f"{rx.url}/hook", _secret())], rule="b")
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-        default = Deliverer(pool, egress.client.client(EgressPolicy()), POLICY, EgressPolicy(), BOX)
+        default = Deliverer(pool, tally.egress.client.client(EgressPolicy()), POLICY, EgressPolicy(), BOX)
         try:
             assert await default.run_once() == {"sent": 0, "retried": 0, "failed": 0, "refused": 5}
         finally:

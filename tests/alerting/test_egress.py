@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import egress.client
-from egress import EgressPolicy, Refused, check_target, check_url, endpoint
+import tally.egress.client
+from tally.egress import EgressPolicy, Refused, check_target, check_url, endpoint
 from tests.alerting.receivers import receiver
 
 DEFAULT = EgressPolicy()
@@ -55,13 +55,13 @@ async def test_the_client_checks_the_address_it_connects_to() -> None:
         port = rx.url.rsplit(":", 1)[1]
         named = f"http://localhost:{port}/hook"
         assert check_url(named, "webhook", DEFAULT) == named  # a name: not resolved by check_url
-        async with egress.client.client(DEFAULT) as client:
+        async with tally.egress.client.client(DEFAULT) as client:
             with pytest.raises(Refused, match="loopback"):
                 await client.post(named, content=b"{}")
             with pytest.raises(Refused, match="loopback"):
                 await client.post(f"{rx.url}/hook", content=b"{}")
         assert rx.received == []
-        async with egress.client.client(EgressPolicy.parse("127.0.0.1/32")) as client:
+        async with tally.egress.client.client(EgressPolicy.parse("127.0.0.1/32")) as client:
             assert (await client.post(named, content=b"{}")).status_code == 200
         assert len(rx.at("/hook")) == 1
 

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from alerts.evaluator import Evaluator
-from alerts.windows import MinuteWindows, minute_start
-from meters.definitions import DEFAULT_METERS, load_meters
+from tally.alerts.evaluator import Evaluator
+from tally.alerts.windows import MinuteWindows, minute_start
+from tally.meters.definitions import DEFAULT_METERS, load_meters
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, add_rule, event, log_record, transitions
 from tests.processor.helpers import drained, produce, wait_for

@@ -11,10 +11,10 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from alerts import ledger
-from alerts.evaluator import Evaluator
-from alerts.windows import MinuteWindows
-from meters.definitions import DEFAULT_METERS
+from tally.alerts import ledger
+from tally.alerts.evaluator import Evaluator
+from tally.alerts.windows import MinuteWindows
+from tally.meters.definitions import DEFAULT_METERS
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, add_rule, event, transitions
 from tests.alerting.test_evaluator import processed

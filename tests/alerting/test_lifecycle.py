@@ -1,4 +1,4 @@
-"""The lifecycle of one rule and group, step by step (alerts/lifecycle.py)."""
+"""The lifecycle of one rule and group, step by step (tally/alerts/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from alerts.lifecycle import Standing, Step, step
+from tally.alerts.lifecycle import Standing, Step, step
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 

@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 from cryptography.fernet import Fernet
 
-from alerts import stored
-from alerts.sealing import reseal
-from sealed import SecretBox, Unreadable
+from tally.alerts import stored
+from tally.alerts.sealing import reseal
+from tally.sealed import SecretBox, Unreadable
 from tally.settings import Settings
 
 SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtc2VhbGluZy10ZXN0"

@@ -8,13 +8,13 @@ from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
-from schemas.envelope import Envelope
+from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.alerting.test_evaluator import processed
 from tests.metering.helpers import metered
-from usage.alerts import detect
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
-from usage.windows import WindowReader
+from tally.usage.alerts import detect
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.windows import WindowReader
 
 
 async def test_late_events_that_cross_a_threshold_of_the_ended_period_alert(

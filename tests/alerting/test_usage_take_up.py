@@ -8,10 +8,10 @@ from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
-from alerts.evaluator import Evaluator
-from alerts.usage import take_up
-from alerts.windows import MinuteWindows
-from meters.definitions import DEFAULT_METERS
+from tally.alerts.evaluator import Evaluator
+from tally.alerts.usage import take_up
+from tally.alerts.windows import MinuteWindows
+from tally.meters.definitions import DEFAULT_METERS
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, transitions
 

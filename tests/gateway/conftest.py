@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.settings import Settings
 from tally.topics import create_topics
 from tests.gateway.helpers import WEBHOOK_SECRETS, Gateway, start_gateway

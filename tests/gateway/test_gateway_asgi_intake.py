@@ -17,17 +17,17 @@ from typing import Any
 import orjson
 import pytest
 
-import ingest.app
-from ingest import events
-from ingest.precheck import plain_event
-from ingest.metrics import Metrics
-from ingest.problems import Problem
-from ingest.producer import EventProducer, producer_config
-from ingest.publish import fields
-from ingest.ratelimit import Limit, RateLimiter
-from ingest.redisguard import RedisGuard
-from schemas.envelope import CloudEvent, Envelope, encode, message_key
-from sinks.kafka import KafkaPublisher
+import tally.ingest.app
+from tally.ingest import events
+from tally.ingest.precheck import plain_event
+from tally.ingest.metrics import Metrics
+from tally.ingest.problems import Problem
+from tally.ingest.producer import EventProducer, producer_config
+from tally.ingest.publish import fields
+from tally.ingest.ratelimit import Limit, RateLimiter
+from tally.ingest.redisguard import RedisGuard
+from tally.schemas.envelope import CloudEvent, Envelope, encode, message_key
+from tally.sinks.kafka import KafkaPublisher
 from tally.cli import _gateway_config
 from tally.settings import Settings
 from tally.topics import create_topics
@@ -200,8 +200,8 @@ async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas
             built.append(config)
             super().__init__(config, *args)
 
-    monkeypatch.setattr(ingest.app, "EventProducer", Recording)
-    app = ingest.app.create_app(_gateway_config(settings))
+    monkeypatch.setattr(tally.ingest.app, "EventProducer", Recording)
+    app = tally.ingest.app.create_app(_gateway_config(settings))
     async with app.gateway.lifespan(app.app):
         pass
     publisher = KafkaPublisher(settings.kafka_bootstrap, 1000)

@@ -3,7 +3,7 @@ cannot push valid keys out of the cache."""
 
 from __future__ import annotations
 
-from ingest.auth import Principal, _Lru
+from tally.ingest.auth import Principal, _Lru
 from tally.settings import Settings
 from tests.gateway.helpers import event, start_gateway
 

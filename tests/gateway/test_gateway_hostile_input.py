@@ -12,7 +12,7 @@ import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas.envelope import MAX_BYTES, MAX_NESTING
+from tally.schemas.envelope import MAX_BYTES, MAX_NESTING
 from tally.settings import Settings
 from tests.gateway.helpers import (
     WEBHOOK_SECRETS,

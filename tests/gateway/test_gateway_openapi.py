@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.auth import SCOPES, create_key
+from tally.ingest.auth import SCOPES, create_key
 from tally.settings import ROOT, Settings
 from tests.gateway.helpers import Gateway, event, start_gateway
 

@@ -108,7 +108,7 @@ async def test_otlp_json_refused_records_are_partial_success_and_the_rest_is_acc
 
 
 def test_a_protobuf_answer_decodes_as_an_export_response() -> None:
-    from ingest.otlp import PROTOBUF, answer
+    from tally.ingest.otlp import PROTOBUF, answer
 
     payload, media = answer(PROTOBUF, 2, "bad time")
     response = ExportLogsServiceResponse.FromString(payload)

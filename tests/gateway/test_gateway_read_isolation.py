@@ -10,7 +10,7 @@ import uuid
 
 import asyncpg
 
-from ingest.auth import create_key
+from tally.ingest.auth import create_key
 from tally.settings import Settings
 from tests.gateway.helpers import event, start_gateway
 

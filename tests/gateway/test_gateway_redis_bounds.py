@@ -13,11 +13,11 @@ import redis.asyncio as redis
 
 from starlette.responses import Response
 
-from ingest.config import GatewayConfig
-from ingest.idempotency import REPLAYED, IdempotencyStore, Retention, incomplete
-from ingest.metrics import Metrics
-from ingest.redisguard import RedisDown, RedisGuard
-from schemas.topics import Topics
+from tally.ingest.config import GatewayConfig
+from tally.ingest.idempotency import REPLAYED, IdempotencyStore, Retention, incomplete
+from tally.ingest.metrics import Metrics
+from tally.ingest.redisguard import RedisDown, RedisGuard
+from tally.schemas.topics import Topics
 from tally.settings import Settings
 from tests.gateway.helpers import Gateway, event, start_gateway
 

@@ -10,7 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
-from ingest.auth import SCOPES, create_key
+from tally.ingest.auth import SCOPES, create_key
 from tally.settings import ROOT, Settings
 from tests.support import env_for
 

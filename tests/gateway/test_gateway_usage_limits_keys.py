@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import redis.asyncio as redis
 
-from ingest.limits import UsageLimits
+from tally.ingest.limits import UsageLimits
 from tally.settings import Settings
-from usage.limits import publish
+from tally.usage.limits import publish
 
 
 async def test_a_tenant_named_tenants_keeps_its_blocks_and_the_others(settings: Settings) -> None:

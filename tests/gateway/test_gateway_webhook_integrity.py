@@ -13,8 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.signatures import mercadopago_manifest
-from ingest.webhooks import WebhookConfigError, load_sources
+from tally.ingest.signatures import mercadopago_manifest
+from tally.ingest.webhooks import WebhookConfigError, load_sources
 from tally.settings import Settings
 from tests.gateway.helpers import (
     WEBHOOK_SECRETS,

@@ -11,13 +11,13 @@ from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
-from billing.accounts import set_account
-from ingest.auth import create_key
-from schemas.envelope import Envelope
+from tally.billing.accounts import set_account
+from tally.ingest.auth import create_key
+from tally.schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
 from tests.gateway.helpers import Gateway, start_gateway
 from tests.support import env_for, running
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 METERS = """
 meters:

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import orjson
 
-from schemas.envelope import Envelope
+from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.alerting.helpers import LOCAL_TARGETS
 from tests.gateway.helpers import start_gateway

@@ -15,12 +15,12 @@ from decimal import Decimal
 import asyncpg
 import redis.asyncio as redis
 
-from ingest.limits import PROBLEM_TYPE, UsageLimits
+from tally.ingest.limits import PROBLEM_TYPE, UsageLimits
 from tally.settings import Settings
 from tests.metering.helpers import metered, pipeline, run_tally, tenant_keys
 from tests.processor.helpers import drained, wait_for
 from tests.support import running
-from usage.limits import publish, tenant_key
+from tally.usage.limits import publish, tenant_key
 
 RATE = 20  # events per second
 INCLUDED = 40

@@ -15,14 +15,14 @@ import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from schemas.counters import CounterKey, encode_state
-from sinks.redis_cache import RedisCounterCache
+from tally.schemas.counters import CounterKey, encode_state
+from tally.sinks.redis_cache import RedisCounterCache
 from tally.settings import Settings
-from usage.changes import SubjectChanges
-from usage.figures import UsageService
-from usage.plan_changes import PlanChanges
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
-from usage.windows import WindowReader, hour_start
+from tally.usage.changes import SubjectChanges
+from tally.usage.figures import UsageService
+from tally.usage.plan_changes import PlanChanges
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.windows import WindowReader, hour_start
 
 POLL_S = 0.05
 SETTLE_S = 3 * 3600  # hours that ended more than two hours ago are settled, so late events can reach them

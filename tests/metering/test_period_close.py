@@ -12,19 +12,19 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from billing.accounts import set_account
-from billing.context import BillingConfig, JobContext
-from billing.jobs import Job, run_job
-from meters.definitions import load_meters
-from schemas.envelope import Envelope
+from tally.billing.accounts import set_account
+from tally.billing.context import BillingConfig, JobContext
+from tally.billing.jobs import Job, run_job
+from tally.meters.definitions import load_meters
+from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.metering.helpers import METERS, account_of, metered, run_tally
 from tests.metering.stripe_double import stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import running
-from usage.periods import period_at, previous
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.periods import period_at, previous
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 
 def _calls(tenant: str, subject: str, times: list[datetime], first: int) -> list[Envelope]:

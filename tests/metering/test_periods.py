@@ -6,7 +6,7 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from usage.periods import Anchor, PeriodError, check_zone, days, period_at, period_of_date, previous
+from tally.usage.periods import Anchor, PeriodError, check_zone, days, period_at, period_of_date, previous
 
 
 def utc(*args: int) -> datetime:

@@ -14,20 +14,20 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
-from billing.accounts import set_account
-from billing.close import close_periods
-from billing.context import BillingConfig, JobContext
-from meters.definitions import load_meters
-from schemas.envelope import Envelope
+from tally.billing.accounts import set_account
+from tally.billing.close import close_periods
+from tally.billing.context import BillingConfig, JobContext
+from tally.meters.definitions import load_meters
+from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.metering.helpers import METERS, account_of, metered, pipeline, run_tally, tenant_keys
 from tests.metering.stripe_double import stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import running
-from usage.figures import Unreadable, UsageService
-from usage.limits import decide
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.figures import Unreadable, UsageService
+from tally.usage.limits import decide
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 ZONE = "Europe/Berlin"
 UNBILLABLE = """

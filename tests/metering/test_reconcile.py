@@ -15,22 +15,22 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from billing import jobs
-from billing.context import BillingConfig, JobContext
-from billing.reconcile import reconcile
-from billing.registry import RECONCILE
-from meters.definitions import load_meters
-from schemas.envelope import Envelope
-from sinks.counter_topic import CounterTopicSink
-from sinks.kafka import KafkaPublisher
-from sinks.outbox import OutboxRelay
-from sinks.redis_cache import cache_key
+from tally.billing import jobs
+from tally.billing.context import BillingConfig, JobContext
+from tally.billing.reconcile import reconcile
+from tally.billing.registry import RECONCILE
+from tally.meters.definitions import load_meters
+from tally.schemas.envelope import Envelope
+from tally.sinks.counter_topic import CounterTopicSink
+from tally.sinks.kafka import KafkaPublisher
+from tally.sinks.outbox import OutboxRelay
+from tally.sinks.redis_cache import cache_key
 from tally.settings import Settings
 from tests.metering.helpers import METERS, billed_subject, calls, metered, run_tally
 from tests.processor.helpers import assert_topic_matches_postgres, drained, latest_counter_states, produce, wait_for
 from tests.support import running
-from usage.periods import period_at, previous
-from usage.plans import load_subscriptions
+from tally.usage.periods import period_at, previous
+from tally.usage.plans import load_subscriptions
 
 
 async def test_reconcile_finds_injected_drift_and_fix_repairs_it_through_the_outbox(

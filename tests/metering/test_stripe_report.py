@@ -19,19 +19,19 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from billing.accounts import set_account
-from billing.context import BillingConfig, JobContext
-from billing.stripe_report import StripeSender, report, resolve
-from meters.definitions import load_meters
-from schemas.envelope import Envelope
+from tally.billing.accounts import set_account
+from tally.billing.context import BillingConfig, JobContext
+from tally.billing.stripe_report import StripeSender, report, resolve
+from tally.meters.definitions import load_meters
+from tally.schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
 from tests.metering.helpers import METERS, account_of, billed_subject, calls, metered, run_tally
 from tests.metering.stripe_double import WHOLE, StripeDouble, stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import env_for, running
-from usage.periods import Period, period_at, previous
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.periods import Period, period_at, previous
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
 
 async def _rows(db: asyncpg.Connection, customer: str) -> list[asyncpg.Record]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
-from usage.periods import Period
-from usage.plans import Plan, PlanMeter
-from usage.terms import Segment, Terms, billed_from
-from usage.windows import HourWindow
+from tally.usage.periods import Period
+from tally.usage.plans import Plan, PlanMeter
+from tally.usage.terms import Segment, Terms, billed_from
+from tally.usage.windows import HourWindow
 
 START = datetime(2026, 3, 1, tzinfo=timezone.utc)
 END = datetime(2026, 4, 1, tzinfo=timezone.utc)

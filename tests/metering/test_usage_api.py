@@ -15,8 +15,8 @@ import redis.asyncio as redis
 from tally.settings import Settings
 from tests.metering.helpers import metered, pipeline, tenant_keys
 from tests.processor.helpers import drained, wait_for
-from usage.figures import UsageService
-from usage.windows import WindowReader
+from tally.usage.figures import UsageService
+from tally.usage.windows import WindowReader
 
 ZONES = ("America/New_York", "America/Los_Angeles", "America/Sao_Paulo", "Europe/Berlin", "Asia/Dubai",
          "Asia/Shanghai", "Asia/Tokyo", "Australia/Sydney", "Pacific/Auckland")

@@ -13,11 +13,11 @@ import asyncpg
 import httpx
 import pytest
 
-from ingest.auth import create_key, revoke_key
+from tally.ingest.auth import create_key, revoke_key
 from tally.settings import Settings
 from tests.gateway.helpers import start_gateway
 from tests.metering.helpers import metered
-from usage import links
+from tally.usage import links
 
 OLD, NEW = "usage-link-secret-one", "usage-link-secret-two"
 

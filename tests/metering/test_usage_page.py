@@ -14,7 +14,7 @@ import pytest
 from tally.settings import ROOT, Settings
 from tests.metering.helpers import metered, pipeline, tenant_keys
 from tests.support import running
-from usage import links
+from tally.usage import links
 
 SECRET = "test-usage-link-secret"
 POLL_S = 2

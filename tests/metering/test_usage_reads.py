@@ -9,11 +9,11 @@ from decimal import Decimal
 
 import asyncpg
 
-from schemas.counters import CounterKey
+from tally.schemas.counters import CounterKey
 from tally.settings import Settings
-from usage.figures import UsageService
-from usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
-from usage.windows import WindowReader
+from tally.usage.figures import UsageService
+from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
+from tally.usage.windows import WindowReader
 
 
 async def test_folded_settled_windows_give_the_same_usage_and_history(settings: Settings,

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 from confluent_kafka import Producer
 
-from processors.progress import caught_up
-from schemas.counters import CounterState
-from schemas.envelope import Envelope
+from tally.processors.progress import caught_up
+from tally.schemas.counters import CounterState
+from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.support import read_topic
 

@@ -10,7 +10,7 @@ from decimal import Context, Decimal
 
 import asyncpg
 
-from schemas.envelope import Envelope
+from tally.schemas.envelope import Envelope
 from tests.processor.helpers import envelope
 
 METERS = json.dumps({"meters": [

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sinks.migrations import migrate
+from tally.sinks.migrations import migrate
 from tally.settings import Settings
 from tests.support import free_port
 

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from processors.batch import Batch
-from processors.checkpoint import Checkpoint, Sinks
-from processors.retry import Abandoned
-from schemas.envelope import Envelope
-from sinks.base import Record
-from sinks.postgres import StoreResult
+from tally.processors.batch import Batch
+from tally.processors.checkpoint import Checkpoint, Sinks
+from tally.processors.retry import Abandoned
+from tally.schemas.envelope import Envelope
+from tally.sinks.base import Record
+from tally.sinks.postgres import StoreResult
 
 TOPIC = "events"
 

@@ -8,13 +8,13 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from meters.definitions import Meter, MetersConfig
-from meters.meterset import MeterError, MeterSet
-from meters.unique import threshold, value_hash
-from meters.weighted import in_unit, integrate
-from schemas.counters import CounterState, encode_state
-from schemas.envelope import Envelope
-from sinks.base import Record
+from tally.meters.definitions import Meter, MetersConfig
+from tally.meters.meterset import MeterError, MeterSet
+from tally.meters.unique import threshold, value_hash
+from tally.meters.weighted import in_unit, integrate
+from tally.schemas.counters import CounterState, encode_state
+from tally.schemas.envelope import Envelope
+from tally.sinks.base import Record
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 10, tzinfo=UTC)

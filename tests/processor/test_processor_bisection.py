@@ -10,11 +10,11 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from meters.definitions import load_meters
-from meters.meterset import MeterSet
-from schemas.envelope import Envelope
-from sinks.base import Record
-from sinks.postgres import PostgresSink
+from tally.meters.definitions import load_meters
+from tally.meters.meterset import MeterSet
+from tally.schemas.envelope import Envelope
+from tally.sinks.base import Record
+from tally.sinks.postgres import PostgresSink
 from tally.settings import Settings
 
 

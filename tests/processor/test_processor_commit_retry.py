@@ -19,16 +19,16 @@ import asyncpg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from processors.checkpoint import Sinks
-from processors.consumer import Processor, ProcessorConfig
-from processors.service import ServiceConfig, pool_settings, validator_for
-from sinks.base import Record
-from sinks.counter_topic import CounterTopicSink
-from sinks.dlq_topic import DeadLetterSink
-from sinks.kafka import KafkaPublisher
-from sinks.maintenance import Maintenance
-from sinks.outbox import OutboxRelay
-from sinks.postgres import PostgresSink, StoreResult
+from tally.processors.checkpoint import Sinks
+from tally.processors.consumer import Processor, ProcessorConfig
+from tally.processors.service import ServiceConfig, pool_settings, validator_for
+from tally.sinks.base import Record
+from tally.sinks.counter_topic import CounterTopicSink
+from tally.sinks.dlq_topic import DeadLetterSink
+from tally.sinks.kafka import KafkaPublisher
+from tally.sinks.maintenance import Maintenance
+from tally.sinks.outbox import OutboxRelay
+from tally.sinks.postgres import PostgresSink, StoreResult
 from tally.settings import Settings
 from tests.processor.helpers import envelope, produce, wait_for
 

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 from confluent_kafka import Producer
 
-from processors.dlq import read_letters
-from schemas.deadletter import CONFLICT_STAGE
-from schemas.envelope import Envelope
+from tally.processors.dlq import read_letters
+from tally.schemas.deadletter import CONFLICT_STAGE
+from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.processor.helpers import counter_counts, drained, wait_for
 from tests.support import running

@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from processors.faults import POINTS
+from tally.processors.faults import POINTS
 from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, committed_all, counter_counts, drained, envelope, event_count, expected_counts,

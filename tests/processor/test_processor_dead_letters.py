@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import orjson
 
-from schemas.deadletter import DeadLetter
+from tally.schemas.deadletter import DeadLetter
 from tally.settings import ROOT, Settings
 from tests.processor.helpers import counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for
 from tests.support import env_for, free_port, read_topic, running

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from processors.decode import _fast, decode, from_envelope
-from processors.storable import Unstorable, check_integers
-from schemas.counters import CounterState, encode_state
-from schemas.envelope import Envelope
-from sinks.base import Event
+from tally.processors.decode import _fast, decode, from_envelope
+from tally.processors.storable import Unstorable, check_integers
+from tally.schemas.counters import CounterState, encode_state
+from tally.schemas.envelope import Envelope
+from tally.sinks.base import Event
 
 NOW = datetime(2026, 3, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
 GOOD: dict[str, Any] = {

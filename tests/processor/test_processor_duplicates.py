@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import redis
 
-from schemas.counters import CounterState
-from sinks.redis_cache import cache_key
+from tally.schemas.counters import CounterState
+from tally.sinks.redis_cache import cache_key
 from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,

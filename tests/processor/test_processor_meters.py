@@ -16,8 +16,8 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from meters.unique import unique_count_over
-from meters.weighted import weighted_sum_over
+from tally.meters.unique import unique_count_over
+from tally.meters.weighted import weighted_sum_over
 from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, committed_all, drained, envelope, event_count, latest_counter_states, produce,

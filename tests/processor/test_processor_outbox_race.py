@@ -11,14 +11,14 @@ from datetime import datetime, timezone
 
 import asyncpg
 
-from meters.definitions import load_meters
-from meters.meterset import MeterSet
-from schemas.envelope import Envelope
-from sinks.base import Record
-from sinks.counter_topic import CounterTopicSink
-from sinks.kafka import KafkaPublisher
-from sinks.outbox import OutboxRelay
-from sinks.postgres import PostgresSink
+from tally.meters.definitions import load_meters
+from tally.meters.meterset import MeterSet
+from tally.schemas.envelope import Envelope
+from tally.sinks.base import Record
+from tally.sinks.counter_topic import CounterTopicSink
+from tally.sinks.kafka import KafkaPublisher
+from tally.sinks.outbox import OutboxRelay
+from tally.sinks.postgres import PostgresSink
 from tally.settings import Settings
 from tests.processor.helpers import assert_topic_matches_postgres
 

@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 import asyncpg
 import pytest
 
-from processors.dlq import read_letters
-from schemas.deadletter import DeadLetter
+from tally.processors.dlq import read_letters
+from tally.schemas.deadletter import DeadLetter
 from tally.settings import Settings
 from tests.processor.helpers import drained, envelope, produce, wait_for
 from tests.support import running

@@ -41,7 +41,7 @@ async def test_a_key_held_longer_than_the_poll_interval_is_waited_out_without_lo
 
 
 async def test_every_pool_connection_carries_the_timeouts(settings: Settings) -> None:
-    from processors.service import pool_settings
+    from tally.processors.service import pool_settings
     from tally.cli import _processor_config
 
     config = _processor_config(settings.model_copy(update=SHORT))

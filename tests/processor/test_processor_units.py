@@ -7,14 +7,14 @@ from decimal import Context, Decimal
 
 import pytest
 
-from meters.definitions import Meter, MetersConfig, Window, load_meters
-from meters.meterset import MeterError, MeterSet
-from meters.windows import bounds
-from processors.batch import Validator
-from schemas.counters import Aggregation, CounterState
-from schemas.deadletter import DeadLetter
-from schemas.envelope import Envelope
-from sinks.base import Record
+from tally.meters.definitions import Meter, MetersConfig, Window, load_meters
+from tally.meters.meterset import MeterError, MeterSet
+from tally.meters.windows import bounds
+from tally.processors.batch import Validator
+from tally.schemas.counters import Aggregation, CounterState
+from tally.schemas.deadletter import DeadLetter
+from tally.schemas.envelope import Envelope
+from tally.sinks.base import Record
 
 UTC = timezone.utc
 
@@ -215,8 +215,8 @@ def test_counter_state_round_trips_with_an_exact_decimal_value() -> None:
 def test_an_abandoned_batch_is_read_again_before_what_was_consumed_after_it() -> None:
     from types import SimpleNamespace
 
-    from processors.batch import Batch
-    from processors.consumer import Processor
+    from tally.processors.batch import Batch
+    from tally.processors.consumer import Processor
 
     def batch(*offsets: tuple[int, int]) -> Batch:
         return Batch(messages=[FakeMessage(b"{}", o, p) for p, o in offsets])
@@ -232,7 +232,7 @@ def test_a_batch_observed_at_once_reads_as_each_event_observed_alone() -> None:
     """metrics.observe_many writes prometheus_client's histogram itself: it must land where `observe` would."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from processors.metrics import observe_many
+    from tally.processors.metrics import observe_many
 
     buckets = (0.01, 0.05, 0.1, 1)
     one_by_one = Histogram("h", "h", buckets=buckets, registry=CollectorRegistry())

@@ -35,7 +35,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* Topic names as schemas/topics.py makes them: (dict "root" $ "topic" "events") */}}
+{{/* Topic names as tally/schemas/topics.py makes them: (dict "root" $ "topic" "events") */}}
 {{- define "tally.topic" -}}{{ .root.Values.topics.prefix }}tally.{{ .topic }}.v1{{- end -}}
 
 {{- define "tally.pgCluster" -}}{{ include "tally.fullname" . }}-postgres{{- end -}}

@@ -1,0 +1,129 @@
+"""The jobs worker: runs each due job once per key (its period or day), records every run, and keeps
+the hard-limit blocks fresh between runs.
+
+Two workers (or a worker and `tally jobs run`) never run one job for one key at once: the run holds a
+PostgreSQL advisory lock on hashtext("job:key") for its duration, and a key whose run ended `ok` is
+not run again by the worker. A job that fails is recorded `failed` and tried again on a later tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tally.billing.context import JobContext
+from tally.usage import alerts, limits
+
+log = logging.getLogger("tally.jobs")
+
+LOCK_CLASS = 4000  # the first key of the two-int advisory lock: job runs
+
+Run = Callable[[JobContext, str, datetime], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    run: Run
+    key: Callable[[datetime], str]  # the key of the run due at this moment
+    doc: str
+
+
+def daily(now: datetime) -> str:
+    return now.astimezone(timezone.utc).date().isoformat()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    job: str
+    key: str
+    status: str  # ok, failed, busy (another worker holds it), done (already ok)
+    figures: dict[str, Any]
+
+
+async def run_job(ctx: JobContext, job: Job, key: str, now: datetime | None = None,
+                  force: bool = False) -> RunResult:
+    """One run of `job` for `key` under its advisory lock, recorded in job_runs."""
+    now = now or datetime.now(timezone.utc)
+    async with ctx.pool.acquire() as conn:
+        if not await conn.fetchval("select pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, f"{job.name}:{key}"):
+            return RunResult(job.name, key, "busy", {})
+        try:
+            if not force and await conn.fetchval(
+                    "select true from job_runs where job = $1 and run_key = $2 and status = 'ok' limit 1",
+                    job.name, key):
+                return RunResult(job.name, key, "done", {})
+            # A run still marked running under a lock we now hold was interrupted (kill -9).
+            await conn.execute("update job_runs set status = 'failed', finished_at = now(), error = 'interrupted'"
+                               " where job = $1 and run_key = $2 and status = 'running'", job.name, key)
+            run_id = await conn.fetchval("insert into job_runs (job, run_key, status) values ($1, $2, 'running')"
+                                         " returning id", job.name, key)
+            try:
+                figures = await job.run(ctx, key, now)
+            except Exception as exc:
+                log.exception("job %s for %s failed", job.name, key)
+                await conn.execute("update job_runs set status = 'failed', finished_at = now(), error = $2"
+                                   " where id = $1", run_id, f"{type(exc).__name__}: {exc}")
+                return RunResult(job.name, key, "failed", {"error": str(exc)})
+            await conn.execute("update job_runs set status = 'ok', finished_at = now(), figures = $2::jsonb"
+                               " where id = $1", run_id, orjson.dumps(figures, default=str).decode())
+            return RunResult(job.name, key, "ok", figures)
+        finally:
+            await conn.execute("select pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, f"{job.name}:{key}")
+
+
+async def refresh_limits(ctx: JobContext) -> int:
+    c = ctx.config
+    return await limits.refresh(ctx.pool, ctx.reader, ctx.redis, c.redis_prefix, c.meters, c.limits_ttl_s)
+
+
+async def _limits_loop(ctx: JobContext) -> None:
+    while True:
+        try:
+            await refresh_limits(ctx)
+        except Exception:
+            log.exception("hard-limit refresh failed")
+        await asyncio.sleep(ctx.config.limits_refresh_s)
+
+
+async def _alerts_loop(ctx: JobContext) -> None:
+    """Record the thresholds crossed; `tally alerts` publishes and delivers them (tally/alerts/usage.py)."""
+    while True:
+        try:
+            await alerts.detect(ctx.pool, ctx.reader, ctx.config.late_horizon_s)
+        except Exception:
+            log.exception("usage alerts failed")
+        await asyncio.sleep(ctx.config.alerts_refresh_s)
+
+
+async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
+    """Until `stop`: refresh hard limits and usage alerts continuously, and run each job once per key when due."""
+    loops = [asyncio.create_task(_limits_loop(ctx)), asyncio.create_task(_alerts_loop(ctx))]
+    try:
+        while not stop.is_set():
+            now = datetime.now(timezone.utc)
+            for job in jobs:
+                try:
+                    result = await run_job(ctx, job, job.key(now), now)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    # PostgreSQL stopped or restarting: wait it out here rather than exit; the next tick tries again
+                    log.warning("jobs not run: the database is unreachable (%s); trying again in %g s", exc,
+                                ctx.config.tick_s)
+                    break
+                if result.status in ("ok", "failed"):
+                    log.info("job %s for %s: %s %s", job.name, result.key, result.status, result.figures)
+            try:
+                await asyncio.wait_for(stop.wait(), ctx.config.tick_s)
+            except TimeoutError:
+                pass
+    finally:
+        for loop in loops:
+            loop.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)

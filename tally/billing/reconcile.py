@@ -1,0 +1,407 @@
+"""Reconciliation: recompute counter windows from the raw events with the processor's own meter code and
+compare them with `counters`, the Redis cache and the latest state on the counter topic; compare each
+period's Stripe rows with its billable quantity. Every difference is a `drift_reports` row.
+
+It runs beside a live processor, open windows included (docs/adr/0070). The processor commits a batch's
+events and their counter updates in one transaction, so the comparison reads both in one REPEATABLE READ
+snapshot: what it finds is drift, never events counted meanwhile. A cached or published state is compared
+only at the revision the snapshot holds (a newer one is past the snapshot, an older one still queued is on
+its way).
+
+`--fix` never writes a value from that snapshot. It locks the drifting windows' counter rows (inserting a
+missing one) in key order, as the processor's upsert does, recounts their events in a statement that
+starts once it holds them, and writes that absolute value: a processor transaction that committed before
+is in the recount, one that had not waits on the lock and adds its delta to the fixed value. The written
+revision is above the row's, the topic's and the cache's, and the outbox entry is raised to it, so a relay
+publishing an older state meanwhile keeps it queued (sinks.outbox.queue); then the relay publishes it to
+the counter topic and the cache, exactly as after a processor batch. Stripe differences are not fixed
+here: an under-report is sent by the next report run, an over-report is not taken back (docs/adr/0044).
+
+Events are streamed through a server-side cursor and folded chunk by chunk in a thread, so memory holds
+windows, not events, and the jobs worker's event loop (the hard-limit refresh every 0.5 s) never waits for
+more than one chunk. UNIQUE_COUNT and WEIGHTED_SUM windows depend on state the events alone do not give
+(tally/meters/stateful.py) and are not compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact
+from typing import Any
+
+import asyncpg
+import orjson
+from prometheus_client import Counter
+
+from tally.billing.context import JobContext
+from tally.billing.stripe_report import COUNTED
+from tally.meters.definitions import STATEFUL
+from tally.meters.meterset import MeterSet
+from tally.schemas.counters import Aggregation, CounterDelta, CounterState
+from tally.sinks.base import Event, Record
+from tally.sinks.counter_topic import CounterTopicSink
+from tally.sinks.kafka import KafkaPublisher
+from tally.sinks.outbox import OutboxRelay, queue
+from tally.sinks.redis_cache import RedisCounterCache, cache_key
+from tally.usage.periods import Anchor, period_of_date
+from tally.usage.terms import terms_for
+from tally.usage.windows import from_postgres
+
+log = logging.getLogger("tally.billing.reconcile")
+
+DRIFT = Counter("tally_reconcile_drift", "counter windows or Stripe periods found drifting", ["place"])
+
+TopicStates = Callable[[str | None], dict[str, CounterState]]  # tenant (None: all) -> key -> latest state
+
+_CHUNK = 5000  # events read and folded per step: bounds the memory and each step's time away from the loop
+# How long a fix may hold a subject's windows: below the processor's lock_timeout (TALLY_PG_LOCK_TIMEOUT_MS,
+# 20 s by default), so a processor batch waiting on them is never failed for it.
+FIX_BUDGET_S = 10.0
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact])  # sums of chunks, never rounded
+
+
+@dataclass
+class Drift:
+    key: str
+    tenant: str
+    meter: str
+    place: str
+    expected: Decimal | None
+    found: Decimal | None
+
+
+@dataclass
+class ReconcileReport:
+    since: datetime
+    until: datetime
+    windows: int = 0
+    drift: list[Drift] = field(default_factory=list)
+    fixed: set[str] = field(default_factory=set)  # the windows a fix wrote
+
+    @property
+    def unfixed(self) -> set[str]:
+        """Drifting windows a fix did not write (over its budget, or no fix asked)."""
+        return {d.key for d in self.drift if d.place != "stripe"} - self.fixed
+
+    def figures(self) -> dict[str, Any]:
+        places: dict[str, int] = {}
+        for d in self.drift:
+            places[d.place] = places.get(d.place, 0) + 1
+        return {"since": self.since.isoformat(), "until": self.until.isoformat(), "windows": self.windows,
+                "drift": places, "fixed": len(self.fixed)}
+
+
+_EVENTS = """
+select tenant, source, id, type, subject, time, received_at, data::text as data from events
+where counted and time >= $1 and time < $2 and ($3::text is null or tenant = $3)
+  and ($4::text is null or subject = $4)
+"""
+# AVG is compared by its exact sum (`total`): its value is the quotient PostgreSQL rounds.
+_COUNTERS = """
+select key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp::text as grp,
+       case when aggregation = 'AVG' then total else value end as value, count, revision from counters
+where window_start >= $1 and window_end <= $2 and ($3::text is null or tenant = $3) and meter = any($4::text[])
+"""
+_QUEUED = "select key from counter_outbox where key = any($1::text[])"
+
+
+class _Recount:
+    """The windows the stored counted events make, folded from a stream of events in bounded chunks."""
+
+    def __init__(self, meters: MeterSet) -> None:
+        self._meters = meters
+        self.windows: dict[str, CounterDelta] = {}
+
+    async def read(self, conn: asyncpg.Connection, lo: datetime, hi: datetime, tenant: str | None,
+                   subject: str | None = None, deadline: float | None = None) -> None:
+        """Fold the counted events of [lo, hi) (of one tenant, one subject) in; inside a transaction.
+        Past `deadline` (time.monotonic) it raises TimeoutError."""
+        cursor = await conn.cursor(_EVENTS, lo, hi, tenant, subject)
+        while rows := await cursor.fetch(_CHUNK):
+            await asyncio.to_thread(self._fold, rows)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the recount took longer than its budget")
+
+    def _fold(self, rows: Iterable[asyncpg.Record]) -> None:
+        records = [Record(Event(r["tenant"], r["source"], r["id"], r["type"], r["subject"], r["time"],
+                                r["received_at"], None if r["data"] is None else orjson.loads(r["data"])), 0, 0, True)
+                   for r in rows]
+        for key, delta in self._meters.aggregate(records):
+            seen = self.windows.get(key)
+            self.windows[key] = delta if seen is None else _merge(seen, delta)
+
+
+def _merge(a: CounterDelta, b: CounterDelta) -> CounterDelta:
+    """Two chunks' deltas of one window as one."""
+    if a.aggregation in (Aggregation.COUNT, Aggregation.SUM, Aggregation.AVG):
+        value = _EXACT.add(a.value, b.value)
+    elif a.aggregation is Aggregation.MAX:
+        value = max(a.value, b.value)
+    elif a.aggregation is Aggregation.MIN:
+        value = min(a.value, b.value)
+    else:  # LATEST: the later event's value
+        value = b.value if b.latest_time >= a.latest_time else a.value
+    total = None if a.total is None else _EXACT.add(a.total, b.total)
+    return replace(a, value=value, count=a.count + b.count, latest_time=max(a.latest_time, b.latest_time), total=total)
+
+
+def _inside(delta: CounterDelta, lo: datetime, hi: datetime) -> bool:
+    return delta.key.window_start >= lo and delta.window_end <= hi
+
+
+def _compared(meters: MeterSet) -> list[str]:
+    """The meters whose windows the events alone determine."""
+    return [m.slug for m in meters.meters if m.aggregation not in STATEFUL]
+
+
+async def recompute(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None,
+                    subject: str | None = None) -> dict[str, CounterDelta]:
+    """The windows wholly inside [lo, hi) as the processor would count the stored events (billing explain)."""
+    recount = _Recount(MeterSet(ctx.config.meters))
+    async with ctx.pool.acquire() as conn, conn.transaction(readonly=True):
+        await recount.read(conn, lo, hi, tenant, subject)
+    return {k: d for k, d in recount.windows.items() if _inside(d, lo, hi)}
+
+
+@dataclass
+class _Snapshot:
+    expected: dict[str, CounterDelta]
+    stored: dict[str, asyncpg.Record]
+    queued: set[str]
+
+
+async def _snapshot(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None) -> _Snapshot:
+    """The recomputed windows, the stored ones and the queued keys, as of one instant."""
+    meters = MeterSet(ctx.config.meters)
+    recount = _Recount(meters)
+    async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        await recount.read(conn, lo, hi, tenant)
+        stored = {r["key"]: r for r in await conn.fetch(_COUNTERS, lo, hi, tenant, _compared(meters))}
+        queued = {r[0] for r in await conn.fetch(_QUEUED, list(stored))}
+    expected = {k: d for k, d in recount.windows.items() if _inside(d, lo, hi)}
+    return _Snapshot(expected, stored, queued)
+
+
+async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = None, tenant: str | None = None,
+                    fix: bool = False, topic_states: TopicStates | None = None,
+                    fix_budget_s: float = FIX_BUDGET_S) -> ReconcileReport:
+    """Windows wholly inside [start of since's UTC day, until); until defaults to the end of today (UTC),
+    so the windows still open are compared too."""
+    lo = _day(since)
+    hi = until or _day(datetime.now(timezone.utc)) + timedelta(days=1)
+    report = ReconcileReport(lo, hi)
+    snap = await _snapshot(ctx, lo, hi, tenant)
+    expected, stored = snap.expected, snap.stored
+    keys = sorted(expected.keys() | stored.keys())
+    report.windows = len(keys)
+
+    def want(key: str) -> Decimal:
+        return expected[key].value if key in expected else Decimal(0)
+
+    for key in keys:
+        row = stored.get(key)
+        found = row["value"] if row is not None else None
+        if found != want(key) or (row is not None and row["count"] != (expected[key].count if key in expected else 0)):
+            report.drift.append(_drift(key, expected, row, "counters", found))
+
+    outside: dict[str, int] = {}  # the highest revision the cache or the topic holds of each window
+
+    def compare(place: str, key: str, revision: int, value: Decimal) -> None:
+        outside[key] = max(outside.get(key, 0), revision)
+        row = stored.get(key)
+        at = None if row is None else row["revision"]
+        if at is not None and (revision > at or (revision < at and key in snap.queued)):
+            return  # newer than the snapshot, or an older state whose newer one is on its way
+        if value != want(key) or (at is not None and revision < at):
+            report.drift.append(_drift(key, expected, row, place, value))
+
+    for key, (revision, value) in (await _redis_states(ctx, keys)).items():
+        compare("redis", key, revision, value)
+    if topic_states is not None:
+        latest = await asyncio.to_thread(topic_states, tenant)  # a Kafka read: off the event loop
+        for key in keys:
+            state = latest.get(key)
+            if state is not None:
+                compare("topic", key, state.revision, _compared_value(state))
+    report.drift += await _stripe_drift(ctx, lo, tenant)
+
+    if fix:
+        # Any place out of step is repaired the same way: the recounted value with a new revision,
+        # which the outbox relay then carries to the topic and the cache.
+        windows = sorted({d.key for d in report.drift if d.place != "stripe"})
+        report.fixed = await _fix(ctx, [_columns(k, expected, stored) for k in windows], outside, fix_budget_s)
+    await _record(ctx, report)
+    for d in report.drift:
+        DRIFT.labels(d.place).inc()
+    return report
+
+
+def _compared_value(state: CounterState) -> Decimal:
+    """What `counters` compares of a published state (AVG: its exact sum)."""
+    return Decimal(state.sum if state.aggregation == Aggregation.AVG and state.sum is not None else state.value)
+
+
+def _day(at: datetime) -> datetime:
+    return at.astimezone(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _drift(key: str, expected: dict[str, CounterDelta], row: Any, place: str, found: Decimal | None) -> Drift:
+    tenant, meter = (row["tenant"], row["meter"]) if row is not None else (expected[key].key.tenant,
+                                                                          expected[key].key.meter)
+    return Drift(key, tenant, meter, place, expected[key].value if key in expected else Decimal(0), found)
+
+
+async def _redis_states(ctx: JobContext, keys: list[str]) -> dict[str, tuple[int, Decimal]]:
+    """The cached (revision, value) of each window the cache still holds."""
+    out = {}
+    for i in range(0, len(keys), _CHUNK):
+        chunk = keys[i:i + _CHUNK]
+        pipe = ctx.redis.pipeline(transaction=False)
+        for key in chunk:
+            pipe.hget(cache_key(ctx.config.redis_prefix, key), "state")
+        for key, raw in zip(chunk, await pipe.execute()):
+            if raw:
+                state = CounterState.from_bytes(raw)
+                out[key] = (state.revision, _compared_value(state))
+    return out
+
+
+async def _stripe_drift(ctx: JobContext, lo: datetime, tenant: str | None) -> list[Drift]:
+    """Ended periods (after `lo`) whose rows that count as billed (not refused, superseded or cancelled ones)
+    do not sum to the billable quantity of the counters."""
+    out = []
+    rows = await ctx.pool.fetch(
+        "select r.tenant, r.subject, r.meter, r.period_label, r.period_end, s.time_zone, s.anchor_day,"
+        " s.start_date, coalesce(sum(r.value) filter (where r.status = any($3::text[])), 0) as reported"
+        " from stripe_reports r join subscriptions s using (tenant, subject)"
+        " where r.period_end > $1 and r.period_end <= now() and ($2::text is null or r.tenant = $2)"
+        " group by 1, 2, 3, 4, 5, 6, 7, 8", lo, tenant, list(COUNTED))
+    for r in rows:
+        period = period_of_date(Anchor(r["anchor_day"], r["time_zone"], r["start_date"]), r["period_label"])
+        terms = await terms_for(ctx.pool, r["tenant"], r["subject"], period)
+        if terms is None or r["meter"] not in terms.meters():
+            continue
+        windows = await from_postgres(ctx.pool, r["tenant"], r["subject"], [r["meter"]], period.start, period.end)
+        quantity = terms.billable(r["meter"], windows[r["meter"]])
+        if quantity != r["reported"]:
+            out.append(Drift(f"{r['tenant']}/{r['subject']}/{r['meter']}/{r['period_label']}", r["tenant"],
+                             r["meter"], "stripe", quantity, r["reported"]))
+    return out
+
+
+# The drifting windows' rows, locked in key order as the processor's upsert locks them; a missing row is
+# inserted empty and held the same way (a processor inserting it meanwhile waits for this transaction).
+_LOCK = """
+insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end, subject, grp,
+                           value, count, latest_time)
+select k, t, m, a, w, ws, we, s, g::jsonb, 0, 0, ws
+from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
+            $8::text[], $9::text[]) as u(k, t, m, a, w, ws, we, s, g)
+order by k
+on conflict (key) do update set revision = c.revision
+"""
+
+# The recounted absolute values, at a revision above the row's and any the cache or the topic holds.
+_WRITE = """
+update counters c set
+    value = case when c.aggregation = 'AVG' then coalesce(u.tot / nullif(u.n, 0), 0) else u.v end,
+    count = u.n, total = u.tot, latest_time = coalesce(u.lt, c.latest_time),
+    revision = greatest(c.revision, u.outside) + 1, updated_at = now()
+from unnest($1::text[], $2::numeric[], $3::bigint[], $4::timestamptz[], $5::numeric[], $6::bigint[])
+     as u(k, v, n, lt, tot, outside)
+where c.key = u.k
+returning c.key, c.revision
+"""
+
+
+@dataclass(frozen=True)
+class _Window:
+    key: str
+    tenant: str
+    meter: str
+    aggregation: str
+    window: str
+    start: datetime
+    end: datetime
+    subject: str | None
+    grp: str
+
+
+def _columns(key: str, expected: dict[str, CounterDelta], stored: dict[str, asyncpg.Record]) -> _Window:
+    if key in expected:
+        d = expected[key]
+        k = d.key
+        return _Window(key, k.tenant, k.meter, d.aggregation.value, k.window, k.window_start, d.window_end, k.subject,
+                       orjson.dumps(dict(k.group)).decode())
+    r = stored[key]
+    return _Window(key, r["tenant"], r["meter"], r["aggregation"], r["window_name"], r["window_start"],
+                   r["window_end"], r["subject"], r["grp"])
+
+
+async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int], budget_s: float) -> set[str]:
+    """Fix the windows a tenant's subject (or a tenant-wide meter) at a time, then relay them; the keys fixed."""
+    meters = MeterSet(ctx.config.meters)
+    groups: dict[tuple[str, str | None], list[_Window]] = {}
+    for w in windows:
+        groups.setdefault((w.tenant, w.subject), []).append(w)
+    fixed: set[str] = set()
+    for (tenant, subject), group in groups.items():
+        try:
+            fixed |= await _fix_group(ctx, meters, group, outside, budget_s)
+        except (TimeoutError, asyncpg.QueryCanceledError):
+            log.warning("reconcile: the windows of %s/%s not fixed, their recount took over %.0f s",
+                        tenant, subject, budget_s)
+    if not fixed:
+        return fixed
+    c = ctx.config
+    publisher = KafkaPublisher(c.kafka_bootstrap)
+    cache = RedisCounterCache(c.redis_url, c.redis_prefix, c.redis_counter_ttl_s)
+    try:
+        states = await OutboxRelay(ctx.pool, CounterTopicSink(publisher, c.counters_topic)).publish_all()
+        await cache.write(states)
+        await cache.flush()
+    finally:
+        await cache.close()
+        publisher.close()
+    return fixed
+
+
+async def _fix_group(ctx: JobContext, meters: MeterSet, windows: list[_Window], outside: dict[str, int],
+                     budget_s: float) -> set[str]:
+    """One transaction: lock the windows, recount their events, write the values with their outbox entries.
+    Over the budget it rolls back, so a processor batch waiting on these rows never waits longer."""
+    deadline = time.monotonic() + budget_s
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"set local statement_timeout = {max(1, int(budget_s * 1000))}")
+        await conn.execute(_LOCK, *map(list, zip(*((w.key, w.tenant, w.meter, w.aggregation, w.window, w.start,
+                                                        w.end, w.subject, w.grp) for w in windows))))
+        # Recounted once the locks are held: every transaction that counted into these windows has committed.
+        recount = _Recount(meters)
+        await recount.read(conn, min(w.start for w in windows), max(w.end for w in windows), windows[0].tenant,
+                           windows[0].subject, deadline)
+        now = [recount.windows.get(w.key) for w in windows]
+        written = await conn.fetch(_WRITE, [w.key for w in windows],
+                                   [Decimal(0) if d is None else d.value for d in now],
+                                   [0 if d is None else d.count for d in now],
+                                   [None if d is None else d.latest_time for d in now],
+                                   [None if d is None else d.total for d in now],
+                                   [outside.get(w.key, 0) for w in windows])
+        await queue(conn, {r["key"]: r["revision"] for r in written})
+    return {r["key"] for r in written}
+
+
+async def _record(ctx: JobContext, report: ReconcileReport) -> None:
+    await ctx.pool.executemany(
+        "insert into drift_reports (key, tenant, meter, place, expected, found, fixed) values ($1, $2, $3, $4, $5, $6,"
+        " $7)", [(d.key, d.tenant, d.meter, d.place, d.expected, d.found, d.key in report.fixed)
+                 for d in report.drift])
+
+
+def default_since(now: datetime) -> datetime:
+    """The daily job's range: the last two UTC days, which covers every window still open to late events."""
+    return now - timedelta(days=2)

@@ -1,0 +1,86 @@
+"""Reading request bodies safely: size limits before and while reading, JSON parsed strictly."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+
+from tally.ingest.problems import Problem
+from tally.ingest.values import Hazards, check, check_integers
+
+
+def media_type(request: Request) -> str:
+    """The bare media type of the request, lower case, without parameters."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def too_large(limit: int) -> Problem:
+    return Problem(413, "Content too large", f"the body exceeds the limit of {limit} bytes for this route",
+                   max_bytes=limit)
+
+
+def check_declared_length(declared: str | None, limit: int) -> None:
+    """Refuse a body by its Content-Length before reading any of it."""
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise Problem(400, "Invalid Content-Length", "Content-Length must be a non-negative integer")
+        if int(declared) > limit:
+            raise too_large(limit)
+
+
+def too_slow(timeout_s: float) -> Problem:
+    return Problem(408, "Request timeout", f"the body did not arrive whole within {timeout_s:g} s",
+                   headers={"Connection": "close"})
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`,
+    and with 408 when it has not arrived whole within `timeout_s` (a slow upload holds a connection)."""
+    check_declared_length(request.headers.get("content-length"), limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise Problem(400, "Client disconnected", "the request body was not received whole") from None
+    except TimeoutError:
+        raise too_slow(timeout_s) from None
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes, what: str = "the body") -> Any:
+    """orjson is strict (no NaN, no lone surrogates), so whatever parses can be published as JSON again.
+
+    Integers beyond 64 bits are refused here; nesting and NUL characters per item (`tally.ingest.values`).
+    """
+    if not body:
+        raise Problem(400, "Malformed JSON", f"{what} is empty", errors=[{"field": "(body)", "message": "empty"}])
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Malformed JSON", f"{what} is not valid JSON: {exc}",
+                      errors=[{"field": "(body)", "message": str(exc)}]) from None
+    check_integers(body)
+    return value
+
+
+def parse_document(body: bytes) -> Any:
+    """A product route's JSON body: as `parse_json`, and refused whole when nested too deep or holding a NUL
+    character, which PostgreSQL cannot store (the intake judges such values per item instead)."""
+    value = parse_json(body)
+    check(value, Hazards.of(body))
+    return value
+
+
+def unsupported(actual: str, allowed: tuple[str, ...]) -> Problem:
+    return Problem(415, "Unsupported media type",
+                   f"Content-Type {actual or '(none)'} is not accepted here; use one of: {', '.join(allowed)}",
+                   accepted=list(allowed), headers={"Accept-Post": ", ".join(allowed)})

@@ -1,0 +1,114 @@
+"""Meter definitions: what to count, declared in configuration rather than code.
+
+A meter turns matching events into counter windows: it filters by event type, reads a value from
+the event (except COUNT), groups by paths into the event, and keeps one counter per window start.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tally.schemas.counters import Aggregation
+from tally.schemas.envelope import LOG_EVENT_TYPE
+
+
+# Aggregations whose window value depends on what is already stored, not only on the new events:
+# they are applied under a lock inside the writing transaction (tally/meters/stateful.py).
+STATEFUL = frozenset({Aggregation.UNIQUE_COUNT, Aggregation.WEIGHTED_SUM})
+
+
+class Window(str, Enum):
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+class Unit(str, Enum):
+    """The time unit a WEIGHTED_SUM integrates in: level × hours (GB-hours) or level × days (seat-days)."""
+
+    HOUR = "hour"
+    DAY = "day"
+
+    @property
+    def seconds(self) -> int:
+        return 3600 if self is Unit.HOUR else 86400
+
+
+class Meter(BaseModel):
+    """One meter. Paths are dotted and rooted at the envelope: `data.tokens`, `type`, `source`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    event_type: str = Field("*", description="exact type or a glob such as 'api.*'")
+    aggregation: Aggregation = Aggregation.COUNT
+    value_path: str | None = None
+    group_by: dict[str, str] = Field(default_factory=dict)
+    per_subject: bool = True
+    windows: tuple[Window, ...] = (Window.HOUR, Window.DAY)
+    max_distinct: int = Field(100_000, ge=1, description="UNIQUE_COUNT: values kept per window before sampling")
+    unit: Unit | None = Field(None, description="WEIGHTED_SUM: level × hour or level × day")
+
+    @model_validator(mode="after")
+    def _value_path_fits_aggregation(self) -> "Meter":
+        if self.aggregation is Aggregation.COUNT and self.value_path:
+            raise ValueError(f"meter {self.slug}: COUNT takes no value_path")
+        if self.aggregation is not Aggregation.COUNT and not self.value_path:
+            raise ValueError(f"meter {self.slug}: {self.aggregation.value} needs a value_path")
+        if (self.aggregation is Aggregation.WEIGHTED_SUM) != (self.unit is not None):
+            raise ValueError(f"meter {self.slug}: a unit (hour or day) goes with WEIGHTED_SUM and only with it")
+        if not self.windows:
+            raise ValueError(f"meter {self.slug}: at least one window")
+        if len(set(self.windows)) != len(self.windows):
+            raise ValueError(f"meter {self.slug}: a window is listed twice (it would be counted twice)")
+        return self
+
+
+class MetersConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    meters: list[Meter]
+
+    @model_validator(mode="after")
+    def _unique_slugs(self) -> "MetersConfig":
+        slugs = [m.slug for m in self.meters]
+        if len(set(slugs)) != len(slugs):
+            raise ValueError("meter slugs must be unique")
+        return self
+
+
+# Built in: log records per service (their subject) and level, which `GET /v1/logs/stats` reads.
+LOGS_METER = Meter(slug="logs", event_type=LOG_EVENT_TYPE, group_by={"level": "data.level"},
+                   windows=(Window.MINUTE, Window.HOUR))
+
+# Events per type and minute, tenant-wide: what event-type alert rules read (tally/schemas/alerts.py).
+EVENT_TYPES_METER = Meter(slug="event_types", event_type="*", group_by={"type": "type"}, per_subject=False,
+                          windows=(Window.MINUTE,))
+
+DEFAULT_METERS = MetersConfig(meters=[
+    Meter(slug="events", event_type="*", group_by={"type": "type"}, windows=(Window.HOUR, Window.DAY)),
+    LOGS_METER,
+    EVENT_TYPES_METER,
+])
+
+
+def with_built_ins(config: MetersConfig) -> MetersConfig:
+    """A configured set plus the built-in logs meter, unless the configuration defines `logs` itself."""
+    if any(meter.slug == LOGS_METER.slug for meter in config.meters):
+        return config
+    return MetersConfig(meters=[*config.meters, LOGS_METER])
+
+
+def load_meters(path: Path | None = None, inline: str = "") -> MetersConfig:
+    """Meters from inline JSON/YAML, else a YAML or JSON file, else the default set; always with the
+    built-in logs meter that log stats read."""
+    if inline.strip():
+        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(inline)))
+    if path is not None:
+        return with_built_ins(MetersConfig.model_validate(yaml.safe_load(path.read_text())))
+    return DEFAULT_METERS
