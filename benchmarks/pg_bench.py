@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
 import asyncpg
 import orjson
 
 from benchmarks.kafka_bench import TENANT
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
 
 _KEEP = ("api_keys", "schema_migrations")
 
@@ -20,8 +32,7 @@ async def tables(conn: asyncpg.Connection) -> set[str]:
 
 async def clear(url: str) -> None:
     """Empty every data table (events, dedup keys, counters, outbox ...) so the next drain starts clean."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         names = sorted(await tables(conn) - set(_KEEP))
         partitions = {r["c"] for r in await conn.fetch("select inhrelid::regclass::text as c from pg_inherits")}
         names = [n for n in names if n not in partitions]
@@ -29,8 +40,6 @@ async def clear(url: str) -> None:
         # refer to another (a plan's meters to its plan) are emptied with it.
         for name in names:
             await conn.execute(f"truncate {name} cascade")
-    finally:
-        await conn.close()
 
 
 def event_rows(run: str, count: int) -> list[tuple[object, ...]]:
@@ -49,8 +58,7 @@ COLUMNS = ("tenant", "source", "id", "type", "subject", "time", "received_at", "
 async def copy_ceiling(url: str, run: str, count: int) -> dict[str, float]:
     """COPY the same rows into a table shaped like events (same columns and indexes), in one transaction."""
     rows = event_rows(run, count)
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         await conn.execute("drop table if exists copy_ceiling")
         await conn.execute("create table copy_ceiling (like events including defaults including indexes)")
         start = time.perf_counter()
@@ -58,31 +66,23 @@ async def copy_ceiling(url: str, run: str, count: int) -> dict[str, float]:
             await conn.copy_records_to_table("copy_ceiling", records=rows, columns=COLUMNS)
         seconds = time.perf_counter() - start
         await conn.execute("drop table copy_ceiling")
-    finally:
-        await conn.close()
     return {"rows": count, "events_s": count / seconds, "seconds": seconds}
 
 
 async def persisted(url: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         return int(await conn.fetchval("select count(*) from event_keys"))
-    finally:
-        await conn.close()
 
 
 async def verify(url: str, distinct: int) -> dict[str, object]:
     """Every distinct accepted event persisted exactly once; counters, where they exist, equal to it."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         found = {
             "events": await conn.fetchval("select count(*) from events"),
             "distinct_events": await conn.fetchval("select count(*) from (select distinct tenant, source, id from events) d"),
             "event_keys": await conn.fetchval("select count(*) from event_keys"),
         }
         found.update(await counted_events(conn) or {})
-    finally:
-        await conn.close()
     exact = all(v == distinct for v in found.values())
     return {"expected": distinct, **found, "exact": exact}
 
@@ -98,17 +98,13 @@ async def counted_events(conn: asyncpg.Connection) -> dict[str, int] | None:
 
 async def counting(url: str) -> bool:
     """Whether this schema keeps counters, so that the peer must keep them too."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         return "counters" in await tables(conn)
-    finally:
-        await conn.close()
 
 
 async def verify_quix(url: str, distinct: int) -> dict[str, object]:
     """The same checks on the tables of the Quix Streams peer, and one counter row per hour, subject and type."""
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         found = {
             "events": await conn.fetchval("select count(*) from quix_events"),
             "distinct_events": await conn.fetchval(
@@ -122,8 +118,6 @@ async def verify_quix(url: str, distinct: int) -> dict[str, object]:
             "select count(*) from (select distinct tenant, date_trunc('hour', time at time zone 'UTC'),"
             " coalesce(subject, ''), type from quix_events) w")
         hourly = await conn.fetchval("select count(*) from quix_counters where window_name = 'hour'")
-    finally:
-        await conn.close()
     exact = all(v == distinct for v in found.values()) and windows == hourly
     return {"expected": distinct, **found, "hour_subject_type_windows": windows, "hourly_counter_rows": hourly,
             "exact": exact}
@@ -133,8 +127,7 @@ async def e2e_latency(url: str, id_prefix: str) -> dict[str, object]:
     """From the gateway's receipt to the processor's commit, for the events whose id has this prefix:
     percentiles overall (ms) and p50/p99 per second of receipt."""
     latency = "extract(epoch from persisted_at - received_at) * 1000"
-    conn = await asyncpg.connect(url)
-    try:
+    async with connected(url) as conn:
         overall = await conn.fetchrow(
             f"select count(*) as n, percentile_cont(array[0.5, 0.95, 0.99]) within group (order by {latency}) as p,"
             f" max({latency}) as max from events where id like $1", f"{id_prefix}%")
@@ -142,8 +135,6 @@ async def e2e_latency(url: str, id_prefix: str) -> dict[str, object]:
             f"select extract(epoch from date_trunc('second', received_at)) as t, count(*) as n,"
             f" percentile_cont(array[0.5, 0.99]) within group (order by {latency}) as p"
             f" from events where id like $1 group by 1 order by 1", f"{id_prefix}%")
-    finally:
-        await conn.close()
     p = overall["p"] or [None, None, None]
     return {"events": overall["n"], "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2], "max_ms": overall["max"],
             "series": [(float(r["t"]), r["n"], r["p"][0], r["p"][1]) for r in rows]}

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -184,28 +185,35 @@ class Bench:
         client.close()
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout_s: float = 30.0) -> None:
+def _wait_for(ready: Callable[[], bool], process: subprocess.Popen[bytes], name: str, timeout_s: float,
+              what: str) -> None:
+    """Until `ready()` (an OSError counts as not yet), failing early if the process exits meanwhile."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited during start-up; see benchmarks/out/logs/{name}.log")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
+            if ready():
+                return
         except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{name} did not answer {url} within {timeout_s:.0f}s")
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not {what} within {timeout_s:.0f}s")
+
+
+def _answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return response.status == 200
+
+
+def _listens(port: int) -> bool:
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    return True
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], name: str, timeout_s: float = 30.0) -> None:
+    _wait_for(lambda: _answers(url), process, name, timeout_s, f"answer {url}")
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], name: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited during start-up; see benchmarks/out/logs/{name}.log")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{name} did not listen on {port} within {timeout_s:.0f}s")
+    _wait_for(lambda: _listens(port), process, name, timeout_s, f"listen on {port}")

@@ -12,25 +12,24 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
+class _Name:
+    """A topic's name under the `Topics` prefix: `Topics("test-").events` is "test-tally.events.v1"."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, topics: Topics, _owner: type) -> str:
+        return f"{topics.prefix}{self.name}"
+
+
 @dataclass(frozen=True)
 class Topics:
     prefix: str = ""
 
-    @property
-    def events(self) -> str:
-        return f"{self.prefix}tally.events.v1"
-
-    @property
-    def counters(self) -> str:
-        return f"{self.prefix}tally.counters.v1"
-
-    @property
-    def alerts(self) -> str:
-        return f"{self.prefix}tally.alerts.v1"
-
-    @property
-    def dlq(self) -> str:
-        return f"{self.prefix}tally.dlq.v1"
+    events = _Name("tally.events.v1")
+    counters = _Name("tally.counters.v1")
+    alerts = _Name("tally.alerts.v1")
+    dlq = _Name("tally.dlq.v1")
 
     def specs(
         self,

@@ -17,63 +17,33 @@ import asyncpg
 
 _BATCH = 5000
 
-# Each statement deletes one batch and answers how many rows went.
-_PRUNE_KEYS = """
-with gone as (
-    delete from event_keys where ctid = any(array(
-        select ctid from event_keys where first_seen < $1 order by first_seen limit $2))
-    returning 1
-)
-select count(*) from gone
-"""
 
+def _prune(table: str, key: str, where: str, order: str, limit: str = "$2", then: str = "") -> str:
+    """A statement that deletes one batch of `table`, oldest first, and answers how many rows went; `then`
+    names what goes with the deleted keys (`gone`)."""
+    return (f"with gone as (delete from {table} where {key} = any(array("
+            f"select t.{key} from {table} t where {where} order by {order} limit {limit})) returning {key}){then}\n"
+            f"select count(*) from gone")
+
+
+_PRUNE_KEYS = _prune("event_keys", "ctid", "t.first_seen < $1", "t.first_seen")
 # A pruned window's queue entry goes with it (the relay also forgets a key whose counter row is gone).
-_PRUNE_COUNTERS = """
-with gone as (
-    delete from counters where key = any(array(
-        select key from counters where window_name = $1 and window_end < $2 order by window_end limit $3))
-    returning key
-), unqueued as (
-    delete from counter_outbox where key in (select key from gone)
-)
-select count(*) from gone
-"""
+_PRUNE_COUNTERS = _prune("counters", "key", "t.window_name = $1 and t.window_end < $2", "t.window_end", "$3",
+                         ", unqueued as (delete from counter_outbox where key in (select key from gone))")
 # A usage alert goes once its period's alert is resolved (or it never fired); one still firing stays.
-_PRUNE_USAGE_ALERTS = """
-with gone as (
-    delete from usage_alerts where id = any(array(
-        select id from usage_alerts where created_at < $1 and taken_up
-            and (fired_transition is null or resolved_transition is not null)
-        order by id limit $2))
-    returning 1
-)
-select count(*) from gone
-"""
-
+_PRUNE_USAGE_ALERTS = _prune(
+    "usage_alerts", "id",
+    "t.created_at < $1 and t.taken_up and (t.fired_transition is null or t.resolved_transition is not null)", "t.id")
 # A transition goes with its deliveries (on delete cascade) once published, delivered or given up, and no
 # longer named by a usage alert.
-_PRUNE_TRANSITIONS = """
-with gone as (
-    delete from alert_transitions where id = any(array(
-        select t.id from alert_transitions t where t.at < $1 and t.published_at is not null
-            and not exists (select 1 from alert_deliveries d where d.transition_id = t.id and d.status = 'pending')
-            and not exists (select 1 from usage_alerts u
-                            where u.fired_transition = t.id or u.resolved_transition = t.id)
-        order by t.id limit $2))
-    returning 1
-)
-select count(*) from gone
-"""
-
+_PRUNE_TRANSITIONS = _prune(
+    "alert_transitions", "id",
+    "t.at < $1 and t.published_at is not null"
+    " and not exists (select 1 from alert_deliveries d where d.transition_id = t.id and d.status = 'pending')"
+    " and not exists (select 1 from usage_alerts u where u.fired_transition = t.id or u.resolved_transition = t.id)",
+    "t.id")
 # A usage link is of no use a day after it expired (the day: a page open at the expiry still says why).
-_PRUNE_LINKS = """
-with gone as (
-    delete from usage_links where id = any(array(
-        select id from usage_links where expires_at < $1 order by expires_at limit $2))
-    returning 1
-)
-select count(*) from gone
-"""
+_PRUNE_LINKS = _prune("usage_links", "id", "t.expires_at < $1", "t.expires_at")
 
 # Creating a month attaches it beside the default partition under an exclusive lock on that partition:
 # give up quickly rather than queue every writer behind the lock request; the next run tries again.
