@@ -39,6 +39,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class DoubleHandler(BaseHTTPRequestHandler):
+    """What every third-party double's handler does alike: read the body, answer with a length, log nothing."""
+
+    def body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("content-length", 0)))
+
+    def answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
 @contextmanager
 def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """A test double's HTTP server on a loopback port of its own, served from a thread; yields its base URL."""

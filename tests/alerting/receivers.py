@@ -12,13 +12,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import orjson
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.support import http_server
+from tests.support import DoubleHandler, http_server
 
 
 @dataclass
@@ -54,9 +53,9 @@ def receiver() -> Iterator[Receiver]:
     state = Receiver()
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(DoubleHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = self.body()
             got = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic())
             with lock:
                 state.received.append(got)
@@ -71,15 +70,7 @@ def receiver() -> Iterator[Receiver]:
                 except WebhookVerificationError:
                     got.verified = False
                     status, headers, text = 401, {}, b"signature does not verify"
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("content-length", str(len(text)))
-            self.end_headers()
-            self.wfile.write(text)
-
-        def log_message(self, *_args: object) -> None:
-            pass
+            self.answer(status, text, headers)
 
     with http_server(Handler) as state.url:
         try:

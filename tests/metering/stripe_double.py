@@ -26,12 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from tests.support import http_server
+from tests.support import DoubleHandler, http_server
 
 DAY = 24 * 3600
 WHOLE = re.compile(r"^-?[0-9]+$")
@@ -179,7 +178,7 @@ def _error(status: int, param: str, message: str) -> tuple[int, dict]:
 def stripe_double(**options: object) -> Iterator[StripeDouble]:
     double = StripeDouble(**options)  # type: ignore[arg-type]
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(DoubleHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             parts = urlsplit(self.path)
             query = {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -193,7 +192,7 @@ def stripe_double(**options: object) -> Iterator[StripeDouble]:
                     self._answer(*_error(404, "path", f"no route {parts.path}"))
 
         def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+            body = self.body().decode()
             form = {k: v[0] for k, v in parse_qs(body).items()}
             account, key = self.headers.get("Stripe-Account"), self.headers.get("Idempotency-Key")
             path = urlsplit(self.path).path
@@ -234,15 +233,7 @@ def stripe_double(**options: object) -> Iterator[StripeDouble]:
             return status, answer
 
         def _answer(self, status: int, body: dict) -> None:
-            raw = orjson.dumps(body)
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *_args: object) -> None:
-            pass
+            self.answer(status, orjson.dumps(body), {"content-type": "application/json"})
 
     with http_server(Handler) as double.url:
         yield double
