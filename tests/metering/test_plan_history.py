@@ -64,6 +64,17 @@ async def _sent(db: asyncpg.Connection, customer: str) -> list[asyncpg.Record]:
                           " order by seq", customer)
 
 
+async def _report(settings: Settings, db: asyncpg.Connection, env: dict[str, str], tenant: str,
+                  calls: dict[str, tuple[datetime, int, int]]) -> None:
+    """Produce each subject's calls (at, how many, first number), let the processor count them, run the Stripe
+    report job once."""
+    produce(settings, [event for subject, (at, n, first) in calls.items()
+                       for event in _calls(tenant, subject, at, n, first)])
+    await wait_for(lambda: drained(settings, db), 60, "the processor")
+    code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
+    assert code == 0, out
+
+
 async def test_upgrade_and_downgrade_through_the_api_keep_the_subscription_and_bill_per_the_adr(
         isolated: Settings, db: asyncpg.Connection) -> None:
     settings = metered(isolated)
@@ -80,12 +91,8 @@ async def test_upgrade_and_downgrade_through_the_api_keep_the_subscription_and_b
                     "plan_id": plan_id, "stripe_customer_id": f"cus_{subject}", "anchor_day": anchor_day,
                     "time_zone": ZONE, "start_date": start.isoformat()})
                 assert answer.status_code == 200, answer.text
-            now = datetime.now(timezone.utc)
-            produce(settings, _calls(tenant, up, now - timedelta(minutes=2), 18, 0)
-                    + _calls(tenant, down, now - timedelta(minutes=2), 15, 0))
-            await wait_for(lambda: drained(settings, db), 60, "the processor")
-            code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
-            assert code == 0, out
+            before = datetime.now(timezone.utc) - timedelta(minutes=2)
+            await _report(settings, db, env, tenant, {up: (before, 18, 0), down: (before, 15, 0)})
             label = (await _sent(db, f"cus_{up}"))[0]["period_label"]
             assert [r["value"] for r in await _sent(db, f"cus_{up}")] == [8]
 
@@ -93,11 +100,8 @@ async def test_upgrade_and_downgrade_through_the_api_keep_the_subscription_and_b
             for subject, plan_id in ((up, "pro"), (down, "basic")):
                 answer = await api.put(f"/v1/subscriptions/{subject}", json={"plan_id": plan_id})
                 assert answer.status_code == 200, answer.text
-            produce(settings, _calls(tenant, up, _after_the_change(), 5, 100)
-                    + _calls(tenant, down, _after_the_change(), 5, 100))
-            await wait_for(lambda: drained(settings, db), 60, "the processor")
-            code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
-            assert code == 0, out
+            await _report(settings, db, env, tenant, {up: (_after_the_change(), 5, 100),
+                                                      down: (_after_the_change(), 5, 100)})
 
             shown = (await api.get(f"/v1/subscriptions/{up}")).json()
             usage = (await api.get("/v1/usage", params={"subject": up})).json()
@@ -138,23 +142,16 @@ async def test_plan_changes_through_the_cli_keep_customer_zone_anchor_and_start(
         assert code == 0, out
     with stripe_double() as double, running("processor", ["process"], settings):
         env = {"TALLY_STRIPE_API_BASE": double.url}
-        now = datetime.now(timezone.utc)
-        produce(settings, _calls(tenant, up, now - timedelta(minutes=2), 18, 0)
-                + _calls(tenant, down, now - timedelta(minutes=2), 15, 0))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
-        code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
-        assert code == 0, out
+        before = datetime.now(timezone.utc) - timedelta(minutes=2)
+        await _report(settings, db, env, tenant, {up: (before, 18, 0), down: (before, 15, 0)})
         label = (await _sent(db, f"cus_{tenant}_{up}"))[0]["period_label"]
 
         for subject, plan_id in ((up, "pro"), (down, "basic")):
             code, out = run_tally(["subscriptions", "set", "--tenant", tenant, "--subject", subject,
                                    "--plan", plan_id], settings)
             assert code == 0, out
-        produce(settings, _calls(tenant, up, _after_the_change(), 5, 100)
-                + _calls(tenant, down, _after_the_change(), 5, 100))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
-        code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
-        assert code == 0, out
+        await _report(settings, db, env, tenant, {up: (_after_the_change(), 5, 100),
+                                                  down: (_after_the_change(), 5, 100)})
 
     code, listed = run_tally(["subscriptions", "list", "--tenant", tenant], settings)
     assert code == 0, listed
