@@ -175,7 +175,7 @@ async def drain(args: argparse.Namespace, bench: Bench, settings: Settings, load
                      bench.db_name, False)
     before = await meter.snapshot()
     began = time.monotonic()
-    service = bench.start(f"processor-{slug}", [*TALLY, "process"], settings, checkout=checkout)
+    service = bench.start(slug, [*TALLY, "process"], settings, checkout=checkout)
     services.append(service)
     cpu: dict[str, float | None] = {}
     running: dict[str, float | None] = {}
