@@ -329,7 +329,7 @@ def headings(results: dict[str, Any]) -> dict[str, str]:
 
 
 def report(results: dict[str, Any], command: str) -> list[str]:
-    lines = [f"`{command}`: this checkout at {results['this']} against {results['base']}, {results['cpus']} cores, "
+    lines = [f"`{command}`: {results['this']} (this) against {results['base']} (base), {results['cpus']} cores, "
              + machine_load(results["load_average"], results["cpus"]) + "."]
     for part, heading in headings(results).items():
         if part in results:
