@@ -31,6 +31,8 @@ PY_SPY = ROOT / "benchmarks" / ".venv" / "bin" / "py-spy"
 # Settings that lift the gateway's rate limits for the run: the limiter still runs on every request.
 UNLIMITED = {f"TALLY_GATEWAY_{name}": "1000000000" for name in
              ("RATE_LIMIT_PER_S", "RATE_LIMIT_BURST", "WEBHOOK_RATE_LIMIT_PER_S", "WEBHOOK_RATE_LIMIT_BURST")}
+# Batches of 100 events to POST /v1/events/batch at the highest rate: k6's `batch` scenario, 8 closed-loop users.
+BATCHES = {"SCENARIO": "batch", "BATCH": 100, "MODE": "max", "VUS": 8, "P99_MS": 200}
 WEBHOOK_SECRET = "whsec_bench"
 # Parts run without --only: logs needs a 10-million-record database seeded first, so it is asked for by name.
 DEFAULT_PARTS = ("gateway", "usage", "processor", "e2e")
@@ -150,8 +152,7 @@ class Harness:
         if routes["batch"]:
             if self.progress.allows("k6 batches of 100, highest rate (closed loop, 8 users)", seconds + 5):
                 await self.measured_load("gateway", "k6_gateway_batch_max", self.served_by(gateway), partial(
-                    self.k6, "gateway_batch_max", urls["gateway_single"], SCENARIO="batch", MODE="max", VUS=8,
-                    P99_MS=200))
+                    self.k6, "gateway_batch_max", urls["gateway_single"], **BATCHES))
             await self.fixed_rate("gateway_batch", urls["gateway_single"], "batch", batch=100)
         else:
             self.note("POST /v1/events/batch is not in the gateway yet: the batch scenarios were skipped")

@@ -8,7 +8,8 @@ SERVICE=bench
 cd "$ROOT"
 # --scale-out (first): 1 broker against 3, processors 1 -> 2 -> 4 (benchmarks/scale_out.py); needs no other tools
 [ "${1:-}" = --scale-out ] && { shift; exec .venv/bin/python -m benchmarks.scale_out "$@"; }
-# --side-by-side (first): a gateway of another revision against this checkout's in one run (benchmarks/side_by_side.py)
+# --side-by-side (first): another revision's gateway and processor against this checkout's in one run
+# (benchmarks/side_by_side.py)
 module=harness
 [ "${1:-}" = --side-by-side ] && { shift; module=side_by_side; }
 case " $* " in *" -h "*|*" --help "*) exec .venv/bin/python -m benchmarks.$module --help ;; esac
