@@ -55,7 +55,7 @@ def receiver() -> Iterator[Receiver]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:  # http.server's name
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             got = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic())
             with lock:

@@ -24,7 +24,7 @@ def recording_server() -> Iterator[Recorder]:
     recorder = Recorder()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:  # http.server's name
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             recorder.received.append((self.path, orjson.loads(body)))
             status = 500 if self.path == "/fail" else 200
