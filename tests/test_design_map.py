@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ROOT / "docs" / "DESIGN.md"
 DOCS = [DESIGN, ROOT / "README.md"]
-PACKAGE_READMES = sorted((ROOT / "tally").glob("*/README.md"))
+PACKAGE_READMES = [ROOT / "tally" / "README.md", *sorted((ROOT / "tally").glob("*/README.md"))]
 
 PATH = re.compile(r"(?<![\w./-])tally/[\w./-]*")
 # `tally.x.y` naming a module or its attribute; topic names (`tally.events.v1`) and headers are not modules.
