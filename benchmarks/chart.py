@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+import matplotlib.pyplot as plt  # the backend is chosen first
 
 
 def rates(series: list[list[float]], column: int) -> tuple[list[float], list[float]]:

@@ -382,7 +382,7 @@ class Harness:
                 await logs_bench.create_indexes(settings.database_url, definitions)
             group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-{round_}"})
             section[f"intake_{indexes}_{round_}"] = await self.drain(
-                f"logs_{indexes}_{round_}", group, loaded, lambda: [self.bench.processor(group, "log-processor")],
+                f"logs_{indexes}_{round_}", group, loaded, lambda group=group: [self.bench.processor(group, "log-processor")],
                 pg_bench.verify)
         section["read_indexes"] = logs_bench.read_indexes()
 

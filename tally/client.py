@@ -302,8 +302,8 @@ class TallyClient:
         last_flush = time.monotonic()
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._closing or self._flush_requested
-                                    or self._core.ready(time.monotonic() - last_flush),
+                self._lock.wait_for(lambda since=last_flush: self._closing or self._flush_requested
+                                    or self._core.ready(time.monotonic() - since),
                                     self._core.config.flush_interval_s)
                 if self._closing:
                     return
@@ -393,8 +393,8 @@ class AsyncTallyClient:
             async with self._changed:
                 try:
                     await asyncio.wait_for(self._changed.wait_for(
-                        lambda: self._closing or self._flush_requested
-                        or self._core.ready(time.monotonic() - last_flush)), self._core.config.flush_interval_s)
+                        lambda since=last_flush: self._closing or self._flush_requested
+                        or self._core.ready(time.monotonic() - since)), self._core.config.flush_interval_s)
                 except TimeoutError:
                     pass
                 if self._closing:

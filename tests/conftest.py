@@ -18,6 +18,9 @@ from tally.sinks.migrations import migrate
 from tally.settings import Settings
 from tally.topics import create_topics
 
+# The scratch broker's fixture, for the tests that stop Kafka (a fixture module, not a copy in each test file).
+pytest_plugins = ["tests.scratch_kafka"]
+
 START_HINT = "start the services first: bash deploy/local/services.sh (or run the suite with bash deploy/local/test.sh)"
 
 

@@ -43,7 +43,7 @@ def tally_stack(settings: Settings, name: str) -> Iterator[dict[str, Target]]:
     create_topics(own)
     targets: dict[str, Target] = {}
     with ExitStack() as stack:
-        for command, (setting, expected, job) in WORKERS.items():
+        for command, (setting, _, job) in WORKERS.items():
             port = free_port()
             process = stack.enter_context(running(f"{command}-{name}", [command],
                                                   own.model_copy(update={setting: port})))

@@ -16,7 +16,7 @@ from tally.client import AsyncTallyClient, BufferFull, TallyClient, event
 from tally.settings import Settings
 from tally.topics import create_topics
 from tests.processor.helpers import drained, wait_for
-from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
+from tests.scratch_kafka import ScratchKafka
 from tests.gateway.helpers import healthy
 from tests.support import TallyProcess, free_port, running, wait_until
 

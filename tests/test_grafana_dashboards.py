@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
+from types import ModuleType
 
 import promql_parser
 import pytest
@@ -26,7 +27,7 @@ SUFFIXES = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_count",
 SYNTHETIC = {"up"}  # made by Prometheus for every target, not by a /metrics page
 
 
-def _generator():
+def _generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("tally_dashboards", GENERATOR)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

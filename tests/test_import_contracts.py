@@ -1,5 +1,6 @@
 """The allowed imports between packages, written as contracts in pyproject.toml, hold: `meters` imports no
-product and not the processor, the processor imports no product, no product imports the processor."""
+product and not the processor, the processor imports no product, no product imports the processor, the producer
+SDK imports only `schemas`, nothing imports the command line, and no import cycle (ADR 0128)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import redis
 from tally.settings import ROOT, Settings
 from tally.topics import create_topics
 from tests.processor.scratch_pg import scratch_postgres
-from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
+from tests.scratch_kafka import ScratchKafka
 from tests.support import env_for, free_port, wait_until
 
 T = TypeVar("T")

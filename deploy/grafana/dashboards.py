@@ -22,7 +22,7 @@ def _query(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
     return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(SOURCE)
 
 
-def _series(title: str, unit: str, description: str, *queries: tuple[str, str], width: int = 12):
+def _series(title: str, unit: str, description: str, *queries: tuple[str, str], width: int = 12) -> timeseries.Panel:
     panel = (timeseries.Panel().title(title).description(description).unit(unit).datasource(SOURCE)
              .height(8).span(width))
     for ref, (expr, legend) in zip("ABCDEFGH", queries):

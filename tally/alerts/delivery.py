@@ -214,7 +214,7 @@ class Deliverer:
             return Attempt(error=str(exc), refused=True)
         try:
             body, headers = _request(row, secret)
-        except Exception as exc:  # e.g. a secret that is not base64: no retry makes it sendable
+        except Exception as exc:  # noqa: BLE001 - e.g. a secret that is not base64: no retry makes it sendable
             return Attempt(error=f"cannot sign or build the request: {type(exc).__name__}", permanent=True)
         deadline = self.policy.timeout_s
         try:

@@ -148,7 +148,7 @@ class RateLimiter:
         except RedisDown:
             for bucket in buckets:
                 _answer(bucket, [Decision(True)] * len(bucket.waiters))
-        except Exception as exc:  # a 503 Problem (policy closed) or a bug: every waiter raises its own copy
+        except Exception as exc:  # noqa: BLE001 - a 503 Problem (policy closed) or a bug: every waiter raises its own copy
             for bucket in buckets:
                 for waiter in bucket.waiters:
                     if not waiter.done():

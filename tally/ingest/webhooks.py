@@ -90,7 +90,7 @@ def _secrets(name: str, spec: dict[str, Any]) -> list[str]:
         for secret in secrets:
             try:
                 Webhook(secret)
-            except Exception as exc:  # noqa: BLE001 - any failure means the secret is unusable
+            except Exception as exc:  # any failure means the secret is unusable
                 raise WebhookConfigError(f"webhook source {name!r}: invalid Standard Webhooks secret") from exc
     return secrets
 

@@ -166,7 +166,7 @@ class PostgresSink:
         commits first."""
         try:
             return await self._transaction(share)
-        except Exception as exc:  # noqa: BLE001 - anything that is not poison is raised again
+        except Exception as exc:  # anything that is not poison is raised again
             if not is_poison(exc):
                 raise
             if len(share) == 1:

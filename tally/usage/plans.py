@@ -170,7 +170,7 @@ async def _within_quota(conn: asyncpg.Connection, tenant: str, table: str, bound
     if bound is None:
         return
     await _lock(conn, table, tenant)
-    if await conn.fetchval(f"select count(*) from {table} where tenant = $1", tenant) >= bound:  # noqa: S608
+    if await conn.fetchval(f"select count(*) from {table} where tenant = $1", tenant) >= bound:  # table: ours, not input
         raise QuotaExceeded(f"this tenant has {bound} {table}, the most {setting} allows")
 
 

@@ -54,7 +54,7 @@ def receiver() -> Iterator[Receiver]:
     lock = threading.Lock()
 
     class Handler(DoubleHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:  # http.server's name
             body = self.body()
             got = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic())
             with lock:

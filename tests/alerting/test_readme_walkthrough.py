@@ -20,7 +20,7 @@ from tests.support import readme_blocks, run_walkthrough, running
 
 def test_the_receiving_snippet_verifies_a_signed_body_and_refuses_a_forged_one() -> None:
     namespace: dict = {}
-    exec(readme_blocks("Logs and alerts", "python")[0], namespace)  # noqa: S102 - the README's own code
+    exec(readme_blocks("Logs and alerts", "python")[0], namespace)  # the README's own code
     secret = "whsec_" + "dGhlLXJlYWRtZS1zZWNyZXQtMTIzNA=="
     body, at = b'{"id": "alert-7", "type": "alert.firing"}', datetime.now(timezone.utc)
     headers = {"webhook-id": "alert-7", "webhook-timestamp": str(int(at.timestamp())),

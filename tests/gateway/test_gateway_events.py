@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -102,7 +103,7 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(
     limit = gateway.settings.gateway_max_event_bytes
     big = orjson.dumps(event(data="x" * (limit + 10)))
 
-    async def chunks():  # no Content-Length: the gateway must count while streaming
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the gateway must count while streaming
         for start in range(0, len(big), 16384):
             yield big[start:start + 16384]
 

@@ -23,7 +23,7 @@ def recording_server() -> Iterator[Recorder]:
     recorder = Recorder()
 
     class Handler(DoubleHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:  # http.server's name
             recorder.received.append((self.path, orjson.loads(self.body())))
             self.answer(500 if self.path == "/fail" else 200, b"ok")
 

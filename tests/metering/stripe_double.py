@@ -179,7 +179,7 @@ def stripe_double(**options: object) -> Iterator[StripeDouble]:
     double = StripeDouble(**options)  # type: ignore[arg-type]
 
     class Handler(DoubleHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's name
             parts = urlsplit(self.path)
             query = {k: v[0] for k, v in parse_qs(parts.query).items()}
             account = self.headers.get("Stripe-Account")
@@ -191,7 +191,7 @@ def stripe_double(**options: object) -> Iterator[StripeDouble]:
                 else:
                     self._answer(*_error(404, "path", f"no route {parts.path}"))
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:  # http.server's name
             body = self.body().decode()
             form = {k: v[0] for k, v in parse_qs(body).items()}
             account, key = self.headers.get("Stripe-Account"), self.headers.get("Idempotency-Key")

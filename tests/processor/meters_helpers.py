@@ -112,7 +112,7 @@ async def assert_meters_match(db: asyncpg.Connection, tenant: str, counted: list
            for r in await counter_rows(db, tenant, "latency")}
     expected = expected_avg(counted)
     assert {k: (t, n) for k, (t, n, _) in avg.items()} == expected
-    for k, (total, n, value) in avg.items():
+    for total, n, value in avg.values():
         assert abs(value - total / n) < Decimal("1e-15")
 
     weighted = {(r["window_name"], r["window_start"], r["grp"] and json.loads(r["grp"])["disk"]):

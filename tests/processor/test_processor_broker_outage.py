@@ -21,7 +21,7 @@ from tally.topics import create_topics
 from tests.processor.helpers import (
     assert_topic_matches_postgres, counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
 )
-from tests.scratch_kafka import ScratchKafka, scratch_kafka  # noqa: F401 - the fixture
+from tests.scratch_kafka import ScratchKafka
 from tests.support import read_topic, running, wait_until
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from tally.processors.dlq import read_letters
 from tally.schemas.deadletter import CONFLICT_STAGE
@@ -34,7 +34,7 @@ def _produce(settings: Settings, placed: list[tuple[Envelope, int]]) -> list[tup
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
     positions: dict[int, tuple[int, int]] = {}
     for n, (event, partition) in enumerate(placed):
-        def acked(err, msg, n=n):  # noqa: ANN001
+        def acked(err: KafkaError | None, msg: Message, n: int = n) -> None:
             assert err is None, err
             positions[n] = (msg.partition(), msg.offset())
         producer.produce(settings.topics.events, event.to_bytes(), event.key(), partition=partition, on_delivery=acked)
