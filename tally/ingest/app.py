@@ -27,7 +27,7 @@ from starlette.types import ASGIApp
 
 from tally.ingest import batch, events, limits, logs, otlp, values, webhooks
 from tally.ingest.auth import KeyStore, Principal
-from tally.ingest.body import media_type, parse_json, read_body, unsupported
+from tally.edge.body import media_type, parse_json, read_body, unsupported
 from tally.ingest.config import GatewayConfig
 from tally.ingest.asgi_intake import AsgiIntake
 from tally.ingest.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -35,9 +35,9 @@ from tally.ingest.idempotency import IdempotencyStore, Retention, fingerprint, i
 from tally.ingest.limits import UsageLimits
 from tally.ingest.metrics import Metrics, MetricsMiddleware, route_label
 from tally.ingest.openapi import DOCS_PAGE, docs_assets, document
-from tally.ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
-from tally.ingest.problems import Problem
-from tally.ingest.products import Product, one_per_path
+from tally.edge.problems import MEDIA_TYPE as PROBLEM_TYPE
+from tally.edge.problems import Problem
+from tally.edge.products import Product, one_per_path
 from tally.ingest.producer import EventProducer, producer_config
 from tally.ingest.publish import Publisher, fields
 from tally.ingest.ratelimit import Decision, Limit, RateLimiter
@@ -156,7 +156,7 @@ class Gateway:
         return principal
 
     async def tenant(self, request: Request, scope: str) -> str:
-        """For product routes (`tally.ingest.products.Edge`): the key's tenant, checked and rate-limited like a write,
+        """For product routes (`tally.edge.products.Edge`): the key's tenant, checked and rate-limited like a write,
         holding one of the tenant's read slots until the route answered."""
         return (await self.key(request, scope)).tenant
 

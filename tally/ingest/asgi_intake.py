@@ -18,9 +18,9 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tally.ingest import batch, events, values
-from tally.ingest.body import check_declared_length, parse_json, too_large, too_slow, unsupported
-from tally.ingest.problems import MEDIA_TYPE as PROBLEM_TYPE
-from tally.ingest.problems import Problem
+from tally.edge.body import check_declared_length, parse_json, too_large, too_slow, unsupported
+from tally.edge.problems import MEDIA_TYPE as PROBLEM_TYPE
+from tally.edge.problems import Problem
 from tally.schemas.envelope import utcnow
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def _media(headers: dict[str, str]) -> str:
 
 
 async def _body(receive: Receive, headers: dict[str, str], limit: int, timeout_s: float) -> bytes:
-    """As `tally.ingest.body.read_body`: 413 as soon as the declared or the counted size passes the limit, 408 past
+    """As `tally.edge.body.read_body`: 413 as soon as the declared or the counted size passes the limit, 408 past
     the deadline."""
     check_declared_length(headers.get("content-length"), limit)
     try:

@@ -26,7 +26,7 @@ import orjson
 from starlette.responses import Response
 
 from tally.ingest.metrics import Metrics
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.redisguard import RedisDown, RedisGuard
 
 log = logging.getLogger("tally.gateway.idempotency")

@@ -21,7 +21,7 @@ import tally.ingest.app
 from tally.ingest import events
 from tally.ingest.precheck import plain_event
 from tally.ingest.metrics import Metrics
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.producer import EventProducer, producer_config
 from tally.ingest.publish import fields
 from tally.ingest.ratelimit import Limit, RateLimiter

@@ -22,6 +22,12 @@ from tally.settings import Settings
 from tests.gateway.helpers import Gateway, event, start_gateway
 
 
+@pytest.fixture
+def gateway(intake_gateway: Gateway) -> Gateway:
+    """Every test here runs over both intake adapters, plain ASGI and Starlette (ADR 121)."""
+    return intake_gateway
+
+
 def _record_key(settings: Settings, tenant: str, route: str, key: str) -> str:
     scoped = hashlib.sha256(f"{tenant}\0{route}\0{key}".encode()).hexdigest()
     return f"{settings.redis_prefix}idem:{scoped}"
@@ -53,9 +59,12 @@ async def test_a_small_request_cannot_store_a_large_answer_for_a_day(gateway: Ga
         await store.aclose()
 
 
-async def test_a_tenant_past_its_budget_stores_no_more_answers(gateway_settings: Settings, api_key: tuple[str, str]) -> None:
+async def test_a_tenant_past_its_budget_stores_no_more_answers(
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
+) -> None:
     tenant, secret = api_key
-    with start_gateway("gateway-budget", gateway_settings, TALLY_GATEWAY_IDEMPOTENCY_TENANT_BUDGET_BYTES="800") as gw:
+    with start_gateway("gateway-budget", gateway_settings, **adapter_env,
+                       TALLY_GATEWAY_IDEMPOTENCY_TENANT_BUDGET_BYTES="800") as gw:
         async with gw.client(secret) as client:
             for n in range(6):
                 response = await client.post("/v1/events", json=event(id=f"budget-{n}"),
