@@ -12,7 +12,6 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import asyncpg
 

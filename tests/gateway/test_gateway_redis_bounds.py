@@ -11,10 +11,10 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis
 
-from starlette.responses import Response
 
 from tally.ingest.config import GatewayConfig
-from tally.ingest.idempotency import REPLAYED, IdempotencyStore, Retention, incomplete
+from tally.edge.answers import Answer
+from tally.ingest.idempotency import REPLAYED, IdempotencyStore, Retention
 from tally.ingest.metrics import Metrics
 from tally.ingest.redisguard import RedisDown, RedisGuard
 from tally.schemas.topics import Topics
@@ -84,15 +84,15 @@ async def test_an_answer_with_items_kafka_did_not_take_is_not_kept_under_its_key
     store = IdempotencyStore(guard, settings.redis_prefix, Metrics(), Retention(), 60)
     runs = []
 
-    async def partly_failed() -> Response:
+    async def partly_failed() -> Answer:
         runs.append(1)
-        return incomplete(Response(b'{"accepted":1,"failed":1}', 202, media_type="application/json"))
+        return Answer(202, b'{"accepted":1,"failed":1}', "application/json", keep=False)
 
     key = uuid.uuid4().hex
     first = await store.run("t", "/v1/events/batch", key, b"fp", partly_failed)
     again = await store.run("t", "/v1/events/batch", key, b"fp", partly_failed)
     await guard.close()
-    assert first.status_code == again.status_code == 202
+    assert first.status == again.status == 202
     assert len(runs) == 2 and REPLAYED not in again.headers  # the retry ran for real
 
 
