@@ -45,7 +45,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _products(settings: Settings) -> list:
-    """The product packages whose routes the gateway serves beside intake (`tally.ingest.products`)."""
+    """The product packages whose routes the gateway serves beside intake (`tally.edge.products`)."""
     from tally.alerts.api import AlertsProduct
     from tally.alerts.policy import AlertPolicy
     from tally.query.cache import AnswerCache

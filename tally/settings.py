@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     gateway_usage_limits_refresh_s: float = Field(0.5, description="how often the gateway copies hard-limit "
                                                                    "blocks from Redis (docs/adr/0042)")
     gateway_webhooks_file: str = Field("", description="YAML file of webhook sources; empty: none")
+    # intake adapters (ADR 0121)
+    gateway_fast_intake: bool = Field(True, description="serve the hot write routes as plain ASGI in front of "
+                                                        "Starlette (ADR 2); off, every request goes through Starlette")
 
     # processors (processors/, sinks/)
     query_cursor_secret: str = Field("", description="signs page cursors; set one value on every gateway, or a"

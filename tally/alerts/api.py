@@ -19,9 +19,9 @@ from tally.alerts import history, rules, stored
 from tally.alerts.history import AlertsQuery
 from tally.alerts.openapi import paths
 from tally.alerts.policy import AlertPolicy
-from tally.ingest.body import parse_document, read_body
-from tally.ingest.problems import Problem, validation_errors
-from tally.ingest.products import Edge
+from tally.edge.body import parse_document, read_body
+from tally.edge.problems import Problem, validation_errors
+from tally.edge.products import Edge
 from tally.meters.definitions import MetersConfig
 from tally.query.cursor import Cursors, invalid_cursor
 from tally.query.filters import parse
@@ -46,7 +46,7 @@ def _file_owned(rule_id: str) -> Problem:
 
 
 class AlertsProduct:
-    """`tally.ingest.products.Product` for alerts; `meters` decide which rules can be evaluated (`rules.problems`),
+    """`tally.edge.products.Product` for alerts; `meters` decide which rules can be evaluated (`rules.problems`),
     `policy` what targets and how many rules a tenant may have."""
 
     def __init__(self, meters: MetersConfig, cursor_secret: str, policy: AlertPolicy) -> None:
@@ -118,7 +118,7 @@ class AlertsProduct:
 
     async def _rule(self, request: Request, rule_id: str | None) -> AlertRule:
         """The body as a rule that can be evaluated: 400 naming each invalid field, 422 naming each problem."""
-        body = parse_document(await read_body(request, MAX_RULE_BYTES, BODY_TIMEOUT_S))
+        body = parse_document(await read_body(request.receive, request.headers, MAX_RULE_BYTES, BODY_TIMEOUT_S))
         if not isinstance(body, dict):
             raise Problem(400, "Invalid request", "a rule is a JSON object",
                           errors=[{"field": "(body)", "message": "an object"}])

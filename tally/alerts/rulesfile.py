@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from tally.alerts import rules, stored
 from tally.alerts.policy import AlertPolicy
-from tally.ingest.problems import validation_errors
+from tally.edge.problems import validation_errors
 from tally.meters.definitions import MetersConfig
 from tally.schemas.alerts import AlertRule
 

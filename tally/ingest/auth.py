@@ -12,21 +12,15 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import asyncpg
+
+from tally.edge.products import Principal
 
 PREFIX = "tly_"
 SCOPES = ("events:write", "logs:write", "logs:read", "events:read", "usage:read", "admin:write", "alerts:read",
           "alerts:write")
 DEFAULT_SCOPES = ("events:write", "logs:write")
-
-
-@dataclass(frozen=True)
-class Principal:
-    key_id: str
-    tenant: str
-    scopes: frozenset[str]
 
 
 def new_key() -> tuple[str, str]:

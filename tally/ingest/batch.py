@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tally.ingest import events, values
-from tally.ingest.problems import Problem
+from tally.ingest import events
+from tally.edge import values
+from tally.edge.problems import Problem
 from tally.ingest.publish import Event, Message, Publisher, headers
 
 BATCH_TYPES = ("application/cloudevents-batch+json", "application/json")

@@ -65,6 +65,9 @@ class GatewayConfig:
     # webhook sources (YAML: source -> scheme, tenant, secrets); none means the route answers 404
     webhooks_file: Path | None = None
 
+    # the plain-ASGI front of the hot write routes (ADR 2); both adapters call one intake pipeline (ADR 121)
+    fast_intake: bool = True
+
     def __post_init__(self) -> None:
         """Settings that would break a promise at run time stop the gateway at start-up instead."""
         problems = []

@@ -9,10 +9,10 @@ from urllib.parse import unquote
 
 from pydantic import ValidationError
 
-from tally.ingest import values
-from tally.ingest.body import parse_json, unsupported
+from tally.edge import values
+from tally.edge.body import parse_json, unsupported
 from tally.ingest.precheck import plain_event
-from tally.ingest.problems import Problem, validation_errors
+from tally.edge.problems import Problem, validation_errors
 from tally.ingest.publish import Event, fields
 from tally.schemas.envelope import EVENT_FIELDS, LOG_EVENT_TYPE, MAX_BYTES, RESERVED_SOURCE_PREFIXES, CloudEvent
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from starlette.responses import Response
-
+from tally.edge.answers import Answer, problem_answer
 from tally.ingest.metrics import Metrics
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.redisguard import RedisDown, RedisGuard
 
 log = logging.getLogger("tally.gateway.idempotency")
@@ -107,12 +106,6 @@ def summary(body: bytes) -> bytes:
     return orjson.dumps(kept)
 
 
-def incomplete(response: Response) -> Response:
-    """Mark a response whose request had effects only in part: it is not stored, so a retry runs again."""
-    response.incomplete = True  # type: ignore[attr-defined]
-    return response
-
-
 @dataclass(frozen=True)
 class Retention:
     ttl_s: int = 24 * 3600
@@ -139,7 +132,7 @@ class IdempotencyStore:
         return f"{self._prefix}{scoped}"
 
     async def run(self, tenant: str, route: str, key: str, fp: bytes,
-                  handler: Callable[[], Awaitable[Response]]) -> Response:
+                  handler: Callable[[], Awaitable[Answer]]) -> Answer:
         """Run the handler once per key; replay, refuse or run it depending on what Redis remembers."""
         redis_key = self._key(tenant, route, key)
         try:
@@ -149,32 +142,31 @@ class IdempotencyStore:
         if found:
             return self._answer_repeat(route, fp, found)
         try:
-            response = await handler()
+            answer = await handler()
         except Problem as problem:
-            response = problem.response()
+            answer = problem_answer(problem)
         except BaseException:
             await self._quietly(self._release(keys=[redis_key], args=[fp]))
             raise
-        if response.status_code >= 500 or getattr(response, "incomplete", False):
+        if answer.status >= 500 or not answer.keep:
             await self._quietly(self._release(keys=[redis_key], args=[fp]))
         else:
             await self._quietly(self._finish(keys=[redis_key, self._budget_key(tenant)],
-                                             args=self._stored(fp, response)))
-        return response
+                                             args=self._stored(fp, answer)))
+        return answer
 
     def _budget_key(self, tenant: str) -> str:
         return self._budget_prefix + hashlib.sha256(tenant.encode()).hexdigest()
 
-    def _stored(self, fp: bytes, response: Response) -> list[bytes | int | str]:
+    def _stored(self, fp: bytes, answer: Answer) -> list[bytes | int | str]:
         r = self._retention
-        body = bytes(response.body)
+        body = answer.body
         if len(body) > r.max_body_bytes:
             body = summary(body)
-        ttl_s = r.error_ttl_s if response.status_code >= 400 else r.ttl_s
-        return [fp, response.status_code, response.media_type or "application/json", body, ttl_s * 1000,
-                r.tenant_budget_bytes, r.ttl_s * 1000]
+        ttl_s = r.error_ttl_s if answer.status >= 400 else r.ttl_s
+        return [fp, answer.status, answer.media_type, body, ttl_s * 1000, r.tenant_budget_bytes, r.ttl_s * 1000]
 
-    def _answer_repeat(self, route: str, fp: bytes, found: list[bytes | None]) -> Response:
+    def _answer_repeat(self, route: str, fp: bytes, found: list[bytes | None]) -> Answer:
         stored_fp, status, media_type, body = found
         if stored_fp != fp:
             raise Problem(422, "Idempotency-Key reused",
@@ -185,7 +177,7 @@ class IdempotencyStore:
                           "a request with this Idempotency-Key is still being processed; retry shortly",
                           headers={"Retry-After": "1"})
         self._metrics.replays.labels(route).inc()
-        return Response(body or b"", int(status), {REPLAYED: "true"}, (media_type or b"").decode() or None)
+        return Answer(int(status), body or b"", (media_type or b"application/json").decode(), {REPLAYED: "true"})
 
     async def _quietly(self, awaitable: Awaitable[object]) -> None:
         """After the effect happened, a Redis failure must not change the client's answer."""

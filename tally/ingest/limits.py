@@ -18,11 +18,11 @@ import re
 from datetime import datetime
 from typing import Any
 
-import orjson
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
+from tally.schemas.limits import decode_blocks, digest_key, tenant_key, tenants_key
 
 log = logging.getLogger("tally.gateway.limits")
 
@@ -60,20 +60,20 @@ class UsageLimits:
 
     async def load(self) -> None:
         """Copy the blocks of every tenant with hard limits from Redis, unless the digest is the copied one's."""
-        digest = await self._client.get(f"{self._prefix}limits-digest")
+        digest = await self._client.get(digest_key(self._prefix))
         if digest is not None and digest == self._digest:
             return
-        tenants = sorted(t.decode() for t in await self._client.smembers(f"{self._prefix}limits:tenants"))
+        tenants = sorted(t.decode() for t in await self._client.smembers(tenants_key(self._prefix)))
         if not tenants:
             self._blocks, self._digest = {}, digest
             return
         pipe = self._client.pipeline(transaction=False)
         for tenant in tenants:
-            pipe.hgetall(f"{self._prefix}limits:tenant:{tenant}")
+            pipe.hgetall(tenant_key(self._prefix, tenant))
         blocks: dict[str, dict[str, list[Block]]] = {}
         for tenant, found in zip(tenants, await pipe.execute()):
-            blocks[tenant] = {subject.decode(): [(_matcher(glob), meter, datetime.fromisoformat(until))
-                                                 for glob, meter, until in orjson.loads(raw)]
+            blocks[tenant] = {subject.decode(): [(_matcher(glob), meter, until)
+                                                 for glob, meter, until in decode_blocks(raw)]
                               for subject, raw in found.items()}
         self._blocks, self._digest = blocks, digest
 

@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tally.ingest import values
-from tally.ingest.body import parse_json
+from tally.edge import values
+from tally.edge.body import parse_json
 from tally.ingest.events import EARLIEST, invalid
-from tally.ingest.problems import Problem, validation_errors
+from tally.edge.problems import Problem, validation_errors
 from tally.schemas.envelope import LOG_EVENT_TYPE, MAX_ID, CloudEvent
 
 LINE = re.compile(rb"^[ \t\r]*\S[^\n]*", re.M)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,6 +38,17 @@ class Metrics:
                                       ["operation"], registry=r)
         self.webhooks_refused = Counter("tally_gateway_webhooks_refused", "webhooks refused, by source and reason",
                                         ["source", "reason"], registry=r)
+        self._per_request: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        """One request's latency and status, counted the same way for both intake adapters and every other
+        route; the labelled series are looked up once per (route, status), not on every request."""
+        series = self._per_request.get((route, status))
+        if series is None:
+            series = self._per_request[route, status] = (self.latency.labels(route),
+                                                          self.requests.labels(route, str(status)))
+        series[0].observe(seconds)
+        series[1].inc()
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -68,6 +80,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = route_label(scope)
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.observe(route_label(scope), status, time.perf_counter() - start)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
 from swagger_ui_bundle import swagger_ui_path
 
 from tally.ingest.config import GatewayConfig
@@ -61,21 +60,6 @@ IDEMPOTENCY = {
 }
 
 
-def json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON schema with its definitions inlined, for a request body of the document."""
-    schema = model.model_json_schema()
-    definitions = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(definitions[node["$ref"].rsplit("/", 1)[1]])
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return inline(schema)
 
 
 def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:

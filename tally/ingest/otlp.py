@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
 )
 
 from tally.ingest.logs import LEVELS
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from tally.ingest.metrics import Metrics
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.producer import PERMANENT, EventProducer, Refused, Unavailable
 from tally.schemas.envelope import CONTENT_TYPE, EVENT_FIELDS, SCHEMA_VERSION, CloudEvent, encode, message_key
 

@@ -20,7 +20,7 @@ import asyncio
 import math
 from dataclasses import dataclass, field
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.redisguard import RedisDown, RedisGuard
 
 # KEYS: one bucket each; ARGV: rate, burst and number of requests per key, in KEYS order.

@@ -15,7 +15,7 @@ from collections import Counter
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 
 _HELD = "tally.read_slot"
 

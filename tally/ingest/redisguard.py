@@ -22,7 +22,7 @@ from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from tally.ingest.config import RedisFailurePolicy
 from tally.ingest.metrics import Metrics
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 
 log = logging.getLogger("tally.gateway.redis")
 T = TypeVar("T")

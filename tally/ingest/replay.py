@@ -6,7 +6,7 @@ as, so a provider's own retry of an accepted message gets that answer again (200
 
 from __future__ import annotations
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.redisguard import RedisDown, RedisGuard
 
 PENDING = b""

@@ -33,10 +33,10 @@ import orjson
 import yaml
 from standardwebhooks.webhooks import Webhook
 
-from tally.ingest import values
+from tally.edge import values
 from tally.ingest.events import is_json
 from tally.ingest.precheck import MAX_CONTENT_TYPE
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.signatures import (
     SCHEMES,
     HmacFormat,

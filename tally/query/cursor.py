@@ -15,7 +15,7 @@ from datetime import datetime
 
 import orjson
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 
 Position = tuple[datetime, str, str]
 

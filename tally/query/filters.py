@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from tally.ingest.problems import Problem, validation_errors
+from tally.edge.problems import Problem, validation_errors
 from tally.schemas.envelope import MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 from tally.schemas.logs import Level
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tally.ingest.products import Edge
+from tally.edge.products import Edge
 from tally.query import search, stats
 from tally.query.cache import AnswerCache
 from tally.query.cursor import Cursors

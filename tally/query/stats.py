@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.query.filters import EventStatsQuery, LogStatsQuery
 from tally.query.search import Where
 from tally.schemas.envelope import LOG_EVENT_TYPE

@@ -21,10 +21,10 @@ from starlette.routing import BaseRoute, Route
 
 from tally.alerts.policy import configured as alert_policy
 from tally.egress import Refused as TargetRefused, check_target, endpoint
-from tally.ingest.body import parse_document, read_body
-from tally.ingest.openapi import json_schema
-from tally.ingest.problems import Problem, validation_errors
-from tally.ingest.products import Edge
+from tally.edge.body import parse_document, read_body
+from tally.edge.openapi import json_schema
+from tally.edge.problems import Problem, validation_errors
+from tally.edge.products import Edge
 from tally.meters.definitions import MetersConfig
 from tally.query.filters import NO_NUL, parameters, parse
 from tally.usage import links
@@ -60,7 +60,7 @@ MAX_ID = 2**63 - 1
 
 async def _body(request: Request) -> Any:
     """The JSON body, refused with 413 past MAX_BODY_BYTES before it is read whole (security review M3)."""
-    return parse_document(await read_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S))
+    return parse_document(await read_body(request.receive, request.headers, MAX_BODY_BYTES, BODY_TIMEOUT_S))
 
 
 class UsageQuery(BaseModel):
@@ -108,7 +108,7 @@ def _subject(subject: str) -> str:
 
 
 class UsageProduct:
-    """`tally.ingest.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
+    """`tally.edge.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
     def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, meters: MetersConfig,
                  link_secret: str = "", page_poll_s: float = 30.0, max_plans: int | None = None,

@@ -1,14 +1,6 @@
 """The hard-limit decision: which subjects have used up a hard-limited allowance this period.
 
-Written to Redis for the gateway (`tally/ingest/limits.py` reads it; neither imports the other, the keys
-are the contract):
-
-- `{prefix}limits:tenants`: a set of the tenants with any hard-limited plan; the gateway checks no
-  other tenant's events;
-- `{prefix}limits:tenant:{tenant}`: a hash, subject -> JSON list of blocks `[event type glob, meter, period end]`
-  (`tenant:` keeps a tenant named `tenants` off the set's key);
-- `{prefix}limits-digest`: the SHA-256 of the whole decision, so the gateway copies the blocks again
-  only when they changed (a thousand blocks cost it some 10 ms of its event loop to read).
+Written to Redis for the gateway in the layout of `tally.schemas.limits`, which the gateway reads.
 
 A refresh reads current-period usage the same way `GET /v1/usage` does, so the bound on events
 accepted past a limit is the processing delay plus the refresh and gateway intervals (docs/adr/0042).
@@ -16,22 +8,18 @@ accepted past a limit is the processing delay plus the refresh and gateway inter
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import datetime, timezone
 
 import asyncpg
-import orjson
 import redis.asyncio as redis
 
 from tally.meters.definitions import MetersConfig
+from tally.schemas.limits import Decision, digest, digest_key, encode_blocks, tenant_key, tenants_key
 from tally.usage.periods import Anchor, NotStarted, PeriodError, period_at, skipped
 from tally.usage.windows import WindowReader, combine
 
 log = logging.getLogger("tally.usage.limits")
-
-TENANTS = "limits:tenants"
-DIGEST = "limits-digest"
 
 # Each subscription with its current plan's hard-limited meters.
 _HARD = """
@@ -45,16 +33,12 @@ group by s.tenant, s.subject
 """
 
 
-def tenant_key(prefix: str, tenant: str) -> str:
-    return f"{prefix}limits:tenant:{tenant}"
-
-
 async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
-                 now: datetime | None = None) -> dict[str, dict[str, list[list[str]]]]:
+                 now: datetime | None = None) -> Decision:
     """tenant -> subject -> blocks, for every tenant with hard limits (an empty dict when none is blocked)."""
     now = now or datetime.now(timezone.utc)
     types = {m.slug: m.event_type for m in meters.meters}
-    out: dict[str, dict[str, list[list[str]]]] = {}
+    out: Decision = {}
     for row in await pool.fetch(_HARD, now):
         tenant, subject = row["tenant"], row["subject"]
         subjects = out.setdefault(tenant, {})  # a tenant with hard limits is listed even when none is blocked
@@ -78,27 +62,25 @@ async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
     return out
 
 
-async def publish(client: redis.Redis, prefix: str, decision: dict[str, dict[str, list[list[str]]]],
-                  ttl_s: int) -> None:
+async def publish(client: redis.Redis, prefix: str, decision: Decision, ttl_s: int) -> None:
     """Replace the blocks in Redis in one transaction; tenants without hard limits any more are dropped.
 
     The keys expire after `ttl_s`, so if refreshes stop the gateway stops refusing (it fails open)."""
-    known = {t.decode() for t in await client.smembers(prefix + TENANTS)}
+    known = {t.decode() for t in await client.smembers(tenants_key(prefix))}
     pipe = client.pipeline(transaction=True)
     for tenant in known - decision.keys():
         pipe.delete(tenant_key(prefix, tenant))
-    pipe.delete(prefix + TENANTS)
+    pipe.delete(tenants_key(prefix))
     if decision:
-        pipe.sadd(prefix + TENANTS, *decision)
-        pipe.expire(prefix + TENANTS, ttl_s)
+        pipe.sadd(tenants_key(prefix), *decision)
+        pipe.expire(tenants_key(prefix), ttl_s)
     for tenant, subjects in decision.items():
         key = tenant_key(prefix, tenant)
         pipe.delete(key)
         if subjects:
-            pipe.hset(key, mapping={s: orjson.dumps(b) for s, b in subjects.items()})
+            pipe.hset(key, mapping={s: encode_blocks(b) for s, b in subjects.items()})
             pipe.expire(key, ttl_s)
-    pipe.set(prefix + DIGEST, hashlib.sha256(orjson.dumps(decision, option=orjson.OPT_SORT_KEYS)).hexdigest(),
-             ex=ttl_s)
+    pipe.set(digest_key(prefix), digest(decision), ex=ttl_s)
     await pipe.execute()
 
 

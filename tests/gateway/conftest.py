@@ -62,10 +62,43 @@ def gateway_settings(settings: Settings, webhooks_file: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def gateway(gateway_settings: Settings) -> Iterator[Gateway]:
-    """One gateway shared by the tests that do not need special settings."""
+def asgi_gateway(gateway_settings: Settings) -> Iterator[Gateway]:
+    """One gateway shared by the tests that do not need special settings (plain-ASGI front on, the default)."""
     with start_gateway("gateway", gateway_settings) as gw:
         yield gw
+
+
+@pytest.fixture(scope="session")
+def gateway(asgi_gateway: Gateway) -> Gateway:
+    return asgi_gateway
+
+
+ADAPTERS = {"asgi": "true", "starlette": "false"}  # TALLY_GATEWAY_FAST_INTAKE of each intake adapter
+
+
+@pytest.fixture(scope="session")
+def starlette_gateway(gateway_settings: Settings) -> Iterator[Gateway]:
+    """The shared gateway with its plain-ASGI front off: every request goes through the Starlette routes."""
+    with start_gateway("gateway-starlette", gateway_settings, TALLY_GATEWAY_FAST_INTAKE="false") as gw:
+        yield gw
+
+
+@pytest.fixture(scope="session", params=list(ADAPTERS))
+def adapter(request: pytest.FixtureRequest) -> str:
+    """The intake adapter a test of the intake modules runs over; each runs over both (ADR 121)."""
+    return request.param
+
+
+@pytest.fixture
+def adapter_env(adapter: str) -> dict[str, str]:
+    """The environment that starts a gateway of its own with `adapter` serving the write routes."""
+    return {"TALLY_GATEWAY_FAST_INTAKE": ADAPTERS[adapter]}
+
+
+@pytest.fixture
+def intake_gateway(adapter: str, request: pytest.FixtureRequest) -> Gateway:
+    """The shared gateway whose write routes `adapter` serves."""
+    return request.getfixturevalue(f"{adapter}_gateway")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import tally.ingest.app
 from tally.ingest import events
 from tally.ingest.precheck import plain_event
 from tally.ingest.metrics import Metrics
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.ingest.producer import EventProducer, producer_config
 from tally.ingest.publish import fields
 from tally.ingest.ratelimit import Limit, RateLimiter
@@ -202,7 +202,7 @@ async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas
 
     monkeypatch.setattr(tally.ingest.app, "EventProducer", Recording)
     app = tally.ingest.app.create_app(_gateway_config(settings))
-    async with app.gateway.lifespan(app.app):
+    async with app.app.state.gateway.lifespan(app.app):
         pass
     publisher = KafkaPublisher(settings.kafka_bootstrap, 1000)
     try:

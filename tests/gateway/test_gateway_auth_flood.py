@@ -3,7 +3,8 @@ cannot push valid keys out of the cache."""
 
 from __future__ import annotations
 
-from tally.ingest.auth import Principal, _Lru
+from tally.edge.products import Principal
+from tally.ingest.auth import _Lru
 from tally.settings import Settings
 from tests.gateway.helpers import event, start_gateway
 

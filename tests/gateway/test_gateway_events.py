@@ -12,6 +12,13 @@ import pytest
 
 from tests.gateway.helpers import Gateway, event, for_tenant
 
+
+@pytest.fixture
+def gateway(intake_gateway: Gateway) -> Gateway:
+    """Every test here runs over both intake adapters, plain ASGI and Starlette (ADR 121)."""
+    return intake_gateway
+
+
 PROBLEM = "application/problem+json"
 
 

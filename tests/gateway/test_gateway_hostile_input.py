@@ -24,6 +24,13 @@ from tests.gateway.helpers import (
     stripe_signature,
 )
 
+
+@pytest.fixture
+def gateway(intake_gateway: Gateway) -> Gateway:
+    """Every test here runs over both intake adapters, plain ASGI and Starlette (ADR 121)."""
+    return intake_gateway
+
+
 PROBLEM = "application/problem+json"
 
 
@@ -185,7 +192,7 @@ async def test_a_batch_without_a_valid_item_counts_each_item_once(gateway: Gatew
 
 
 async def test_an_event_the_topic_refuses_for_good_is_a_413_not_a_503(
-    gateway_settings: Settings, api_key: tuple[str, str]
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
 ) -> None:
     _, secret = api_key
     own = gateway_settings.model_copy(update={"topic_prefix": f"small{uuid.uuid4().hex[:6]}."})
@@ -193,7 +200,7 @@ async def test_an_event_the_topic_refuses_for_good_is_a_413_not_a_503(
     topic = NewTopic(own.topics.events, num_partitions=1, replication_factor=1, config={"max.message.bytes": "20000"})
     admin.create_topics([topic])[own.topics.events].result(30)
     try:
-        with start_gateway("gateway-small-topic", own) as gw:
+        with start_gateway("gateway-small-topic", own, **adapter_env) as gw:
             async with gw.client(secret) as client:
                 response = await client.post("/v1/events", json=event(data=os.urandom(40_000).hex()))
         assert response.status_code == 413, response.text

@@ -6,9 +6,16 @@ import asyncio
 import re
 
 import httpx
+import pytest
 from tally.settings import Settings
 from tests.gateway.helpers import Gateway, event, for_tenant, start_gateway
 from tests.support import free_port, wait_until
+
+
+@pytest.fixture
+def gateway(intake_gateway: Gateway) -> Gateway:
+    """Every test here runs over both intake adapters, plain ASGI and Starlette (ADR 121)."""
+    return intake_gateway
 
 
 async def test_a_repeated_idempotency_key_replays_the_first_response(gateway: Gateway, api_key: tuple[str, str]) -> None:
@@ -46,13 +53,14 @@ def _queue_depth(url: str) -> float:
 
 
 async def test_a_repeat_while_the_first_is_in_flight_gets_409(
-    gateway_settings: Settings, api_key: tuple[str, str]
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
 ) -> None:
     tenant, secret = api_key
     body = event(id="inflight")
     key = {"Idempotency-Key": "slow"}
     # The producer holds each message for 3 s before sending it: the first request waits that long for its ack.
-    with start_gateway("gateway-inflight", gateway_settings, TALLY_GATEWAY_LINGER_MS="3000") as gateway:
+    with start_gateway("gateway-inflight", gateway_settings, **adapter_env,
+                       TALLY_GATEWAY_LINGER_MS="3000") as gateway:
         async with gateway.client(secret) as client:
             first = asyncio.create_task(client.post("/v1/events", json=body, headers=key))
             await asyncio.to_thread(wait_until, lambda: _queue_depth(gateway.url) == 1, 10, 0.02,
@@ -83,11 +91,11 @@ async def test_concurrent_repeats_publish_once(gateway: Gateway, api_key: tuple[
 
 
 async def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(
-    gateway_settings: Settings, api_key: tuple[str, str]
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
 ) -> None:
     _, secret = api_key
     env = {"TALLY_GATEWAY_RATE_LIMIT_BURST": "3", "TALLY_GATEWAY_RATE_LIMIT_PER_S": "0.5"}
-    with start_gateway("gateway-ratelimit", gateway_settings, **env) as gateway:
+    with start_gateway("gateway-ratelimit", gateway_settings, **adapter_env, **env) as gateway:
         async with gateway.client(secret) as client:
             responses = [await client.post("/v1/events", json=event()) for _ in range(4)]
             other_route = await client.post("/v1/logs", json={"service": "s", "message": "m"})
@@ -104,11 +112,11 @@ async def test_rate_limit_answers_429_with_retry_after_and_ratelimit_headers(
 
 
 async def test_with_redis_unreachable_the_open_policy_lets_events_through(
-    gateway_settings: Settings, api_key: tuple[str, str]
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
 ) -> None:
     tenant, secret = api_key
     dead = gateway_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    with start_gateway("gateway-redis-open", dead) as gateway:
+    with start_gateway("gateway-redis-open", dead, **adapter_env) as gateway:
         async with gateway.client(secret) as client:
             plain = await client.post("/v1/events", json=event(id="open-1"))
             keyed = await client.post("/v1/events", json=event(id="open-2"), headers={"Idempotency-Key": "k"})
@@ -125,11 +133,12 @@ async def test_with_redis_unreachable_the_open_policy_lets_events_through(
 
 
 async def test_with_redis_unreachable_the_closed_policy_answers_503(
-    gateway_settings: Settings, api_key: tuple[str, str]
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
 ) -> None:
     _, secret = api_key
     dead = gateway_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    with start_gateway("gateway-redis-closed", dead, TALLY_GATEWAY_REDIS_FAILURE_POLICY="closed") as gateway:
+    with start_gateway("gateway-redis-closed", dead, **adapter_env,
+                       TALLY_GATEWAY_REDIS_FAILURE_POLICY="closed") as gateway:
         async with gateway.client(secret) as client:
             refused = await client.post("/v1/events", json=event())
             ready = await client.get("/readyz")

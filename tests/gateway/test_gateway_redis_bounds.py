@@ -11,15 +11,21 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as redis
 
-from starlette.responses import Response
 
 from tally.ingest.config import GatewayConfig
-from tally.ingest.idempotency import REPLAYED, IdempotencyStore, Retention, incomplete
+from tally.edge.answers import Answer
+from tally.ingest.idempotency import REPLAYED, IdempotencyStore, Retention
 from tally.ingest.metrics import Metrics
 from tally.ingest.redisguard import RedisDown, RedisGuard
 from tally.schemas.topics import Topics
 from tally.settings import Settings
 from tests.gateway.helpers import Gateway, event, start_gateway
+
+
+@pytest.fixture
+def gateway(intake_gateway: Gateway) -> Gateway:
+    """Every test here runs over both intake adapters, plain ASGI and Starlette (ADR 121)."""
+    return intake_gateway
 
 
 def _record_key(settings: Settings, tenant: str, route: str, key: str) -> str:
@@ -53,9 +59,12 @@ async def test_a_small_request_cannot_store_a_large_answer_for_a_day(gateway: Ga
         await store.aclose()
 
 
-async def test_a_tenant_past_its_budget_stores_no_more_answers(gateway_settings: Settings, api_key: tuple[str, str]) -> None:
+async def test_a_tenant_past_its_budget_stores_no_more_answers(
+    gateway_settings: Settings, api_key: tuple[str, str], adapter_env: dict[str, str]
+) -> None:
     tenant, secret = api_key
-    with start_gateway("gateway-budget", gateway_settings, TALLY_GATEWAY_IDEMPOTENCY_TENANT_BUDGET_BYTES="800") as gw:
+    with start_gateway("gateway-budget", gateway_settings, **adapter_env,
+                       TALLY_GATEWAY_IDEMPOTENCY_TENANT_BUDGET_BYTES="800") as gw:
         async with gw.client(secret) as client:
             for n in range(6):
                 response = await client.post("/v1/events", json=event(id=f"budget-{n}"),
@@ -75,15 +84,15 @@ async def test_an_answer_with_items_kafka_did_not_take_is_not_kept_under_its_key
     store = IdempotencyStore(guard, settings.redis_prefix, Metrics(), Retention(), 60)
     runs = []
 
-    async def partly_failed() -> Response:
+    async def partly_failed() -> Answer:
         runs.append(1)
-        return incomplete(Response(b'{"accepted":1,"failed":1}', 202, media_type="application/json"))
+        return Answer(202, b'{"accepted":1,"failed":1}', "application/json", keep=False)
 
     key = uuid.uuid4().hex
     first = await store.run("t", "/v1/events/batch", key, b"fp", partly_failed)
     again = await store.run("t", "/v1/events/batch", key, b"fp", partly_failed)
     await guard.close()
-    assert first.status_code == again.status_code == 202
+    assert first.status == again.status == 202
     assert len(runs) == 2 and REPLAYED not in again.headers  # the retry ran for real
 
 

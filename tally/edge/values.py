@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from tally.ingest.problems import Problem
+from tally.edge.problems import Problem
 from tally.schemas.envelope import MAX_NESTING
 
 LONG_DIGITS = re.compile(rb"\d{19}")

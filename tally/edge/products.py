@@ -8,6 +8,7 @@ the tenant from the key exactly as the intake routes do and never from the reque
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncpg
@@ -15,7 +16,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tally.ingest.auth import Principal
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An API key as the gateway knows it: the tenant of every request comes from here."""
+
+    key_id: str
+    tenant: str
+    scopes: frozenset[str]
 
 
 class Edge(Protocol):

@@ -1,20 +1,25 @@
-"""Reading request bodies safely: size limits before and while reading, JSON parsed strictly."""
+"""Reading request bodies safely: size limits before and while reading, JSON parsed strictly.
+
+`read_body` works on ASGI `receive`, so the gateway's plain-ASGI intake and every Starlette route
+(`request.receive`) read bodies the same way, with the same 413, 408 and 400.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
-from tally.ingest.problems import Problem
-from tally.ingest.values import Hazards, check, check_integers
+from tally.edge.problems import Problem
+from tally.edge.values import Hazards, check, check_integers
 
 
-def media_type(request: Request) -> str:
-    """The bare media type of the request, lower case, without parameters."""
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+def media_type(headers: Mapping[str, str]) -> str:
+    """The bare media type of a request, lower case, without parameters."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def too_large(limit: int) -> Problem:
@@ -36,30 +41,44 @@ def too_slow(timeout_s: float) -> Problem:
                    headers={"Connection": "close"})
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`,
-    and with 408 when it has not arrived whole within `timeout_s` (a slow upload holds a connection)."""
-    check_declared_length(request.headers.get("content-length"), limit)
-    chunks: list[bytes] = []
-    size = 0
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as the declared or the counted size passes `limit`, with 408
+    when it has not arrived whole within `timeout_s` (a slow upload holds a connection), and with 400 when
+    the client went away before sending it all."""
+    check_declared_length(headers.get("content-length"), limit)
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                chunks.append(chunk)
-    except ClientDisconnect:
-        raise Problem(400, "Client disconnected", "the request body was not received whole") from None
+            return await _receive(receive, limit)
     except TimeoutError:
         raise too_slow(timeout_s) from None
-    return b"".join(chunks)
+
+
+async def _receive(receive: Receive, limit: int) -> bytes:
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        whole: bytes = message.get("body", b"")  # the usual case: one message, no list to join
+        if len(whole) > limit:
+            raise too_large(limit)
+        return whole
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "Client disconnected", "the request body was not received whole")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+        message = await receive()
 
 
 def parse_json(body: bytes, what: str = "the body") -> Any:
     """orjson is strict (no NaN, no lone surrogates), so whatever parses can be published as JSON again.
 
-    Integers beyond 64 bits are refused here; nesting and NUL characters per item (`tally.ingest.values`).
+    Integers beyond 64 bits are refused here; nesting and NUL characters per item (`tally.edge.values`).
     """
     if not body:
         raise Problem(400, "Malformed JSON", f"{what} is empty", errors=[{"field": "(body)", "message": "empty"}])

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from starlette.responses import Response
-
 MEDIA_TYPE = "application/problem+json"
 
 
@@ -39,10 +36,6 @@ class Problem(Exception):
             body["detail"] = self.detail
         body.update(self.extensions)
         return body
-
-    def response(self) -> Response:
-        return Response(orjson.dumps(self.body()), self.status, self.headers, MEDIA_TYPE)
-
 
 def validation_errors(exc: Any) -> list[dict[str, str]]:
     """pydantic's errors as a list of {field, message} pairs a client can act on."""
