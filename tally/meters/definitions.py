@@ -53,6 +53,13 @@ class Meter(BaseModel):
     windows: tuple[Window, ...] = (Window.HOUR, Window.DAY)
     max_distinct: int = Field(100_000, ge=1, description="UNIQUE_COUNT: values kept per window before sampling")
     unit: Unit | None = Field(None, description="WEIGHTED_SUM: level × hour or level × day")
+    version: int = Field(1, ge=1, description="set by the meter catalog, never by a file: a change to what a meter "
+                                              "counts is a new version with counters of its own (ADR 0140)")
+
+    @property
+    def counter(self) -> str:
+        """The name this version's counters carry: the slug for version 1, `slug@N` after (a slug has no @)."""
+        return self.slug if self.version == 1 else f"{self.slug}@{self.version}"
 
     @model_validator(mode="after")
     def _value_path_fits_aggregation(self) -> "Meter":
