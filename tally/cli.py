@@ -12,131 +12,32 @@ import asyncpg
 from tally.settings import Settings, get_settings
 
 
-def _gateway_config(settings: Settings):  # noqa: ANN202 - ingest's own type
-    from tally.ingest.config import GatewayConfig
-
-    return GatewayConfig.from_prefixed(
-        settings.model_dump(),
-        "gateway_",
-        kafka_bootstrap=settings.kafka_bootstrap,
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        topics=settings.topics,
-        redis_prefix=settings.redis_prefix,
-    )
-
-
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from tally import wiring
+    from tally.ingest.service import run
 
-    from tally.ingest.app import create_app
-
-    uvicorn.run(
-        create_app(_gateway_config(settings), _products(settings)),
-        host=args.host or settings.gateway_host,
-        port=args.port or settings.gateway_port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        limit_concurrency=settings.gateway_limit_concurrency,
-        forwarded_allow_ips=settings.gateway_trusted_proxies,
-    )
-    return 0
+    return run(wiring.gateway(settings, args.host, args.port))
 
 
-def _products(settings: Settings) -> list:
-    """The product packages whose routes the gateway serves beside intake (`tally.edge.products`)."""
-    from tally.alerts.api import AlertsProduct
-    from tally.alerts.policy import AlertPolicy
-    from tally.query.cache import AnswerCache
-    from tally.query.routes import QueryProduct
-    from tally.usage.api import UsageProduct
+def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
+    from tally import wiring
+    from tally.processors.service import run
 
-    meters = _meters(settings)
-    return [QueryProduct(settings.query_cursor_secret,
-                         AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s),
-                         settings.query_stats_max_points),
-            UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
-                         settings.redis_counter_ttl_s, meters, settings.usage_link_secret, settings.usage_page_poll_s,
-                         settings.usage_max_plans, settings.usage_max_subscriptions,
-                         [s for s in settings.usage_link_previous_secrets.split(",") if s],
-                         settings.usage_links_per_tenant),
-            AlertsProduct(meters, settings.query_cursor_secret, AlertPolicy.from_settings(settings))]
-
-
-def _meters(settings: Settings):  # noqa: ANN202 - schemas' own type
-    from pathlib import Path
-
-    from tally.meters.definitions import load_meters
-
-    return load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters)
-
-
-def _processor_config(settings: Settings):  # noqa: ANN202 - processors' own type
-    from tally.processors.consumer import ProcessorConfig
-    from tally.processors.service import ServiceConfig
-
-    return ServiceConfig(
-        processor=ProcessorConfig(
-            kafka_bootstrap=settings.kafka_bootstrap,
-            group_id=settings.consumer_group,
-            topic=settings.topics.events,
-            batch_max_messages=settings.batch_max_messages,
-            batch_max_wait_s=settings.batch_max_wait_ms / 1000,
-            retry_initial_s=settings.retry_initial_ms / 1000,
-            retry_max_s=settings.retry_max_ms / 1000,
-            attempt_timeout_s=settings.attempt_timeout_s,
-            max_poll_interval_ms=settings.max_poll_interval_ms,
-            maintenance_every_s=settings.maintenance_every_s,
-            crash_at=settings.crash_at,
-        ),
-        database_url=settings.database_url,
-        redis_url=settings.redis_url,
-        redis_prefix=settings.redis_prefix,
-        counters_topic=settings.topics.counters,
-        dlq_topic=settings.topics.dlq,
-        meters_file=settings.meters_file,
-        meters_inline=settings.meters,
-        accept_types=settings.accept_types,
-        late_horizon_s=settings.late_horizon_s,
-        metrics_host=settings.processor_metrics_host,
-        metrics_port=settings.processor_metrics_port,
-        publish_timeout_ms=settings.publish_timeout_ms,
-        redis_counter_ttl_s=settings.redis_counter_ttl_s,
-        pg_command_timeout_s=settings.pg_command_timeout_s,
-        pg_lock_timeout_ms=settings.pg_lock_timeout_ms,
-        pg_idle_in_transaction_timeout_ms=settings.pg_idle_in_transaction_timeout_ms,
-        pg_keepalives_idle_s=settings.pg_keepalives_idle_s,
-        retention=_retention(settings),
-    )
-
-
-def _retention(settings: Settings):  # noqa: ANN202 - sinks' own type
-    from tally.sinks.maintenance import Retention
-
-    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days,
-                     alert_transitions_days=settings.alert_transitions_retention_days,
-                     usage_alerts_days=settings.usage_alerts_retention_days)
+    return run(wiring.processor(settings))
 
 
 def cmd_maintenance(_args: argparse.Namespace, settings: Settings) -> int:
+    from tally import wiring
     from tally.sinks.maintenance import Maintenance
 
     async def run() -> str:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
         try:
-            return (await Maintenance(pool, _retention(settings)).run()).summary()
+            return (await Maintenance(pool, wiring.retention(settings)).run()).summary()
         finally:
             await pool.close()
 
     print(asyncio.run(run()))
-    return 0
-
-
-def cmd_process(_args: argparse.Namespace, settings: Settings) -> int:
-    from tally.processors.service import run
-
-    asyncio.run(run(_processor_config(settings)))
     return 0
 
 
@@ -245,6 +146,7 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
     import yaml
     from pydantic import ValidationError
 
+    from tally import wiring
     from tally.usage.plans import Plan, QuotaExceeded, Refused, check_meters, load_plans, plan_history, save_plan
 
     async def run() -> int:
@@ -254,7 +156,7 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
                 with open(args.file) as f:
                     try:
                         plan = Plan.model_validate(yaml.safe_load(f))
-                        check_meters(plan, _meters(settings))
+                        check_meters(plan, wiring.meters(settings))
                         version = await save_plan(conn, args.tenant, plan, settings.usage_max_plans)
                     except (ValidationError, Refused, QuotaExceeded) as exc:
                         print(f"{args.file}: not a valid plan\n{exc}", file=sys.stderr)
@@ -277,14 +179,14 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
+    from tally import wiring
     from tally.alerts import rulesfile, stored
-    from tally.alerts.policy import AlertPolicy
 
     async def apply(conn: asyncpg.Connection) -> int:
         try:
             with open(args.file) as f:
-                wanted = rulesfile.parse(f.read(), _meters(settings))
-            done = await rulesfile.apply(conn, args.tenant, wanted, AlertPolicy.from_settings(settings))
+                wanted = rulesfile.parse(f.read(), wiring.meters(settings))
+            done = await rulesfile.apply(conn, args.tenant, wanted, wiring.alert_policy(settings))
         except rulesfile.Refused as exc:
             for problem in exc.problems:
                 print(f"{args.file}: {problem}", file=sys.stderr)
@@ -349,90 +251,57 @@ def cmd_subscriptions(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
-def _billing_config(settings: Settings):  # noqa: ANN202 - billing's own type
-    from functools import partial
+def cmd_jobs(_args: argparse.Namespace, settings: Settings) -> int:
+    from tally import wiring
+    from tally.billing.service import run
 
-    from tally.billing.context import BillingConfig
-    from tally.processors.faults import crash_point
-
-    return BillingConfig(
-        database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,
-        redis_counter_ttl_s=settings.redis_counter_ttl_s,
-        meters=_meters(settings),
-        limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
-        tick_s=settings.jobs_tick_s,
-        close_grace_s=settings.close_grace_s, late_horizon_s=settings.late_horizon_s,
-        stripe_invoice_grace_s=settings.stripe_invoice_grace_s,
-        stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,
-        stripe_max_attempts=settings.stripe_max_attempts, stripe_breaker_fail_max=settings.stripe_breaker_fail_max,
-        stripe_breaker_reset_s=settings.stripe_breaker_reset_s, kafka_bootstrap=settings.kafka_bootstrap,
-        counters_topic=settings.topics.counters, alerts_refresh_s=settings.usage_alerts_refresh_s,
-        hook=partial(crash_point, armed=settings.crash_at),
-        topic_states=partial(_counter_topic_states, settings),
-    )
+    return run(wiring.jobs(settings))
 
 
-def _counter_topic_states(settings: Settings, tenant: str | None) -> dict:
-    """The latest state per counter key on the counter topic, read as any downstream reader does."""
-    from tally.counters import CounterReader
+def cmd_jobs_run(args: argparse.Namespace, settings: Settings) -> int:
+    """One job now, recorded like the worker's runs."""
+    from datetime import datetime, timezone
 
-    with CounterReader(settings.kafka_bootstrap, topic=settings.topics.counters, tenant=tenant) as reader:
-        if not reader.wait_caught_up(120):
-            raise TimeoutError("the counter topic was not read to its end in 120 s")
-        return {state.key: state for state in reader}
-
-
-def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
-    import signal
-
+    from tally import wiring
     from tally.billing.context import JobContext
-    from tally.billing.jobs import run_job, work
-    from tally.billing.registry import BY_NAME, SCHEDULED
+    from tally.billing.jobs import run_job
+    from tally.billing.registry import BY_NAME
+    from tally.billing.service import refused
 
-    config = _billing_config(settings)
-    if args.jobs_command != "list" and config.problems():
-        for problem in config.problems():
-            print(f"tally jobs: {problem}", file=sys.stderr)
+    config = wiring.billing(settings)
+    if refused(config):
         return 2
+    job = BY_NAME.get(args.name)
+    if job is None:
+        print(f"no job {args.name!r}; jobs: {', '.join(sorted(BY_NAME))}", file=sys.stderr)
+        return 1
 
     async def run() -> int:
         ctx = await JobContext.open(config)
         try:
-            if args.jobs_command == "run":
-                job = BY_NAME.get(args.name)
-                if job is None:
-                    print(f"no job {args.name!r}; jobs: {', '.join(sorted(BY_NAME))}", file=sys.stderr)
-                    return 1
-                from datetime import datetime, timezone
-
-                now = datetime.now(timezone.utc)
-                result = await run_job(ctx, job, args.key or job.key(now), now, force=True)
-                print(f"{result.job} {result.key}: {result.status} {result.figures}")
-                return 0 if result.status == "ok" else 1
-            if args.jobs_command == "list":
-                for name, job in sorted(BY_NAME.items()):
-                    print(f"{name:16} {job.doc}")
-                return 0
-            if settings.jobs_metrics_port:
-                from prometheus_client import start_http_server
-
-                start_http_server(settings.jobs_metrics_port, settings.processor_metrics_host)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await work(ctx, SCHEDULED, stop)
-            return 0
+            now = datetime.now(timezone.utc)
+            result = await run_job(ctx, job, args.key or job.key(now), now, force=True)
         finally:
             await ctx.close()
+        print(f"{result.job} {result.key}: {result.status} {result.figures}")
+        return 0 if result.status == "ok" else 1
 
     return asyncio.run(run())
+
+
+def cmd_jobs_list(_args: argparse.Namespace, _settings: Settings) -> int:
+    from tally.billing.registry import BY_NAME
+
+    for name, job in sorted(BY_NAME.items()):
+        print(f"{name:16} {job.doc}")
+    return 0
 
 
 def cmd_billing(args: argparse.Namespace, settings: Settings) -> int:
     """Stripe accounts per tenant, rows that need a person, and the invoice-line proof (billing/)."""
     from datetime import date, datetime, timezone
 
+    from tally import wiring
     from tally.billing import accounts, explain, stripe_report
     from tally.billing.context import JobContext
 
@@ -471,7 +340,7 @@ def cmd_billing(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     async def proof() -> int:
-        config = _billing_config(settings)
+        config = wiring.billing(settings)
         ctx = await JobContext.open(config)
         try:
             found = await explain.explain(ctx, args.tenant, args.subject, args.period or date.today(),
@@ -533,11 +402,12 @@ def _billing_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import datetime
 
+    from tally import wiring
     from tally.billing.context import JobContext
     from tally.billing.reconcile import reconcile
 
     async def run() -> int:
-        config = _billing_config(settings)
+        config = wiring.billing(settings)
         ctx = await JobContext.open(config)
         try:
             report = await reconcile(ctx, datetime.fromisoformat(args.since),
@@ -558,43 +428,10 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_alerts(_args: argparse.Namespace, settings: Settings) -> int:
-    import signal
-    from functools import partial
+    from tally import wiring
+    from tally.alerts.service import run
 
-    from tally.alerts.delivery import DeliveryPolicy
-    from tally.alerts.policy import AlertPolicy
-    from tally.alerts.service import AlertsConfig, run
-    from tally.processors.faults import crash_point
-
-    config = AlertsConfig(
-        database_url=settings.database_url, kafka_bootstrap=settings.kafka_bootstrap,
-        counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
-        meters=_meters(settings), policy=AlertPolicy.from_settings(settings),
-        tick_s=settings.alerts_tick_s, rules_reload_s=settings.alerts_rules_reload_s,
-        hook=partial(crash_point, armed=settings.crash_at),
-        delivery=DeliveryPolicy(
-            max_attempts=settings.alerts_delivery_max_attempts, backoff_s=settings.alerts_delivery_backoff_s,
-            backoff_max_s=settings.alerts_delivery_backoff_max_s, timeout_s=settings.alerts_delivery_timeout_s,
-            concurrency=settings.alerts_delivery_concurrency, per_target=settings.alerts_delivery_per_target,
-            poll_s=settings.alerts_delivery_poll_s))
-    if settings.alerts_metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(settings.alerts_metrics_port, settings.processor_metrics_host)
-        except OSError as exc:  # metrics never stop alerting
-            logging.getLogger("tally.alerts").warning("metrics port %d unavailable: %s", settings.alerts_metrics_port,
-                                                      exc)
-
-    async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(config, stop)
-        return 0
-
-    return asyncio.run(main())
+    return run(wiring.alerts(settings))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -753,12 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_subscriptions)
 
     jobs = sub.add_parser("jobs", help="the billing jobs worker (hard limits, Stripe reports, close, reconcile)")
-    jobs.set_defaults(func=cmd_jobs, jobs_command="work")
-    jobs_sub = jobs.add_subparsers(dest="jobs_command")
+    jobs.set_defaults(func=cmd_jobs)
+    jobs_sub = jobs.add_subparsers()
     jobs_run = jobs_sub.add_parser("run", help="run one job now, recorded like the worker's runs")
     jobs_run.add_argument("name")
     jobs_run.add_argument("--key", help="the period or day to run it for (default: the one due now)")
-    jobs_sub.add_parser("list", help="the jobs and what they do")
+    jobs_run.set_defaults(func=cmd_jobs_run)
+    jobs_sub.add_parser("list", help="the jobs and what they do").set_defaults(func=cmd_jobs_list)
 
     rec = sub.add_parser("reconcile", help="recompute counter windows from raw events; compare counters, Redis, "
                                            "the counter topic and Stripe reports (exit 1 on drift)")

@@ -226,12 +226,6 @@ async def test_up_configures_the_usage_link_secret_and_the_secrets_key(isolated:
         assert link.status_code == 201, link.text
 
 
-def _listening(sock: socket.socket) -> int:
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock.getsockname()[1]
-
-
 def _api_call(n: str) -> dict:
     return {"specversion": "1.0", "id": f"outage-{n}", "source": "app", "type": "api.call", "subject": "acme",
             "data": {}}
@@ -341,10 +335,9 @@ def test_a_skip_fails_unless_its_reason_is_outside_the_project(tmp_path: Path) -
 
 
 async def test_a_crash_loop_backs_off_and_status_says_so(isolated: Settings, tmp_path: Path) -> None:
-    """A process that exits at start-up (here: the jobs worker's metrics port is taken) is tried again after 1 s,
-    2 s, 3 s..., not in a tight loop, and `tally status` reports it and exits 1."""
-    with socket.socket() as squatter, \
-            supervised(isolated, tmp_path / "state", TALLY_JOBS_METRICS_PORT=str(_listening(squatter))) as stack:
+    """A process that exits at start-up (here: the jobs worker refuses a close grace shorter than the late-event
+    horizon) is tried again after 1 s, 2 s, 3 s..., not in a tight loop, and `tally status` reports it and exits 1."""
+    with supervised(isolated, tmp_path / "state", TALLY_CLOSE_GRACE_S="60") as stack:
         main_log = tmp_path / "state" / "log" / "supervisord.log"
 
         def events(name: str) -> list[tuple[float, str]]:

@@ -5,12 +5,10 @@ so both refuse the same rules with the same words."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from tally.egress import EgressPolicy, Refused, check_target
 from tally.schemas.alerts import AlertRule
 from tally.sealed import SecretBox
-from tally.settings import Settings, get_settings
 
 
 @dataclass(frozen=True)
@@ -20,12 +18,6 @@ class AlertPolicy:
     max_rules: int = 100
     max_targets: int = 5
     min_every_s: int = 5
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "AlertPolicy":
-        return cls(EgressPolicy.parse(settings.alerts_allow_private_targets, settings.alerts_slack_hosts),
-                   SecretBox(settings.secrets_key), settings.alerts_max_rules_per_tenant,
-                   settings.alerts_max_targets_per_rule, settings.alerts_min_every_s)
 
     async def problems(self, rule: AlertRule) -> list[tuple[str, str]]:
         """(field, message) for each bound the rule passes or target it may not call."""
@@ -47,8 +39,3 @@ class AlertPolicy:
             return f"a tenant keeps at most {self.max_rules} alert rules; delete one first"
         return None
 
-
-@lru_cache(maxsize=1)
-def configured() -> AlertPolicy:
-    """The process's policy from its settings, for handlers outside the alerts product (the usage Slack URL)."""
-    return AlertPolicy.from_settings(get_settings())

@@ -4,6 +4,7 @@ topic, publishing transitions to tally.alerts.v1 and delivering them to their ta
 The process never exits on an outage: when the leader lock's connection fails (PostgreSQL restarted, say) or the
 leader's fence refuses a commit, it stops leading, stands by and takes the lock again once it can
 (docs/adr/0050). Each new leader raises the leader epoch, so a deposed leader's late commits are refused.
+tally/wiring.py builds ServiceConfig from settings; nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 
 import asyncpg
 from confluent_kafka import KafkaException
@@ -29,6 +31,7 @@ from tally.alerts.sealing import reseal
 from tally.alerts.usage import take_up
 from tally.alerts.windows import MinuteWindows
 from tally.meters.definitions import MetersConfig
+from tally.running import run_until_signal
 from tally.sinks.kafka import KafkaPublisher, PublishError
 
 log = logging.getLogger("tally.alerts")
@@ -48,7 +51,7 @@ class LeadershipLost(RuntimeError):
 
 
 @dataclass(frozen=True)
-class AlertsConfig:
+class ServiceConfig:
     database_url: str
     kafka_bootstrap: str
     counters_topic: str
@@ -60,13 +63,15 @@ class AlertsConfig:
     standby_poll_s: float = 2.0
     delivery: DeliveryPolicy = DeliveryPolicy()
     hook: Callable[[str], None] = lambda _point: None  # test hook: processors.faults.crash_point
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no /metrics
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def _lead(config: AlertsConfig, stop: asyncio.Event) -> tuple[asyncpg.Connection, int] | None:
+async def _lead(config: ServiceConfig, stop: asyncio.Event) -> tuple[asyncpg.Connection, int] | None:
     """The connection holding the leader lock and this term's epoch once this process is the active evaluator;
     None if stopped first."""
     conn = await asyncpg.connect(config.database_url)
@@ -87,7 +92,11 @@ async def _lead(config: AlertsConfig, stop: asyncio.Event) -> tuple[asyncpg.Conn
         raise
 
 
-async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
+def run(config: ServiceConfig) -> int:
+    return run_until_signal(partial(serve, config), config.metrics_host, config.metrics_port)
+
+
+async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
     """Lead whenever this process can, until `stop`; after a term ends, wait `standby_poll_s` before the next."""
     while not stop.is_set():
         metrics.LEADER.set(0)
@@ -104,7 +113,7 @@ async def run(config: AlertsConfig, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), config.standby_poll_s)
 
 
-async def _term(config: AlertsConfig, stop: asyncio.Event) -> None:
+async def _term(config: ServiceConfig, stop: asyncio.Event) -> None:
     """One term as the active evaluator: until `stop`, or an error of DEPOSED or LeadershipLost."""
     led = await _lead(config, stop)
     if led is None:

@@ -15,7 +15,7 @@ from tally.usage.windows import WindowReader
 MAX_INVOICE_GRACE_S = 72 * 3600  # Stripe's longest invoice finalisation grace (docs/adr/0065)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BillingConfig:
     database_url: str
     redis_url: str

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,11 +91,6 @@ class Processor:
 
     def stop(self) -> None:
         self._stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
 
     async def run(self) -> None:
         await self._kafka(partial(self._consumer.subscribe, [self.config.topic], on_assign=self._on_assign,

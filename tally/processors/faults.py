@@ -5,7 +5,7 @@ nothing twice. Points: after_share_commit (one of a batch's PostgreSQL transacti
 others possibly not), after_pg_commit (counters committed, nothing published), mid_relay (inside the
 outbox relay's loop: states acked by Kafka, their outbox rows not yet deleted), after_publish
 (counters and dead letters acked, offsets not committed). The billing jobs take the same hook
-(`tally/cli.py` wires it): report_before_send (a Stripe report row written, not sent) and
+(`tally/wiring.py` wires it): report_before_send (a Stripe report row written, not sent) and
 report_after_send (sent, not yet marked sent); and `tally alerts`: alerts_after_commit (transitions committed, not
 published) and alerts_mid_publish (acked by Kafka, not yet marked published). Unset in production.
 """

@@ -1,16 +1,13 @@
-"""Prometheus metrics of the processor, served on the processor's metrics port."""
+"""Prometheus metrics of the processor, served on the processor's metrics port (tally/running.py)."""
 
 from __future__ import annotations
 
-import logging
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable
 from datetime import datetime
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
-
-log = logging.getLogger("tally.processor.metrics")
+from prometheus_client import Counter, Gauge, Histogram
 
 CONSUMED = Counter("tally_processor_consumed_total", "Messages consumed from the events topic")
 PERSISTED = Counter("tally_processor_persisted_total", "New events persisted to PostgreSQL")
@@ -45,13 +42,3 @@ def observe_many(histogram: Histogram, amount: float, times: int) -> None:
     histogram._sum.inc(amount * times)
     histogram._buckets[bisect_left(histogram._upper_bounds, amount)].inc(times)
 
-
-def serve(host: str, port: int) -> None:
-    """Start the metrics endpoint; a busy port is logged, not fatal (metrics never stop processing)."""
-    if port <= 0:
-        return
-    try:
-        start_http_server(port, addr=host)
-        log.info("metrics on http://%s:%d/metrics", host, port)
-    except OSError as exc:
-        log.warning("metrics port %d unavailable: %s", port, exc)

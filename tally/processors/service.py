@@ -1,10 +1,10 @@
-"""Assemble a processor from plain configuration values: pool, sinks, meters, metrics, signals.
-
-The CLI maps settings onto ServiceConfig and calls `run`; nothing here reads the environment.
+"""`tally process`: assemble a processor from plain configuration values (pool, sinks, meters) and run it until
+a signal (tally/running.py). tally/wiring.py builds ServiceConfig from settings; nothing here reads the environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from dataclasses import dataclass
@@ -17,11 +17,11 @@ import asyncpg
 from tally.meters import stateful
 from tally.meters.definitions import load_meters
 from tally.meters.meterset import MeterSet
-from tally.processors import metrics
 from tally.processors.batch import Validator
 from tally.processors.checkpoint import Sinks
 from tally.processors.consumer import Processor, ProcessorConfig
 from tally.processors.faults import crash_point
+from tally.running import run_until_signal
 from tally.sinks.counter_topic import CounterTopicSink
 from tally.sinks.dlq_topic import DeadLetterSink
 from tally.sinks.kafka import KafkaPublisher
@@ -90,10 +90,14 @@ def validator_for(config: ServiceConfig) -> Validator:
     return Validator(MeterSet(meters), accept, timedelta(seconds=config.late_horizon_s))
 
 
-async def run(config: ServiceConfig) -> None:
+def run(config: ServiceConfig) -> int:
+    return run_until_signal(partial(serve, config), config.metrics_host, config.metrics_port)
+
+
+async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
+    """One consumer-group member until `stop`."""
     validator = validator_for(config)
     log.info("meters: %s", ", ".join(m.slug for m in validator.meters.meters) or "none")
-    metrics.serve(config.metrics_host, config.metrics_port)
     # One connection per writer, one for the outbox relay, one for partition upkeep.
     pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 2,
                                      **pool_settings(config))
@@ -110,13 +114,19 @@ async def run(config: ServiceConfig) -> None:
         cache=cache,
     )
     processor = Processor(config.processor, validator, sinks)
-    processor.install_signal_handlers()
+    stopping = asyncio.create_task(_stop_on(stop, processor))
     # What exists now (modules, meters, clients) lives as long as the process: kept out of the collector's
     # scans, which then look at the batches' objects alone (docs/adr/0113).
     gc.freeze()
     try:
         await processor.run()
     finally:
+        stopping.cancel()
         await cache.close()
         publisher.close()
         await pool.close()
+
+
+async def _stop_on(stop: asyncio.Event, processor: Processor) -> None:
+    await stop.wait()
+    processor.stop()

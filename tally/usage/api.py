@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tally.alerts.policy import configured as alert_policy
+from tally.alerts.policy import AlertPolicy
 from tally.egress import Refused as TargetRefused, check_target, endpoint
 from tally.edge.body import parse_document, read_body
 from tally.edge.openapi import json_schema
@@ -113,8 +113,9 @@ class UsageProduct:
     def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, meters: MetersConfig,
                  link_secret: str = "", page_poll_s: float = 30.0, max_plans: int | None = None,
                  max_subscriptions: int | None = None, link_previous_secrets: Sequence[str] = (),
-                 links_per_tenant: int = 10_000) -> None:
+                 links_per_tenant: int = 10_000, *, alert_policy: AlertPolicy) -> None:
         self._database_url = database_url
+        self._alert_policy = alert_policy  # a usage Slack URL is checked and sealed as alert targets are
         self._meters = meters
         self._max_plans = max_plans
         self._max_subscriptions = max_subscriptions
@@ -254,7 +255,7 @@ class UsageProduct:
         if not isinstance(body, dict) or set(body) != {"webhook_url"}:
             raise Problem(400, "Invalid request", 'the body is {"webhook_url": <URL or null>}',
                           errors=[{"field": "(body)", "message": "an object with webhook_url alone"}])
-        url, policy = body["webhook_url"], alert_policy()
+        url, policy = body["webhook_url"], self._alert_policy
         if url is not None:
             try:
                 url = await check_target(url, "slack", policy.egress)

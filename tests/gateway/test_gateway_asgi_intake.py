@@ -28,7 +28,7 @@ from tally.ingest.ratelimit import Limit, RateLimiter
 from tally.ingest.redisguard import RedisGuard
 from tally.schemas.envelope import CloudEvent, Envelope, encode, message_key
 from tally.sinks.kafka import KafkaPublisher
-from tally.cli import _gateway_config
+from tally.wiring import gateway_config
 from tally.settings import Settings
 from tally.topics import create_topics
 from tests.support import free_port, read_topic
@@ -201,7 +201,7 @@ async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas
             super().__init__(config, *args)
 
     monkeypatch.setattr(tally.ingest.app, "EventProducer", Recording)
-    app = tally.ingest.app.create_app(_gateway_config(settings))
+    app = tally.ingest.app.create_app(gateway_config(settings))
     async with app.app.state.gateway.lifespan(app.app):
         pass
     publisher = KafkaPublisher(settings.kafka_bootstrap, 1000)

@@ -42,9 +42,9 @@ async def test_a_key_held_longer_than_the_poll_interval_is_waited_out_without_lo
 
 async def test_every_pool_connection_carries_the_timeouts(settings: Settings) -> None:
     from tally.processors.service import pool_settings
-    from tally.cli import _processor_config
+    from tally.wiring import processor
 
-    config = _processor_config(settings.model_copy(update=SHORT))
+    config = processor(settings.model_copy(update=SHORT))
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1, **pool_settings(config))
     try:
         async with pool.acquire() as conn:
