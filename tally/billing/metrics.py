@@ -1,5 +1,5 @@
-"""Prometheus metrics of the jobs worker (`tally jobs`, on TALLY_JOBS_METRICS_PORT): Stripe report rows, the Stripe
-circuit breaker and hard-limit blocks. Figures are totals over every tenant: a tenant id is never a label value.
+"""Metrics the jobs worker serves (`tally jobs`, on TALLY_JOBS_METRICS_PORT) for Stripe report rows, the Stripe
+circuit breaker and hard-limit blocks (drift found: billing/reconcile.py; docs/adr/0130). Figures are totals over every tenant: a tenant id is never a label value.
 Several workers read the same tables and report the same figures; dashboards and alert rules take their max."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import asyncpg
 import pybreaker
 from prometheus_client import Counter, Gauge
 
-# Statuses of rows still to be sent or waiting for a person; their count is read from the indexes on unsent and
-# refused or held rows. Sent, superseded, cancelled and applied rows only accumulate: SENDS counts how they end.
-WAITING = ("pending", "deferred", "cancelling", "failed", "held")
+# Statuses of rows still to be sent or waiting for a person: few, and counted from the partial indexes on unsent and
+# on refused or held rows. Sent, superseded, cancelled and applied rows only accumulate: SENDS counts how they end.
+SHOWN_STATUSES = ("pending", "deferred", "cancelling", "failed", "held")
 ROWS_CAP = 10_000  # counted up to this per status: past it no decision changes
 
 REPORT_ROWS = Gauge("tally_billing_report_rows", "Stripe report rows to send (pending, deferred, cancelling) or that "
@@ -24,7 +24,7 @@ BLOCKED_SUBJECTS = Gauge("tally_usage_blocked_subjects", "Subjects a hard limit 
 # One statement, each status a literal so the planner takes the partial index that holds it.
 _COUNT_ROWS = " union all ".join(
     f"select '{status}', (select count(*) from (select 1 from stripe_reports where status = '{status}' limit $1) r)"
-    for status in WAITING)
+    for status in SHOWN_STATUSES)
 
 
 async def read_report_rows(pool: asyncpg.Pool) -> None:

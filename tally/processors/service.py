@@ -27,8 +27,7 @@ from tally.sinks.counter_topic import CounterTopicSink
 from tally.sinks.dlq_topic import DeadLetterSink
 from tally.sinks.kafka import KafkaPublisher
 from tally.sinks.maintenance import Maintenance, Retention
-from tally.sinks import outbox
-from tally.sinks.outbox import OutboxRelay
+from tally.sinks.outbox import OutboxRelay, backlog
 from tally.sinks.postgres import PostgresSink
 from tally.sinks.redis_cache import RedisCounterCache
 
@@ -99,7 +98,7 @@ async def watch_outbox(pool: asyncpg.Pool, every_s: float = BACKLOG_EVERY_S) -> 
     that is when the figure matters."""
     while True:
         try:
-            metrics.OUTBOX_BACKLOG.set(await outbox.backlog(pool))
+            metrics.OUTBOX_BACKLOG.set(await backlog(pool))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             log.debug("outbox backlog not read: %s", exc)
         await asyncio.sleep(every_s)
