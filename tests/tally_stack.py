@@ -8,6 +8,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from tally.settings import Settings
 from tally.topics import create_topics
@@ -33,6 +34,15 @@ def scrape(url: str) -> str:
     except httpx.HTTPError:
         return ""
     return response.text if response.status_code == 200 else ""
+
+
+def sample(url: str, name: str, **labels: str) -> float | None:
+    """The value of one series on a /metrics page (None while the page or the series is missing)."""
+    for family in text_string_to_metric_families(scrape(url)):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The /metrics endpoints, the gateway's, the processor's and the alert evaluator's, pass `promtool check metrics`.
+"""The /metrics endpoints, the gateway's, the processor's, the alert evaluator's and the jobs worker's, pass
+`promtool check metrics`.
 
 promtool comes from deploy/local/promtool.sh (built from its Go module into .local/bin); the test
 builds it when it is missing and skips, saying why, only when it cannot be built."""
@@ -63,8 +64,9 @@ async def test_the_gateway_metrics_pass_promtool(promtool: Path, isolated: Setti
 @pytest.mark.parametrize(("command", "port_setting", "expected"), [
     ("process", "processor_metrics_port", "tally_processor_consumed_total"),
     ("alerts", "alerts_metrics_port", "tally_alerts_evaluation_seconds"),
+    ("jobs", "jobs_metrics_port", "tally_billing_report_rows"),
 ])
-def test_the_processor_and_alerts_metrics_pass_promtool(promtool: Path, isolated: Settings, command: str,
+def test_the_processor_alerts_and_jobs_metrics_pass_promtool(promtool: Path, isolated: Settings, command: str,
                                                         port_setting: str, expected: str) -> None:
     port = free_port()
     settings = isolated.model_copy(update={port_setting: port})

@@ -101,10 +101,34 @@ def build() -> dict:
             (f"sum(rate(tally_processor_duplicates_total[{RATE}]))", "duplicates"),
             (f"sum(rate(tally_processor_late_events_total[{RATE}]))", "late")))
 
+        .with_panel(_series(
+            "Outbox backlog", "short", "Rows committed and not yet published: counter windows for the counter "
+            "topic (the processors'), transitions for the alerts topic (the active evaluator's). Every member reads "
+            "the same table, hence max.",
+            ("max(tally_processor_outbox_backlog)", "counter windows"),
+            ("max(tally_alerts_outbox_backlog)", "alert transitions")))
+
         .with_row(dashboard.Row("Billing and alerts"))
         .with_panel(_series(
             "Drift found", "short", "Counter windows or Stripe periods reconciliation found drifting, per hour.",
             ("sum by (place) (increase(tally_reconcile_drift_total[1h]))", "{{place}}")))
+        .with_panel(_series(
+            "Stripe report rows", "short", "Rows to send (pending, deferred, cancelling) and rows that need a person "
+            "(failed: refused by Stripe, `tally billing retry`; held: `tally billing resolve`). `tally billing rows` "
+            "lists them.",
+            ("max by (status) (tally_billing_report_rows)", "{{status}}")))
+        .with_panel(_series(
+            "Stripe sends", "short", "How sending runs ended for rows, per hour: sent, deferred (Stripe failing or "
+            "the breaker open), failed (refused), held, superseded, cancelled.",
+            ("sum by (outcome) (increase(tally_billing_report_sends_total[1h]))", "{{outcome}}")))
+        .with_panel(_series(
+            "Stripe circuit breaker", "short", "1 for the breaker's state in the jobs worker. Open: rows are "
+            "deferred until a later run finds Stripe answering.",
+            ("max by (state) (tally_billing_stripe_breaker_state)", "{{state}}")))
+        .with_panel(_series(
+            "Subjects blocked by a hard limit", "short", "Subjects whose events the gateway refuses now, over every "
+            "tenant (the events refused are in Hard-limit blocks).",
+            ("max(tally_usage_blocked_subjects)", "blocked")))
         .with_panel(_series(
             "Alert evaluation", "s", "One round over every due rule, commit included.",
             *_quantiles("tally_alerts_evaluation_seconds")))

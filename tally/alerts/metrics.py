@@ -11,6 +11,8 @@ STATES_READ = Counter("tally_alerts_counter_states", "Counter-topic messages rea
                       "skipped: not a counter state)", ["outcome"])
 WINDOWS = Gauge("tally_alerts_windows", "Minute counter windows held for the rules")
 RULES = Gauge("tally_alerts_rules", "Rules being evaluated")
+OUTBOX_BACKLOG = Gauge("tally_alerts_outbox_backlog", "Transitions recorded and not yet published to the alerts "
+                       "topic, counted up to 100000 by the active evaluator (0 while standing by)")
 LEADER = Gauge("tally_alerts_leader", "1 while this process is the active evaluator, 0 while standing by")
 DELIVERIES = Counter("tally_alerts_deliveries", "Alert delivery attempts, by target kind and outcome (sent, retried, "
                      "failed, refused: a target that may not be used)", ["kind", "outcome"])

@@ -11,6 +11,8 @@ import asyncpg
 from tally.alerts.transitions import key, transition
 from tally.sinks.kafka import KafkaPublisher
 
+BACKLOG_CAP = 100_000  # counted up to this (from the index of unpublished rows): past it no decision changes
+
 
 async def publish_pending(pool: asyncpg.Pool, publisher: KafkaPublisher, topic: str, limit: int = 500,
                           hook: Callable[[str], None] = lambda _point: None) -> int:
@@ -24,3 +26,9 @@ async def publish_pending(pool: asyncpg.Pool, publisher: KafkaPublisher, topic: 
     await pool.execute("update alert_transitions set published_at = now() where id = any($1::bigint[])",
                        [r["id"] for r in rows])
     return len(rows)
+
+
+async def backlog(pool: asyncpg.Pool) -> int:
+    """Transitions recorded and not yet published (up to BACKLOG_CAP)."""
+    return await pool.fetchval("select count(*) from (select 1 from alert_transitions where published_at is null"
+                               " limit $1) unpublished", BACKLOG_CAP)

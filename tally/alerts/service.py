@@ -24,7 +24,7 @@ from tally.alerts import ledger, metrics
 from tally.alerts.delivery import Deliverer, DeliveryPolicy
 from tally.alerts.evaluator import Evaluator
 from tally.alerts.feed import CounterFeed
-from tally.alerts.outbox import publish_pending
+from tally.alerts.outbox import backlog, publish_pending
 from tally.alerts.policy import AlertPolicy
 from tally.alerts.rounds import every
 from tally.alerts.sealing import reseal
@@ -100,6 +100,7 @@ async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
     """Lead whenever this process can, until `stop`; after a term ends, wait `standby_poll_s` before the next."""
     while not stop.is_set():
         metrics.LEADER.set(0)
+        metrics.OUTBOX_BACKLOG.set(0)  # the active evaluator reports it
         try:
             await _term(config, stop)
         except* (LeadershipLost, *DEPOSED) as lost:
@@ -171,6 +172,9 @@ async def _term(config: ServiceConfig, stop: asyncio.Event) -> None:
                 await asyncio.wait_for(ended.wait(), config.tick_s * 5)
             await every(config.tick_s * 5, ended, publish, "publishing transitions", OUTAGES)
 
+        async def count_unpublished() -> None:  # on its own clock: a publish waiting on the broker holds a tick
+            metrics.OUTBOX_BACKLOG.set(await backlog(pool))
+
         async def reload() -> None:
             await evaluator.reload_rules(_now())
 
@@ -182,6 +186,7 @@ async def _term(config: ServiceConfig, stop: asyncio.Event) -> None:
             group.create_task(until_stopped())
             for work in (consume(), every(config.tick_s, ended, tick, "evaluation", OUTAGES),
                          every(config.rules_reload_s, ended, reload, "rule reload", OUTAGES),
+                         every(config.tick_s, ended, count_unpublished, "counting unpublished transitions", OUTAGES),
                          publish_leftovers(),
                          deliverer.run(ended)):
                 group.create_task(work)

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from tally.billing import metrics
 from tally.billing.context import JobContext
 from tally.usage import alerts, limits
 
@@ -87,7 +88,7 @@ async def refresh_limits(ctx: JobContext) -> int:
 async def _limits_loop(ctx: JobContext) -> None:
     while True:
         try:
-            await refresh_limits(ctx)
+            metrics.BLOCKED_SUBJECTS.set(await refresh_limits(ctx))
         except Exception:
             log.exception("hard-limit refresh failed")
         await asyncio.sleep(ctx.config.limits_refresh_s)
@@ -119,6 +120,10 @@ async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
                     break
                 if result.status in ("ok", "failed"):
                     log.info("job %s for %s: %s %s", job.name, result.key, result.status, result.figures)
+            try:
+                await metrics.read_report_rows(ctx.pool)  # each tick: `tally billing retry` and others move rows too
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.debug("report rows not counted: %s", exc)
             try:
                 await asyncio.wait_for(stop.wait(), ctx.config.tick_s)
             except TimeoutError:

@@ -32,6 +32,7 @@ import stripe
 import tenacity
 from prometheus_client import Counter
 
+from tally.billing import metrics
 from tally.billing.accounts import accounts
 from tally.billing.context import BillingConfig, JobContext
 from tally.usage.periods import Period, PeriodError, period_at, previous
@@ -83,7 +84,9 @@ class StripeSender:
         self._client = stripe.StripeClient(config.stripe_api_key, base_addresses={"api": config.stripe_api_base},
                                            max_network_retries=0)
         self.breaker = pybreaker.CircuitBreaker(fail_max=config.stripe_breaker_fail_max,
-                                                reset_timeout=config.stripe_breaker_reset_s, exclude=list(PERMANENT))
+                                                reset_timeout=config.stripe_breaker_reset_s, exclude=list(PERMANENT),
+                                                listeners=[metrics.BreakerGauge()])
+        metrics.show_breaker(self.breaker.current_state)
         self._retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(config.stripe_max_attempts),
             wait=tenacity.wait_exponential(multiplier=0.2, max=5),
@@ -327,6 +330,9 @@ async def send_unsent(ctx: JobContext, sender: StripeSender, now: datetime,
                     outcome[status] += 1
         finally:
             await conn.execute("select pg_advisory_unlock($1, 0)", SEND_LOCK)
+    for status, count in outcome.items():
+        if status != "busy":
+            metrics.SENDS.labels(status).inc(count)
     return outcome
 
 

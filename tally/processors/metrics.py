@@ -26,6 +26,8 @@ COMMIT_SECONDS = Histogram("tally_processor_commit_latency_seconds", "Time to co
                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 END_TO_END_SECONDS = Histogram("tally_processor_end_to_end_seconds", "Gateway receipt to offset commit",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+OUTBOX_BACKLOG = Gauge("tally_processor_outbox_backlog", "Counter windows queued in the outbox and not yet published "
+                       "to the counter topic (counted up to 100000; every member reads the same table)")
 LAG = Gauge("tally_processor_consumer_lag", "High watermark minus committed offset", ["topic", "partition"])
 
 

@@ -17,6 +17,7 @@ import asyncpg
 from tally.meters import stateful
 from tally.meters.definitions import load_meters
 from tally.meters.meterset import MeterSet
+from tally.processors import metrics
 from tally.processors.batch import Validator
 from tally.processors.checkpoint import Sinks
 from tally.processors.consumer import Processor, ProcessorConfig
@@ -26,11 +27,13 @@ from tally.sinks.counter_topic import CounterTopicSink
 from tally.sinks.dlq_topic import DeadLetterSink
 from tally.sinks.kafka import KafkaPublisher
 from tally.sinks.maintenance import Maintenance, Retention
-from tally.sinks.outbox import OutboxRelay
+from tally.sinks.outbox import OutboxRelay, backlog
 from tally.sinks.postgres import PostgresSink
 from tally.sinks.redis_cache import RedisCounterCache
 
 log = logging.getLogger("tally.processor")
+
+BACKLOG_EVERY_S = 5.0  # how often the outbox backlog gauge is read
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,17 @@ def validator_for(config: ServiceConfig) -> Validator:
     return Validator(MeterSet(meters), accept, timedelta(seconds=config.late_horizon_s))
 
 
+async def watch_outbox(pool: asyncpg.Pool, every_s: float = BACKLOG_EVERY_S) -> None:
+    """The outbox backlog gauge, read on a clock of its own: a relay retrying a publish holds the batch loop, and
+    that is when the figure matters."""
+    while True:
+        try:
+            metrics.OUTBOX_BACKLOG.set(await backlog(pool))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.debug("outbox backlog not read: %s", exc)
+        await asyncio.sleep(every_s)
+
+
 def run(config: ServiceConfig) -> int:
     return run_until_signal(partial(serve, config), config.metrics_host, config.metrics_port)
 
@@ -98,8 +112,8 @@ async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
     """One consumer-group member until `stop`."""
     validator = validator_for(config)
     log.info("meters: %s", ", ".join(m.slug for m in validator.meters.meters) or "none")
-    # One connection per writer, one for the outbox relay, one for partition upkeep.
-    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 2,
+    # One connection per writer, one for the outbox relay, one for partition upkeep, one for the backlog gauge.
+    pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 3,
                                      **pool_settings(config))
     publisher = KafkaPublisher(config.processor.kafka_bootstrap, config.publish_timeout_ms)
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
@@ -118,10 +132,13 @@ async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
     # What exists now (modules, meters, clients) lives as long as the process: kept out of the collector's
     # scans, which then look at the batches' objects alone (docs/adr/0113).
     gc.freeze()
+    watching = asyncio.create_task(watch_outbox(pool))
     try:
         await processor.run()
     finally:
         stopping.cancel()
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
         await cache.close()
         publisher.close()
         await pool.close()

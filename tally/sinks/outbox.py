@@ -51,6 +51,11 @@ select * from unnest($1::text[], $2::bigint[]) as q(key, revision) order by key
 on conflict (key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
 """
 
+# Queue entries counted for the backlog gauge, up to a cap: past it the figure changes no decision, and a count of
+# a huge queue would read all of it every few seconds.
+BACKLOG_CAP = 100_000
+_BACKLOG = "select count(*) from (select 1 from counter_outbox limit $1) queued"
+
 _EVERY_REVISION = 2**63 - 1  # for a queued key whose counter row is gone: forget the entry whatever its revision
 
 _FORGET = """
@@ -65,6 +70,11 @@ async def queue(conn: asyncpg.Connection, revisions: dict[str, int]) -> None:
     if revisions:
         keys = sorted(revisions)
         await conn.execute(_QUEUE, keys, [revisions[k] for k in keys])
+
+
+async def backlog(pool: asyncpg.Pool) -> int:
+    """Windows queued and not yet published (up to BACKLOG_CAP)."""
+    return await pool.fetchval(_BACKLOG, BACKLOG_CAP)
 
 
 class OutboxRelay:
