@@ -16,6 +16,7 @@ from tally.ingest.auth import create_key
 from tally.schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
 from tests.gateway.helpers import Gateway, start_gateway
+from tests.processor.helpers import drained, produce, wait_for
 from tests.support import env_for, running
 from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
 
@@ -68,6 +69,19 @@ async def billed_subject(db: asyncpg.Connection, tenant: str, subject: str, cust
     await save_plan(db, tenant, plan)
     await subscribe(db, tenant, Subscription(subject=subject, plan_id="metered", stripe_customer_id=customer,
                                              start_date=date.today() - timedelta(days=40)))
+
+
+async def one_billed_subject(db: asyncpg.Connection, included: int, report: str = "overage") -> tuple[str, str, str]:
+    """(tenant, subject, customer): a new tenant whose one subject is billed to a new customer (`billed_subject`)."""
+    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
+    await billed_subject(db, tenant, subject, customer, included, report)
+    return tenant, subject, customer
+
+
+async def counted(settings: Settings, db: asyncpg.Connection, events: list[Envelope]) -> None:
+    """Produce the events and wait until the processor has stored, counted and published them."""
+    produce(settings, events)
+    await wait_for(lambda: drained(settings, db), 60, "the processor")
 
 
 def account_of(tenant: str) -> str:

@@ -25,7 +25,8 @@ from tally.billing.stripe_report import StripeSender, report, resolve
 from tally.meters.definitions import load_meters
 from tally.schemas.envelope import Envelope
 from tally.settings import ROOT, Settings
-from tests.metering.helpers import METERS, account_of, billed_subject, calls, metered, run_tally
+from tests.metering.helpers import (METERS, account_of, billed_subject, calls, counted, metered, one_billed_subject,
+                                    run_tally)
 from tests.metering.stripe_double import WHOLE, StripeDouble, stripe_double
 from tests.metering.test_usage_api import _zone_past_midnight
 from tests.processor.helpers import drained, produce, wait_for
@@ -50,20 +51,17 @@ def _one_value_per_identifier(double: StripeDouble, customer: str) -> dict[str, 
 async def test_kill_9_before_and_after_sending_bills_the_overage_exactly_once(isolated: Settings,
                                                                                 db: asyncpg.Connection) -> None:
     settings = metered(isolated)
-    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
-    await billed_subject(db, tenant, subject, customer, included=10)
+    tenant, subject, customer = await one_billed_subject(db, 10)
     with stripe_double() as double, running("processor", ["process"], settings):
         base = {"TALLY_STRIPE_API_BASE": double.url}
-        produce(settings, calls(tenant, subject, 25))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, subject, 25))
 
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, TALLY_CRASH_AT="report_before_send", **base)
         assert code == -9, out
         assert [(r["value"], r["status"]) for r in await _rows(db, customer)] == [(15, "pending")]
         assert double.for_customer(customer) == []
 
-        produce(settings, calls(tenant, subject, 7, first=100))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, subject, 7, first=100))
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, TALLY_CRASH_AT="report_after_send", **base)
         assert code == -9, out
         assert len(double.for_customer(customer)) == 1  # sent, but killed before it was marked sent
@@ -91,8 +89,7 @@ async def test_breaker_opens_while_stripe_fails_and_deferred_reports_are_sent_la
     with stripe_double() as double, running("processor", ["process"], settings):
         env = {"TALLY_STRIPE_API_BASE": double.url, "TALLY_STRIPE_MAX_ATTEMPTS": "2",
                "TALLY_STRIPE_BREAKER_FAIL_MAX": "2"}
-        produce(settings, [e for s in subjects for e in calls(tenant, s, 3, first=hash(s) % 1000 * 10)])
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, [e for s in subjects for e in calls(tenant, s, 3, first=hash(s) % 1000 * 10)])
 
         double.failing = True
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
@@ -114,11 +111,9 @@ async def test_breaker_opens_while_stripe_fails_and_deferred_reports_are_sent_la
 
 async def test_reports_are_accepted_by_stripe_mock(isolated: Settings, db: asyncpg.Connection) -> None:
     settings = metered(isolated)
-    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
-    await billed_subject(db, tenant, subject, customer, included=0, report="usage")
+    tenant, subject, customer = await one_billed_subject(db, 0, report="usage")
     with running("processor", ["process"], settings):
-        produce(settings, calls(tenant, subject, 3))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, subject, 3))
     code, out = run_tally(["jobs", "run", "stripe_report"], settings)  # stripe_api_base: stripe-mock
     assert code == 0, out
     assert [(r["value"], r["status"], r["kind"]) for r in await _rows(db, customer)] == [(3, "sent", "usage")]
@@ -234,14 +229,12 @@ async def test_a_refused_row_is_not_billed_is_listed_and_goes_out_after_a_fix(is
     counts as nothing billed, blocks its key instead of piling up, is listed, and after the fix and
     `tally billing retry` the quantity goes out once."""
     settings = metered(isolated)
-    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
-    await billed_subject(db, tenant, subject, customer, included=2)
+    tenant, subject, customer = await one_billed_subject(db, 2)
     await set_account(db, tenant, "acct_typo")
     with stripe_double() as double, running("processor", ["process"], settings):
         double.connected = {account_of(tenant)}
         env = {"TALLY_STRIPE_API_BASE": double.url}
-        produce(settings, calls(tenant, subject, 5))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, subject, 5))
         for _ in range(2):
             code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
         assert [(r["value"], r["status"]) for r in await _report_rows(db, tenant)] == [(3, "failed")], out
@@ -266,12 +259,10 @@ async def test_a_row_that_may_have_reached_stripe_is_held_after_the_identifier_w
     24 h, after which Stripe has forgotten the identifier: the row is held, not re-sent, listed, and
     resolved by a person; billed once."""
     settings = metered(isolated)
-    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
-    await billed_subject(db, tenant, subject, customer, included=1)
+    tenant, subject, customer = await one_billed_subject(db, 1)
     with stripe_double() as double, running("processor", ["process"], settings):
         env = {"TALLY_STRIPE_API_BASE": double.url}
-        produce(settings, calls(tenant, subject, 4))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, subject, 4))
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, TALLY_CRASH_AT="report_after_send", **env)
         assert code == -9 and len(double.accepted(customer=customer)) == 1, out
 
@@ -300,8 +291,7 @@ async def test_usage_that_goes_down_is_cancelled_within_24_h(isolated: Settings,
     b = await _boundary(db, Plan(id="u", report="usage", meters=[PlanMeter(meter="api_calls", included=0)]))
     hour = b.at(timedelta(minutes=30))
     with stripe_double() as double, running("processor", ["process"], settings):
-        produce(settings, _events(b, [hour + timedelta(seconds=i) for i in range(10)], 0))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, _events(b, [hour + timedelta(seconds=i) for i in range(10)], 0))
         async with reporting(settings, double) as run:
             await run(b.at(timedelta(hours=2)))
             await _window_down(db, b, "api_calls", hour, 4)  # ten were counted, six are true
@@ -342,8 +332,7 @@ async def test_two_jobs_never_send_the_same_row_at_once(isolated: Settings, db: 
         await billed_subject(db, tenant, subject, customer, included=0)
     with stripe_double(delay_s=0.7) as double, running("processor", ["process"], settings):
         env = env_for(settings, TALLY_STRIPE_API_BASE=double.url)
-        produce(settings, [e for i, s in enumerate(subjects) for e in calls(tenant, s, 2, first=1000 * i)])
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, [e for i, s in enumerate(subjects) for e in calls(tenant, s, 2, first=1000 * i)])
         jobs = [subprocess.Popen([sys.executable, "-m", "tally.cli", "jobs", "run", name], env=env, cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for name in ("stripe_report", "period_close")]
@@ -367,8 +356,7 @@ async def test_a_tenants_reports_reach_only_its_own_stripe_account(isolated: Set
     await billed_subject(db, c, "nobody", f"cus_{uuid.uuid4().hex[:10]}", included=0)
     await db.execute("delete from billing_accounts where tenant = $1", c)
     with stripe_double() as double, running("processor", ["process"], settings):
-        produce(settings, calls(a, "probe", 3) + calls(b, "victim", 2) + calls(c, "nobody", 4))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(a, "probe", 3) + calls(b, "victim", 2) + calls(c, "nobody", 4))
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, TALLY_STRIPE_API_BASE=double.url)
         assert code == 0 and c in out, out
     assert sum(e.value for e in double.accepted(account_of(b))) == 2
@@ -384,12 +372,10 @@ async def test_explain_traces_each_meter_to_windows_events_rows_and_stripe(isola
     """The invoice-line proof: windows, the raw-event recomputation, the rows and Stripe's summary agree; a
     window that drifts from its events is shown and the proof fails."""
     settings = metered(isolated)
-    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
-    await billed_subject(db, tenant, subject, customer, included=3)
+    tenant, subject, customer = await one_billed_subject(db, 3)
     with stripe_double() as double, running("processor", ["process"], settings):
         env = {"TALLY_STRIPE_API_BASE": double.url}
-        produce(settings, calls(tenant, subject, 8))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, subject, 8))
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, **env)
         assert code == 0, out
         args = ["billing", "explain", "--tenant", tenant, "--subject", subject]
@@ -424,8 +410,7 @@ async def test_a_subscription_without_a_period_is_logged_and_counted_and_the_oth
     await subscribe(db, tenant, Subscription(subject="later", plan_id="metered", stripe_customer_id=customer,
                                              start_date=date.today() + timedelta(days=7)))
     with stripe_double() as double, running("processor", ["process"], settings):
-        produce(settings, calls(tenant, "early", 2) + calls(tenant, "later", 5, first=100))
-        await wait_for(lambda: drained(settings, db), 60, "the processor")
+        await counted(settings, db, calls(tenant, "early", 2) + calls(tenant, "later", 5, first=100))
         code, out = run_tally(["jobs", "run", "stripe_report"], settings, TALLY_STRIPE_API_BASE=double.url)
     assert code == 0 and "'period_errors': 1" in out, out
     assert f"{tenant}/later: no billing period, not reported" in out, out
