@@ -289,6 +289,30 @@ def cmd_jobs_run(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def cmd_meters_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Each meter version's backfill; readable while it runs (each chunk commits its progress)."""
+    from tally.meters.backfill import status
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await status(conn, args.tenant)
+        finally:
+            await conn.close()
+
+    def at(t: object) -> str:
+        return "-" if t is None else t.isoformat(timespec="seconds")  # type: ignore[attr-defined]
+
+    for r in asyncio.run(run()):
+        total = "?" if r["total"] is None else r["total"]
+        line = (f"{r['tenant']} {r['slug']} v{r['version']}: {r['state']} {r['counted']}/{total} events,"
+                f" from {at(r['backfilled_from'])}, started {at(r['started_at'])}, finished {at(r['finished_at'])}")
+        if r["state"] == "waiting" and r["waiting_for"]:
+            line += f"; waits: {r['waiting_for']}"
+        print(line)
+    return 0
+
+
 def cmd_jobs_list(_args: argparse.Namespace, _settings: Settings) -> int:
     from tally.billing.registry import BY_NAME
 
@@ -597,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_run.add_argument("--key", help="the period or day to run it for (default: the one due now)")
     jobs_run.set_defaults(func=cmd_jobs_run)
     jobs_sub.add_parser("list", help="the jobs and what they do").set_defaults(func=cmd_jobs_list)
+
+    meters = sub.add_parser("meters", help="tenants' meters").add_subparsers(dest="meters_command", required=True)
+    meters_status = meters.add_parser("status", help="each version's backfill: state, events counted of the total, "
+                                      "from when (older events are past the retention of events), why it waits")
+    meters_status.add_argument("--tenant")
+    meters_status.set_defaults(func=cmd_meters_status)
 
     rec = sub.add_parser("reconcile", help="recompute counter windows from raw events; compare counters, Redis, "
                                            "the counter topic and Stripe reports (exit 1 on drift)")

@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 
 from tally.ingest import auth
-from tally.processors.progress import caught_up
+from tally.sinks.kafka import caught_up
 from tally.settings import ROOT, Settings
 
 SOURCE = "tally-demo"

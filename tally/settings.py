@@ -115,6 +115,14 @@ class Settings(BaseSettings):
     crash_at: str = Field("", description="test hook only: SIGKILL the processor or a job at this point "
                                          "(tally/processors/faults.py)")
 
+    # the backfill of a new meter version, a job of `tally jobs` (meters/backfill.py, ADR 0145)
+    meters_backfill_chunk: int = Field(5000, description="events counted per backfill transaction")
+    meters_backfill_pause_s: float = Field(0.05, description="pause between backfill chunks: PostgreSQL serves the"
+                                           " intake meanwhile")
+    meters_backfill_statement_timeout_ms: int = Field(30000, description="longest statement of a backfill chunk")
+    meters_backfill_budget_s: float = Field(60.0, description="longest backfill run; the worker's other jobs go, the"
+                                            " next run resumes from the cursor")
+
     # usage and billing (usage/, billing/)
     usage_limits_refresh_s: float = Field(0.5, description="how often `tally jobs` re-decides hard-limit blocks")
     usage_limits_ttl_s: int = Field(300, description="blocks lapse this long after the last refresh (fail open)")

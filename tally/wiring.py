@@ -19,6 +19,7 @@ from tally.egress import EgressPolicy
 from tally.ingest import service as gateway_service
 from tally.ingest.config import GatewayConfig
 from tally.edge.products import Product
+from tally.meters.backfill import BackfillConfig
 from tally.meters.definitions import MetersConfig, load_meters
 from tally.processors import service as processor_service
 from tally.processors.consumer import ProcessorConfig
@@ -153,6 +154,12 @@ def billing(settings: Settings) -> BillingConfig:
         counters_topic=settings.topics.counters, alerts_refresh_s=settings.usage_alerts_refresh_s,
         hook=partial(crash_point, armed=settings.crash_at),
         topic_states=partial(_counter_topic_states, settings.kafka_bootstrap, settings.topics.counters),
+        backfill=BackfillConfig(
+            kafka_bootstrap=settings.kafka_bootstrap, events_topic=settings.topics.events,
+            consumer_group=settings.consumer_group, chunk=settings.meters_backfill_chunk,
+            pause_s=settings.meters_backfill_pause_s,
+            statement_timeout_ms=settings.meters_backfill_statement_timeout_ms,
+            budget_s=settings.meters_backfill_budget_s),
     )
 
 

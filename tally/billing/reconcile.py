@@ -43,11 +43,9 @@ from tally.billing.stripe_report import COUNTED
 from tally.meters.definitions import STATEFUL
 from tally.meters.meterset import MeterSet
 from tally.schemas.counters import Aggregation, CounterDelta, CounterState
-from tally.sinks.base import Event, Record
-from tally.sinks.counter_topic import CounterTopicSink
-from tally.sinks.kafka import KafkaPublisher
-from tally.sinks.outbox import OutboxRelay, queue
-from tally.sinks.redis_cache import RedisCounterCache, cache_key
+from tally.sinks.base import EVENT_COLUMNS, Record, stored_event
+from tally.sinks.outbox import queue
+from tally.sinks.redis_cache import cache_key
 from tally.usage.periods import Anchor, period_of_date
 from tally.usage.terms import terms_for
 from tally.usage.windows import from_postgres
@@ -96,8 +94,8 @@ class ReconcileReport:
                 "drift": places, "fixed": len(self.fixed)}
 
 
-_EVENTS = """
-select tenant, source, id, type, subject, time, received_at, data::text as data from events
+_EVENTS = f"""
+select {EVENT_COLUMNS} from events
 where counted and time >= $1 and time < $2 and ($3::text is null or tenant = $3)
   and ($4::text is null or subject = $4)
 """
@@ -128,9 +126,7 @@ class _Recount:
                 raise TimeoutError("the recount took longer than its budget")
 
     def _fold(self, rows: Iterable[asyncpg.Record]) -> None:
-        records = [Record(Event(r["tenant"], r["source"], r["id"], r["type"], r["subject"], r["time"],
-                                r["received_at"], None if r["data"] is None else orjson.loads(r["data"])), 0, 0, True)
-                   for r in rows]
+        records = [Record(stored_event(r), 0, 0, True) for r in rows]
         for key, delta in self._meters.aggregate(records):
             seen = self.windows.get(key)
             self.windows[key] = delta if seen is None else _merge(seen, delta)
@@ -356,18 +352,8 @@ async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int],
         except (TimeoutError, asyncpg.QueryCanceledError):
             log.warning("reconcile: the windows of %s/%s not fixed, their recount took over %.0f s",
                         tenant, subject, budget_s)
-    if not fixed:
-        return fixed
-    c = ctx.config
-    publisher = KafkaPublisher(c.kafka_bootstrap)
-    cache = RedisCounterCache(c.redis_url, c.redis_prefix, c.redis_counter_ttl_s)
-    try:
-        states = await OutboxRelay(ctx.pool, CounterTopicSink(publisher, c.counters_topic)).publish_all()
-        await cache.write(states)
-        await cache.flush()
-    finally:
-        await cache.close()
-        publisher.close()
+    if fixed:
+        await ctx.relay_counters()
     return fixed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from tally.billing.context import JobContext
@@ -10,6 +11,9 @@ from tally.billing.close import close_periods
 from tally.billing.jobs import Job, daily, refresh_limits
 from tally.billing.reconcile import default_since, reconcile
 from tally.billing.stripe_report import StripeSender, report
+from tally.meters import backfill
+from tally.meters.catalog import Catalog
+from tally.sinks.kafka import committed
 
 
 async def _limits(ctx: JobContext, _key: str, _now: datetime) -> dict[str, Any]:
@@ -50,5 +54,18 @@ async def _reconcile(ctx: JobContext, _key: str, now: datetime) -> dict[str, Any
 RECONCILE = Job("reconcile", _reconcile, daily,
                 "daily: recompute the last two days' counter windows and record drift (no fix)")
 
-SCHEDULED: list[Job] = [STRIPE_REPORT, PERIOD_CLOSE, RECONCILE]
+async def _meters_backfill(ctx: JobContext, _key: str, _now: datetime) -> dict[str, Any]:
+    c = ctx.config.backfill
+    figures = await backfill.run(ctx.pool, Catalog(ctx.config.meters), c,
+                                 partial(committed, c.kafka_bootstrap, c.consumer_group, c.events_topic),
+                                 ctx.config.hook)
+    if figures["counted"] or figures["done"]:
+        await ctx.relay_counters()
+    return figures
+
+
+METERS_BACKFILL = Job("meters_backfill", _meters_backfill, lambda now: now.strftime("%Y-%m-%dT%H:%M"),
+                      "each minute: count the stored past of new meter versions that are ready (tally meters status)")
+
+SCHEDULED: list[Job] = [STRIPE_REPORT, PERIOD_CLOSE, RECONCILE, METERS_BACKFILL]
 BY_NAME = {job.name: job for job in [LIMITS, *SCHEDULED]}

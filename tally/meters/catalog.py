@@ -81,6 +81,10 @@ class Catalog:
         """Every version of every meter of the tenant, oldest first."""
         return self._versions.get(tenant, [])
 
+    def version(self, tenant: str, version_id: int) -> MeterVersion | None:
+        """The tenant's version with this id; None if it is not the tenant's (or newer than this catalog)."""
+        return next((v for v in self.versions(tenant) if v.id == version_id), None)
+
     def history(self, tenant: str, slug: str) -> list[MeterVersion]:
         return [v for v in self.versions(tenant) if v.slug == slug]
 

@@ -6,7 +6,8 @@ others possibly not), after_pg_commit (counters committed, nothing published), m
 outbox relay's loop: states acked by Kafka, their outbox rows not yet deleted), after_publish
 (counters and dead letters acked, offsets not committed). The billing jobs take the same hook
 (`tally/wiring.py` wires it): report_before_send (a Stripe report row written, not sent) and
-report_after_send (sent, not yet marked sent); and `tally alerts`: alerts_after_commit (transitions committed, not
+report_after_send (sent, not yet marked sent), the meter backfill's backfill_mid_chunk (a chunk's counters written,
+not committed) and backfill_after_chunk (a chunk committed); and `tally alerts`: alerts_after_commit (transitions committed, not
 published) and alerts_mid_publish (acked by Kafka, not yet marked published). Unset in production.
 """
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+import orjson
+
 from tally.schemas.envelope import Envelope
 
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -30,6 +32,16 @@ class Event:
     time: datetime
     received_at: datetime
     data: Any
+
+
+# The columns of `events` that `stored_event` reads back, in a select list.
+EVENT_COLUMNS = "tenant, source, id, type, subject, time, received_at, data::text as data"
+
+
+def stored_event(row: Any) -> Event:
+    """A row of `events` (selected with EVENT_COLUMNS) as the Event the processor decoded."""
+    return Event(row["tenant"], row["source"], row["id"], row["type"], row["subject"], row["time"], row["received_at"],
+                 None if row["data"] is None else orjson.loads(row["data"]))
 
 
 # The envelope attributes storage and meters read: an Envelope, or the lighter Event.

@@ -1,4 +1,5 @@
-"""A Kafka producer that can say "everything produced so far is acknowledged" or raise.
+"""A Kafka producer that can say "everything produced so far is acknowledged" or raise; and how far a consumer
+group got, which the demo, the tests and the meter backfill (tally/meters/backfill.py) read.
 
 `flush` waits until every queued message is either acked (acks=all) or has definitively failed
 after message.timeout.ms, so nothing from a failed attempt can still land after a later attempt.
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from tally.sinks.errors import is_poison_kafka_error
 
@@ -78,3 +79,28 @@ class KafkaPublisher:
 
     def close(self) -> None:
         self._producer.flush(10)
+
+
+def committed(bootstrap: str, group_id: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset on every partition of `topic` (None where it committed nothing). Blocking."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset if tp.offset >= 0 else None for tp in found}
+    finally:
+        consumer.close()
+
+
+def caught_up(bootstrap: str, group_id: str, topic: str) -> bool:
+    """True once the group's committed offsets reached the end of every partition of `topic`. Blocking."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        for tp in consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10):
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            if high > 0 and tp.offset < high:
+                return False
+        return True
+    finally:
+        consumer.close()

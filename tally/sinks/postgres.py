@@ -196,14 +196,20 @@ class PostgresSink:
             deltas = self._aggregate(new)
             if self._stateful is not None and new:
                 deltas = sorted(deltas + await self._stateful(conn, new), key=lambda item: item[0])
-            if deltas:
-                await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
+            await write_counters(conn, deltas)
             repeats += [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
             conflicts = await _conflicts(conn, repeats) if repeats else []
         if self._on_commit is not None:
             self._on_commit()
         return StoreResult(new=new, duplicates=len(share) - len(new) - len(conflicts), counters=len(deltas),
                            conflicts=conflicts)
+
+
+async def write_counters(conn: asyncpg.Connection, deltas: list[tuple[str, CounterDelta]]) -> None:
+    """Upsert counter deltas (sorted by key text, the lock order) and queue their windows in the outbox, inside the
+    caller's transaction: the processor's and the meter backfill's one way to count (tally/meters/backfill.py)."""
+    if deltas:
+        await conn.execute(_UPSERT_AND_QUEUE, *_counter_columns(deltas))
 
 
 def _reason(exc: BaseException) -> str:

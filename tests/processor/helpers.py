@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 from confluent_kafka import Producer
 
-from tally.processors.progress import caught_up
+from tally.sinks.kafka import caught_up
 from tally.schemas.counters import CounterState
 from tally.schemas.envelope import Envelope
 from tally.settings import Settings
