@@ -1,0 +1,97 @@
+"""Meters as data in tests (issue 21): four meters of every stateful and additive kind, events that feed them,
+their windows computed by hand from stored rows (independent of the meter code), and versions made as the
+meters API makes them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from decimal import Context, Decimal
+
+import asyncpg
+import orjson
+
+from tally.meters.definitions import Window
+from tally.meters.windows import bounds
+from tally.schemas.envelope import Envelope
+
+DEFINITIONS = {
+    "calls": {"event_type": "api.call", "aggregation": "COUNT", "windows": ["hour", "day"]},
+    "tokens": {"event_type": "llm.call", "aggregation": "SUM", "value_path": "data.tokens", "windows": ["hour", "day"]},
+    "users": {"event_type": "api.call", "aggregation": "UNIQUE_COUNT", "value_path": "data.user",
+              "windows": ["hour", "day"]},
+    "seats": {"event_type": "seats.set", "aggregation": "WEIGHTED_SUM", "value_path": "data.seats", "unit": "hour",
+              "windows": ["hour"]},
+}
+SUBJECTS = [f"s{i}" for i in range(6)]
+_WIDE = Context(prec=100)
+
+
+def events_for(tenant: str, base: datetime, now: datetime, n: int = 150, first: int = 0) -> list[Envelope]:
+    """`n` events 72 s apart from `base`, a third for each kind of meter; ids from `first`."""
+    out = []
+    for i in range(first, first + n):
+        subject = SUBJECTS[i % len(SUBJECTS)]
+        at = base + timedelta(seconds=72 * (i - first))
+        kind = i % 3
+        if kind == 0:
+            type_, data = "api.call", {"user": f"u{i % 7}"}
+        elif kind == 1:
+            type_, data = "llm.call", {"tokens": i % 11 + 0.5}
+        else:
+            type_, data = "seats.set", {"seats": i % 5 + 1}
+        out.append(Envelope(id=f"e{i}", source="app", type=type_, subject=subject, time=at, received_at=now,
+                            data=data, tenant=tenant))
+    return out
+
+
+def expected_windows(rows: list[asyncpg.Record], slug: str) -> dict[tuple[str, datetime, str], Decimal]:
+    """Independent of the meter code: each aggregation computed by hand from the stored rows."""
+    d = DEFINITIONS[slug]
+    mine = [r for r in rows if r["type"] == d["event_type"]]
+    out: dict[tuple[str, datetime, str], Decimal] = defaultdict(Decimal)
+    if d["aggregation"] == "WEIGHTED_SUM":
+        series = defaultdict(list)
+        for r in mine:
+            series[r["subject"]].append((r["time"], Decimal(str(orjson.loads(r["data"])["seats"]))))
+        for subject, points in series.items():
+            points.sort()
+            for name in d["windows"]:
+                held = {bounds(Window(name), at) for at, _ in points}
+                for ws, we in held:
+                    seconds = sum(level * Decimal(max(0, (min(nxt, we) - max(at, ws)).total_seconds()))
+                                  for (at, level), (nxt, _) in zip(points, points[1:]))
+                    out[(name, ws, subject)] = _WIDE.divide(seconds, Decimal(3600))
+        return dict(out)
+    distinct = defaultdict(set)
+    for r in mine:
+        data = orjson.loads(r["data"])
+        for name in d["windows"]:
+            key = (name, bounds(Window(name), r["time"])[0], r["subject"])
+            if d["aggregation"] == "COUNT":
+                out[key] += 1
+            elif d["aggregation"] == "SUM":
+                out[key] += Decimal(str(data["tokens"]))
+            else:
+                distinct[key].add(data["user"])
+    return {k: Decimal(len(v)) for k, v in distinct.items()} if distinct else dict(out)
+
+
+async def counters_of(db: asyncpg.Connection, tenant: str, counter: str) -> dict[tuple[str, datetime, str], Decimal]:
+    rows = await db.fetch("select window_name, window_start, subject, value from counters where tenant = $1"
+                          " and meter = $2", tenant, counter)
+    return {(r["window_name"], r["window_start"], r["subject"]): r["value"] for r in rows}
+
+
+async def new_version(db: asyncpg.Connection, tenant: str, slug: str, version: int, definition: dict) -> int:
+    """A version and its backfill row, in one transaction (as the meters API makes them)."""
+    async with db.transaction():
+        vid = await db.fetchval("insert into meter_versions (tenant, slug, version, definition) values ($1, $2, $3,"
+                                " $4::jsonb) returning id", tenant, slug, version, orjson.dumps(definition).decode())
+        await db.execute("insert into meter_backfills (tenant, version_id) values ($1, $2)", tenant, vid)
+    return vid
+
+
+async def record_starts(db: asyncpg.Connection, tenant: str, vid: int, starts: dict[int, int]) -> None:
+    await db.executemany("insert into meter_starts (tenant, version_id, kafka_partition, start_offset)"
+                         " values ($1, $2, $3, $4)", [(tenant, vid, p, o) for p, o in starts.items()])
