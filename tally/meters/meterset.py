@@ -238,15 +238,15 @@ class MeterSet:
             meter = self._compiled[index].meter
             for window in meter.windows:
                 start, end = self._window(window, minute)
-                key = (tenant, meter.slug, window.value, start, subject, group)
+                key = (tenant, meter.counter, window.value, start, subject, group)
                 current = windows.get(key)
                 if current is None:
                     windows[key] = [aggregation, value, count, latest, end]
                 else:
                     _fold(current, value, count, latest)
         out = []
-        for (tenant, slug, window_name, start, subject, group), (aggregation, value, count, latest, end) in windows.items():
-            key = CounterKey(tenant, slug, window_name, start, subject, tuple((name, v) for name, _, v in group))
+        for (tenant, counter, window_name, start, subject, group), (aggregation, value, count, latest, end) in windows.items():
+            key = CounterKey(tenant, counter, window_name, start, subject, tuple((name, v) for name, _, v in group))
             total = Decimal(count) if aggregation is Aggregation.COUNT else value
             # AVG: the sum goes in `total`; the upsert divides the stored sum by the stored count.
             out.append((key.to_text(), CounterDelta(key, end, aggregation, total, count, latest,

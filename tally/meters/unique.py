@@ -74,7 +74,7 @@ def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Pending]
         at = i.event.time
         for name in i.meter.windows:
             start, end = meters.window(name, at)
-            key = CounterKey(i.tenant, i.meter.slug, name.value, start, i.subject, i.group)
+            key = CounterKey(i.tenant, i.meter.counter, name.value, start, i.subject, i.group)
             text = key.to_text()
             w = out.get(text)
             if w is None:

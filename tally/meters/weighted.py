@@ -116,7 +116,7 @@ def series(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Series]:
     """The new level changes per series, keyed by the series text (also its lock name)."""
     out: dict[str, Series] = {}
     for i in inputs:
-        text = series_text(i.tenant, i.meter.slug, i.subject, dict(i.group))
+        text = series_text(i.tenant, i.meter.counter, i.subject, dict(i.group))
         s = out.get(text)
         if s is None:
             s = out[text] = Series(i.meter, i.tenant, i.subject, i.group)
@@ -162,7 +162,7 @@ def _windows(meters: MeterSet, s: Series, spans: dict, points: list[tuple[dateti
         for (start, end), latest in held.items():
             integral = integrate(points, start, end)
             new = sum(1 for at, *_ in s.new if start <= at < end)
-            key = CounterKey(s.tenant, s.meter.slug, window.value, start, s.subject, s.group)
+            key = CounterKey(s.tenant, s.meter.counter, window.value, start, s.subject, s.group)
             out.append((key.to_text(), CounterDelta(
                 key, end, s.meter.aggregation, in_unit(integral.level_seconds, s.meter.unit.seconds), new, latest,
                 total=integral.level_seconds, level=integral.level, integrated_until=integral.until)))
