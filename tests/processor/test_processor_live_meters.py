@@ -16,9 +16,15 @@ from decimal import Decimal
 from types import SimpleNamespace
 
 import asyncpg
+import pytest
 from confluent_kafka import Producer
 
+from tally.meters.definitions import DEFAULT_METERS
+from tally.meters.live import LiveMeters
+from tally.processors.decode import decode
 from tally.settings import Settings
+from tally.sinks.base import Record
+from tally.sinks.postgres import PostgresSink, StaleCatalog
 from tests.processor.helpers import drained, envelope, wait_for
 from tests.processor.meters_helpers import expected_weighted
 from tests.processor.test_processor_rebalance import _moved, _owns_partitions
@@ -75,14 +81,17 @@ class TwoTenantLoad(threading.Thread):
         await asyncio.to_thread(self.join, 30)
 
 
-async def define(db: asyncpg.Connection, tenant: str, slug: str, definition: dict | None, version: int = 1) -> int:
-    """A version as the API stores it: the row and its waiting backfill in one transaction."""
+async def define(db: asyncpg.Connection, tenant: str, definitions: dict[str, dict], version: int = 1) -> dict[str, int]:
+    """Versions as the API stores them (a file applied at once): the rows and their waiting backfills in one
+    transaction; their ids by slug."""
+    ids = {}
     async with db.transaction():
-        version_id = await db.fetchval(
-            "insert into meter_versions (tenant, slug, version, definition) values ($1, $2, $3, $4::jsonb)"
-            " returning id", tenant, slug, version, None if definition is None else json.dumps(definition))
-        await db.execute("insert into meter_backfills (tenant, version_id) values ($1, $2)", tenant, version_id)
-    return version_id
+        for slug, definition in definitions.items():
+            version_id = ids[slug] = await db.fetchval(
+                "insert into meter_versions (tenant, slug, version, definition) values ($1, $2, $3, $4::jsonb)"
+                " returning id", tenant, slug, version, json.dumps(definition))
+            await db.execute("insert into meter_backfills (tenant, version_id) values ($1, $2)", tenant, version_id)
+    return ids
 
 
 async def starts(db: asyncpg.Connection, version_id: int) -> dict[int, int]:
@@ -146,7 +155,7 @@ async def _steady(settings: Settings, db: asyncpg.Connection, kill: bool) -> Non
         members.append(TallyProcess("processor-b", ["process"], settings))
         await asyncio.to_thread(wait_until, lambda: _owns_partitions(members[1]), 30, 0.1, "b to share partitions")
         await asyncio.sleep(2)
-        ids = {slug: await define(db, a, slug, d) for slug, d in DEFINITIONS.items()}
+        ids = await define(db, a, DEFINITIONS)
         await asyncio.sleep(3)
         if kill:
             # A member dies mid-stream: the other takes its partitions over (a rebalance) with the versions' starts.
@@ -155,7 +164,7 @@ async def _steady(settings: Settings, db: asyncpg.Connection, kill: bool) -> Non
             taken = _moved(victim.output(), "assigned")
             await asyncio.to_thread(wait_until, lambda: _moved(members[0].output().rpartition("revoked")[2],
                                                                "assigned") >= taken, 60, 0.2, "the takeover")
-        calls_v2 = await define(db, a, "calls", CALLS_V2, version=2)
+        calls_v2 = (await define(db, a, {"calls": CALLS_V2}, version=2))["calls"]
         await asyncio.sleep(3)
         await load.finish()
         await wait_for(lambda: drained(settings, db), 90, "the members to drain the topic")
@@ -170,7 +179,8 @@ async def _steady(settings: Settings, db: asyncpg.Connection, kill: bool) -> Non
     for version_id in [*ids.values(), calls_v2]:
         assert set(await starts(db, version_id)) >= partitions, "a start on every partition"
     since = await starts(db, ids["calls"])
-    assert all(since == await starts(db, version_id) for version_id in ids.values())
+    for version_id in ids.values():  # taken up together: one start per partition
+        assert await starts(db, version_id) == since
     later = await starts(db, calls_v2)
     assert all(later[p] >= since[p] for p in since)
 
@@ -211,3 +221,37 @@ async def test_meter_versions_count_exactly_through_a_kill_and_a_rebalance(
                                            "late_horizon_s": 86400})
     await _steady(settings, db, kill=True)
 
+
+
+async def test_a_member_with_a_stale_catalog_counts_nothing_past_a_start_it_does_not_know(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """The fence: a version another member took up on partition 0 at offset 100; a member that has not seen the
+    version yet writes offsets 105-109 there: its transaction rolls back, and after a refresh it counts them."""
+    tenant = f"fence-{uuid.uuid4().hex[:8]}"
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        stale, fresh = LiveMeters(DEFAULT_METERS), LiveMeters(DEFAULT_METERS)
+        await stale.refresh(pool)
+        version_id = (await define(db, tenant, {"calls": DEFINITIONS["calls"]}))["calls"]
+        await fresh.refresh(pool)
+
+        def records(first: int) -> list[Record]:
+            return [Record(decode(envelope(tenant, n, type_="api.call").to_bytes()), 0, n, True)
+                    for n in range(first, first + 5)]
+
+        first = PostgresSink(pool, fresh.aggregate, live=fresh)
+        await first.write(records(100))
+        await first.flush()
+        assert await starts(db, version_id) == {0: 100}
+        late = PostgresSink(pool, stale.aggregate, live=stale)
+        await late.write(records(105))
+        with pytest.raises(StaleCatalog):
+            await late.flush()
+        assert await db.fetchval("select count(*) from events where tenant = $1", tenant) == 5
+        assert await stale.refresh(pool)
+        await late.write(records(105))
+        await late.flush()
+        assert await db.fetchval("select sum(value) from counters where tenant = $1 and meter = 'calls'", tenant) == 10
+    finally:
+        await pool.close()
