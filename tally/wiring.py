@@ -84,6 +84,7 @@ def processor(settings: Settings) -> processor_service.ServiceConfig:
         dlq_topic=settings.topics.dlq,
         meters_file=settings.meters_file,
         meters_inline=settings.meters,
+        meters_poll_s=settings.meters_poll_s,
         accept_types=settings.accept_types,
         late_horizon_s=settings.late_horizon_s,
         metrics_host=settings.processor_metrics_host,

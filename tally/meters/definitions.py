@@ -83,8 +83,9 @@ class MetersConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_slugs(self) -> "MetersConfig":
-        slugs = [m.slug for m in self.meters]
-        if len(set(slugs)) != len(slugs):
+        # Counter names, so a tenant's versions of one meter (slug, slug@2, ...) may be compiled together.
+        counters = [m.counter for m in self.meters]
+        if len(set(counters)) != len(counters):
             raise ValueError("meter slugs must be unique")
         return self
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from tally.meters import unique, weighted
+from tally.meters.live import LiveMeters
 from tally.meters.meterset import MeterSet
 from tally.schemas.counters import Aggregation, CounterDelta
 from tally.sinks.base import Record
@@ -24,11 +25,12 @@ from (select distinct hashtextextended(k, 0) as id from unnest($1::text[]) as k 
 """
 
 
-async def apply(meters: MeterSet, conn: asyncpg.Connection, records: Sequence[Record]) -> list[tuple[str, CounterDelta]]:
+async def apply(meters: MeterSet | LiveMeters, conn: asyncpg.Connection, records: Sequence[Record]) -> list[tuple[str, CounterDelta]]:
     inputs = meters.stateful_inputs(records)
     if not inputs:
         return []
-    distinct = unique.windows(meters, [i for i in inputs if i.meter.aggregation is Aggregation.UNIQUE_COUNT])
-    series = weighted.series(meters, [i for i in inputs if i.meter.aggregation is Aggregation.WEIGHTED_SUM])
+    compiled = meters.base if isinstance(meters, LiveMeters) else meters  # whose window bounds are memoised
+    distinct = unique.windows(compiled, [i for i in inputs if i.meter.aggregation is Aggregation.UNIQUE_COUNT])
+    series = weighted.series(compiled, [i for i in inputs if i.meter.aggregation is Aggregation.WEIGHTED_SUM])
     await conn.execute(_LOCK, [*distinct, *series])
-    return [*await unique.apply(conn, distinct), *await weighted.apply(conn, meters, series)]
+    return [*await unique.apply(conn, distinct), *await weighted.apply(conn, compiled, series)]

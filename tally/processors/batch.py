@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
+from tally.meters.live import LiveMeters
 from tally.meters.meterset import MeterError, MeterSet
 from tally.processors.decode import decode
 from tally.processors.dlq import dead_letter
@@ -33,6 +34,7 @@ class Batch:
     late: int = 0
     consumed: int = 0
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    revision: int = -1  # of the meter catalog it was validated under (tally.meters.live)
 
     def commit_offsets(self) -> list[TopicPartition]:
         """One past the highest offset handled, per partition."""
@@ -42,7 +44,7 @@ class Batch:
 class Validator:
     """Turns consumed messages into a Batch under the configured meters, accepted types and horizon."""
 
-    def __init__(self, meters: MeterSet, accept_types: list[str], late_horizon: timedelta) -> None:
+    def __init__(self, meters: MeterSet | LiveMeters, accept_types: list[str], late_horizon: timedelta) -> None:
         self.meters = meters
         self._accept = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in accept_types) or "(?!)").match
         self.late_horizon = late_horizon
@@ -51,6 +53,7 @@ class Validator:
     def batch(self, messages: list[Message], now: datetime, into: Batch | None = None) -> Batch:
         """Validate `messages` into a new Batch, or append them to `into` (a batch validated in chunks)."""
         out = into if into is not None else Batch()
+        out.revision = self.revision
         out.messages.extend(messages)
         offsets = out.offsets
         records = out.records
@@ -95,6 +98,24 @@ class Validator:
             records.append(Record(event, partition, offset, counted))
         out.consumed += len(messages)
         return out
+
+    @property
+    def live(self) -> LiveMeters:
+        """The meters, taken up live from the catalog (the processor's; tests may give a fixed MeterSet)."""
+        if not isinstance(self.meters, LiveMeters):
+            raise TypeError("meters fixed at start are not live")
+        return self.meters
+
+    @property
+    def revision(self) -> int:
+        """The meter catalog revision the checks are made under (-1: meters fixed at start)."""
+        return self.meters.revision if isinstance(self.meters, LiveMeters) else -1
+
+    def again(self, batch: Batch, now: datetime) -> None:
+        """Validate a batch's messages again, under meters that changed since it was validated."""
+        fresh = self.batch(batch.messages, now)
+        batch.records, batch.dead_letters, batch.late, batch.revision = (fresh.records, fresh.dead_letters, fresh.late,
+                                                                         fresh.revision)
 
     def _accepted(self, event_type: str) -> bool:
         """The accept globs' verdict, memoised: a stream carries few distinct types."""

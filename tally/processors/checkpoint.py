@@ -74,8 +74,9 @@ OnThread = Callable[[Callable[[], T]], Awaitable[T]]
 
 class Checkpoint:
     def __init__(self, consumer: OffsetConsumer, sinks: Sinks, run_step: RunStep, on_thread: OnThread,
-                 crash_at: str = "") -> None:
+                 crash_at: str = "", before_store: Callable[[Batch], Awaitable[None]] | None = None) -> None:
         self._consumer = consumer
+        self._before_store = before_store  # brings the batch's meters up to date before each attempt
         self._sinks = sinks
         self._step = run_step
         self._on_thread = on_thread
@@ -104,7 +105,7 @@ class Checkpoint:
         # Step 2. Flush the store
         stored = None
         if batch.records:
-            stored = await self._step("postgres", partial(self._flush_store, batch.records), in_flight)
+            stored = await self._step("postgres", partial(self._flush_store, batch), in_flight)
             batch.dead_letters.extend(_store_letters(batch, stored))
         crash_point("after_pg_commit", self._crash_at)
         # Step 3. Produce dead letters and counter states
@@ -128,9 +129,11 @@ class Checkpoint:
         """Publish every counter window queued in the outbox (also those a crashed member left behind)."""
         await self._step("publish counters", self._publish_counters, in_flight)
 
-    async def _flush_store(self, records: list[Record]) -> StoreResult:
+    async def _flush_store(self, batch: Batch) -> StoreResult:
+        if self._before_store is not None:
+            await self._before_store(batch)
         store = self._sinks.store
-        await store.write(records)
+        await store.write(batch.records)
         stored = await store.flush()
         metrics.PERSISTED.inc(len(stored.new))
         metrics.DUPLICATES.inc(stored.duplicates)

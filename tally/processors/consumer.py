@@ -76,14 +76,17 @@ def consumer_config(config: ProcessorConfig, **overrides: Any) -> dict[str, Any]
 
 
 class Processor:
-    def __init__(self, config: ProcessorConfig, validator: Validator, sinks: Sinks) -> None:
+    def __init__(self, config: ProcessorConfig, validator: Validator, sinks: Sinks,
+                 refresh_meters: Callable[[], Awaitable[object]] | None = None) -> None:
         self.config = config
         self.validator = validator
         self.sinks = sinks
+        self._refresh_meters = refresh_meters
         self._consumer = Consumer(consumer_config(config))
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         self._stopping = asyncio.Event()
-        self.checkpoint = Checkpoint(self._consumer, sinks, self._step, self._kafka, config.crash_at)
+        self.checkpoint = Checkpoint(self._consumer, sinks, self._step, self._kafka, config.crash_at,
+                                     self._current_meters if refresh_meters is not None else None)
         self._held: list[Message] = []  # polled while a failed step waited; processed next
         self._paused = False
 
@@ -188,6 +191,13 @@ class Processor:
         log.info("batch: %d consumed, %d new, %d duplicate, %d dead-lettered, %d late", batch.consumed, new,
                  batch.consumed - new - len(batch.dead_letters), len(batch.dead_letters), batch.late)
         return True
+
+    async def _current_meters(self, batch: Batch) -> None:
+        """Before each attempt to store a batch: the meter catalog polled, and the batch validated again if it was
+        validated under an older revision (a transaction that finds the catalog moved rolls back and comes here)."""
+        await self._refresh_meters()
+        if batch.revision != self.validator.revision:
+            self.validator.again(batch, datetime.now(timezone.utc))
 
     async def _maintain(self) -> None:
         # Batches wait while this runs: prune for a part of one attempt and carry on at the next run.

@@ -16,6 +16,7 @@ import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from tally.sinks.kafka import PublishError
+from tally.sinks.postgres import StaleCatalog
 
 log = logging.getLogger("tally.processor.retry")
 
@@ -31,7 +32,7 @@ class Abandoned(Exception):
 
 def is_transient(exc: BaseException) -> bool:
     """Expected outages; anything else is retried too, but logged with its traceback."""
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, PublishError)):
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, PublishError, StaleCatalog)):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         return (exc.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES

@@ -16,7 +16,7 @@ import asyncpg
 
 from tally.meters import stateful
 from tally.meters.definitions import load_meters
-from tally.meters.meterset import MeterSet
+from tally.meters.live import LiveMeters
 from tally.processors import metrics
 from tally.processors.batch import Validator
 from tally.processors.checkpoint import Sinks
@@ -46,6 +46,7 @@ class ServiceConfig:
     dlq_topic: str
     meters_file: str = ""
     meters_inline: str = ""
+    meters_poll_s: float = 1.0  # how often the tenants' meter catalog is polled between batches
     accept_types: str = "*"
     late_horizon_s: int = 86400
     metrics_host: str = "127.0.0.1"
@@ -90,7 +91,7 @@ def pool_settings(config: ServiceConfig) -> dict:
 def validator_for(config: ServiceConfig) -> Validator:
     meters = load_meters(Path(config.meters_file) if config.meters_file else None, config.meters_inline)
     accept = [p.strip() for p in config.accept_types.split(",") if p.strip()]
-    return Validator(MeterSet(meters), accept, timedelta(seconds=config.late_horizon_s))
+    return Validator(LiveMeters(meters, config.meters_poll_s), accept, timedelta(seconds=config.late_horizon_s))
 
 
 async def watch_outbox(pool: asyncpg.Pool, every_s: float = BACKLOG_EVERY_S) -> None:
@@ -111,6 +112,7 @@ def run(config: ServiceConfig) -> int:
 async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
     """One consumer-group member until `stop`."""
     validator = validator_for(config)
+    live = validator.live
     log.info("meters: %s", ", ".join(m.slug for m in validator.meters.meters) or "none")
     # One connection per writer, one for the outbox relay, one for partition upkeep, one for the backlog gauge.
     pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=config.pg_writers + 3,
@@ -118,16 +120,16 @@ async def serve(config: ServiceConfig, stop: asyncio.Event) -> None:
     publisher = KafkaPublisher(config.processor.kafka_bootstrap, config.publish_timeout_ms)
     cache = RedisCounterCache(config.redis_url, config.redis_prefix, config.redis_counter_ttl_s)
     sinks = Sinks(
-        store=PostgresSink(pool, validator.meters.aggregate, config.pg_writers,
+        store=PostgresSink(pool, live.aggregate, config.pg_writers,
                            partial(crash_point, "after_share_commit", config.processor.crash_at),
-                           partial(stateful.apply, validator.meters) if validator.meters.has_stateful else None),
+                           partial(stateful.apply, live), live),
         relay=OutboxRelay(pool, CounterTopicSink(publisher, config.counters_topic),
                           on_published=partial(crash_point, "mid_relay", config.processor.crash_at)),
         dead_letters=DeadLetterSink(publisher, config.dlq_topic),
         maintenance=Maintenance(pool, config.retention),
         cache=cache,
     )
-    processor = Processor(config.processor, validator, sinks)
+    processor = Processor(config.processor, validator, sinks, partial(live.refresh, pool))
     stopping = asyncio.create_task(_stop_on(stop, processor))
     # What exists now (modules, meters, clients) lives as long as the process: kept out of the collector's
     # scans, which then look at the batches' objects alone (docs/adr/0113).

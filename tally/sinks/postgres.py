@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import asyncpg
 import orjson
@@ -28,13 +29,17 @@ from tally.schemas.envelope import content_digest
 from tally.sinks.base import Record
 from tally.sinks.errors import is_poison
 
+# The fence (docs/adr/0143): the catalog revision, share-locked, returned with every claimed key. A meter version
+# cannot be created while a transaction that read the revision before it is open, so a transaction that counted
+# under an older catalog has committed before the version exists, and one that commits after saw it.
 _CLAIM = """
+with fence as (select revision from meter_catalog for share)
 insert into event_keys (tenant, source, id, digest, kafka_partition, kafka_offset)
 select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::bigint[])
          as k(tenant, source, id, digest, kafka_partition, kafka_offset)
 order by tenant, source, id
 on conflict do nothing
-returning kafka_partition, kafka_offset
+returning kafka_partition, kafka_offset, (select revision from fence)
 """
 
 # The kept copies of keys this transaction did not claim. Under READ COMMITTED this statement sees a
@@ -120,6 +125,23 @@ class StoreResult:
                            self.conflicts + other.conflicts, self.poison + other.poison)
 
 
+class StaleCatalog(Exception):
+    """The meter catalog moved since the counting meters were loaded: the transaction rolled back, and the batch is
+    counted again once they are refreshed."""
+
+
+class LiveCounting(Protocol):
+    """What a write transaction asks of the live meters (tally.meters.live): the catalog revision they were
+    loaded at, and the starts of the versions on the partitions it writes."""
+
+    revision: int
+    stale: bool
+
+    async def record_starts(self, conn: asyncpg.Connection, new: Sequence[Record]) -> list[int]: ...
+
+    def unrecord(self, partitions: list[int]) -> None: ...
+
+
 Aggregate = Callable[[Sequence[Record]], list[tuple[str, CounterDelta]]]
 # Deltas computed against stored state, inside the transaction (UNIQUE_COUNT, WEIGHTED_SUM).
 StatefulAggregate = Callable[[asyncpg.Connection, Sequence[Record]], Awaitable[list[tuple[str, CounterDelta]]]]
@@ -136,8 +158,10 @@ class PostgresSink:
     """
 
     def __init__(self, pool: asyncpg.Pool, aggregate: Aggregate, parallel: int = 1,
-                 on_commit: Callable[[], None] | None = None, stateful: StatefulAggregate | None = None) -> None:
+                 on_commit: Callable[[], None] | None = None, stateful: StatefulAggregate | None = None,
+                 live: LiveCounting | None = None) -> None:
         self._pool = pool
+        self._live = live
         self._aggregate = aggregate
         self._stateful = stateful
         self._parallel = max(1, parallel)
@@ -186,19 +210,33 @@ class PostgresSink:
                 repeats.append((r, content_digest(e)))
             else:
                 first[key] = (r, content_digest(e))
-        async with self._pool.acquire() as conn, conn.transaction():
-            # The statement sorts the keys itself (the lock order); Python only maps them back.
-            # A claimed key is named by where its first copy was read: two ints, no text to decode.
-            claimed = {(row[0], row[1]) for row in await conn.fetch(_CLAIM, *_claim_columns(first))}
-            new = [r for r, _ in first.values() if (r.partition, r.offset) in claimed]
-            if new:
-                await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
-            deltas = self._aggregate(new)
-            if self._stateful is not None and new:
-                deltas = sorted(deltas + await self._stateful(conn, new), key=lambda item: item[0])
-            await write_counters(conn, deltas)
-            repeats += [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
-            conflicts = await _conflicts(conn, repeats) if repeats else []
+        staged: list[int] = []
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # The statement sorts the keys itself (the lock order); Python only maps them back.
+                # A claimed key is named by where its first copy was read: two ints, no text to decode.
+                rows = await conn.fetch(_CLAIM, *_claim_columns(first))
+                claimed = {(row[0], row[1]) for row in rows}
+                new = [r for r, _ in first.values() if (r.partition, r.offset) in claimed]
+                if new and self._live is not None:
+                    if rows[0][2] != self._live.revision:
+                        self._live.stale = True
+                        raise StaleCatalog(f"meter catalog at revision {rows[0][2]}, counted at {self._live.revision}")
+                    staged = await self._live.record_starts(conn, new)
+                if new:
+                    await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
+                deltas = self._aggregate(new)
+                if self._stateful is not None and new:
+                    found = await self._stateful(conn, new)
+                    if found:
+                        deltas = sorted(deltas + found, key=lambda item: item[0])
+                await write_counters(conn, deltas)
+                repeats += [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
+                conflicts = await _conflicts(conn, repeats) if repeats else []
+        except BaseException:
+            if staged and self._live is not None:
+                self._live.unrecord(staged)
+            raise
         if self._on_commit is not None:
             self._on_commit()
         return StoreResult(new=new, duplicates=len(share) - len(new) - len(conflicts), counters=len(deltas),

@@ -61,7 +61,8 @@ def expected_windows(rows: list[asyncpg.Record], slug: str) -> dict[tuple[str, d
                 for ws, we in held:
                     seconds = sum(level * Decimal(max(0, (min(nxt, we) - max(at, ws)).total_seconds()))
                                   for (at, level), (nxt, _) in zip(points, points[1:]))
-                    out[(name, ws, subject)] = _WIDE.divide(seconds, Decimal(3600))
+                    # in hours, rounded to 18 places as WEIGHTED_SUM documents (tally/meters/weighted.py)
+                    out[(name, ws, subject)] = _WIDE.divide(seconds, Decimal(3600)).quantize(Decimal("1e-18"), context=_WIDE)
         return dict(out)
     distinct = defaultdict(set)
     for r in mine:
