@@ -187,6 +187,10 @@ class Settings(BaseSettings):
     usage_alerts_retention_days: int = Field(400, description="prune usage alerts this long after they were recorded,"
                                              " once resolved (0 keeps)")
 
+    # meters as data, read side (tally/meters/live.py, docs/adr/0140)
+    meters_poll_s: float = Field(1.0, gt=0, description="how often the gateway, `tally jobs` and `tally alerts` look "
+                                 "for changed meters (a one-row read): a new meter is read within about this long")
+
     migrations_dir: Path = ROOT / "deploy" / "migrations"
 
     @property

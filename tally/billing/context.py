@@ -9,7 +9,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as redis
 
+from tally.meters.catalog import Catalog
 from tally.meters.definitions import MetersConfig
+from tally.meters.live import LiveCatalog
 from tally.usage.windows import WindowReader
 
 MAX_INVOICE_GRACE_S = 72 * 3600  # Stripe's longest invoice finalisation grace (docs/adr/0065)
@@ -21,7 +23,7 @@ class BillingConfig:
     redis_url: str
     redis_prefix: str
     redis_counter_ttl_s: int
-    meters: MetersConfig
+    meters: MetersConfig  # the deploy-time meters; each tenant's own come from the meter catalog
     limits_refresh_s: float = 0.5
     limits_ttl_s: int = 300
     tick_s: float = 5.0
@@ -38,6 +40,7 @@ class BillingConfig:
     alerts_refresh_s: float = 5.0
     hook: Callable[[str], None] = lambda _point: None  # tests: kill the job at a named point
     topic_states: Callable[[str | None], dict[str, Any]] | None = None  # the counter topic's latest states
+    meters_poll_s: float = 1.0  # how often the meter catalog is looked at (tally/meters/live.py)
 
     def problems(self) -> list[str]:
         """Settings that would let usage go unbilled without a word; the jobs refuse to start on any."""
@@ -59,6 +62,13 @@ class JobContext:
     pool: asyncpg.Pool
     redis: redis.Redis
     shared: dict[str, Any] = field(default_factory=dict)  # what lives as long as the worker (the Stripe breaker)
+    live: LiveCatalog | None = None
+
+    async def catalog(self) -> Catalog:
+        """Every tenant's meters, fresh within `meters_poll_s`: jobs take a tenant's meters from here."""
+        if self.live is None:
+            self.live = LiveCatalog(self.config.meters, self.config.meters_poll_s)
+        return await self.live.current(self.pool)
 
     @property
     def reader(self) -> WindowReader:
