@@ -50,7 +50,8 @@ def _call(subject: str) -> dict:
 
 async def test_a_meter_row_is_read_billed_limited_and_alerted_on_without_a_restart(
         isolated: Settings, db: asyncpg.Connection) -> None:
-    settings = metered(isolated).model_copy(update={"jobs_tick_s": 1.0, "alerts_metrics_port": 0})
+    settings = metered(isolated).model_copy(update={"jobs_tick_s": 1.0, "alerts_metrics_port": 0,
+                                                    "alerts_min_every_s": 1})
     tenant, admin, writer = await tenant_keys(settings)
     _, other_admin, _ = await tenant_keys(settings)
     _, alerting = await create_key(db, tenant, "alerting", ["alerts:write", "alerts:read"])
@@ -71,7 +72,8 @@ async def test_a_meter_row_is_read_billed_limited_and_alerted_on_without_a_resta
                 return (await api.post("/v1/plans", json=plan)).status_code == 201
             await wait_for(plan_taken, 15, "the gateway to take the new meter up")
             assert (await others.post("/v1/plans", json=plan)).status_code == 422  # tenant B never sees A's meter
-            assert (await rules.post("/v1/alert-rules", json=rule)).status_code == 201
+            created = await rules.post("/v1/alert-rules", json=rule)
+            assert created.status_code == 201, created.text
             start = (date.today() - timedelta(days=40)).isoformat()
             assert (await api.put(f"/v1/subscriptions/{subject}", json={"plan_id": "live", "start_date": start})
                     ).status_code == 200
