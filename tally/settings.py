@@ -88,9 +88,10 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = 200
     meters_file: str = Field("", description="YAML or JSON meters file; empty: events per type per subject")
     meters: str = Field("", description="meters as inline YAML or JSON; wins over meters_file")
-    # issue 21: tenants' meter versions are taken up live
-    meters_poll_s: float = Field(1.0, gt=0, description="how often the processor polls the meter catalog between"
-                                 " batches (a one-row read); a new version counts within about this")
+    # tenants' meters as data (docs/adr/0140): every process looks for changed meters this often
+    meters_poll_s: float = Field(1.0, gt=0, description="how often the processor (between batches), the gateway, "
+                                 "`tally jobs` and `tally alerts` look for changed meters (a one-row read): a new "
+                                 "meter counts and is read within about this long")
     accept_types: str = Field("*", description="comma-separated event type globs; other types are dead-lettered")
     late_horizon_s: int = Field(86400, description="events older than this at receipt are stored, not counted")
     processor_metrics_host: str = "127.0.0.1"

@@ -21,6 +21,7 @@ from tally.ingest.config import GatewayConfig
 from tally.edge.products import Product
 from tally.meters.backfill import BackfillConfig
 from tally.meters.definitions import MetersConfig, load_meters
+from tally.meters.fresh import LiveCatalog
 from tally.processors import service as processor_service
 from tally.processors.consumer import ProcessorConfig
 from tally.processors.faults import crash_point
@@ -48,17 +49,18 @@ def gateway_config(settings: Settings) -> GatewayConfig:
 
 
 def products(settings: Settings) -> tuple[Product, ...]:
-    """The product packages whose routes the gateway serves beside intake (`tally.edge.products`)."""
-    defined = meters(settings)
+    """The product packages whose routes the gateway serves beside intake (`tally.edge.products`); they share one
+    live meter catalog."""
+    catalog = LiveCatalog(meters(settings), settings.meters_poll_s)
     return (QueryProduct(settings.query_cursor_secret,
                          AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s),
                          settings.query_stats_max_points),
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
-                         settings.redis_counter_ttl_s, defined, settings.usage_link_secret, settings.usage_page_poll_s,
+                         settings.redis_counter_ttl_s, catalog, settings.usage_link_secret, settings.usage_page_poll_s,
                          settings.usage_max_plans, settings.usage_max_subscriptions,
                          [s for s in settings.usage_link_previous_secrets.split(",") if s],
                          settings.usage_links_per_tenant, alert_policy=alert_policy(settings)),
-            AlertsProduct(defined, settings.query_cursor_secret, alert_policy(settings)))
+            AlertsProduct(catalog, settings.query_cursor_secret, alert_policy(settings)))
 
 
 def processor(settings: Settings) -> processor_service.ServiceConfig:
@@ -112,6 +114,7 @@ def alerts(settings: Settings) -> alerts_service.ServiceConfig:
         counters_topic=settings.topics.counters, alerts_topic=settings.topics.alerts,
         meters=meters(settings), policy=alert_policy(settings),
         tick_s=settings.alerts_tick_s, rules_reload_s=settings.alerts_rules_reload_s,
+        meters_poll_s=settings.meters_poll_s,
         hook=partial(crash_point, armed=settings.crash_at),
         delivery=DeliveryPolicy(
             max_attempts=settings.alerts_delivery_max_attempts, backoff_s=settings.alerts_delivery_backoff_s,
@@ -144,7 +147,7 @@ def billing(settings: Settings) -> BillingConfig:
     return BillingConfig(
         database_url=settings.database_url, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix,
         redis_counter_ttl_s=settings.redis_counter_ttl_s,
-        meters=meters(settings),
+        meters=meters(settings), meters_poll_s=settings.meters_poll_s,
         limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
         tick_s=settings.jobs_tick_s,
         close_grace_s=settings.close_grace_s, late_horizon_s=settings.late_horizon_s,

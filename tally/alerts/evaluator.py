@@ -26,7 +26,7 @@ from tally.alerts import rules as rulebook
 from tally.alerts import stored
 from tally.alerts.lifecycle import Standing, Step, step
 from tally.alerts.windows import MinuteWindows
-from tally.meters.definitions import MetersConfig
+from tally.meters.fresh import LiveCatalog
 from tally.schemas.alerts import AlertRule
 from tally.sealed import SecretBox
 
@@ -45,12 +45,15 @@ class Decision:
 
 
 class Evaluator:
-    """`epoch`: the leader epoch this evaluator commits under (ledger.lead), None outside a leader (tests)."""
+    """`epoch`: the leader epoch this evaluator commits under (ledger.lead), None outside a leader (tests).
+    Each tenant's rules read its readable meters (`Catalog.readable`), taken up again when the catalog moves."""
 
-    def __init__(self, pool: asyncpg.Pool, meters: MetersConfig, windows: MinuteWindows, box: SecretBox,
+    def __init__(self, pool: asyncpg.Pool, catalog: LiveCatalog, windows: MinuteWindows, box: SecretBox,
                  epoch: int | None = None, min_every_s: int = 1) -> None:
         self._pool = pool
-        self._meters = meters
+        self._catalog = catalog
+        self._revision: int | None = None  # the catalog revision the rules were taken up at
+        self._counters: dict[tuple[str, str], str] = {}  # (tenant, meter) -> the counter its windows are read under
         self._box = box
         self._epoch = epoch
         self._min_every_s = min_every_s
@@ -78,18 +81,22 @@ class Evaluator:
     async def reload_rules(self, now: datetime) -> None:
         """Take up added, changed and deleted rules; a rule that cannot be evaluated is logged and skipped.
         Standings of rules that are gone or disabled are dropped without a transition."""
+        catalog = await self._catalog.current(self._pool)
         loaded = await stored.load(self._pool, self._box)
         usable: dict[str, list[AlertRule]] = {}
+        counters: dict[tuple[str, str], str] = {}
         for tenant, rules in loaded.items():
+            meters = catalog.readable(tenant)
             for rule in rules:
                 if not rule.enabled:
                     continue
-                trouble = rulebook.problems(rule, self._meters)
+                trouble = rulebook.problems(rule, meters)
                 if trouble:
                     log.warning("rule %s/%s is not evaluated: %s", tenant, rule.id, "; ".join(trouble))
                     continue
                 usable.setdefault(tenant, []).append(rule)
-        self._rules = usable
+                counters[(tenant, rule.meter)] = catalog.counters(tenant, [rule.meter])[rule.meter]
+        self._rules, self._counters, self._revision = usable, counters, catalog.revision
         metrics.RULES.set(sum(len(rules) for rules in usable.values()))
         live = {(tenant, rule.id) for tenant, rules in usable.items() for rule in rules}
         gone = [g for g in self._standings if g[:2] not in live]
@@ -100,7 +107,7 @@ class Evaluator:
             for g in gone:
                 del self._standings[g]
         horizon = max((timedelta(seconds=r.window) for rules in usable.values() for r in rules), default=timedelta(0))
-        if self.windows.watch({r.meter for rules in usable.values() for r in rules}, horizon):
+        if self.windows.watch(set(counters.values()), horizon):
             await self.windows.recover(self._pool, now)
 
     def decide(self, now: datetime) -> list[Decision]:
@@ -112,7 +119,7 @@ class Evaluator:
                 if due is not None and now < due:
                     continue
                 self._due[(tenant, rule.id)] = now + timedelta(seconds=max(rule.every, self._min_every_s))
-                measured = self.windows.measure(tenant, rule, now)
+                measured = self.windows.measure(tenant, self._counters[(tenant, rule.meter)], rule, now)
                 orphans = set()
                 for g in self._standings:
                     if g[:2] == (tenant, rule.id) and g[2] not in measured:
@@ -160,6 +167,8 @@ class Evaluator:
 
     async def evaluate(self, now: datetime) -> int:
         """Decide and commit; returns how many transitions were recorded."""
+        if (await self._catalog.current(self._pool)).revision != self._revision:
+            await self.reload_rules(now)  # a meter came, changed or finished its backfill: take it up now
         if self._unsure:
             await self._read_standings()
         self.windows.prune(now)

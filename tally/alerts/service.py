@@ -31,6 +31,7 @@ from tally.alerts.sealing import reseal
 from tally.alerts.usage import take_up
 from tally.alerts.windows import MinuteWindows
 from tally.meters.definitions import MetersConfig
+from tally.meters.fresh import LiveCatalog
 from tally.running import run_until_signal
 from tally.sinks.kafka import KafkaPublisher, PublishError
 
@@ -56,10 +57,11 @@ class ServiceConfig:
     kafka_bootstrap: str
     counters_topic: str
     alerts_topic: str
-    meters: MetersConfig
+    meters: MetersConfig  # the deploy-time meters; each tenant's own come from the meter catalog
     policy: AlertPolicy
     tick_s: float = 1.0
     rules_reload_s: float = 5.0
+    meters_poll_s: float = 1.0  # how often the meter catalog is looked at (tally/meters/fresh.py)
     standby_poll_s: float = 2.0
     delivery: DeliveryPolicy = DeliveryPolicy()
     hook: Callable[[str], None] = lambda _point: None  # test hook: processors.faults.crash_point
@@ -129,7 +131,8 @@ async def _term(config: ServiceConfig, stop: asyncio.Event) -> None:
         await reseal(pool, box)  # rows from before sealing, or sealed under a key being retired
         feed = await asyncio.to_thread(CounterFeed, config.kafka_bootstrap, config.counters_topic)
         publisher = KafkaPublisher(config.kafka_bootstrap)
-        evaluator = Evaluator(pool, config.meters, MinuteWindows(), box, epoch, config.policy.min_every_s)
+        evaluator = Evaluator(pool, LiveCatalog(config.meters, config.meters_poll_s), MinuteWindows(), box, epoch,
+                              config.policy.min_every_s)
         deliverer = await Deliverer.open(config.database_url, config.delivery, config.policy.egress, box)
         await evaluator.load(_now())
         feed.assign()

@@ -43,7 +43,8 @@ class MinuteWindows:
         self._states: dict[tuple[str, str], dict[str, CounterState]] = {}
 
     def watch(self, meters: Iterable[str], horizon: timedelta) -> bool:
-        """Keep these meters' windows for this long; True when that asks for more than was kept (recover it)."""
+        """Keep these counters' windows (by `Meter.counter`) for this long; True when that asks for more than was
+        kept (recover it)."""
         meters, horizon = frozenset(meters), max(horizon, MINUTE)
         more = bool(meters - self._meters) or horizon > self._horizon
         self._meters, self._horizon = meters, horizon
@@ -80,14 +81,16 @@ class MinuteWindows:
             if key[1] not in self._meters or not windows:
                 del self._states[key]
 
-    def measure(self, tenant: str, rule: AlertRule, now: datetime) -> dict[str, tuple[dict[str, Any], Decimal | None]]:
-        """The rule's value per group over its window ending now: {group_key: (group, value)}; a value is None
-        when the window held no data for a value measure. A rule without group_by always has the group {}."""
+    def measure(self, tenant: str, counter: str, rule: AlertRule,
+                now: datetime) -> dict[str, tuple[dict[str, Any], Decimal | None]]:
+        """The rule's value per group over its window ending now, read from its meter's `counter`: {group_key:
+        (group, value)}; a value is None when the window held no data for a value measure. A rule without group_by
+        always has the group {}."""
         oldest = minute_start(now) - timedelta(seconds=rule.window)
         folds: dict[str, tuple[dict[str, Any], list[CounterState]]] = {}
         if not rule.group_by:
             folds["{}"] = ({}, [])
-        for state in self._states.get((tenant, rule.meter), {}).values():
+        for state in self._states.get((tenant, counter), {}).values():
             if oldest <= state.window_start <= now and matches(rule, state):
                 group = group_of(rule, state)
                 folds.setdefault(group_key(group), (group, []))[1].append(state)

@@ -13,16 +13,20 @@ whose periods cannot be computed is logged, counted and skipped; the others are 
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
 from tally.billing.context import JobContext
+from tally.meters.catalog import Catalog
 from tally.usage.periods import NotStarted, Period, PeriodError, period_at, previous, skipped
 from tally.usage.plans import Subscription, load_subscriptions
 from tally.usage.terms import terms_for
 from tally.usage.windows import combine, from_postgres
+
+log = logging.getLogger("tally.billing.close")
 
 MAX_BACK = 12  # periods looked back per subscription, for a worker that was down a long time
 
@@ -46,11 +50,18 @@ def due(sub: Subscription, now: datetime, grace: timedelta, closed: set) -> list
     return out[::-1]
 
 
-async def _close(conn: asyncpg.Connection, tenant: str, sub: Subscription, period: Period) -> bool:
+async def _close(conn: asyncpg.Connection, catalog: Catalog, tenant: str, sub: Subscription, period: Period) -> bool:
+    """Freeze the period, unless a meter of it is still backfilling: its figure is not whole yet (ADR 0140)."""
     terms = await terms_for(conn, tenant, sub.subject, period)
     if terms is None:
         return False
-    windows = await from_postgres(conn, tenant, sub.subject, terms.meters(), period.start, period.end)
+    waiting = catalog.backfilling(tenant) & set(terms.meters())
+    if waiting:
+        log.info("%s/%s: period %s not closed while %s backfill", tenant, sub.subject, period.label,
+                 ", ".join(sorted(waiting)))
+        return False
+    windows = await from_postgres(conn, tenant, sub.subject, terms.meters(), period.start, period.end,
+                                  catalog.counters(tenant, terms.meters()))
     async with conn.transaction():
         for meter in terms.meters():
             segment, pm = terms.meter(meter)
@@ -66,6 +77,7 @@ async def _close(conn: asyncpg.Connection, tenant: str, sub: Subscription, perio
 async def close_periods(ctx: JobContext, now: datetime) -> dict[str, Any]:
     grace = timedelta(seconds=ctx.config.close_grace_s)
     closed_now = 0
+    catalog = await ctx.catalog()
     async with ctx.pool.acquire() as conn:
         for tenant, sub in await load_subscriptions(conn, None):
             closed = {r["period_label"] for r in await conn.fetch(
@@ -73,7 +85,7 @@ async def close_periods(ctx: JobContext, now: datetime) -> dict[str, Any]:
                 tenant, sub.subject)}
             try:
                 for period in due(sub, now, grace, closed):
-                    closed_now += await _close(conn, tenant, sub, period)
+                    closed_now += await _close(conn, catalog, tenant, sub, period)
             except PeriodError as exc:
                 skipped("close", tenant, sub.subject, exc)
     return {"periods_closed": closed_now}

@@ -10,7 +10,9 @@ import asyncpg
 import redis.asyncio as redis
 
 from tally.meters.backfill import BackfillConfig
+from tally.meters.catalog import Catalog
 from tally.meters.definitions import MetersConfig
+from tally.meters.fresh import LiveCatalog
 from tally.sinks.counter_topic import CounterTopicSink
 from tally.sinks.kafka import KafkaPublisher
 from tally.sinks.outbox import OutboxRelay
@@ -26,7 +28,7 @@ class BillingConfig:
     redis_url: str
     redis_prefix: str
     redis_counter_ttl_s: int
-    meters: MetersConfig
+    meters: MetersConfig  # the deploy-time meters; each tenant's own come from the meter catalog
     limits_refresh_s: float = 0.5
     limits_ttl_s: int = 300
     tick_s: float = 5.0
@@ -44,6 +46,7 @@ class BillingConfig:
     hook: Callable[[str], None] = lambda _point: None  # tests: kill the job at a named point
     topic_states: Callable[[str | None], dict[str, Any]] | None = None  # the counter topic's latest states
     backfill: BackfillConfig = BackfillConfig()
+    meters_poll_s: float = 1.0  # how often the meter catalog is looked at (tally/meters/fresh.py)
 
     def problems(self) -> list[str]:
         """Settings that would let usage go unbilled without a word; the jobs refuse to start on any."""
@@ -65,6 +68,13 @@ class JobContext:
     pool: asyncpg.Pool
     redis: redis.Redis
     shared: dict[str, Any] = field(default_factory=dict)  # what lives as long as the worker (the Stripe breaker)
+    live: LiveCatalog | None = None
+
+    async def catalog(self) -> Catalog:
+        """Every tenant's meters, fresh within `meters_poll_s`: jobs take a tenant's meters from here."""
+        if self.live is None:
+            self.live = LiveCatalog(self.config.meters, self.config.meters_poll_s)
+        return await self.live.current(self.pool)
 
     @property
     def reader(self) -> WindowReader:

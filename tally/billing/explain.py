@@ -96,7 +96,8 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         if terms is None:
             raise NothingToExplain(f"{subject} had no plan in the period {period.label}")
         account = (await accounts(conn)).get(tenant)
-        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end)
+        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end,
+                                      (await ctx.catalog()).counters(tenant, terms.meters()))
         rows = await conn.fetch("select * from stripe_reports where tenant = $1 and subject = $2 and period_label = $3"
                                 " order by meter, seq", tenant, subject, period.label)
     raw = await recompute(ctx, period.start, period.end, tenant, subject)

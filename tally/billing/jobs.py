@@ -82,7 +82,7 @@ async def run_job(ctx: JobContext, job: Job, key: str, now: datetime | None = No
 
 async def refresh_limits(ctx: JobContext) -> int:
     c = ctx.config
-    return await limits.refresh(ctx.pool, ctx.reader, ctx.redis, c.redis_prefix, c.meters, c.limits_ttl_s)
+    return await limits.refresh(ctx.pool, ctx.reader, ctx.redis, c.redis_prefix, await ctx.catalog(), c.limits_ttl_s)
 
 
 async def _limits_loop(ctx: JobContext) -> None:
@@ -98,7 +98,7 @@ async def _alerts_loop(ctx: JobContext) -> None:
     """Record the thresholds crossed; `tally alerts` publishes and delivers them (tally/alerts/usage.py)."""
     while True:
         try:
-            await alerts.detect(ctx.pool, ctx.reader, ctx.config.late_horizon_s)
+            await alerts.detect(ctx.pool, ctx.reader, await ctx.catalog(), ctx.config.late_horizon_s)
         except Exception:
             log.exception("usage alerts failed")
         await asyncio.sleep(ctx.config.alerts_refresh_s)

@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from tally.billing import metrics
 from tally.billing.accounts import accounts
 from tally.billing.context import BillingConfig, JobContext
+from tally.meters.catalog import Catalog
 from tally.usage.periods import Period, PeriodError, period_at, previous
 from tally.usage.plans import Subscription, load_subscriptions
 from tally.usage.terms import terms_for
@@ -231,8 +232,9 @@ async def _plan_period(conn: asyncpg.Connection, key: _Key, period: Period, quan
             planned.carried += 1
 
 
-async def _plan_subscription(conn: asyncpg.Connection, tenant: str, sub: Subscription, account: str,
-                             now: datetime, grace_s: int, planned: Planned) -> None:
+async def _plan_subscription(conn: asyncpg.Connection, catalog: Catalog, tenant: str, sub: Subscription,
+                             account: str, now: datetime, grace_s: int, planned: Planned) -> None:
+    """A meter still backfilling is not reported until its figure is whole (ADR 0140)."""
     current = period_at(sub.anchor(), now)
     wanted = [current]
     if current.label > sub.start_date:
@@ -241,8 +243,11 @@ async def _plan_subscription(conn: asyncpg.Connection, tenant: str, sub: Subscri
         terms = await terms_for(conn, tenant, sub.subject, period)
         if terms is None:
             continue
-        windows = await from_postgres(conn, tenant, sub.subject, terms.meters(), period.start, period.end)
+        windows = await from_postgres(conn, tenant, sub.subject, terms.meters(), period.start, period.end,
+                                      catalog.counters(tenant, terms.meters()))
         for meter in terms.meters():
+            if meter in catalog.backfilling(tenant):
+                continue
             pm = terms.meter(meter)[1]
             key = _Key(tenant, sub, meter, pm.stripe_event or meter, account)
             await _plan_period(conn, key, period, terms.billable(meter, windows[meter]), now, grace_s, current,
@@ -252,6 +257,7 @@ async def _plan_subscription(conn: asyncpg.Connection, tenant: str, sub: Subscri
 async def plan_reports(ctx: JobContext, now: datetime) -> Planned:
     """Write the rows every billable quantity needs; one subscription's error never stops the others."""
     planned = Planned()
+    catalog = await ctx.catalog()
     async with ctx.pool.acquire() as conn:
         tenant_accounts = await accounts(conn)
         for tenant, sub in await load_subscriptions(conn, None):
@@ -262,7 +268,8 @@ async def plan_reports(ctx: JobContext, now: datetime) -> Planned:
                 planned.not_reported.add(tenant)
                 continue
             try:
-                await _plan_subscription(conn, tenant, sub, account, now, ctx.config.stripe_invoice_grace_s, planned)
+                await _plan_subscription(conn, catalog, tenant, sub, account, now, ctx.config.stripe_invoice_grace_s,
+                                         planned)
             except PeriodError as exc:
                 log.warning("%s/%s: no billing period, not reported: %s", tenant, sub.subject, exc)
                 PERIOD_ERRORS.inc()

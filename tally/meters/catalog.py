@@ -8,6 +8,7 @@ meters where it used to take the one global set.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +22,8 @@ _VERSIONS = """
 select tenant, id, slug, version, definition, name, description, created_at
 from meter_versions order by id
 """
+# Each version's backfill state; a backfill that finishes moves the revision, so a refresh sees it (ADR 0140).
+_BACKFILLS = "select tenant, version_id, state from meter_backfills"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Catalog:
         self.revision = -1
         self._versions: dict[str, list[MeterVersion]] = {}
         self._meters: dict[str, MetersConfig] = {}
+        self._backfills: dict[tuple[str, int], str] = {}
+        self._readable: dict[str, tuple[MetersConfig, frozenset[str]]] = {}
 
     async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> bool:
         """Reload if the catalog moved since the last refresh; True when it did."""
@@ -67,8 +72,10 @@ class Catalog:
             meter = None if definition is None else meter_of(r["slug"], r["version"], orjson.loads(definition))
             versions[r["tenant"]].append(MeterVersion(r["tenant"], r["id"], r["slug"], r["version"], meter, r["name"],
                                                       r["description"], r["created_at"]))
+        self._backfills = {(r["tenant"], r["version_id"]): r["state"] for r in await conn.fetch(_BACKFILLS)}
         self._versions = dict(versions)
         self._meters = {}
+        self._readable = {}
         # Rows read after the revision: at worst newer than it, and the next refresh reads them again.
         self.revision = revision
         return True
@@ -102,4 +109,41 @@ class Catalog:
                 newest[v.slug] = v
             own = [v.meter for v in newest.values() if v.meter is not None]
             found = self._meters[tenant] = MetersConfig(meters=[*self.built_ins.meters, *own])
+        return found
+
+    def backfill(self, tenant: str, version_id: int) -> str | None:
+        """The version's backfill state (waiting, running, done); None when it has no backfill row."""
+        return self._backfills.get((tenant, version_id))
+
+    def readable(self, tenant: str) -> MetersConfig:
+        """The meters reads use: the deploy-time ones and, per tenant meter not retired, the newest version
+        since its last retirement whose backfill is done; if none is done yet, its newest version, whose
+        counters are then incomplete (`backfilling`)."""
+        return self._read_set(tenant)[0]
+
+    def backfilling(self, tenant: str) -> frozenset[str]:
+        """Slugs of the tenant's meters read from a version whose backfill is not done: their figures are partial."""
+        return self._read_set(tenant)[1]
+
+    def counters(self, tenant: str, slugs: Iterable[str]) -> dict[str, str]:
+        """slug -> the counter name its windows are read under (`Meter.counter` of the readable version); a slug
+        the tenant does not have keeps its own name, as deploy-time meters do."""
+        named = {m.slug: m.counter for m in self.readable(tenant).meters}
+        return {slug: named.get(slug, slug) for slug in slugs}
+
+    def _read_set(self, tenant: str) -> tuple[MetersConfig, frozenset[str]]:
+        found = self._readable.get(tenant)
+        if found is None:
+            alive: dict[str, list[MeterVersion]] = {}
+            for v in self.versions(tenant):
+                alive[v.slug] = [] if v.retired else [*alive.get(v.slug, []), v]
+            own, partial = [], set()
+            for slug, since in alive.items():
+                if not since:
+                    continue
+                done = [v for v in since if self.backfill(tenant, v.id) == "done"]
+                if not done:
+                    partial.add(slug)
+                own.append((done or since)[-1].meter)
+            found = self._readable[tenant] = (MetersConfig(meters=[*self.built_ins.meters, *own]), frozenset(partial))
         return found

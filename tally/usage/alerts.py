@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from tally.meters.catalog import Catalog
 from tally.usage.periods import PeriodError, period_at
 from tally.usage.plans import Subscription
 from tally.usage.windows import WindowReader, combine
@@ -42,18 +43,19 @@ returning id
 """
 
 
-async def detect(pool: asyncpg.Pool, reader: WindowReader, late_s: int, now: datetime | None = None) -> int:
+async def detect(pool: asyncpg.Pool, reader: WindowReader, catalog: Catalog, late_s: int,
+                 now: datetime | None = None) -> int:
     """Record every threshold crossed in the current periods, and in the periods that were current `late_s` ago
     (TALLY_LATE_HORIZON_S: events that old still count), each under the plan then; returns how many alerts
     are new."""
     now = now or datetime.now(timezone.utc)
     new, seen = 0, set()
     for at in (now, now - timedelta(seconds=late_s)):
-        new += await _detect_at(pool, reader, now, at, seen)
+        new += await _detect_at(pool, reader, catalog, now, at, seen)
     return new
 
 
-async def _detect_at(pool: asyncpg.Pool, reader: WindowReader, now: datetime, at: datetime,
+async def _detect_at(pool: asyncpg.Pool, reader: WindowReader, catalog: Catalog, now: datetime, at: datetime,
                      seen: set[tuple[str, str, date]]) -> int:
     """The thresholds crossed by `now` in the periods current at `at`, those in `seen` left out (and added)."""
     rows = await pool.fetch(_CURRENT, at)
@@ -72,7 +74,9 @@ async def _detect_at(pool: asyncpg.Pool, reader: WindowReader, now: datetime, at
         if (tenant, subject, period.label) in seen:
             continue
         seen.add((tenant, subject, period.label))
-        windows = await reader.read(tenant, subject, [m["meter"] for m in meters], period.start, period.end, now)
+        slugs = [m["meter"] for m in meters]
+        windows = await reader.read(tenant, subject, slugs, period.start, period.end, now,
+                                    counters=catalog.counters(tenant, slugs))
         for m in meters:
             used = combine(list(windows[m["meter"]].values()))
             for threshold in m["thresholds"]:

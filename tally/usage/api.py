@@ -25,7 +25,7 @@ from tally.edge.body import parse_document, read_body
 from tally.edge.openapi import json_schema
 from tally.edge.problems import Problem, validation_errors
 from tally.edge.products import Edge
-from tally.meters.definitions import MetersConfig
+from tally.meters.fresh import LiveCatalog
 from tally.query.filters import NO_NUL, parameters, parse
 from tally.usage import links
 from tally.usage.alerts import message
@@ -110,13 +110,13 @@ def _subject(subject: str) -> str:
 class UsageProduct:
     """`tally.edge.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
-    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, meters: MetersConfig,
+    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, catalog: LiveCatalog,
                  link_secret: str = "", page_poll_s: float = 30.0, max_plans: int | None = None,
                  max_subscriptions: int | None = None, link_previous_secrets: Sequence[str] = (),
                  links_per_tenant: int = 10_000, *, alert_policy: AlertPolicy) -> None:
         self._database_url = database_url
         self._alert_policy = alert_policy  # a usage Slack URL is checked and sealed as alert targets are
-        self._meters = meters
+        self._catalog = catalog  # the tenants' meters, live: plans are checked and usage read against them
         self._max_plans = max_plans
         self._max_subscriptions = max_subscriptions
         self._redis_url = redis_url
@@ -155,14 +155,14 @@ class UsageProduct:
             client = redis.Redis.from_url(self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
             reader = WindowReader(self._edge.pool, client, self._prefix, self._cache_ttl_s)
             self._service = UsageService(self._edge.pool, reader, changes=SubjectChanges(client, self._prefix),
-                                         plans=PlanChanges(self._database_url))
+                                         plans=PlanChanges(self._database_url), catalog=self._catalog)
         return self._service
 
     async def put_plan(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, ADMIN)
         try:
             plan = Plan.model_validate(await _body(request))
-            check_meters(plan, self._meters)
+            check_meters(plan, (await self._catalog.current(self._edge.pool)).meters(tenant))
             async with self._edge.pool.acquire() as conn:
                 version = await save_plan(conn, tenant, plan, self._max_plans)
         except ValidationError as exc:
@@ -369,13 +369,14 @@ class UsageProduct:
 
     def openapi_paths(self) -> dict[str, Any]:
         def op(summary: str, scope: str, params: list[dict[str, Any]] | None = None, ok: str = "200",
-               body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 404)) -> dict[str, Any]:
+               body: dict[str, Any] | None = None, errors: tuple[int, ...] = (400, 404),
+               answer: dict[str, Any] | None = None) -> dict[str, Any]:
             statuses = sorted({*errors, 401, 403, 429, 503, *((413,) if body else ())})
             operation: dict[str, Any] = {
                 "summary": summary, "description": f"Needs an API key with scope `{scope}`.",
                 "security": [{"apiKey": []}], "parameters": params or [],
                 "responses": {ok: {"description": "OK", **({} if ok == "204" else {"content": {
-                    "application/json": {"schema": {"type": "object"}}}})},
+                    "application/json": {"schema": answer or {"type": "object"}}}})},
                               **{str(s): _problem_response(s) for s in statuses}}}
             if body is not None:
                 operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
@@ -417,10 +418,11 @@ class UsageProduct:
                  "schema": {"type": "string", "pattern": NO_NUL}}], errors=(400,))},
             "/v1/usage": {"get": op("A subject's usage per meter in a billing period (409: the stored subscription's"
                                     " periods cannot be computed)", READ, parameters(UsageQuery),
-                                    errors=(400, 404, 409))},
+                                    errors=(400, 404, 409), answer=_answer(USAGE_FIGURES))},
             "/v1/usage/history": {"get": op("A subject's usage per day of a billing period (409: the stored"
                                             " subscription's periods cannot be computed)", READ,
-                                            parameters(UsageQuery), errors=(400, 404, 409))},
+                                            parameters(UsageQuery), errors=(400, 404, 409),
+                                            answer=_answer(HISTORY_FIGURES))},
             "/v1/usage/alerts": {"get": op("Usage alerts, newest first", READ, parameters(AlertsQuery),
                                            errors=(400,))},
             "/v1/usage/alerts/{id}/read": {"post": op("Mark an alert read", ADMIN, path("id", {"type": "integer"}))},
@@ -437,6 +439,34 @@ class UsageProduct:
             "/v1/usage/links/{id}": {"delete": op("Revoke one usage link", ADMIN, path("id", {"type": "integer"}),
                                                   ok="204")},
         }
+
+
+_TEXT = {"type": "string"}
+_DECIMAL = {"type": "string", "description": "an exact decimal"}
+_BACKFILLING = {"type": "boolean", "description": "the meter is new and its stored past is still being counted: "
+                                                  "`used` is short of it until this turns false (docs/adr/0140)"}
+USAGE_FIGURES = {
+    "type": "object",
+    "required": ["meter", "used", "included", "remaining", "overage", "percent", "limit_mode", "as_of", "backfilling",
+                 "period_start", "period_end"],
+    "properties": {"meter": _TEXT, "used": _DECIMAL, "included": _DECIMAL, "remaining": _DECIMAL, "overage": _DECIMAL,
+                   "percent": {"type": ["number", "null"]}, "limit_mode": {"enum": ["soft", "hard"]},
+                   "as_of": {"type": ["string", "null"], "format": "date-time"}, "backfilling": _BACKFILLING,
+                   "period_start": _TEXT, "period_end": _TEXT}}
+HISTORY_FIGURES = {
+    "type": "object", "required": ["meter", "included", "days", "backfilling"],
+    "properties": {"meter": _TEXT, "included": _DECIMAL, "backfilling": _BACKFILLING,
+                   "days": {"type": "array", "items": {
+                       "type": "object", "required": ["date", "used", "cumulative"],
+                       "properties": {"date": {"type": "string", "format": "date"}, "used": _DECIMAL,
+                                      "cumulative": _DECIMAL}}}}}
+
+
+def _answer(figures: dict[str, Any]) -> dict[str, Any]:
+    """A usage read's answer: the period and the figures of each meter of the plan."""
+    return {"type": "object", "required": ["subject", "plan", "period_start", "period_end", "meters"],
+            "properties": {"subject": _TEXT, "plan": _TEXT, "period_start": _TEXT, "period_end": _TEXT,
+                           "meters": {"type": "array", "items": figures}}}
 
 
 def _problem_response(status: int) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Figures are decimal strings (exact, as counters are) and period bounds are given
 time zone. `as_of` is the newest commit time of any window behind the figure: how fresh it is.
 
 With a `SubjectChanges`, a period's figures are kept once computed and served again while the subject's
-change counters, the selection and the hour are the ones they were computed under, for at most `kept_s`
+change counters, the selection, the meters' readable versions (tally/meters/fresh.py) and the hour are the
+ones they were computed under, for at most `kept_s`
 (spread over its second half, so figures computed together are not recomputed together; docs/adr/0046).
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 
 import asyncpg
 
+from tally.meters.definitions import DEFAULT_METERS
+from tally.meters.fresh import LiveCatalog
 from tally.usage.changes import Seen, SubjectChanges
 from tally.usage.periods import Anchor, Period, PeriodError, check_zone, days, period_at, period_of_date, previous, skipped
 from tally.usage.plan_changes import PlanChanges
@@ -65,8 +68,9 @@ def _text(value: Decimal) -> str:
     return format(value.normalize(), "f") if value == value.to_integral_value() else format(value, "f")
 
 
-def meter_figures(pm: PlanMeter, windows: list[HourWindow], overage: Decimal) -> dict[str, Any]:
-    """`included` is the plan's at the period's end (or now); `overage` follows the period's terms."""
+def meter_figures(pm: PlanMeter, windows: list[HourWindow], overage: Decimal, backfilling: bool) -> dict[str, Any]:
+    """`included` is the plan's at the period's end (or now); `overage` follows the period's terms; `backfilling`:
+    the meter is new and its past is still being counted, so `used` is short of it (ADR 0140)."""
     used = combine(windows)
     included = pm.included
     return {
@@ -78,6 +82,7 @@ def meter_figures(pm: PlanMeter, windows: list[HourWindow], overage: Decimal) ->
         "percent": float(round(used * 100 / included, 2)) if included else None,
         "limit_mode": pm.limit_mode,
         "as_of": _as_of(windows),
+        "backfilling": backfilling,
     }
 
 
@@ -106,6 +111,14 @@ class Selected:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """How a selection's meters are read: slug -> counter name, and the slugs whose past is still being counted."""
+
+    counters: dict[str, str]
+    backfilling: frozenset[str]
+
+
+@dataclass(frozen=True)
 class _Selection:
     until: float
     epoch: tuple[int, int] | None
@@ -127,8 +140,11 @@ class UsageService:
 
     def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0,
                  changes: SubjectChanges | None = None, kept_s: float = 60.0,
-                 plans: PlanChanges | None = None) -> None:
+                 plans: PlanChanges | None = None, catalog: LiveCatalog | None = None) -> None:
         self._pool = pool
+        # Only the tenants' own meters matter to reads (their counter names), so the built-ins need not be the
+        # configured ones.
+        self._catalog = catalog or LiveCatalog(DEFAULT_METERS)
         self._reader = reader
         self._select_ttl_s = select_ttl_s
         self._plans = plans
@@ -178,11 +194,17 @@ class UsageService:
             raise NotFound(f"plan {terms.last.plan.id} has no meter {meter!r}")
         return Selected(tenant, sub, anchor, period, terms, meters)
 
-    async def windows(self, s: Selected, buckets: list[tuple[datetime, datetime]] | None = None,
+    async def reading(self, s: Selected) -> Reading:
+        """The counters the selected meters are read under now and which of them are still backfilling."""
+        catalog = await self._catalog.current(self._pool)
+        slugs = [m.meter for m in s.meters]
+        return Reading(catalog.counters(s.tenant, slugs), catalog.backfilling(s.tenant) & frozenset(slugs))
+
+    async def windows(self, s: Selected, reading: Reading, buckets: list[tuple[datetime, datetime]] | None = None,
                       seen: Seen | None = None) -> Windows:
         return await self._reader.read(s.tenant, s.subscription.subject, [m.meter for m in s.meters],
                                        s.period.start, s.period.end, buckets=buckets,
-                                       ended=seen[1] if seen else b"")
+                                       ended=seen[1] if seen else b"", counters=reading.counters)
 
     async def _seen(self, tenant: str, subject: str) -> Seen | None:
         return await self._changes.seen(tenant, subject) if self._changes is not None else None
@@ -193,24 +215,26 @@ class UsageService:
         now = now or datetime.now(timezone.utc)
         s = await self.select(tenant, subject, meter, spec, now)
         seen = await self._seen(tenant, subject)
+        reading = await self.reading(s)
         key = (tenant, subject, meter, spec)
-        under = (s.figures_of, hour_start(now), seen)
+        under = (s.figures_of, hour_start(now), seen, reading)
         kept = self._kept.get(key)
         if seen is not None and kept is not None and kept.under == under and kept.until > time.monotonic():
             return kept.figures
-        figures = await self._usage(s, seen)
+        figures = await self._usage(s, reading, seen)
         if seen is not None:
             if len(self._kept) >= 100_000:
                 self._kept.clear()
             self._kept[key] = _Kept(time.monotonic() + self._kept_s * random.uniform(0.5, 1.0), under, figures)
         return figures
 
-    async def _usage(self, s: Selected, seen: Seen | None) -> dict[str, Any]:
-        windows = await self.windows(s, seen=seen)
+    async def _usage(self, s: Selected, reading: Reading, seen: Seen | None) -> dict[str, Any]:
+        windows = await self.windows(s, reading, seen=seen)
         head = _head(s)
         bounds = {"period_start": head["period_start"], "period_end": head["period_end"]}
         return {**head, "meters": [{**meter_figures(pm, list(windows[pm.meter].values()),
-                                                    s.terms.overage(pm.meter, windows[pm.meter])), **bounds}
+                                                    s.terms.overage(pm.meter, windows[pm.meter]),
+                                                    pm.meter in reading.backfilling), **bounds}
                                    for pm in s.meters]}
 
     async def history(self, tenant: str, subject: str, meter: str | None = None, spec: str = "current",
@@ -218,7 +242,8 @@ class UsageService:
         """Per local day of the period: each meter's usage that day and the running total."""
         s = await self.select(tenant, subject, meter, spec, now)
         local_days = days(s.anchor, s.period)
-        windows = await self.windows(s, [(start, end) for _, start, end in local_days],
+        reading = await self.reading(s)
+        windows = await self.windows(s, reading, [(start, end) for _, start, end in local_days],
                                      await self._seen(tenant, subject))
         out = []
         for pm in s.meters:
@@ -230,7 +255,8 @@ class UsageService:
                 running += today
                 rows.append({"date": day.isoformat(), "used": _text(combine(today)),
                              "cumulative": _text(combine(running))})
-            out.append({"meter": pm.meter, "included": _text(pm.included), "days": rows})
+            out.append({"meter": pm.meter, "included": _text(pm.included), "days": rows,
+                        "backfilling": pm.meter in reading.backfilling})
         return {**_head(s), "meters": out}
 
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import asyncpg
 import redis.asyncio as redis
 
-from tally.meters.definitions import MetersConfig
+from tally.meters.catalog import Catalog
 from tally.schemas.limits import Decision, digest, digest_key, encode_blocks, tenant_key, tenants_key
 from tally.usage.periods import Anchor, NotStarted, PeriodError, period_at, skipped
 from tally.usage.windows import WindowReader, combine
@@ -33,14 +33,18 @@ group by s.tenant, s.subject
 """
 
 
-async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
+async def decide(pool: asyncpg.Pool, reader: WindowReader, catalog: Catalog,
                  now: datetime | None = None) -> Decision:
-    """tenant -> subject -> blocks, for every tenant with hard limits (an empty dict when none is blocked)."""
+    """tenant -> subject -> blocks, for every tenant with hard limits (an empty dict when none is blocked). Each
+    tenant's meters are its readable ones (`Catalog.readable`): a meter still backfilling blocks on what is counted."""
     now = now or datetime.now(timezone.utc)
-    types = {m.slug: m.event_type for m in meters.meters}
     out: Decision = {}
+    types_of: dict[str, dict[str, str]] = {}
     for row in await pool.fetch(_HARD, now):
         tenant, subject = row["tenant"], row["subject"]
+        if tenant not in types_of:
+            types_of[tenant] = {m.slug: m.event_type for m in catalog.readable(tenant).meters}
+        types = types_of[tenant]
         subjects = out.setdefault(tenant, {})  # a tenant with hard limits is listed even when none is blocked
         try:
             period = period_at(Anchor(row["anchor_day"], row["time_zone"], row["start_date"]), now)
@@ -49,7 +53,8 @@ async def decide(pool: asyncpg.Pool, reader: WindowReader, meters: MetersConfig,
         except PeriodError as exc:
             skipped("limits", tenant, subject, exc)
             continue
-        windows = await reader.read(tenant, subject, list(row["meters"]), period.start, period.end, now)
+        windows = await reader.read(tenant, subject, list(row["meters"]), period.start, period.end, now,
+                                    counters=catalog.counters(tenant, row["meters"]))
         blocks = []
         for meter, included in zip(row["meters"], row["included"]):
             if meter not in types:
@@ -84,9 +89,9 @@ async def publish(client: redis.Redis, prefix: str, decision: Decision, ttl_s: i
     await pipe.execute()
 
 
-async def refresh(pool: asyncpg.Pool, reader: WindowReader, client: redis.Redis, prefix: str, meters: MetersConfig,
+async def refresh(pool: asyncpg.Pool, reader: WindowReader, client: redis.Redis, prefix: str, catalog: Catalog,
                   ttl_s: int) -> int:
     """Decide and publish; returns the number of blocked subjects."""
-    decision = await decide(pool, reader, meters)
+    decision = await decide(pool, reader, catalog)
     await publish(client, prefix, decision, ttl_s)
     return sum(len(s) for s in decision.values())

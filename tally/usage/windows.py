@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -58,13 +59,16 @@ where tenant = $1 and subject = $2 and meter = any($3::text[]) and window_name =
 
 
 async def from_postgres(pool: asyncpg.Pool | asyncpg.Connection, tenant: str, subject: str, meters: list[str],
-                        start: datetime, end: datetime) -> Windows:
+                        start: datetime, end: datetime, counters: Mapping[str, str] | None = None) -> Windows:
+    """Per meter; `counters` names the counters a meter is read under (its readable version's, `Catalog.counters`),
+    by default the meter's own name."""
+    named = {(counters or {}).get(m, m): m for m in meters}
     out: Windows = {m: {} for m in meters}
     if start >= end:
         return out
-    for r in await pool.fetch(_SELECT, tenant, subject, meters, start, end):
-        out[r["meter"]][r["window_start"]] = HourWindow(r["window_start"], r["aggregation"], r["value"],
-                                                        r["updated_at"])
+    for r in await pool.fetch(_SELECT, tenant, subject, list(named), start, end):
+        out[named[r["meter"]]][r["window_start"]] = HourWindow(r["window_start"], r["aggregation"], r["value"],
+                                                               r["updated_at"])
     return out
 
 
@@ -96,8 +100,13 @@ class WindowReader:
 
     async def read(self, tenant: str, subject: str, meters: list[str], start: datetime, end: datetime,
                    now: datetime | None = None, buckets: list[tuple[datetime, datetime]] | None = None,
-                   ended: bytes = b"") -> Windows:
-        """The period's windows per meter; settled ones come folded into one window per bucket."""
+                   ended: bytes = b"", counters: Mapping[str, str] | None = None) -> Windows:
+        """The period's windows per meter; settled ones come folded into one window per bucket. `counters` as
+        for `from_postgres`."""
+        if counters:
+            named = {m: counters.get(m, m) for m in meters}
+            found = await self.read(tenant, subject, list(named.values()), start, end, now, buckets, ended)
+            return {m: found[c] for m, c in named.items()}
         now = now or datetime.now(timezone.utc)
         upto = max(start, min(end, hour_start(now) + timedelta(hours=2)))
         settled_until = max(start, min(upto, hour_start(now - self._settle)))

@@ -12,6 +12,7 @@ import pytest
 
 from tally.alerts.evaluator import Evaluator
 from tally.alerts.windows import MinuteWindows, minute_start
+from tally.meters.fresh import LiveCatalog
 from tally.meters.definitions import DEFAULT_METERS, load_meters
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, add_rule, event, log_record, transitions
@@ -57,7 +58,7 @@ async def test_window_for_cooldown_and_restart(alone: Settings, alone_db: asyncp
                        *[log_record(tenant, "db", "error", t0) for _ in range(9)]])
 
     def evaluator() -> Evaluator:
-        return Evaluator(pool, DEFAULT_METERS, MinuteWindows(), BOX)
+        return Evaluator(pool, LiveCatalog(DEFAULT_METERS), MinuteWindows(), BOX)
 
     first = evaluator()
     await first.load(t0 + timedelta(seconds=10))
@@ -113,7 +114,7 @@ async def test_group_by_and_value_measure(alone: Settings, alone_db: asyncpg.Con
               " windows: [minute]}]")
     await processed(alone, db, logs + payments + orders, TALLY_METERS=meters)
 
-    evaluator = Evaluator(pool, load_meters(inline=meters), MinuteWindows(), BOX)
+    evaluator = Evaluator(pool, LiveCatalog(load_meters(inline=meters)), MinuteWindows(), BOX)
     await evaluator.load(now)
     await evaluator.evaluate(now)
     got = sorted(await transitions(db, tenant))

@@ -14,6 +14,7 @@ import pytest
 from tally.alerts import ledger
 from tally.alerts.evaluator import Evaluator
 from tally.alerts.windows import MinuteWindows
+from tally.meters.fresh import LiveCatalog
 from tally.meters.definitions import DEFAULT_METERS
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, add_rule, event, transitions
@@ -30,7 +31,7 @@ async def pool(alone: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 def evaluator(pool: asyncpg.Pool, epoch: int | None = None) -> Evaluator:
-    return Evaluator(pool, DEFAULT_METERS, MinuteWindows(), BOX, epoch)
+    return Evaluator(pool, LiveCatalog(DEFAULT_METERS), MinuteWindows(), BOX, epoch)
 
 
 async def test_two_evaluators_fire_an_incident_once(alone_db: asyncpg.Connection, pool: asyncpg.Pool) -> None:

@@ -8,6 +8,8 @@ from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
+from tally.meters.catalog import Catalog
+from tally.meters.definitions import DEFAULT_METERS
 from tally.schemas.envelope import Envelope
 from tally.settings import Settings
 from tests.alerting.test_evaluator import processed
@@ -34,8 +36,10 @@ async def test_late_events_that_cross_a_threshold_of_the_ended_period_alert(
     pool = await asyncpg.create_pool(alone.database_url, min_size=1, max_size=2)
     try:
         reader = WindowReader(pool, None, settings.redis_prefix, settings.redis_counter_ttl_s)
-        assert await detect(pool, reader, 86400, now) == 1
-        assert await detect(pool, reader, 86400, now) == 0
+        catalog = Catalog(DEFAULT_METERS)
+        await catalog.refresh(pool)
+        assert await detect(pool, reader, catalog, 86400, now) == 1
+        assert await detect(pool, reader, catalog, 86400, now) == 0
     finally:
         await pool.close()
     row = await db.fetchrow("select period_label, period_end, threshold, used from usage_alerts where tenant = $1",

@@ -11,6 +11,7 @@ import asyncpg
 from tally.alerts.evaluator import Evaluator
 from tally.alerts.usage import take_up
 from tally.alerts.windows import MinuteWindows
+from tally.meters.fresh import LiveCatalog
 from tally.meters.definitions import DEFAULT_METERS
 from tally.settings import Settings
 from tests.alerting.helpers import BOX, transitions
@@ -37,7 +38,7 @@ async def test_fires_once_and_resolves_when_the_period_ends(alone: Settings, alo
         assert await db.fetchval("select count(*) from alert_states where status = 'firing'") == 2
 
         # A rules evaluator started now neither resolves nor drops the usage groups.
-        evaluator = Evaluator(pool, DEFAULT_METERS, MinuteWindows(), BOX)
+        evaluator = Evaluator(pool, LiveCatalog(DEFAULT_METERS), MinuteWindows(), BOX)
         await evaluator.load(now)
         assert await evaluator.evaluate(now) == 0
         assert await db.fetchval("select count(*) from alert_states") == 2

@@ -308,7 +308,7 @@ async def test_a_bad_subscription_is_logged_counted_and_never_stops_the_others(
     try:
         before = errors("close"), errors("limits"), errors("figures")
         figures = await close_periods(ctx, datetime.now(timezone.utc))
-        decision = await decide(ctx.pool, ctx.reader, config.meters)
+        decision = await decide(ctx.pool, ctx.reader, await ctx.catalog())
         service = UsageService(ctx.pool, ctx.reader)
         assert (await service.usage(tenant, "good"))["plan"] == "p"
         with pytest.raises(Unreadable):
