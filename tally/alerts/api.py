@@ -22,7 +22,7 @@ from tally.alerts.policy import AlertPolicy
 from tally.edge.body import parse_document, read_body
 from tally.edge.problems import Problem, validation_errors
 from tally.edge.products import Edge
-from tally.meters.definitions import MetersConfig
+from tally.meters.catalog import Catalog
 from tally.query.cursor import Cursors, invalid_cursor
 from tally.query.filters import parse
 from tally.schemas.alerts import AlertRule
@@ -46,11 +46,11 @@ def _file_owned(rule_id: str) -> Problem:
 
 
 class AlertsProduct:
-    """`tally.edge.products.Product` for alerts; `meters` decide which rules can be evaluated (`rules.problems`),
-    `policy` what targets and how many rules a tenant may have."""
+    """`tally.edge.products.Product` for alerts; the tenant's meters in `catalog` decide which rules can be evaluated
+    (`rules.problems`), `policy` what targets and how many rules a tenant may have."""
 
-    def __init__(self, meters: MetersConfig, cursor_secret: str, policy: AlertPolicy) -> None:
-        self._meters = meters
+    def __init__(self, catalog: Catalog, cursor_secret: str, policy: AlertPolicy) -> None:
+        self._catalog = catalog
         self._policy = policy
         # Without a configured secret, cursors are good for this gateway process only.
         self._cursors = Cursors(cursor_secret.encode() or secrets.token_bytes(32))
@@ -82,7 +82,7 @@ class AlertsProduct:
 
     async def create_rule(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, WRITE)
-        rule = await self._rule(request, None)
+        rule = await self._rule(request, tenant, None)
         async with self._edge.pool.acquire() as conn, conn.transaction():
             if await stored.claim(conn, tenant, rule.id) is not None:
                 raise Problem(409, "Rule exists", f"rule {rule.id!r} exists; PUT /v1/alert-rules/{rule.id} replaces it")
@@ -93,7 +93,7 @@ class AlertsProduct:
 
     async def put_rule(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, WRITE)
-        rule = await self._rule(request, request.path_params["id"])
+        rule = await self._rule(request, tenant, request.path_params["id"])
         async with self._edge.pool.acquire() as conn, conn.transaction():
             row = await stored.claim(conn, tenant, rule.id)
             if row is not None and row["origin"] != "api":
@@ -116,7 +116,7 @@ class AlertsProduct:
             await stored.delete(conn, tenant, [rule_id])
         return Response(status_code=204)
 
-    async def _rule(self, request: Request, rule_id: str | None) -> AlertRule:
+    async def _rule(self, request: Request, tenant: str, rule_id: str | None) -> AlertRule:
         """The body as a rule that can be evaluated: 400 naming each invalid field, 422 naming each problem."""
         body = parse_document(await read_body(request.receive, request.headers, MAX_RULE_BYTES, BODY_TIMEOUT_S))
         if not isinstance(body, dict):
@@ -131,7 +131,7 @@ class AlertsProduct:
         except ValidationError as exc:
             raise Problem(400, "Invalid request", "the rule does not match the schema",
                           errors=validation_errors(exc)) from None
-        found = rules.problems(rule, self._meters)
+        found = rules.problems(rule, await self._catalog.fresh(self._edge.pool, tenant))
         if found:
             raise Problem(422, "Rule cannot be evaluated", "; ".join(found), problems=found,
                           errors=[{"field": "(rule)", "message": p} for p in found])

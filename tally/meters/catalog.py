@@ -73,6 +73,16 @@ class Catalog:
         self.revision = revision
         return True
 
+    async def fresh(self, conn: asyncpg.Connection | asyncpg.Pool, tenant: str) -> MetersConfig:
+        """The tenant's meters as of now: for a check that must see the change just made (a plan or alert rule
+        naming a meter created a moment ago)."""
+        await self.refresh(conn)
+        return self.meters(tenant)
+
+    def built_in(self, slug: str) -> bool:
+        """A deploy-time meter: every tenant has it, so no tenant may define one of that slug."""
+        return any(m.slug == slug for m in self.built_ins.meters)
+
     def tenants(self) -> set[str]:
         """The tenants with meters of their own."""
         return set(self._versions)

@@ -25,7 +25,7 @@ from tally.edge.body import parse_document, read_body
 from tally.edge.openapi import json_schema
 from tally.edge.problems import Problem, validation_errors
 from tally.edge.products import Edge
-from tally.meters.definitions import MetersConfig
+from tally.meters.catalog import Catalog
 from tally.query.filters import NO_NUL, parameters, parse
 from tally.usage import links
 from tally.usage.alerts import message
@@ -110,13 +110,13 @@ def _subject(subject: str) -> str:
 class UsageProduct:
     """`tally.edge.products.Product` for usage; Redis is its own client on the gateway's loop, made on first use."""
 
-    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, meters: MetersConfig,
+    def __init__(self, database_url: str, redis_url: str, redis_prefix: str, cache_ttl_s: int, catalog: Catalog,
                  link_secret: str = "", page_poll_s: float = 30.0, max_plans: int | None = None,
                  max_subscriptions: int | None = None, link_previous_secrets: Sequence[str] = (),
                  links_per_tenant: int = 10_000, *, alert_policy: AlertPolicy) -> None:
         self._database_url = database_url
         self._alert_policy = alert_policy  # a usage Slack URL is checked and sealed as alert targets are
-        self._meters = meters
+        self._catalog = catalog  # a plan's meters are checked against the tenant's own and the deploy-time ones
         self._max_plans = max_plans
         self._max_subscriptions = max_subscriptions
         self._redis_url = redis_url
@@ -162,8 +162,8 @@ class UsageProduct:
         tenant = await self._edge.tenant(request, ADMIN)
         try:
             plan = Plan.model_validate(await _body(request))
-            check_meters(plan, self._meters)
             async with self._edge.pool.acquire() as conn:
+                check_meters(plan, await self._catalog.fresh(conn, tenant))
                 version = await save_plan(conn, tenant, plan, self._max_plans)
         except ValidationError as exc:
             raise _invalid(exc) from None
