@@ -236,11 +236,13 @@ def cmd_meters(args: argparse.Namespace, settings: Settings) -> int:
         wanted, problems = [], []
         for i, entry in enumerate(entries):
             try:
-                wanted.append(api.parse(entry))
+                meter, labels = api.parse(entry)
             except Problem as exc:
                 problems += [f"meters[{i}].{e['field']}: {e['message']}" for e in exc.extensions.get("errors", [])]
-        problems += [f"meters[{i}].slug: {m.slug!r} is a deploy-time meter" for i, (m, _) in enumerate(wanted)
-                     if catalog.built_in(m.slug)]
+                continue
+            if catalog.built_in(meter.slug):
+                problems.append(f"meters[{i}].slug: {meter.slug!r} is a deploy-time meter")
+            wanted.append((meter, labels))
         if problems:
             return refuse(problems)
         try:

@@ -79,8 +79,8 @@ async def count(conn: asyncpg.Connection, tenant: str) -> int:
 
 async def using(conn: asyncpg.Connection, tenant: str, meter: str) -> list[str]:
     """The tenant's rules that read the meter."""
-    rows = await conn.fetch("select id from alert_rules where tenant = $1 and definition->>'meter' = $2 order by id",
-                            tenant, meter)
+    rows = await conn.fetch("select id from alert_rules where tenant = $1 and definition->'measure'->>'meter' = $2"
+                            " order by id", tenant, meter)
     return [f"alert rule {r['id']!r}" for r in rows]
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 import asyncpg
 import orjson
 
-from tally.meters.definitions import Meter, MetersConfig
+from tally.meters.definitions import DEFAULT_METERS, Meter, MetersConfig
 
 # What a version row holds besides its definition: the columns `Catalog.refresh` reads.
 _VERSIONS = """
@@ -80,8 +80,9 @@ class Catalog:
         return self.meters(tenant)
 
     def built_in(self, slug: str) -> bool:
-        """A deploy-time meter: every tenant has it, so no tenant may define one of that slug."""
-        return any(m.slug == slug for m in self.built_ins.meters)
+        """A deploy-time meter (configured, or one of the defaults `events`, `logs`, `event_types`, which a
+        configuration may leave out): no tenant may define one of that slug."""
+        return any(m.slug == slug for m in (*self.built_ins.meters, *DEFAULT_METERS.meters))
 
     def tenants(self) -> set[str]:
         """The tenants with meters of their own."""
