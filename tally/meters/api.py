@@ -217,7 +217,7 @@ def paths(max_meters: int) -> dict[str, Any]:
                        "`slug@N`, with a backfill), a new name or description is not, the same meter changes "
                        "nothing", ADMIN, {"200": answer("changed or unchanged", one), "201": answer("created", one)},
                        invalid, too_large, unprocessable, (409, f"the tenant has {max_meters} meters (the bound)"),
-                       parameters=slug, **body(False)),
+                       (404, "a path that can name no meter (a NUL character)"), parameters=slug, **body(False)),
             "delete": _op("Retire a meter (its versions stay as history)", ADMIN, {"204": {"description": "retired"}},
                           unknown, (422, "a plan or alert rule reads the meter (errors name each)"), parameters=slug),
         },
