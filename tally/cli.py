@@ -156,7 +156,7 @@ def cmd_plans(args: argparse.Namespace, settings: Settings) -> int:
                 with open(args.file) as f:
                     try:
                         plan = Plan.model_validate(yaml.safe_load(f))
-                        check_meters(plan, wiring.meters(settings))
+                        check_meters(plan, await wiring.catalog(settings).fresh(conn, args.tenant))
                         version = await save_plan(conn, args.tenant, plan, settings.usage_max_plans)
                     except (ValidationError, Refused, QuotaExceeded) as exc:
                         print(f"{args.file}: not a valid plan\n{exc}", file=sys.stderr)
@@ -185,7 +185,7 @@ def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
     async def apply(conn: asyncpg.Connection) -> int:
         try:
             with open(args.file) as f:
-                wanted = rulesfile.parse(f.read(), wiring.meters(settings))
+                wanted = rulesfile.parse(f.read(), await wiring.catalog(settings).fresh(conn, args.tenant))
             done = await rulesfile.apply(conn, args.tenant, wanted, wiring.alert_policy(settings))
         except rulesfile.Refused as exc:
             for problem in exc.problems:
@@ -205,6 +205,71 @@ def cmd_alert_rules(args: argparse.Namespace, settings: Settings) -> int:
                 return await apply(conn)
             for row in await stored.listing(conn, args.tenant):
                 print(f"{row['id']:32} {row['origin']:4} v{row['version']:<4} {row['updated_at']:%Y-%m-%d %H:%M}")
+            return 0
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def cmd_meters(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from tally import wiring
+    from tally.edge.problems import Problem
+    from tally.meters import api, stored
+
+    def refuse(problems: list[str]) -> int:
+        for problem in problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+        print(f"{args.file}: refused, nothing applied", file=sys.stderr)
+        return 2
+
+    async def apply(conn: asyncpg.Connection) -> int:
+        """The file's meters, each created or changed as by PUT /v1/meters/{slug}, all or none."""
+        catalog = wiring.catalog(settings)
+        with open(args.file) as f:
+            document = yaml.safe_load(f)
+        entries = document.get("meters") if isinstance(document, dict) else None
+        if not isinstance(entries, list) or set(document) != {"meters"}:
+            return refuse(["the file holds `meters:`, a list of meters (and nothing else)"])
+        wanted, problems = [], []
+        for i, entry in enumerate(entries):
+            try:
+                meter, labels = api.parse(entry)
+            except Problem as exc:
+                problems += [f"meters[{i}].{e['field']}: {e['message']}" for e in exc.extensions.get("errors", [])]
+                continue
+            if catalog.built_in(meter.slug):
+                problems.append(f"meters[{i}].slug: {meter.slug!r} is a deploy-time meter")
+            wanted.append((meter, labels))
+        if problems:
+            return refuse(problems)
+        try:
+            async with conn.transaction():
+                done = [(meter.slug, await stored.save(conn, args.tenant, meter, labels, settings.meters_max_per_tenant,
+                                                       wiring.meter_readers()))
+                        for meter, labels in wanted]
+        except stored.QuotaExceeded as exc:
+            return refuse([str(exc)])
+        except stored.Refused as exc:
+            return refuse([f"{e['field']}: {e['message']}" for e in exc.errors])
+        for slug, outcome in done:
+            print(f"  {outcome:9} {slug}")
+        print(f"{args.tenant}: {len(done)} meter(s) applied")
+        return 0
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            if args.meters_command == "apply":
+                return await apply(conn)
+            for versions in (await stored.shown(conn, args.tenant)).values():
+                newest = versions[-1]
+                if not newest["retired"]:
+                    backfill = newest["backfill"] or {}
+                    print(f"{newest['slug']:24} v{newest['version']:<4} counter {newest['counter']:28} "
+                          f"{newest['aggregation']:12} {newest['event_type']:24} backfill {backfill.get('state')}")
             return 0
         finally:
             await conn.close()
@@ -594,6 +659,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tenant", required=True)
         p.set_defaults(func=cmd_alert_rules)
 
+    meters = sub.add_parser("meters", help="a tenant's own meters (ADR 0140)").add_subparsers(
+        dest="meters_command", required=True)
+    meters_apply = meters.add_parser("apply", help="create or change each meter of a meters file (`meters: [...]`) "
+                                     "as PUT /v1/meters/{slug} does; a file with any problem is refused whole (exit 2)")
+    meters_apply.add_argument("file")
+    meters_list = meters.add_parser("list", help="one line per meter: its newest version, counter and backfill")
+    for p in (meters_apply, meters_list):
+        p.add_argument("--tenant", required=True)
+        p.set_defaults(func=cmd_meters)
+    meters_status = meters.add_parser("status", help="each version's backfill: state, events counted of the total, "
+                                      "from when (older events are past the retention of events), why it waits")
+    meters_status.add_argument("--tenant")
+    meters_status.set_defaults(func=cmd_meters_status)
+
     subs = sub.add_parser("subscriptions", help="subjects' plans").add_subparsers(dest="subscriptions_command",
                                                                                    required=True)
     sub_set = subs.add_parser("set", help="subscribe a subject, or change only what is named (a plan or customer "
@@ -622,11 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_run.set_defaults(func=cmd_jobs_run)
     jobs_sub.add_parser("list", help="the jobs and what they do").set_defaults(func=cmd_jobs_list)
 
-    meters = sub.add_parser("meters", help="tenants' meters").add_subparsers(dest="meters_command", required=True)
-    meters_status = meters.add_parser("status", help="each version's backfill: state, events counted of the total, "
-                                      "from when (older events are past the retention of events), why it waits")
-    meters_status.add_argument("--tenant")
-    meters_status.set_defaults(func=cmd_meters_status)
 
     rec = sub.add_parser("reconcile", help="recompute counter windows from raw events; compare counters, Redis, "
                                            "the counter topic and Stripe reports (exit 1 on drift)")

@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     usage_max_subscriptions: int = Field(100_000, ge=1, description="subscriptions a tenant may create; past it a "
                                                                       "new one is a 409")
 
+    # meters as data (tally/meters/api.py, docs/adr/0140)
+    meters_max_per_tenant: int = Field(200, ge=1, description="meters (not retired) a tenant may define; past it a "
+                                                              "new one is a 409")
+
     # alerts (alerts/)
     alerts_tick_s: float = Field(1.0, description="how often `tally alerts` looks for rules due for evaluation")
     alerts_rules_reload_s: float = Field(5.0, description="how soon a rule changed through the API is taken up")

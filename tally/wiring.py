@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tally.alerts import service as alerts_service
+from tally.alerts import service as alerts_service, stored as stored_rules
 from tally.alerts.api import AlertsProduct
 from tally.alerts.delivery import DeliveryPolicy
 from tally.alerts.policy import AlertPolicy
@@ -19,9 +19,13 @@ from tally.egress import EgressPolicy
 from tally.ingest import service as gateway_service
 from tally.ingest.config import GatewayConfig
 from tally.edge.products import Product
+from tally.meters import rules as meter_rules
+from tally.meters.api import MetersProduct
 from tally.meters.backfill import BackfillConfig
+from tally.meters.catalog import Catalog
 from tally.meters.definitions import MetersConfig, load_meters
 from tally.meters.fresh import LiveCatalog
+from tally.meters.stored import Reader
 from tally.processors import service as processor_service
 from tally.processors.consumer import ProcessorConfig
 from tally.processors.faults import crash_point
@@ -31,6 +35,7 @@ from tally.sealed import SecretBox
 from tally.settings import Settings
 from tally.sinks.maintenance import Retention
 from tally.usage.api import UsageProduct
+from tally.usage.plans import plans_using
 
 
 def gateway(settings: Settings, host: str | None = None, port: int | None = None) -> gateway_service.ServiceConfig:
@@ -50,9 +55,10 @@ def gateway_config(settings: Settings) -> GatewayConfig:
 
 def products(settings: Settings) -> tuple[Product, ...]:
     """The product packages whose routes the gateway serves beside intake (`tally.edge.products`); they share one
-    live meter catalog."""
+    live catalog of the tenants' meters, against which the plans and alert rules they take are checked."""
     catalog = LiveCatalog(meters(settings), settings.meters_poll_s)
-    return (QueryProduct(settings.query_cursor_secret,
+    return (MetersProduct(catalog.catalog, meter_readers(), settings.meters_max_per_tenant),
+            QueryProduct(settings.query_cursor_secret,
                          AnswerCache(settings.redis_url, settings.redis_prefix, settings.query_stats_cache_s),
                          settings.query_stats_max_points),
             UsageProduct(settings.database_url, settings.redis_url, settings.redis_prefix,
@@ -128,6 +134,16 @@ def alerts(settings: Settings) -> alerts_service.ServiceConfig:
 
 def meters(settings: Settings) -> MetersConfig:
     return load_meters(Path(settings.meters_file) if settings.meters_file else None, settings.meters)
+
+
+def catalog(settings: Settings) -> Catalog:
+    """Every tenant's meters: the deploy-time set and the tenants' own, loaded on first refresh (ADR 0140)."""
+    return Catalog(meters(settings))
+
+
+def meter_readers() -> tuple[Reader, ...]:
+    """What reads a tenant's meters, and what each needs of them: a meter they read is not retired (ADR 0141)."""
+    return (Reader(plans_using, meter_rules.billable), Reader(stored_rules.using, meter_rules.alertable))
 
 
 def retention(settings: Settings) -> Retention:

@@ -131,7 +131,7 @@ class AlertsProduct:
         except ValidationError as exc:
             raise Problem(400, "Invalid request", "the rule does not match the schema",
                           errors=validation_errors(exc)) from None
-        found = rules.problems(rule, (await self._catalog.current(self._edge.pool)).meters(tenant))
+        found = rules.problems(rule, await self._catalog.fresh(self._edge.pool, tenant))
         if found:
             raise Problem(422, "Rule cannot be evaluated", "; ".join(found), problems=found,
                           errors=[{"field": "(rule)", "message": p} for p in found])

@@ -8,7 +8,8 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Any
 
-from tally.meters.definitions import MetersConfig, Window
+from tally.meters import rules as meter_rules
+from tally.meters.definitions import MetersConfig
 from tally.schemas.alerts import AlertRule
 from tally.schemas.counters import Aggregation, CounterState
 
@@ -22,9 +23,7 @@ def problems(rule: AlertRule, meters: MetersConfig) -> list[str]:
     if meter is None:
         return [f"no meter {rule.meter!r}: a rule reads a meter's minute windows (configured: "
                 f"{', '.join(m.slug for m in meters.meters)})"]
-    out = []
-    if Window.MINUTE not in meter.windows:
-        out.append(f"meter {meter.slug!r} keeps no minute windows; add `minute` to its windows")
+    out = [e["message"] for e in meter_rules.alertable(meter)]
     if rule.measure.of == "value" and meter.aggregation not in _VALUE_MEASURES:
         out.append(f"meter {meter.slug!r} is {meter.aggregation.value}: its minute values do not add up to a window; "
                    "measure its count")

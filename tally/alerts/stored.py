@@ -77,6 +77,13 @@ async def count(conn: asyncpg.Connection, tenant: str) -> int:
     return await conn.fetchval("select count(*) from alert_rules where tenant = $1", tenant)
 
 
+async def using(conn: asyncpg.Connection, tenant: str, meter: str) -> list[str]:
+    """The tenant's rules that read the meter."""
+    rows = await conn.fetch("select id from alert_rules where tenant = $1 and definition->'measure'->>'meter' = $2"
+                            " order by id", tenant, meter)
+    return [f"alert rule {r['id']!r}" for r in rows]
+
+
 async def delete(conn: asyncpg.Connection, tenant: str, rule_ids: list[str]) -> None:
     await conn.execute("delete from alert_rules where tenant = $1 and id = any($2::text[])", tenant, rule_ids)
 

@@ -19,7 +19,7 @@ from tally.edge.products import Principal
 
 PREFIX = "tly_"
 SCOPES = ("events:write", "logs:write", "logs:read", "events:read", "usage:read", "admin:write", "alerts:read",
-          "alerts:write")
+          "alerts:write", "meters:read", "meters:admin")
 DEFAULT_SCOPES = ("events:write", "logs:write")
 
 

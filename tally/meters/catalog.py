@@ -15,7 +15,7 @@ from datetime import datetime
 import asyncpg
 import orjson
 
-from tally.meters.definitions import Meter, MetersConfig
+from tally.meters.definitions import DEFAULT_METERS, Meter, MetersConfig
 
 # What a version row holds besides its definition: the columns `Catalog.refresh` reads.
 _VERSIONS = """
@@ -79,6 +79,17 @@ class Catalog:
         # Rows read after the revision: at worst newer than it, and the next refresh reads them again.
         self.revision = revision
         return True
+
+    async def fresh(self, conn: asyncpg.Connection | asyncpg.Pool, tenant: str) -> MetersConfig:
+        """The tenant's meters as of now: for a check that must see the change just made (a plan or alert rule
+        naming a meter created a moment ago)."""
+        await self.refresh(conn)
+        return self.meters(tenant)
+
+    def built_in(self, slug: str) -> bool:
+        """A deploy-time meter (configured, or one of the defaults `events`, `logs`, `event_types`, which a
+        configuration may leave out): no tenant may define one of that slug."""
+        return any(m.slug == slug for m in (*self.built_ins.meters, *DEFAULT_METERS.meters))
 
     def tenants(self) -> set[str]:
         """The tenants with meters of their own."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tally.meters import rules
 from tally.schemas.counters import Aggregation
 from tally.schemas.envelope import LOG_EVENT_TYPE
 
@@ -45,13 +47,15 @@ class Meter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     slug: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    event_type: str = Field("*", description="exact type or a glob such as 'api.*'")
+    event_type: str = Field("*", max_length=256, description="exact type or a glob such as 'api.*'")
     aggregation: Aggregation = Aggregation.COUNT
-    value_path: str | None = None
-    group_by: dict[str, str] = Field(default_factory=dict)
+    value_path: str | None = Field(None, max_length=256)
+    group_by: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=16)
     per_subject: bool = True
-    windows: tuple[Window, ...] = (Window.HOUR, Window.DAY)
-    max_distinct: int = Field(100_000, ge=1, description="UNIQUE_COUNT: values kept per window before sampling")
+    windows: tuple[Window, ...] = Field((Window.HOUR, Window.DAY), max_length=4)
+    max_distinct: int = Field(100_000, ge=1, le=10_000_000,
+                              description="UNIQUE_COUNT: values kept per window before sampling")
     unit: Unit | None = Field(None, description="WEIGHTED_SUM: level × hour or level × day")
     version: int = Field(1, ge=1, description="set by the meter catalog, never by a file: a change to what a meter "
                                               "counts is a new version with counters of its own (ADR 0140)")
@@ -62,17 +66,10 @@ class Meter(BaseModel):
         return self.slug if self.version == 1 else f"{self.slug}@{self.version}"
 
     @model_validator(mode="after")
-    def _value_path_fits_aggregation(self) -> "Meter":
-        if self.aggregation is Aggregation.COUNT and self.value_path:
-            raise ValueError(f"meter {self.slug}: COUNT takes no value_path")
-        if self.aggregation is not Aggregation.COUNT and not self.value_path:
-            raise ValueError(f"meter {self.slug}: {self.aggregation.value} needs a value_path")
-        if (self.aggregation is Aggregation.WEIGHTED_SUM) != (self.unit is not None):
-            raise ValueError(f"meter {self.slug}: a unit (hour or day) goes with WEIGHTED_SUM and only with it")
-        if not self.windows:
-            raise ValueError(f"meter {self.slug}: at least one window")
-        if len(set(self.windows)) != len(self.windows):
-            raise ValueError(f"meter {self.slug}: a window is listed twice (it would be counted twice)")
+    def _fields_agree(self) -> "Meter":
+        refused = rules.definition(self)
+        if refused:
+            raise rules.Refused(refused)
         return self
 
 

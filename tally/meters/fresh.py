@@ -41,6 +41,14 @@ class LiveCatalog:
                 await self._refresh(pool)
         return self.catalog
 
+    async def fresh(self, conn: asyncpg.Pool | asyncpg.Connection, tenant: str) -> MetersConfig:
+        """The tenant's meters as of now, whatever the poll: for a check that must see a change just made (a plan or
+        alert rule naming a meter created a moment ago). An outage here is the caller's: the write fails with it."""
+        async with self._lock:
+            meters = await self.catalog.fresh(conn, tenant)
+            self._next = time.monotonic() + self._poll_s
+        return meters
+
     async def _refresh(self, pool: asyncpg.Pool | asyncpg.Connection) -> None:
         try:
             if await asyncio.wait_for(self.catalog.refresh(pool), self._timeout_s):

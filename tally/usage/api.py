@@ -162,8 +162,8 @@ class UsageProduct:
         tenant = await self._edge.tenant(request, ADMIN)
         try:
             plan = Plan.model_validate(await _body(request))
-            check_meters(plan, (await self._catalog.current(self._edge.pool)).meters(tenant))
             async with self._edge.pool.acquire() as conn:
+                check_meters(plan, await self._catalog.fresh(conn, tenant))
                 version = await save_plan(conn, tenant, plan, self._max_plans)
         except ValidationError as exc:
             raise _invalid(exc) from None

@@ -18,14 +18,14 @@ import asyncpg
 import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from tally.meters.definitions import MetersConfig, Window
-from tally.schemas.counters import Aggregation
+from tally.meters import rules
+from tally.meters.definitions import MetersConfig
+from tally.meters.rules import Refused
 from tally.usage.periods import Anchor, NotStarted, PeriodError, check_zone, period_at
 from tally.usage.plan_changes import notify
 
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TEXT = r"^[^\x00]*$"  # PostgreSQL cannot store NUL characters
-ADDITIVE = (Aggregation.COUNT, Aggregation.SUM)  # the aggregations whose hour windows add up to a period
 LOCK = 4002  # advisory lock class: one writer per plan, per subscription and per tenant's count at a time
 
 
@@ -122,39 +122,20 @@ class UnknownPlan(LookupError):
     pass
 
 
-class Refused(ValueError):
-    """A well-formed request that cannot be applied: `errors` name each field and why (a 422)."""
-
-    def __init__(self, errors: list[dict[str, str]]) -> None:
-        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
-        self.errors = errors
-
-
 class QuotaExceeded(Exception):
     """A tenant already has as many plans or subscriptions as the setting allows (a 409)."""
 
 
 def check_meters(plan: Plan, meters: MetersConfig) -> None:
-    """Refuse plan meters a period cannot be billed from: unknown, without `hour` windows, grouped, or
-    with an aggregation whose hour windows do not add up to the period (docs/adr/0041)."""
+    """Refuse plan meters a period cannot be billed from (`tally.meters.rules.billable`): unknown, or known but
+    not billable, with the reason."""
     configured = {m.slug: m for m in meters.meters}
     errors = []
     for i, pm in enumerate(plan.meters):
         meter = configured.get(pm.meter)
-        if meter is None:
-            problem = f"no meter {pm.meter!r} is configured"
-        elif Window.HOUR not in meter.windows:
-            problem = f"meter {pm.meter} has no hour window; periods are summed from hour windows"
-        elif meter.group_by:
-            problem = f"meter {pm.meter} has a group_by; a grouped meter cannot be billed per subject"
-        elif not meter.per_subject:
-            problem = f"meter {pm.meter} is not per subject"
-        elif meter.aggregation not in ADDITIVE:
-            problem = (f"meter {pm.meter} aggregates with {meter.aggregation.value}, whose hour windows do not add"
-                       " up to a period; only COUNT and SUM can be billed")
-        else:
-            continue
-        errors.append({"field": f"meters.{i}.meter", "message": problem})
+        problems = ([f"no meter {pm.meter!r} is defined for this tenant"] if meter is None
+                    else [e["message"] for e in rules.billable(meter)])
+        errors += [{"field": f"meters.{i}.meter", "message": problem} for problem in problems]
     if errors:
         raise Refused(errors)
 
@@ -328,3 +309,18 @@ async def subscription_history(conn: asyncpg.Connection | asyncpg.Pool, tenant: 
                             tenant, subject)
     return [{"version": r["version"], "plan_id": r["plan_id"], "stripe_customer_id": r["stripe_customer_id"],
              "effective_at": _instant(r["effective_at"]), "recorded_at": _instant(r["recorded_at"])} for r in rows]
+
+
+async def plans_using(conn: asyncpg.Connection, tenant: str, meter: str) -> list[str]:
+    """The plans with a version still in use that names the meter: the current version, or an earlier one a
+    subscriber was on when it was superseded while that subscriber's period holding the change is not yet closed
+    (it still bills the hours before the change)."""
+    rows = await conn.fetch(
+        "select distinct v.plan_id from plan_versions v left join plan_versions n on n.tenant = v.tenant"
+        " and n.plan_id = v.plan_id and n.version = v.version + 1"
+        " where v.tenant = $1 and v.meters @> jsonb_build_array(jsonb_build_object('meter', $2::text))"
+        " and (n.version is null or exists (select from subscription_plans s where s.tenant = v.tenant"
+        " and s.plan_id = v.plan_id and s.effective_at < n.effective_at and not exists (select from period_usage u"
+        " where u.tenant = s.tenant and u.subject = s.subject and u.meter = $2 and u.period_end >= n.effective_at)))"
+        " order by v.plan_id", tenant, meter)
+    return [f"plan {r['plan_id']!r}" for r in rows]
