@@ -14,7 +14,7 @@ import asyncpg
 import redis.asyncio as redis
 
 from tally.ingest import auth
-from tally.processors.progress import caught_up
+from tally.sinks.kafka import caught_up
 from tally.settings import Settings
 from tally.usage.limits import publish
 from tally.usage.plans import Plan, PlanMeter, Subscription, save_plan, subscribe
