@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 import asyncpg
 
@@ -597,6 +598,19 @@ def cmd_status(_args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all_well else 1
 
 
+def _file_commands(sub: argparse._SubParsersAction, name: str, what: str, func: Callable[..., int], apply_help: str,
+                   list_help: str) -> argparse._SubParsersAction:
+    """`tally NAME apply FILE --tenant T` and `tally NAME list --tenant T`, the pair every tenant's file-kept
+    resource has; the subcommand is in `args.<name>_command`."""
+    commands = sub.add_parser(name, help=what).add_subparsers(dest=f"{name.replace('-', '_')}_command", required=True)
+    applying = commands.add_parser("apply", help=apply_help)
+    applying.add_argument("file")
+    for p in (applying, commands.add_parser("list", help=list_help)):
+        p.add_argument("--tenant", required=True)
+        p.set_defaults(func=func)
+    return commands
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -649,25 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tenant", required=True)
         p.set_defaults(func=cmd_plans)
 
-    alert_rules = sub.add_parser("alert-rules", help="alert rules kept in a YAML file").add_subparsers(
-        dest="alert_rules_command", required=True)
-    rules_apply = alert_rules.add_parser("apply", help="make the tenant's file rules exactly the file's (API rules are"
-                                         " left alone); a file with any problem is refused whole (exit 2)")
-    rules_apply.add_argument("file")
-    rules_list = alert_rules.add_parser("list", help="one line per rule: id, origin (api or file), version")
-    for p in (rules_apply, rules_list):
-        p.add_argument("--tenant", required=True)
-        p.set_defaults(func=cmd_alert_rules)
-
-    meters = sub.add_parser("meters", help="a tenant's own meters (ADR 0140)").add_subparsers(
-        dest="meters_command", required=True)
-    meters_apply = meters.add_parser("apply", help="create or change each meter of a meters file (`meters: [...]`) "
-                                     "as PUT /v1/meters/{slug} does; a file with any problem is refused whole (exit 2)")
-    meters_apply.add_argument("file")
-    meters_list = meters.add_parser("list", help="one line per meter: its newest version, counter and backfill")
-    for p in (meters_apply, meters_list):
-        p.add_argument("--tenant", required=True)
-        p.set_defaults(func=cmd_meters)
+    _file_commands(sub, "alert-rules", "alert rules kept in a YAML file", cmd_alert_rules,
+                   "make the tenant's file rules exactly the file's (API rules are left alone); a file with any problem"
+                   " is refused whole (exit 2)", "one line per rule: id, origin (api or file), version")
+    meters = _file_commands(sub, "meters", "a tenant's own meters (ADR 0140)", cmd_meters,
+                            "create or change each meter of a meters file (`meters: [...]`) as PUT /v1/meters/{slug}"
+                            " does; a file with any problem is refused whole (exit 2)",
+                            "one line per meter: its newest version, counter and backfill")
     meters_status = meters.add_parser("status", help="each version's backfill: state, events counted of the total, "
                                       "from when (older events are past the retention of events), why it waits")
     meters_status.add_argument("--tenant")

@@ -19,9 +19,13 @@ from tests.processor.helpers import drained, produce, wait_for
 from tests.support import TallyProcess, running
 
 
-def _settings(isolated: Settings) -> Settings:
-    return isolated.model_copy(update={"batch_max_wait_ms": 50, "batch_max_messages": 100, "jobs_metrics_port": 0,
-                                       "processor_metrics_port": 0, "meters_poll_s": 0.2})
+def _setting_out(isolated: Settings) -> tuple[Settings, str, str, datetime, datetime]:
+    """The test's settings, two tenants (A defines meters, B never sees them), and the hour events start from."""
+    settings = isolated.model_copy(update={"batch_max_wait_ms": 50, "batch_max_messages": 100, "jobs_metrics_port": 0,
+                                           "processor_metrics_port": 0, "meters_poll_s": 0.2})
+    now = datetime.now(timezone.utc)
+    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    return settings, f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}", base, now
 
 
 async def _flow(settings: Settings, tenants: list[str], rounds: range, base: datetime, now: datetime) -> None:
@@ -62,10 +66,7 @@ async def _assert_exact(db: asyncpg.Connection, tenant: str, other: str, counter
 
 async def test_meters_created_while_events_flow_through_two_members_count_every_stored_event_once(
         isolated: Settings, db: asyncpg.Connection) -> None:
-    settings = _settings(isolated)
-    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(timezone.utc)
-    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    settings, a, b, base, now = _setting_out(isolated)
     with running("processor-a", ["process"], settings), running("processor-b", ["process"], settings):
         await _flow(settings, [a, b], range(0, 10), base, now)
         ids = [await new_version(db, a, slug, 1, DEFINITIONS[slug]) for slug in DEFINITIONS]
@@ -80,10 +81,7 @@ async def test_meters_created_while_events_flow_through_two_members_count_every_
 
 async def test_kill_9_of_a_member_and_of_the_backfill_and_a_rebalance_during_it_keep_the_counts_exact(
         isolated: Settings, db: asyncpg.Connection) -> None:
-    settings = _settings(isolated)
-    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(timezone.utc)
-    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    settings, a, b, base, now = _setting_out(isolated)
     with running("processor-a", ["process"], settings):
         victim = TallyProcess("processor-b", ["process"], settings)
         try:
@@ -107,10 +105,7 @@ async def test_kill_9_of_a_member_and_of_the_backfill_and_a_rebalance_during_it_
 
 async def test_a_new_version_fills_exactly_and_the_old_one_stops_where_it_took_over(
         isolated: Settings, db: asyncpg.Connection) -> None:
-    settings = _settings(isolated)
-    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(timezone.utc)
-    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    settings, a, b, base, now = _setting_out(isolated)
     with running("processor-a", ["process"], settings), running("processor-b", ["process"], settings):
         await _flow(settings, [a, b], range(0, 6), base, now)
         v1 = await new_version(db, a, "tokens", 1, DEFINITIONS["tokens"])
