@@ -21,7 +21,7 @@ from tally.alerts.openapi import paths
 from tally.alerts.policy import AlertPolicy
 from tally.edge.body import parse_document, read_body
 from tally.edge.problems import Problem, validation_errors
-from tally.edge.products import Edge
+from tally.edge.products import Edge, resource
 from tally.meters.fresh import LiveCatalog
 from tally.query.cursor import Cursors, invalid_cursor
 from tally.query.filters import parse
@@ -59,11 +59,8 @@ class AlertsProduct:
     def routes(self, edge: Edge) -> list[BaseRoute]:
         self._edge = edge
         return [
-            Route("/v1/alert-rules", self.list_rules, methods=["GET"]),
-            Route("/v1/alert-rules", self.create_rule, methods=["POST"]),
-            Route("/v1/alert-rules/{id}", self.get_rule, methods=["GET"]),
-            Route("/v1/alert-rules/{id}", self.put_rule, methods=["PUT"]),
-            Route("/v1/alert-rules/{id}", self.delete_rule, methods=["DELETE"]),
+            *resource("/v1/alert-rules", "id", listing=self.list_rules, create=self.create_rule, get=self.get_rule,
+                      put=self.put_rule, delete=self.delete_rule),
             Route("/v1/alerts", self.get_alerts, methods=["GET"]),
             Route("/v1/alerts/active", self.get_active, methods=["GET"]),
         ]

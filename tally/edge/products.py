@@ -7,7 +7,7 @@ the tenant from the key exactly as the intake routes do and never from the reque
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +46,18 @@ class Product(Protocol):
     def openapi_paths(self) -> dict[str, Any]:
         """OpenAPI path items for the routes, merged into the gateway's document."""
         ...
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def resource(path: str, item: str, *, listing: Endpoint, create: Endpoint, get: Endpoint, put: Endpoint,
+             delete: Endpoint) -> list[BaseRoute]:
+    """A collection and its items, as every product's resources are routed: GET and POST `path`, GET, PUT and
+    DELETE `path/{item}`."""
+    one = f"{path}/{{{item}}}"
+    return [Route(path, listing, methods=["GET"]), Route(path, create, methods=["POST"]),
+            Route(one, get, methods=["GET"]), Route(one, put, methods=["PUT"]), Route(one, delete, methods=["DELETE"])]
 
 
 def one_per_path(routes: Sequence[BaseRoute]) -> list[BaseRoute]:

@@ -10,12 +10,12 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from tally.edge.body import parse_document, read_body
 from tally.edge.openapi import json_schema
 from tally.edge.problems import Problem, validation_errors
-from tally.edge.products import Edge
+from tally.edge.products import Edge, resource
 from tally.meters import stored
 from tally.meters.catalog import Catalog
 from tally.meters.definitions import Meter
@@ -86,13 +86,8 @@ class MetersProduct:
 
     def routes(self, edge: Edge) -> list[BaseRoute]:
         self._edge = edge
-        return [
-            Route("/v1/meters", self.list_meters, methods=["GET"]),
-            Route("/v1/meters", self.create_meter, methods=["POST"]),
-            Route("/v1/meters/{slug}", self.get_meter, methods=["GET"]),
-            Route("/v1/meters/{slug}", self.put_meter, methods=["PUT"]),
-            Route("/v1/meters/{slug}", self.delete_meter, methods=["DELETE"]),
-        ]
+        return resource("/v1/meters", "slug", listing=self.list_meters, create=self.create_meter, get=self.get_meter,
+                        put=self.put_meter, delete=self.delete_meter)
 
     async def list_meters(self, request: Request) -> Response:
         """The tenant's meters not retired, each as its newest version."""
