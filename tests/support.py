@@ -179,6 +179,15 @@ def readme_blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", body, re.S)
 
 
+def readme_walkthrough(section: str) -> list[str]:
+    """The shell blocks of a README walk-through, refused if one exports a setting or restarts a process: a
+    walk-through runs on the stack `up.sh` started, as it runs."""
+    blocks = readme_blocks(section, "sh")
+    for block in blocks:
+        assert not re.search(r"^\s*export |apps\.sh", block, re.M), f"the walk-through restarts or exports:\n{block}"
+    return blocks
+
+
 def run_walkthrough(script: str, gateway_url: str, tenant: str, settings: Settings) -> str:
     """A README shell walk-through as a user pastes it, pointed at a test's gateway, tenant and settings;
     returns its output and fails with it when the script fails."""

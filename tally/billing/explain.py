@@ -96,8 +96,8 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         if terms is None:
             raise NothingToExplain(f"{subject} had no plan in the period {period.label}")
         account = (await accounts(conn)).get(tenant)
-        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end,
-                                      (await ctx.catalog()).counters(tenant, terms.meters()))
+        counters = (await ctx.catalog()).counters(tenant, terms.meters())
+        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end, counters)
         rows = await conn.fetch("select * from stripe_reports where tenant = $1 and subject = $2 and period_label = $3"
                                 " order by meter, seq", tenant, subject, period.label)
     raw = await recompute(ctx, period.start, period.end, tenant, subject)
@@ -106,7 +106,7 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
     for meter in terms.meters():
         pm = terms.meter(meter)[1]
         events = {d.key.window_start: d.value for d in raw.values() if d.key.subject == subject
-                  and d.key.meter == pm.meter and d.key.window == "hour" and not d.key.group}
+                  and d.key.meter == counters[pm.meter] and d.key.window == "hour" and not d.key.group}
         stored = {start: w.value for start, w in windows[pm.meter].items()}
         hours = [(h, stored.get(h), events.get(h)) for h in sorted(stored.keys() | events.keys())]
         mine = [r for r in rows if r["meter"] == pm.meter]

@@ -157,8 +157,10 @@ def _compared(meters: MeterSet) -> list[str]:
 
 async def recompute(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None,
                     subject: str | None = None) -> dict[str, CounterDelta]:
-    """The windows wholly inside [lo, hi) as the processor would count the stored events (billing explain)."""
-    recount = _Recount(MeterSet(ctx.config.meters))
+    """The windows wholly inside [lo, hi) as the processor would count the stored events (billing explain); a
+    tenant's own meters too, each as the version its reads use."""
+    meters = ctx.config.meters if tenant is None else (await ctx.catalog()).readable(tenant)
+    recount = _Recount(MeterSet(meters))
     async with ctx.pool.acquire() as conn, conn.transaction(readonly=True):
         await recount.read(conn, lo, hi, tenant, subject)
     return {k: d for k, d in recount.windows.items() if _inside(d, lo, hi)}

@@ -1,6 +1,7 @@
 """The README's "Logs and alerts" walk-through runs as written against a gateway, a processor and an evaluator
-of the test's own (only addresses, the tally command and the tenant swapped), and prints what its comments
-promise; its Python snippet verifies a signature (the kill test verifies Tally's own deliveries)."""
+of the test's own, started once (only addresses, the tally command and the tenant swapped; nothing exported or
+restarted), and prints what its comments promise; its Python snippet verifies a signature (the kill test verifies
+Tally's own deliveries)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from tally.settings import Settings
 from tests.gateway.helpers import start_gateway
-from tests.support import readme_blocks, run_walkthrough, running
+from tests.support import readme_blocks, readme_walkthrough, run_walkthrough, running
 
 
 
@@ -31,7 +32,7 @@ def test_the_receiving_snippet_verifies_a_signed_body_and_refuses_a_forged_one()
 
 
 async def test_the_walkthrough_runs_and_the_rule_fires(alone: Settings, alone_db: asyncpg.Connection) -> None:
-    walk = readme_blocks("Logs and alerts", "sh")[0]
+    walk = readme_walkthrough("Logs and alerts")[0]
     settings = alone.model_copy(update={"processor_metrics_port": 0, "alerts_metrics_port": 0})
     tenant = f"walk-{uuid.uuid4().hex[:8]}"
     with start_gateway("gateway", settings) as gw, running("processor", ["process"], settings), \
