@@ -30,6 +30,7 @@ class NothingToExplain(LookupError):
 @dataclass
 class MeterProof:
     meter: str
+    counter: str  # the counter its windows are read under: the readable version's (`slug@N` after a change)
     event_name: str
     hours: list[tuple[datetime, Decimal | None, Decimal | None]]  # (hour, stored window, recomputed from events)
     used: Decimal
@@ -96,8 +97,8 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         if terms is None:
             raise NothingToExplain(f"{subject} had no plan in the period {period.label}")
         account = (await accounts(conn)).get(tenant)
-        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end,
-                                      (await ctx.catalog()).counters(tenant, terms.meters()))
+        counters = (await ctx.catalog()).counters(tenant, terms.meters())
+        windows = await from_postgres(conn, tenant, subject, terms.meters(), period.start, period.end, counters)
         rows = await conn.fetch("select * from stripe_reports where tenant = $1 and subject = $2 and period_label = $3"
                                 " order by meter, seq", tenant, subject, period.label)
     raw = await recompute(ctx, period.start, period.end, tenant, subject)
@@ -106,13 +107,13 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
     for meter in terms.meters():
         pm = terms.meter(meter)[1]
         events = {d.key.window_start: d.value for d in raw.values() if d.key.subject == subject
-                  and d.key.meter == pm.meter and d.key.window == "hour" and not d.key.group}
+                  and d.key.meter == counters[pm.meter] and d.key.window == "hour" and not d.key.group}
         stored = {start: w.value for start, w in windows[pm.meter].items()}
         hours = [(h, stored.get(h), events.get(h)) for h in sorted(stored.keys() | events.keys())]
         mine = [r for r in rows if r["meter"] == pm.meter]
         used = combine(list(windows[pm.meter].values()))
         proof = MeterProof(
-            pm.meter, pm.stripe_event or pm.meter, hours, used, sum(events.values(), Decimal(0)),
+            pm.meter, counters[pm.meter], pm.stripe_event or pm.meter, hours, used, sum(events.values(), Decimal(0)),
             terms.billable(meter, windows[meter]), mine, sum((r["value"] for r in mine if r["status"] in COUNTED), Decimal(0)),
             sum((r["value"] for r in mine if r["status"] == "sent" and period.start <= r["event_time"] < period.end),
                 Decimal(0)), None)
@@ -136,7 +137,7 @@ def lines(proof: Proof) -> list[str]:
     out = [f"{proof.tenant} / {proof.subject}: period {p.label} [{p.start:%Y-%m-%d %H:%M}, {p.end:%Y-%m-%d %H:%M}) UTC,"
            f" plans {proof.plans}, Stripe customer {proof.customer or '-'} in account {account}"]
     for m in proof.meters:
-        out.append(f"meter {m.meter} (Stripe event {m.event_name})")
+        out.append(f"meter {m.meter} (counter {m.counter}, Stripe event {m.event_name})")
         for hour, stored, recomputed in m.hours:
             mark = "" if stored == recomputed else "  DIFFERS"
             out.append(f"  hour {hour:%Y-%m-%d %H:%M}  window {stored if stored is not None else '-'}  "
