@@ -59,7 +59,7 @@ async def main(rows: int) -> None:
                                " values ($1, $2, $3, $4)", [(TENANT, vid, p, o) for p, o in starts.items()])
         config = BackfillConfig(budget_s=24 * 3600.0)
         started = time.perf_counter()
-        figures = await run(pool, Catalog(DEFAULT_METERS), config, lambda: starts)
+        figures = await run(pool, Catalog(DEFAULT_METERS), config, lambda: starts, lambda: starts)
         seconds = time.perf_counter() - started
         print(f"backfill: {figures['counted']:,} events in {seconds:.1f} s = {figures['counted'] / seconds:,.0f} events/s"
               f" (chunk {config.chunk}, pause {config.pause_s} s)")

@@ -507,6 +507,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             await ctx.close()
         for d in report.drift:
             print(f"drift {d.place:8} {d.key}  expected {d.expected}  found {d.found}")
+        for counter in report.skipped:
+            print(f"not compared: {counter} (its backfill is not done)")
         fixed = f", {len(report.fixed)} counter window(s) fixed" if args.fix else ""
         if args.fix and report.unfixed:
             fixed += f", {len(report.unfixed)} not (their recount took over the fix budget; see the log)"

@@ -30,6 +30,7 @@ class NothingToExplain(LookupError):
 @dataclass
 class MeterProof:
     meter: str
+    counter: str  # the counter its windows are read under: the readable version's (`slug@N` after a change)
     event_name: str
     hours: list[tuple[datetime, Decimal | None, Decimal | None]]  # (hour, stored window, recomputed from events)
     used: Decimal
@@ -112,7 +113,7 @@ async def explain(ctx: JobContext, tenant: str, subject: str, day: date, sender:
         mine = [r for r in rows if r["meter"] == pm.meter]
         used = combine(list(windows[pm.meter].values()))
         proof = MeterProof(
-            pm.meter, pm.stripe_event or pm.meter, hours, used, sum(events.values(), Decimal(0)),
+            pm.meter, counters[pm.meter], pm.stripe_event or pm.meter, hours, used, sum(events.values(), Decimal(0)),
             terms.billable(meter, windows[meter]), mine, sum((r["value"] for r in mine if r["status"] in COUNTED), Decimal(0)),
             sum((r["value"] for r in mine if r["status"] == "sent" and period.start <= r["event_time"] < period.end),
                 Decimal(0)), None)
@@ -136,7 +137,7 @@ def lines(proof: Proof) -> list[str]:
     out = [f"{proof.tenant} / {proof.subject}: period {p.label} [{p.start:%Y-%m-%d %H:%M}, {p.end:%Y-%m-%d %H:%M}) UTC,"
            f" plans {proof.plans}, Stripe customer {proof.customer or '-'} in account {account}"]
     for m in proof.meters:
-        out.append(f"meter {m.meter} (Stripe event {m.event_name})")
+        out.append(f"meter {m.meter} (counter {m.counter}, Stripe event {m.event_name})")
         for hour, stored, recomputed in m.hours:
             mark = "" if stored == recomputed else "  DIFFERS"
             out.append(f"  hour {hour:%Y-%m-%d %H:%M}  window {stored if stored is not None else '-'}  "

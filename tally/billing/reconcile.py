@@ -17,6 +17,12 @@ publishing an older state meanwhile keeps it queued (sinks.outbox.queue); then t
 the counter topic and the cache, exactly as after a processor batch. Stripe differences are not fixed
 here: an under-report is sent by the next report run, an over-report is not taken back (docs/adr/0044).
 
+A tenant's meter version is compared once its backfill is done (one still backfilling is named in the report, not
+compared): its counters hold exactly the tenant's events below its successor's starts (`meter_starts`; all of them
+for the newest version), the backfill having counted those below its own starts and live counting the rest, so its
+recount is the same recount over those events, keyed by `Meter.counter` (docs/adr/0152). The catalog and the starts
+are read in the comparison's snapshot.
+
 Events are streamed through a server-side cursor and folded chunk by chunk in a thread, so memory holds
 windows, not events, and the jobs worker's event loop (the hard-limit refresh every 0.5 s) never waits for
 more than one chunk. UNIQUE_COUNT and WEIGHTED_SUM windows depend on state the events alone do not give
@@ -40,7 +46,8 @@ from prometheus_client import Counter
 
 from tally.billing.context import JobContext
 from tally.billing.stripe_report import COUNTED
-from tally.meters.definitions import STATEFUL
+from tally.meters.catalog import Catalog
+from tally.meters.definitions import STATEFUL, MetersConfig
 from tally.meters.meterset import MeterSet
 from tally.schemas.counters import Aggregation, CounterDelta, CounterState
 from tally.sinks.base import EVENT_COLUMNS, Record, stored_event
@@ -80,6 +87,7 @@ class ReconcileReport:
     windows: int = 0
     drift: list[Drift] = field(default_factory=list)
     fixed: set[str] = field(default_factory=set)  # the windows a fix wrote
+    skipped: list[str] = field(default_factory=list)  # tenant/counter of versions not compared: backfill not done
 
     @property
     def unfixed(self) -> set[str]:
@@ -91,13 +99,21 @@ class ReconcileReport:
         for d in self.drift:
             places[d.place] = places.get(d.place, 0) + 1
         return {"since": self.since.isoformat(), "until": self.until.isoformat(), "windows": self.windows,
-                "drift": places, "fixed": len(self.fixed)}
+                "drift": places, "fixed": len(self.fixed), "skipped": self.skipped}
 
 
 _EVENTS = f"""
 select {EVENT_COLUMNS} from events
 where counted and time >= $1 and time < $2 and ($3::text is null or tenant = $3)
   and ($4::text is null or subject = $4)
+  and ($5::bigint[] is null or kafka_offset < coalesce(($5::bigint[])[kafka_partition + 1], {2 ** 63 - 1}))
+"""
+# The starts of the version that took over from version $2 of the tenant's meter (the next one of its slug).
+_SUCCESSOR_STARTS = """
+select kafka_partition, start_offset from meter_starts
+where tenant = $1 and version_id = (select min(n.id) from meter_versions v join meter_versions n
+                                    on n.tenant = v.tenant and n.slug = v.slug and n.id > v.id
+                                    where v.tenant = $1 and v.id = $2)
 """
 # AVG is compared by its exact sum (`total`): its value is the quotient PostgreSQL rounds.
 _COUNTERS = """
@@ -108,18 +124,51 @@ where window_start >= $1 and window_end <= $2 and ($3::text is null or tenant = 
 _QUEUED = "select key from counter_outbox where key = any($1::text[])"
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """What one recount covers: the deploy-time meters over every tenant's events (`tenant` None) or one tenant's,
+    or one version of a tenant's meter (`version`) over its tenant's events below its successor's starts."""
+
+    meters: MeterSet
+    tenant: str | None
+    version: int | None = None  # the version's id
+
+    async def until(self, conn: asyncpg.Connection) -> list[int | None] | None:
+        """The successor's start per partition, as the transaction sees them (None where it has none: every
+        event); None for the deploy-time meters."""
+        if self.version is None:
+            return None
+        starts = {r[0]: r[1] for r in await conn.fetch(_SUCCESSOR_STARTS, self.tenant, self.version)}
+        return [starts.get(p) for p in range(max(starts, default=-1) + 1)]
+
+
+def _scopes(meters: MetersConfig, catalog: Catalog, tenant: str | None) -> tuple[list[_Scope], list[str]]:
+    """The recounts to compare: the deploy-time meters, and each tenant version whose backfill is done; and the
+    tenant/counter of the versions left out (their backfill is not done: their counters are not whole yet)."""
+    scopes, skipped = [_Scope(MeterSet(meters), tenant)], []
+    for t in sorted(catalog.tenants()) if tenant is None else [tenant]:
+        for v in catalog.versions(t):
+            if v.meter is None:
+                continue
+            if catalog.backfill(t, v.id) != "done":
+                skipped.append(f"{t}/{v.meter.counter}")
+                continue
+            scopes.append(_Scope(MeterSet(MetersConfig(meters=[v.meter])), t, v.id))
+    return scopes, skipped
+
+
 class _Recount:
     """The windows the stored counted events make, folded from a stream of events in bounded chunks."""
 
-    def __init__(self, meters: MeterSet) -> None:
-        self._meters = meters
+    def __init__(self, scope: _Scope) -> None:
+        self._scope = scope
         self.windows: dict[str, CounterDelta] = {}
 
     async def read(self, conn: asyncpg.Connection, lo: datetime, hi: datetime, tenant: str | None,
                    subject: str | None = None, deadline: float | None = None) -> None:
-        """Fold the counted events of [lo, hi) (of one tenant, one subject) in; inside a transaction.
-        Past `deadline` (time.monotonic) it raises TimeoutError."""
-        cursor = await conn.cursor(_EVENTS, lo, hi, tenant, subject)
+        """Fold the counted events of [lo, hi) (of one tenant, one subject) in, below the scope's successor's
+        starts; inside a transaction. Past `deadline` (time.monotonic) it raises TimeoutError."""
+        cursor = await conn.cursor(_EVENTS, lo, hi, tenant, subject, await self._scope.until(conn))
         while rows := await cursor.fetch(_CHUNK):
             await asyncio.to_thread(self._fold, rows)
             if deadline is not None and time.monotonic() > deadline:
@@ -127,7 +176,7 @@ class _Recount:
 
     def _fold(self, rows: Iterable[asyncpg.Record]) -> None:
         records = [Record(stored_event(r), 0, 0, True) for r in rows]
-        for key, delta in self._meters.aggregate(records):
+        for key, delta in self._scope.meters.aggregate(records):
             seen = self.windows.get(key)
             self.windows[key] = delta if seen is None else _merge(seen, delta)
 
@@ -151,19 +200,31 @@ def _inside(delta: CounterDelta, lo: datetime, hi: datetime) -> bool:
 
 
 def _compared(meters: MeterSet) -> list[str]:
-    """The meters whose windows the events alone determine."""
-    return [m.slug for m in meters.meters if m.aggregation not in STATEFUL]
+    """The counters whose windows the events alone determine."""
+    return [m.counter for m in meters.meters if m.aggregation not in STATEFUL]
 
 
-async def recompute(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None,
+async def _recounts(ctx: JobContext, conn: asyncpg.Connection, lo: datetime, hi: datetime, tenant: str | None,
+                    subject: str | None = None) -> tuple[list[_Scope], list[str], dict[str, CounterDelta]]:
+    """Inside a transaction: the scopes compared, the versions left out, and the windows wholly inside [lo, hi)
+    as the processors and the backfills counted the stored events, the catalog read in the same transaction."""
+    catalog = Catalog(ctx.config.meters)
+    await catalog.refresh(conn)
+    scopes, skipped = _scopes(ctx.config.meters, catalog, tenant)
+    expected: dict[str, CounterDelta] = {}
+    for scope in scopes:
+        recount = _Recount(scope)
+        await recount.read(conn, lo, hi, scope.tenant, subject)
+        expected.update((k, d) for k, d in recount.windows.items() if _inside(d, lo, hi))
+    return scopes, skipped, expected
+
+
+async def recompute(ctx: JobContext, lo: datetime, hi: datetime, tenant: str,
                     subject: str | None = None) -> dict[str, CounterDelta]:
-    """The windows wholly inside [lo, hi) as the processor would count the stored events (billing explain); a
-    tenant's own meters too, each as the version its reads use."""
-    meters = ctx.config.meters if tenant is None else (await ctx.catalog()).readable(tenant)
-    recount = _Recount(MeterSet(meters))
-    async with ctx.pool.acquire() as conn, conn.transaction(readonly=True):
-        await recount.read(conn, lo, hi, tenant, subject)
-    return {k: d for k, d in recount.windows.items() if _inside(d, lo, hi)}
+    """The windows wholly inside [lo, hi) as the processor would count the stored events, keyed by counter: the
+    deploy-time meters and each of the tenant's versions whose backfill is done (billing explain)."""
+    async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        return (await _recounts(ctx, conn, lo, hi, tenant, subject))[2]
 
 
 @dataclass
@@ -171,18 +232,18 @@ class _Snapshot:
     expected: dict[str, CounterDelta]
     stored: dict[str, asyncpg.Record]
     queued: set[str]
+    scopes: list[_Scope]
+    skipped: list[str]
 
 
 async def _snapshot(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | None) -> _Snapshot:
     """The recomputed windows, the stored ones and the queued keys, as of one instant."""
-    meters = MeterSet(ctx.config.meters)
-    recount = _Recount(meters)
     async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        await recount.read(conn, lo, hi, tenant)
-        stored = {r["key"]: r for r in await conn.fetch(_COUNTERS, lo, hi, tenant, _compared(meters))}
+        scopes, skipped, expected = await _recounts(ctx, conn, lo, hi, tenant)
+        stored = {r["key"]: r for scope in scopes
+                  for r in await conn.fetch(_COUNTERS, lo, hi, scope.tenant, _compared(scope.meters))}
         queued = {r[0] for r in await conn.fetch(_QUEUED, list(stored))}
-    expected = {k: d for k, d in recount.windows.items() if _inside(d, lo, hi)}
-    return _Snapshot(expected, stored, queued)
+    return _Snapshot(expected, stored, queued, scopes, skipped)
 
 
 async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = None, tenant: str | None = None,
@@ -192,8 +253,8 @@ async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = N
     so the windows still open are compared too."""
     lo = _day(since)
     hi = until or _day(datetime.now(timezone.utc)) + timedelta(days=1)
-    report = ReconcileReport(lo, hi)
     snap = await _snapshot(ctx, lo, hi, tenant)
+    report = ReconcileReport(lo, hi, skipped=snap.skipped)
     expected, stored = snap.expected, snap.stored
     keys = sorted(expected.keys() | stored.keys())
     report.windows = len(keys)
@@ -232,7 +293,8 @@ async def reconcile(ctx: JobContext, since: datetime, until: datetime | None = N
         # Any place out of step is repaired the same way: the recounted value with a new revision,
         # which the outbox relay then carries to the topic and the cache.
         windows = sorted({d.key for d in report.drift if d.place != "stripe"})
-        report.fixed = await _fix(ctx, [_columns(k, expected, stored) for k in windows], outside, fix_budget_s)
+        report.fixed = await _fix(ctx, [_columns(k, expected, stored) for k in windows], outside, fix_budget_s,
+                                  snap.scopes)
     await _record(ctx, report)
     for d in report.drift:
         DRIFT.labels(d.place).inc()
@@ -341,16 +403,22 @@ def _columns(key: str, expected: dict[str, CounterDelta], stored: dict[str, asyn
                    r["window_end"], r["subject"], r["grp"])
 
 
-async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int], budget_s: float) -> set[str]:
-    """Fix the windows a tenant's subject (or a tenant-wide meter) at a time, then relay them; the keys fixed."""
-    meters = MeterSet(ctx.config.meters)
-    groups: dict[tuple[str, str | None], list[_Window]] = {}
+def _scope_of(scopes: list[_Scope], w: _Window) -> int:
+    """The index of the scope that counts the window's counter for its tenant."""
+    return next(i for i, s in enumerate(scopes) if s.tenant in (None, w.tenant) and w.meter in _compared(s.meters))
+
+
+async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int], budget_s: float,
+               scopes: list[_Scope]) -> set[str]:
+    """Fix the windows a tenant's subject (or a tenant-wide meter) and scope at a time, then relay them; the keys
+    fixed."""
+    groups: dict[tuple[str, str | None, int], list[_Window]] = {}
     for w in windows:
-        groups.setdefault((w.tenant, w.subject), []).append(w)
+        groups.setdefault((w.tenant, w.subject, _scope_of(scopes, w)), []).append(w)
     fixed: set[str] = set()
-    for (tenant, subject), group in groups.items():
+    for (tenant, subject, scope), group in groups.items():
         try:
-            fixed |= await _fix_group(ctx, meters, group, outside, budget_s)
+            fixed |= await _fix_group(ctx, scopes[scope], group, outside, budget_s)
         except (TimeoutError, asyncpg.QueryCanceledError):
             log.warning("reconcile: the windows of %s/%s not fixed, their recount took over %.0f s",
                         tenant, subject, budget_s)
@@ -359,7 +427,7 @@ async def _fix(ctx: JobContext, windows: list[_Window], outside: dict[str, int],
     return fixed
 
 
-async def _fix_group(ctx: JobContext, meters: MeterSet, windows: list[_Window], outside: dict[str, int],
+async def _fix_group(ctx: JobContext, scope: _Scope, windows: list[_Window], outside: dict[str, int],
                      budget_s: float) -> set[str]:
     """One transaction: lock the windows, recount their events, write the values with their outbox entries.
     Over the budget it rolls back, so a processor batch waiting on these rows never waits longer."""
@@ -369,7 +437,7 @@ async def _fix_group(ctx: JobContext, meters: MeterSet, windows: list[_Window], 
         await conn.execute(_LOCK, *map(list, zip(*((w.key, w.tenant, w.meter, w.aggregation, w.window, w.start,
                                                         w.end, w.subject, w.grp) for w in windows))))
         # Recounted once the locks are held: every transaction that counted into these windows has committed.
-        recount = _Recount(meters)
+        recount = _Recount(scope)
         await recount.read(conn, min(w.start for w in windows), max(w.end for w in windows), windows[0].tenant,
                            windows[0].subject, deadline)
         now = [recount.windows.get(w.key) for w in windows]

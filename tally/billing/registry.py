@@ -13,7 +13,7 @@ from tally.billing.reconcile import default_since, reconcile
 from tally.billing.stripe_report import StripeSender, report
 from tally.meters import backfill
 from tally.meters.catalog import Catalog
-from tally.sinks.kafka import committed
+from tally.sinks.kafka import committed, high_watermarks
 
 
 async def _limits(ctx: JobContext, _key: str, _now: datetime) -> dict[str, Any]:
@@ -58,6 +58,7 @@ async def _meters_backfill(ctx: JobContext, _key: str, _now: datetime) -> dict[s
     c = ctx.config.backfill
     figures = await backfill.run(ctx.pool, Catalog(ctx.config.meters), c,
                                  partial(committed, c.kafka_bootstrap, c.consumer_group, c.events_topic),
+                                 partial(high_watermarks, c.kafka_bootstrap, c.events_topic),
                                  ctx.config.hook)
     if figures["counted"] or figures["done"]:
         await ctx.relay_counters()

@@ -2,8 +2,9 @@
 starts, counted with the processor's own code and storage, in bounded chunks.
 
 A version is ready when every partition of the events topic has a start for it (`meter_starts`) and the processors'
-group committed at or past each: every event below a start is then stored (or a duplicate, or a dead letter), and
-none of them was counted live for the version. Each chunk is one transaction: it reads the next events in keyset
+group committed at or past each (a partition no new event reached since the version was made gets its start from
+the backfill, at its end offset: docs/adr/0151): every event below a start is then stored (or a duplicate, or a
+dead letter), and none of them was counted live for the version. Each chunk is one transaction: it reads the next events in keyset
 order (time, partition, offset) through the (tenant, time) or (tenant, type, time) index, folds them with the
 version's Meter (MeterSet, the stateful UNIQUE_COUNT and WEIGHTED_SUM modules), upserts the windows and queues them
 in the outbox (sinks.postgres.write_counters), and advances the cursor and `counted`, so a kill -9 anywhere repeats
@@ -51,6 +52,16 @@ class BackfillConfig:
 
 # The group's committed offset per partition of the events topic (None: nothing committed), read from Kafka.
 Committed = Callable[[], dict[int, int | None]]
+# The end offset (high watermark) of every partition of the events topic, read from Kafka.
+Ends = Callable[[], dict[int, int]]
+
+# First writer wins, as the processor's own records (tally/meters/live.py): a start, once recorded, never changes.
+_RECORD = """
+insert into meter_starts (tenant, version_id, kafka_partition, start_offset)
+select $1, $2, p, o from unnest($3::int[], $4::bigint[]) as u(p, o) order by p
+on conflict do nothing
+"""
+_STARTS = "select kafka_partition, start_offset from meter_starts where tenant = $1 and version_id = $2"
 
 
 def unready(starts: dict[int, int], committed: dict[int, int | None]) -> str | None:
@@ -91,9 +102,10 @@ class _Version:
                           f" order by time, kafka_partition, kafka_offset limit ${n + 4}")
 
 
-async def run(pool: asyncpg.Pool, catalog: Catalog, config: BackfillConfig, committed: Committed,
+async def run(pool: asyncpg.Pool, catalog: Catalog, config: BackfillConfig, committed: Committed, ends: Ends,
               hook: Callable[[str], None] = lambda _point: None) -> dict[str, Any]:
     """Backfill every version waiting or running that is ready, within the run's budget; say why the others wait.
+    A waiting version's partitions without a start get one at their end offset (`_start_idle`).
     `hook` is the tests' crash hook: backfill_mid_chunk (a chunk's counters written, not committed) and
     backfill_after_chunk (a chunk committed)."""
     rows = await pool.fetch("select tenant, version_id, state from meter_backfills where state in ('waiting', 'running')"
@@ -103,15 +115,17 @@ async def run(pool: asyncpg.Pool, catalog: Catalog, config: BackfillConfig, comm
         return figures
     await catalog.refresh(pool)
     offsets = await asyncio.to_thread(committed)
+    high: dict[int, int] | None = None  # read once a run, when some waiting version lacks a start
     deadline = time.monotonic() + config.budget_s
     for row in rows:
         tenant, version_id = row["tenant"], row["version_id"]
         version = catalog.version(tenant, version_id)
         if version is None:
             raise LookupError(f"meter_backfills names version {version_id} of {tenant}, which meter_versions lacks")
-        starts = {r[0]: r[1] for r in await pool.fetch(
-            "select kafka_partition, start_offset from meter_starts where tenant = $1 and version_id = $2",
-            tenant, version_id)}
+        starts = {r[0]: r[1] for r in await pool.fetch(_STARTS, tenant, version_id)}
+        if row["state"] == "waiting" and set(offsets) - set(starts):
+            high = high if high is not None else await asyncio.to_thread(ends)
+            starts = await _start_idle(pool, tenant, version_id, starts, high)
         job = _Version(version, starts)
         if row["state"] == "waiting":
             reason = unready(starts, offsets)
@@ -131,6 +145,20 @@ async def run(pool: asyncpg.Pool, catalog: Catalog, config: BackfillConfig, comm
         else:
             break  # over the budget: the next run resumes from the cursor
     return figures
+
+
+async def _start_idle(pool: asyncpg.Pool, tenant: str, version_id: int, starts: dict[int, int],
+                      high: dict[int, int]) -> dict[int, int]:
+    """Record the version's start on each partition that has none at the partition's end offset, read after the
+    version was made (docs/adr/0151): every message below it was produced before; a member writes those it has
+    not written yet knowing the version (the catalog fence) and, being below the start, does not count them live:
+    they are ours once the group committed past it. Every message at or above it is counted live. A member's own
+    start recorded meanwhile wins or loses on the primary key; the starts are read back either way."""
+    idle = sorted(set(high) - set(starts))
+    if idle:
+        await pool.execute(_RECORD, tenant, version_id, idle, [high[p] for p in idle])
+        starts = {r[0]: r[1] for r in await pool.fetch(_STARTS, tenant, version_id)}
+    return starts
 
 
 async def _begin(pool: asyncpg.Pool, job: _Version) -> None:

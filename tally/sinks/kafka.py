@@ -1,5 +1,6 @@
 """A Kafka producer that can say "everything produced so far is acknowledged" or raise; and how far a consumer
-group got, which the demo, the tests and the meter backfill (tally/meters/backfill.py) read.
+group got and where each partition ends, which the demo, the tests and the meter backfill (tally/meters/backfill.py)
+read.
 
 `flush` waits until every queued message is either acked (acks=all) or has definitively failed
 after message.timeout.ms, so nothing from a failed attempt can still land after a later attempt.
@@ -88,6 +89,16 @@ def committed(bootstrap: str, group_id: str, topic: str) -> dict[int, int | None
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
         return {tp.partition: tp.offset if tp.offset >= 0 else None for tp in found}
+    finally:
+        consumer.close()
+
+
+def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+    """The end offset of every partition of `topic`: the offset its next acknowledged message will have. Blocking."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-watermarks", "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
     finally:
         consumer.close()
 

@@ -4,6 +4,7 @@ meters API makes them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import Context, Decimal
@@ -14,6 +15,8 @@ import orjson
 from tally.meters.definitions import Window
 from tally.meters.windows import bounds
 from tally.schemas.envelope import Envelope
+from tally.settings import Settings
+from tests.metering.helpers import run_tally
 
 DEFINITIONS = {
     "calls": {"event_type": "api.call", "aggregation": "COUNT", "windows": ["hour", "day"]},
@@ -96,3 +99,17 @@ async def new_version(db: asyncpg.Connection, tenant: str, slug: str, version: i
 async def record_starts(db: asyncpg.Connection, tenant: str, vid: int, starts: dict[int, int]) -> None:
     await db.executemany("insert into meter_starts (tenant, version_id, kafka_partition, start_offset)"
                          " values ($1, $2, $3, $4)", [(tenant, vid, p, o) for p, o in starts.items()])
+
+
+async def backfilled(settings: Settings, db: asyncpg.Connection, tenant: str, ids: list[int], **env: str) -> None:
+    """Run the backfill job until every version is done (it waits while the members have not committed past their
+    starts)."""
+    for _ in range(60):
+        code, out = await asyncio.to_thread(run_tally, ["jobs", "run", "meters_backfill"], settings, **env)
+        assert code == 0, out
+        states = await db.fetch("select state from meter_backfills where tenant = $1 and version_id = any($2)",
+                                tenant, ids)
+        if all(r["state"] == "done" for r in states):
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"backfill not done: {await db.fetch('select * from meter_backfills where tenant = $1', tenant)}")

@@ -14,7 +14,8 @@ import asyncpg
 
 from tally.settings import Settings
 from tests.metering.helpers import run_tally
-from tests.metering.meters_helpers import DEFINITIONS, counters_of, events_for, expected_windows, new_version
+from tests.metering.meters_helpers import (DEFINITIONS, backfilled, counters_of, events_for, expected_windows,
+                                           new_version)
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import TallyProcess, running
 
@@ -33,21 +34,6 @@ async def _flow(settings: Settings, tenants: list[str], rounds: range, base: dat
     for r in rounds:
         produce(settings, [e for t in tenants for e in events_for(t, base + timedelta(seconds=5 * r), now, 30, 30 * r)])
         await asyncio.sleep(0.2)
-
-
-async def _backfilled(settings: Settings, db: asyncpg.Connection, tenant: str, ids: list[int],
-                      **env: str) -> None:
-    """Run the backfill job until every version is done (it waits while the members have not committed past their
-    starts)."""
-    for _ in range(60):
-        code, out = await asyncio.to_thread(run_tally, ["jobs", "run", "meters_backfill"], settings, **env)
-        assert code == 0, out
-        states = await db.fetch("select state from meter_backfills where tenant = $1 and version_id = any($2)",
-                                tenant, ids)
-        if all(r["state"] == "done" for r in states):
-            return
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"backfill not done: {await db.fetch('select * from meter_backfills where tenant = $1', tenant)}")
 
 
 async def _stored(db: asyncpg.Connection, tenant: str) -> list[asyncpg.Record]:
@@ -75,7 +61,7 @@ async def test_meters_created_while_events_flow_through_two_members_count_every_
         starts = await db.fetch("select version_id, count(*) as n from meter_starts where tenant = $1"
                                 " group by version_id", a)
         assert {r["version_id"]: r["n"] for r in starts} == {i: settings.events_partitions for i in ids}
-        await _backfilled(settings, db, a, ids)
+        await backfilled(settings, db, a, ids)
     await _assert_exact(db, a, b, {slug: slug for slug in DEFINITIONS})
 
 
@@ -98,7 +84,7 @@ async def test_kill_9_of_a_member_and_of_the_backfill_and_a_rebalance_during_it_
         assert code == -9, out
         with running("processor-c", ["process"], settings):  # a member joins: a rebalance during the backfill
             await _flow(settings, [a, b], range(16, 22), base, now)
-            await _backfilled(settings, db, a, ids, TALLY_METERS_BACKFILL_CHUNK="20")
+            await backfilled(settings, db, a, ids, TALLY_METERS_BACKFILL_CHUNK="20")
             await wait_for(lambda: drained(settings, db), 90, "the processors")
     await _assert_exact(db, a, b, {slug: slug for slug in DEFINITIONS})
 
@@ -111,11 +97,11 @@ async def test_a_new_version_fills_exactly_and_the_old_one_stops_where_it_took_o
         v1 = await new_version(db, a, "tokens", 1, DEFINITIONS["tokens"])
         await _flow(settings, [a, b], range(6, 10), base, now)
         await wait_for(lambda: drained(settings, db), 90, "the processors")
-        await _backfilled(settings, db, a, [v1])
+        await backfilled(settings, db, a, [v1])
         v2 = await new_version(db, a, "tokens", 2, {**DEFINITIONS["tokens"], "windows": ["day"]})
         await _flow(settings, [a, b], range(10, 16), base, now)
         await wait_for(lambda: drained(settings, db), 90, "the processors")
-        await _backfilled(settings, db, a, [v2])
+        await backfilled(settings, db, a, [v2])
     rows = await _stored(db, a)
     starts = {r["kafka_partition"]: r["start_offset"] for r in await db.fetch(
         "select kafka_partition, start_offset from meter_starts where tenant = $1 and version_id = $2", a, v2)}

@@ -1,5 +1,6 @@
 """Reconciliation finds a counter row changed by hand and a cached state changed by hand, and `--fix`
-repairs both through the outbox, so the counter topic and the cache follow; a second run finds nothing."""
+repairs both through the outbox, so the counter topic and the cache follow; a second run finds nothing. A tenant's
+meter versions are recounted each below its successor's starts."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tally.sinks.outbox import OutboxRelay
 from tally.sinks.redis_cache import cache_key
 from tally.settings import Settings
 from tests.metering.helpers import METERS, billed_subject, calls, metered, run_tally
+from tests.metering.meters_helpers import DEFINITIONS, backfilled, counters_of, events_for, expected_windows, new_version
 from tests.processor.helpers import assert_topic_matches_postgres, drained, latest_counter_states, produce, wait_for
 from tests.support import running
 from tally.usage.periods import period_at, previous
@@ -341,3 +343,45 @@ async def test_stripe_drift_counts_only_rows_that_count_as_billed(isolated: Sett
     await db.execute(insert, f"sent-{tenant}", tenant, ended.label, ended.end, 2, 3, "sent")
     code, out = run_tally(args, settings)
     assert code == 1 and f"drift stripe   {tenant}/acme/api_calls/{ended.label}  expected 0  found 3" in out, out
+
+
+async def test_reconcile_recounts_each_tenant_version_below_its_successors_starts(
+        isolated: Settings, db: asyncpg.Connection) -> None:
+    settings = isolated.model_copy(update={"batch_max_wait_ms": 50, "jobs_metrics_port": 0, "meters_poll_s": 0.2})
+    a = f"a-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    with running("processor", ["process"], settings):
+        produce(settings, events_for(a, base, now, 60, 0))
+        await wait_for(lambda: drained(settings, db), 90, "the processor")
+        v1 = await new_version(db, a, "tokens", 1, DEFINITIONS["tokens"])
+        produce(settings, events_for(a, base, now, 60, 60))
+        await wait_for(lambda: drained(settings, db), 90, "the processor")
+        await backfilled(settings, db, a, [v1])
+        v2 = await new_version(db, a, "tokens", 2, {**DEFINITIONS["tokens"], "windows": ["day"]})
+        produce(settings, events_for(a, base, now, 60, 120))
+        await wait_for(lambda: drained(settings, db), 90, "the processor")
+        await backfilled(settings, db, a, [v2])
+    # v1 stopped where v2 took over: its counters hold a part of the events, v2's all of them.
+    stored = await db.fetch("select type, subject, time, data::text as data, kafka_partition, kafka_offset from events"
+                            " where tenant = $1", a)
+    assert 0 < len(await counters_of(db, a, "tokens")) and await counters_of(db, a, "tokens") != {
+        k: v for k, v in expected_windows(stored, "tokens").items() if k[0] == "hour"}
+    await new_version(db, a, "calls", 1, DEFINITIONS["calls"])  # its backfill not run: not compared, and said so
+
+    args = ["reconcile", "--since", base.date().isoformat(), "--tenant", a]
+    code, out = run_tally(args, settings)
+    assert code == 0 and "0 drift(s)" in out, out
+    assert f"not compared: {a}/calls (its backfill is not done)" in out, out
+
+    old = await db.fetchval("select key from counters where tenant = $1 and meter = 'tokens' and window_name = 'hour'"
+                            " order by key limit 1", a)
+    new = await db.fetchval("select key from counters where tenant = $1 and meter = 'tokens@2' order by key limit 1", a)
+    await db.execute("update counters set value = value + 5 where key = any($1::text[])", [old, new])
+    code, out = run_tally(args, settings)
+    assert code == 1, out
+    assert f"drift counters {old}" in out and f"drift counters {new}" in out and "2 drift(s)" in out, out
+    code, out = run_tally([*args, "--fix"], settings)
+    assert code == 0 and "2 counter window(s) fixed" in out, out
+    code, out = run_tally(args, settings)
+    assert code == 0 and "0 drift(s)" in out, out
