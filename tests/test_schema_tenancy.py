@@ -18,6 +18,7 @@ SHARED = {
     "api_keys": "looked up by key hash before the tenant is known (the tenant comes from the key)",
     "job_runs": "the jobs worker's runs, each over every tenant (hard limits, Stripe reports, close, reconcile)",
     "alert_leader": "one row: the epoch of the alert evaluator, which evaluates every tenant's rules",
+    "meter_catalog": "one row: the revision of every tenant's meters, which every process polls (ADR 0140)",
 }
 # Tenant-owned tables keyed without the tenant today: moving past one node first re-keys each as ADR
 # 0090 plans (its "Re-keying" section). Listed so that no new table joins them unnoticed, and so that a

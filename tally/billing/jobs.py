@@ -104,31 +104,44 @@ async def _alerts_loop(ctx: JobContext) -> None:
         await asyncio.sleep(ctx.config.alerts_refresh_s)
 
 
+async def _tick(ctx: JobContext, jobs: list[Job]) -> None:
+    """Each job once per key when due, then the report-row figures."""
+    now = datetime.now(timezone.utc)
+    for job in jobs:
+        try:
+            result = await run_job(ctx, job, job.key(now), now)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            # PostgreSQL stopped or restarting: wait it out here rather than exit; the next tick tries again
+            log.warning("jobs not run: the database is unreachable (%s); trying again in %g s", exc, ctx.config.tick_s)
+            break
+        if result.status in ("ok", "failed"):
+            log.info("job %s for %s: %s %s", job.name, result.key, result.status, result.figures)
+    try:
+        await metrics.read_report_rows(ctx.pool)  # each tick: `tally billing retry` and others move rows too
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        log.debug("report rows not counted: %s", exc)
+
+
 async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
-    """Until `stop`: refresh hard limits and usage alerts continuously, and run each job once per key when due."""
+    """Until `stop`: refresh hard limits and usage alerts continuously, and run each job once per key when due.
+
+    A stop in the middle of a job (a backfill or a reconciliation can run for a minute) cancels it: it ends as a
+    kill -9 would, which every job survives (its transaction rolls back, its run is marked interrupted next time),
+    so SIGTERM stops the worker at once rather than after the job."""
     loops = [asyncio.create_task(_limits_loop(ctx)), asyncio.create_task(_alerts_loop(ctx))]
+    stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
-            now = datetime.now(timezone.utc)
-            for job in jobs:
-                try:
-                    result = await run_job(ctx, job, job.key(now), now)
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    # PostgreSQL stopped or restarting: wait it out here rather than exit; the next tick tries again
-                    log.warning("jobs not run: the database is unreachable (%s); trying again in %g s", exc,
-                                ctx.config.tick_s)
-                    break
-                if result.status in ("ok", "failed"):
-                    log.info("job %s for %s: %s %s", job.name, result.key, result.status, result.figures)
-            try:
-                await metrics.read_report_rows(ctx.pool)  # each tick: `tally billing retry` and others move rows too
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                log.debug("report rows not counted: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), ctx.config.tick_s)
-            except TimeoutError:
-                pass
+            tick = asyncio.create_task(_tick(ctx, jobs))
+            await asyncio.wait({tick, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not tick.done():
+                tick.cancel()
+                await asyncio.gather(tick, return_exceptions=True)
+                break
+            tick.result()
+            await asyncio.wait({stopping}, timeout=ctx.config.tick_s)
     finally:
+        stopping.cancel()
         for loop in loops:
             loop.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.gather(stopping, *loops, return_exceptions=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from datetime import datetime, timedelta
+import uuid
+from datetime import datetime, timedelta, timezone
 from decimal import Context, Decimal
 
 import asyncpg
@@ -113,3 +114,13 @@ async def backfilled(settings: Settings, db: asyncpg.Connection, tenant: str, id
             return
         await asyncio.sleep(0.5)
     raise AssertionError(f"backfill not done: {await db.fetch('select * from meter_backfills where tenant = $1', tenant)}")
+
+
+def meter_test(isolated: Settings, **update: object) -> tuple[Settings, str, datetime, datetime]:
+    """A meter test's settings (quick batches, the catalog polled often), a tenant of its own, the hour its events
+    start from (three hours ago) and now."""
+    settings = isolated.model_copy(update={"batch_max_wait_ms": 50, "jobs_metrics_port": 0, "meters_poll_s": 0.2,
+                                           **update})
+    now = datetime.now(timezone.utc)
+    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    return settings, f"a-{uuid.uuid4().hex[:8]}", base, now

@@ -4,9 +4,7 @@ with exact counters, and events arriving on that partition later are counted liv
 
 from __future__ import annotations
 
-import uuid
 import zlib
-from datetime import datetime, timedelta, timezone
 
 import asyncpg
 from confluent_kafka import Producer
@@ -16,7 +14,7 @@ from tally.settings import Settings
 from tally.sinks.kafka import high_watermarks
 from tests.metering.helpers import run_tally
 from tests.metering.meters_helpers import (DEFINITIONS, backfilled, counters_of, events_for, expected_windows,
-                                           new_version)
+                                           meter_test, new_version)
 from tests.processor.helpers import drained, wait_for
 from tests.support import running
 
@@ -42,10 +40,7 @@ async def _exact(db: asyncpg.Connection, tenant: str) -> None:
 
 async def test_a_partition_without_new_events_gets_its_start_from_the_backfill_at_its_end_offset(
         isolated: Settings, db: asyncpg.Connection) -> None:
-    settings = isolated.model_copy(update={"batch_max_wait_ms": 50, "jobs_metrics_port": 0, "meters_poll_s": 0.2})
-    a = f"a-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(timezone.utc)
-    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    settings, a, base, now = meter_test(isolated)
     before, after, later = events_for(a, base, now, 120, 0), events_for(a, base, now, 120, 120), \
         events_for(a, base, now, 120, 240)
     idle = _partition(settings, before[0])

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import asyncpg
 
 from tally.settings import Settings
 from tests.metering.helpers import run_tally
 from tests.metering.meters_helpers import (DEFINITIONS, backfilled, counters_of, events_for, expected_windows,
-                                           new_version)
+                                           meter_test, new_version)
 from tests.processor.helpers import drained, produce, wait_for
 from tests.support import TallyProcess, running
 
 
 def _setting_out(isolated: Settings) -> tuple[Settings, str, str, datetime, datetime]:
     """The test's settings, two tenants (A defines meters, B never sees them), and the hour events start from."""
-    settings = isolated.model_copy(update={"batch_max_wait_ms": 50, "batch_max_messages": 100, "jobs_metrics_port": 0,
-                                           "processor_metrics_port": 0, "meters_poll_s": 0.2})
-    now = datetime.now(timezone.utc)
-    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
-    return settings, f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}", base, now
+    settings, a, base, now = meter_test(isolated, batch_max_messages=100, processor_metrics_port=0)
+    return settings, a, f"b-{uuid.uuid4().hex[:8]}", base, now
 
 
 async def _flow(settings: Settings, tenants: list[str], rounds: range, base: datetime, now: datetime) -> None:

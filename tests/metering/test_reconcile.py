@@ -28,7 +28,8 @@ from tally.sinks.outbox import OutboxRelay
 from tally.sinks.redis_cache import cache_key
 from tally.settings import Settings
 from tests.metering.helpers import METERS, billed_subject, calls, metered, run_tally
-from tests.metering.meters_helpers import DEFINITIONS, backfilled, counters_of, events_for, expected_windows, new_version
+from tests.metering.meters_helpers import (DEFINITIONS, backfilled, counters_of, events_for, expected_windows,
+                                           meter_test, new_version)
 from tests.processor.helpers import assert_topic_matches_postgres, drained, latest_counter_states, produce, wait_for
 from tests.support import running
 from tally.usage.periods import period_at, previous
@@ -347,10 +348,7 @@ async def test_stripe_drift_counts_only_rows_that_count_as_billed(isolated: Sett
 
 async def test_reconcile_recounts_each_tenant_version_below_its_successors_starts(
         isolated: Settings, db: asyncpg.Connection) -> None:
-    settings = isolated.model_copy(update={"batch_max_wait_ms": 50, "jobs_metrics_port": 0, "meters_poll_s": 0.2})
-    a = f"a-{uuid.uuid4().hex[:8]}"
-    now = datetime.now(timezone.utc)
-    base = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    settings, a, base, now = meter_test(isolated)
     with running("processor", ["process"], settings):
         produce(settings, events_for(a, base, now, 60, 0))
         await wait_for(lambda: drained(settings, db), 90, "the processor")

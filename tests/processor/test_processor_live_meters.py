@@ -206,20 +206,13 @@ async def _steady(settings: Settings, db: asyncpg.Connection, kill: bool) -> Non
                              b, ["events", "logs", "event_types"]) == 0
 
 
+@pytest.mark.parametrize("kill", [False, True], ids=["steady", "through-a-kill-and-a-rebalance"])
 async def test_meter_versions_defined_while_events_flow_count_exactly_from_their_starts(
-    isolated: Settings, db: asyncpg.Connection
+    isolated: Settings, db: asyncpg.Connection, kill: bool
 ) -> None:
     settings = isolated.model_copy(update={"batch_max_messages": 200, "processor_metrics_port": 0,
                                            "late_horizon_s": 86400})
-    await _steady(settings, db, kill=False)
-
-
-async def test_meter_versions_count_exactly_through_a_kill_and_a_rebalance(
-    isolated: Settings, db: asyncpg.Connection
-) -> None:
-    settings = isolated.model_copy(update={"batch_max_messages": 200, "processor_metrics_port": 0,
-                                           "late_horizon_s": 86400})
-    await _steady(settings, db, kill=True)
+    await _steady(settings, db, kill=kill)
 
 
 
