@@ -15,6 +15,7 @@ as live. The chunk that finds the end marks the backfill done and moves `meter_c
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ import orjson
 from tally.meters import stateful
 from tally.meters.catalog import Catalog, MeterVersion
 from tally.meters.definitions import Meter, MetersConfig
-from tally.meters.meterset import MeterSet
+from tally.meters.meterset import MeterError, MeterSet
 from tally.sinks.base import EVENT_COLUMNS, Record, stored_event
 from tally.sinks.postgres import write_counters
+
+log = logging.getLogger("tally.meters")
 
 # Where a backfill begins: before every storable event time (processors.storable.EARLIEST_TIME), partition and offset.
 _ORIGIN = (datetime(1, 1, 1, tzinfo=timezone.utc), -1, -1)
@@ -184,7 +187,7 @@ async def _chunk(pool: asyncpg.Pool, job: _Version, config: BackfillConfig,
             at, partition, offset = _ORIGIN if state["cursor"] is None else _cursor(orjson.loads(state["cursor"]))
             rows = await conn.fetch(job.chunk_sql, *job.args, at, partition, offset, config.chunk)
         if rows:
-            records = [Record(stored_event(r), r["kafka_partition"], r["kafka_offset"]) for r in rows]
+            records = _readable(job, [Record(stored_event(r), r["kafka_partition"], r["kafka_offset"]) for r in rows])
             deltas = job.meters.aggregate(records)
             if job.meters.has_stateful:
                 deltas = sorted(deltas + await stateful.apply(job.meters, conn, records), key=lambda item: item[0])
@@ -203,6 +206,21 @@ async def _chunk(pool: asyncpg.Pool, job: _Version, config: BackfillConfig,
             await conn.execute("update meter_catalog set revision = revision + 1")
     hook("backfill_after_chunk")
     return len(rows), done
+
+
+def _readable(job: _Version, records: list[Record]) -> list[Record]:
+    """The records the version's meter can read. One it cannot (a SUM whose value is text) the live processor would
+    have dead-lettered, not counted: it is left out and logged, so one tenant's data never stops the shared job."""
+    readable = []
+    for r in records:
+        try:
+            job.meters.check(r.envelope)
+        except MeterError as exc:
+            log.warning("backfill of %s version %d leaves out %s/%s: %s", job.tenant, job.id,
+                        r.envelope.source, r.envelope.id, exc)
+            continue
+        readable.append(r)
+    return readable
 
 
 def _cursor(saved: dict[str, Any]) -> tuple[datetime, int, int]:
