@@ -22,7 +22,7 @@ async def connected(url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-_KEEP = ("api_keys", "schema_migrations")
+_KEEP = ("api_keys", "meter_catalog", "schema_migrations")  # meter_catalog: one row every process reads
 
 
 async def tables(conn: asyncpg.Connection) -> set[str]:

@@ -166,9 +166,12 @@ async def gateway_parts(bench: Bench, args: argparse.Namespace, parts: list[str]
 
 
 async def drain(args: argparse.Namespace, bench: Bench, settings: Settings, loaded: kafka_bench.Loaded,
-                checkout: Path, slug: str) -> Figures:
-    """One processor of `checkout` drains the topic from the start; its CPU and its backends' per event."""
+                checkout: Path, slug: str, prepare: Callable[[], Awaitable[None]] | None = None) -> Figures:
+    """One processor of `checkout` drains the topic from the start; its CPU and its backends' per event.
+    `prepare` runs once the tables are empty, before the processor starts."""
     await pg_bench.clear(settings.database_url)
+    if prepare is not None:
+        await prepare()
     lag = kafka_bench.Lag(settings.kafka_bootstrap, settings.consumer_group, loaded.topic)
     services: list[Service] = []
     meter = CpuMeter({"processor": lambda: [s.process.pid for s in services]}, bench.base.database_url,

@@ -9,9 +9,11 @@ not run again by the worker. A job that fails is recorded `failed` and tried aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from typing import Any
 
@@ -85,29 +87,40 @@ async def refresh_limits(ctx: JobContext) -> int:
     return await limits.refresh(ctx.pool, ctx.reader, ctx.redis, c.redis_prefix, await ctx.catalog(), c.limits_ttl_s)
 
 
-async def _limits_loop(ctx: JobContext) -> None:
-    while True:
-        try:
-            metrics.BLOCKED_SUBJECTS.set(await refresh_limits(ctx))
-        except Exception:
-            log.exception("hard-limit refresh failed")
-        await asyncio.sleep(ctx.config.limits_refresh_s)
+async def _refresh_limits(ctx: JobContext) -> None:
+    metrics.BLOCKED_SUBJECTS.set(await refresh_limits(ctx))
 
 
-async def _alerts_loop(ctx: JobContext) -> None:
+async def _detect_alerts(ctx: JobContext) -> None:
     """Record the thresholds crossed; `tally alerts` publishes and delivers them (tally/alerts/usage.py)."""
-    while True:
+    await alerts.detect(ctx.pool, ctx.reader, await ctx.catalog(), ctx.config.late_horizon_s)
+
+
+async def _every(seconds: float, what: str, call: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    """`call` every `seconds` until `stop`. The loop ends on the event as well as on cancellation: a library may
+    swallow a cancellation (redis-py connects under asyncio.wait_for, which on Python 3.11 drops a cancel that
+    arrives as the connection completes), and the worker would never stop."""
+    while not stop.is_set():
         try:
-            await alerts.detect(ctx.pool, ctx.reader, await ctx.catalog(), ctx.config.late_horizon_s)
+            await call()
         except Exception:
-            log.exception("usage alerts failed")
-        await asyncio.sleep(ctx.config.alerts_refresh_s)
+            log.exception("%s failed", what)
+        await _pause(stop, seconds)
 
 
-async def _tick(ctx: JobContext, jobs: list[Job]) -> None:
-    """Each job once per key when due, then the report-row figures."""
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Until `stop`, for at most `seconds`."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+async def _tick(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
+    """Each job once per key when due (none after `stop`), then the report-row figures."""
     now = datetime.now(timezone.utc)
     for job in jobs:
+        if stop.is_set():
+            return
         try:
             result = await run_job(ctx, job, job.key(now), now)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
@@ -128,18 +141,20 @@ async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
     A stop in the middle of a job (a backfill or a reconciliation can run for a minute) cancels it: it ends as a
     kill -9 would, which every job survives (its transaction rolls back, its run is marked interrupted next time),
     so SIGTERM stops the worker at once rather than after the job."""
-    loops = [asyncio.create_task(_limits_loop(ctx)), asyncio.create_task(_alerts_loop(ctx))]
+    c = ctx.config
+    loops = [asyncio.create_task(_every(c.limits_refresh_s, "hard-limit refresh", partial(_refresh_limits, ctx), stop)),
+             asyncio.create_task(_every(c.alerts_refresh_s, "usage alerts", partial(_detect_alerts, ctx), stop))]
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
-            tick = asyncio.create_task(_tick(ctx, jobs))
+            tick = asyncio.create_task(_tick(ctx, jobs, stop))
             await asyncio.wait({tick, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not tick.done():
                 tick.cancel()
                 await asyncio.gather(tick, return_exceptions=True)
                 break
             tick.result()
-            await asyncio.wait({stopping}, timeout=ctx.config.tick_s)
+            await _pause(stop, c.tick_s)
     finally:
         stopping.cancel()
         for loop in loops:

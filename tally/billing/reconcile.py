@@ -132,6 +132,7 @@ class _Scope:
     meters: MeterSet
     tenant: str | None
     version: int | None = None  # the version's id
+    leave_out: frozenset[str] = frozenset()  # tenants whose own meters shadow deploy-time ones: recounted apart
 
     async def until(self, conn: asyncpg.Connection) -> list[int | None] | None:
         """The successor's start per partition, as the transaction sees them (None where it has none: every
@@ -142,10 +143,17 @@ class _Scope:
         return [starts.get(p) for p in range(max(starts, default=-1) + 1)]
 
 
-def _scopes(meters: MetersConfig, catalog: Catalog, tenant: str | None) -> tuple[list[_Scope], list[str]]:
-    """The recounts to compare: the deploy-time meters, and each tenant version whose backfill is done; and the
-    tenant/counter of the versions left out (their backfill is not done: their counters are not whole yet)."""
-    scopes, skipped = [_Scope(MeterSet(meters), tenant)], []
+def _scopes(catalog: Catalog, tenant: str | None) -> tuple[list[_Scope], list[str]]:
+    """The recounts to compare: the deploy-time meters (less those a tenant shadows, ADR 0153), and each tenant
+    version whose backfill is done; and the tenant/counter of the versions left out (their backfill is not done:
+    their counters are not whole yet)."""
+    shadowed = catalog.shadowed()
+    if tenant is None:
+        scopes = [_Scope(MeterSet(catalog.built_ins), None, leave_out=frozenset(shadowed))]
+        scopes += [_Scope(MeterSet(catalog.built_ins_for(t)), t) for t in sorted(shadowed)]
+    else:
+        scopes = [_Scope(MeterSet(catalog.built_ins_for(tenant)), tenant)]
+    skipped: list[str] = []
     for t in sorted(catalog.tenants()) if tenant is None else [tenant]:
         for v in catalog.versions(t):
             if v.meter is None:
@@ -175,7 +183,12 @@ class _Recount:
                 raise TimeoutError("the recount took longer than its budget")
 
     def _fold(self, rows: Iterable[asyncpg.Record]) -> None:
-        records = [Record(stored_event(r), 0, 0, True) for r in rows]
+        leave_out = self._scope.leave_out
+        records, refused = self._scope.meters.readable([Record(e, 0, 0, True) for r in rows
+                                                        if (e := stored_event(r)).tenant not in leave_out])
+        if refused:
+            log.warning("the recount of %s leaves out %d stored events its meters cannot read, as their backfill "
+                        "did (first: %s)", self._scope.tenant or "every tenant", len(refused), refused[0][1])
         for key, delta in self._scope.meters.aggregate(records):
             seen = self.windows.get(key)
             self.windows[key] = delta if seen is None else _merge(seen, delta)
@@ -210,7 +223,7 @@ async def _recounts(ctx: JobContext, conn: asyncpg.Connection, lo: datetime, hi:
     as the processors and the backfills counted the stored events, the catalog read in the same transaction."""
     catalog = Catalog(ctx.config.meters)
     await catalog.refresh(conn)
-    scopes, skipped = _scopes(ctx.config.meters, catalog, tenant)
+    scopes, skipped = _scopes(catalog, tenant)
     expected: dict[str, CounterDelta] = {}
     for scope in scopes:
         recount = _Recount(scope)

@@ -28,7 +28,7 @@ import orjson
 from tally.meters import stateful
 from tally.meters.catalog import Catalog, MeterVersion
 from tally.meters.definitions import Meter, MetersConfig
-from tally.meters.meterset import MeterError, MeterSet
+from tally.meters.meterset import MeterSet
 from tally.sinks.base import EVENT_COLUMNS, Record, stored_event
 from tally.sinks.postgres import write_counters
 
@@ -209,17 +209,10 @@ async def _chunk(pool: asyncpg.Pool, job: _Version, config: BackfillConfig,
 
 
 def _readable(job: _Version, records: list[Record]) -> list[Record]:
-    """The records the version's meter can read. One it cannot (a SUM whose value is text) the live processor would
-    have dead-lettered, not counted: it is left out and logged, so one tenant's data never stops the shared job."""
-    readable = []
-    for r in records:
-        try:
-            job.meters.check(r.envelope)
-        except MeterError as exc:
-            log.warning("backfill of %s version %d leaves out %s/%s: %s", job.tenant, job.id,
-                        r.envelope.source, r.envelope.id, exc)
-            continue
-        readable.append(r)
+    readable, refused = job.meters.readable(records)
+    for r, exc in refused:
+        log.warning("backfill of %s version %d leaves out %s/%s: %s", job.tenant, job.id,
+                    r.envelope.source, r.envelope.id, exc)
     return readable
 
 

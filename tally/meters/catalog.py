@@ -7,6 +7,7 @@ meters where it used to take the one global set.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import asyncpg
 import orjson
 
 from tally.meters.definitions import DEFAULT_METERS, Meter, MetersConfig
+
+log = logging.getLogger("tally.meters")
 
 # What a version row holds besides its definition: the columns `Catalog.refresh` reads.
 _VERSIONS = """
@@ -59,6 +62,8 @@ class Catalog:
         self._meters: dict[str, MetersConfig] = {}
         self._backfills: dict[tuple[str, int], str] = {}
         self._readable: dict[str, tuple[MetersConfig, frozenset[str]]] = {}
+        self._shadowed: dict[str, frozenset[str]] = {}
+        self._built_ins_for: dict[str, MetersConfig] = {}
 
     async def refresh(self, conn: asyncpg.Connection | asyncpg.Pool) -> bool:
         """Reload if the catalog moved since the last refresh; True when it did."""
@@ -76,6 +81,12 @@ class Catalog:
         self._versions = dict(versions)
         self._meters = {}
         self._readable = {}
+        deployed = {m.slug for m in self.built_ins.meters}
+        self._shadowed = {t: frozenset(found) for t, vs in versions.items() if (found := deployed & {v.slug for v in vs})}
+        self._built_ins_for = {}
+        for tenant, slugs in sorted(self._shadowed.items()):
+            log.warning("tenant %s defined its own %s before the deploy did: its own stays its meter (ADR 0153)",
+                        tenant, ", ".join(sorted(slugs)))
         # Rows read after the revision: at worst newer than it, and the next refresh reads them again.
         self.revision = revision
         return True
@@ -90,6 +101,21 @@ class Catalog:
         """A deploy-time meter (configured, or one of the defaults `events`, `logs`, `event_types`, which a
         configuration may leave out): no tenant may define one of that slug."""
         return any(m.slug == slug for m in (*self.built_ins.meters, *DEFAULT_METERS.meters))
+
+    def shadowed(self) -> dict[str, frozenset[str]]:
+        """tenant -> the deploy-time slugs it defined a meter of before the deploy did (ADR 0153)."""
+        return self._shadowed
+
+    def built_ins_for(self, tenant: str) -> MetersConfig:
+        """The deploy-time meters that count for the tenant: all but those of a slug it has a meter of itself."""
+        slugs = self._shadowed.get(tenant)
+        if slugs is None:
+            return self.built_ins
+        found = self._built_ins_for.get(tenant)
+        if found is None:
+            found = self._built_ins_for[tenant] = MetersConfig(
+                meters=[m for m in self.built_ins.meters if m.slug not in slugs])
+        return found
 
     def tenants(self) -> set[str]:
         """The tenants with meters of their own."""
@@ -119,7 +145,7 @@ class Catalog:
             for v in self.versions(tenant):
                 newest[v.slug] = v
             own = [v.meter for v in newest.values() if v.meter is not None]
-            found = self._meters[tenant] = MetersConfig(meters=[*self.built_ins.meters, *own])
+            found = self._meters[tenant] = MetersConfig(meters=[*self.built_ins_for(tenant).meters, *own])
         return found
 
     def backfill(self, tenant: str, version_id: int) -> str | None:
@@ -156,5 +182,6 @@ class Catalog:
                 if not done:
                     partial.add(slug)
                 own.append((done or since)[-1].meter)
-            found = self._readable[tenant] = (MetersConfig(meters=[*self.built_ins.meters, *own]), frozenset(partial))
+            found = self._readable[tenant] = (MetersConfig(meters=[*self.built_ins_for(tenant).meters, *own]),
+                                              frozenset(partial))
         return found

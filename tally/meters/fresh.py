@@ -51,7 +51,11 @@ class LiveCatalog:
 
     async def _refresh(self, pool: asyncpg.Pool | asyncpg.Connection) -> None:
         try:
-            if await asyncio.wait_for(self.catalog.refresh(pool), self._timeout_s):
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as the
+            # refresh completes, and the stopping loop that called it would go on.
+            async with asyncio.timeout(self._timeout_s):
+                moved = await self.catalog.refresh(pool)
+            if moved:
                 log.info("meter catalog at revision %d", self.catalog.revision)
             if self._failing:
                 log.info("meter catalog refreshed again")

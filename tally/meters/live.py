@@ -57,6 +57,7 @@ class _Version:
 class _Tenant:
     checks: MeterSet  # every version that can count: an event none of them can read is a dead letter
     versions: list[_Version]
+    built_ins: MeterSet  # the deploy-time meters less those the tenant has its own of (ADR 0153)
 
 
 class LiveMeters:
@@ -71,6 +72,7 @@ class LiveMeters:
         self._poll_s = poll_s
         self._next_poll = 0.0
         self._own: frozenset[str] = frozenset()
+        self._shadowed: frozenset[str] = frozenset()  # tenants the whole deploy-time set does not count for
         self._tenants: dict[str, _Tenant] = {}
         self._starts: dict[int, dict[int, int]] = defaultdict(dict)  # version id -> partition -> start offset
         self._covered: set[int] = set()  # partitions where every version of the catalog has a known start
@@ -90,6 +92,7 @@ class LiveMeters:
         self.stale = False
         if moved:
             self._own = frozenset(self.catalog.tenants())
+            self._shadowed = frozenset(self.catalog.shadowed())
             self._tenants = {}
             self._covered = set()
             self.check = self._check if self._own else self.base.check
@@ -98,20 +101,26 @@ class LiveMeters:
     # -- counting (inside the write transaction) -----------------------------------------------
 
     def aggregate(self, records: Sequence[Record]) -> list[tuple[str, CounterDelta]]:
-        out = self.base.aggregate(records)
         mine = self._by_tenant(records)
         if not mine:
-            return out
+            return self.base.aggregate(records)
+        out = self.base.aggregate(self._unshadowed(records))
         for tenant, own in mine.items():
-            for version in self._tenant(tenant).versions:
+            t = self._tenant(tenant)
+            if tenant in self._shadowed:
+                out += t.built_ins.aggregate(own)
+            for version in t.versions:
                 out += version.meters.aggregate(version.live(own))
         out.sort(key=itemgetter(0))
         return out
 
     def stateful_inputs(self, records: Sequence[Record]) -> list[StatefulInput]:
-        out = self.base.stateful_inputs(records) if self.base.has_stateful else []
+        out = self.base.stateful_inputs(self._unshadowed(records)) if self.base.has_stateful else []
         for tenant, own in self._by_tenant(records).items():
-            for version in self._tenant(tenant).versions:
+            t = self._tenant(tenant)
+            if tenant in self._shadowed and t.built_ins.has_stateful:
+                out += t.built_ins.stateful_inputs(own)
+            for version in t.versions:
                 if version.meters.has_stateful:
                     out += version.meters.stateful_inputs(version.live(own))
         return out
@@ -151,11 +160,19 @@ class LiveMeters:
     # -- step 1 ---------------------------------------------------------------------------------
 
     def _check(self, event: StoredEvent) -> None:
-        self.base.check(event)
-        if event.tenant in self._own:
-            self._tenant(event.tenant).checks.check(event)
+        if event.tenant not in self._own:
+            self.base.check(event)
+            return
+        t = self._tenant(event.tenant)
+        t.built_ins.check(event)
+        t.checks.check(event)
 
     # -- the tenants' compiled versions -----------------------------------------------------------
+
+    def _unshadowed(self, records: Sequence[Record]) -> Sequence[Record]:
+        """The records the whole deploy-time set counts: all but those of tenants that shadow one of its meters."""
+        shadowed = self._shadowed
+        return [r for r in records if r[0].tenant not in shadowed] if shadowed else records
 
     def _by_tenant(self, records: Sequence[Record]) -> dict[str, list[Record]]:
         own = self._own
@@ -187,5 +204,6 @@ class LiveMeters:
                     live.append(v.meter)
                     versions.append(_Version(self._starts[v.id], None if following is None else self._starts[following.id],
                                              MeterSet(MetersConfig(meters=[v.meter]))))
-            found = self._tenants[tenant] = _Tenant(MeterSet(MetersConfig(meters=live)), versions)
+            built_ins = MeterSet(self.catalog.built_ins_for(tenant)) if tenant in self._shadowed else self.base
+            found = self._tenants[tenant] = _Tenant(MeterSet(MetersConfig(meters=live)), versions, built_ins)
         return found

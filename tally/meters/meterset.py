@@ -178,6 +178,20 @@ class MeterSet:
         for check in checks:
             check(envelope)
 
+    def readable(self, records: Iterable[Record]) -> tuple[list[Record], list[tuple[Record, MeterError]]]:
+        """The stored records these meters can read, and those they cannot with why. Live, such an event is a dead
+        letter; a backfill or recount reads events stored before the meter existed and leaves it out the same way,
+        so one tenant's data never fails a job shared by every tenant."""
+        readable, refused = [], []
+        for r in records:
+            try:
+                self.check(r.envelope)
+            except MeterError as exc:
+                refused.append((r, exc))
+                continue
+            readable.append(r)
+        return readable, refused
+
     def _compile_checks(self, event_type: str) -> tuple[Callable[[StoredEvent], None], ...]:
         """The checks an event of this type needs, in the order `check` makes them (so the first failing
         one still names the reason). A path rooted at `type`, or at no envelope attribute, gives the same

@@ -216,7 +216,8 @@ class Processor:
         try:
             async for attempt in retry:
                 with attempt:
-                    result = await asyncio.wait_for(call(), self.config.attempt_timeout_s)
+                    async with asyncio.timeout(self.config.attempt_timeout_s):  # wait_for may swallow a cancel (3.11)
+                        result = await call()
             return result
         finally:
             if self._paused:

@@ -1,0 +1,59 @@
+"""A deploy may add a meter whose slug a tenant already defined (the meters API refuses only the slugs deployed at the
+time). For that tenant its own meter keeps meaning what its bills and limits were made from, and the deploy-time one
+counts for everyone else: nothing is counted twice into one counter, no read fails, and the recount agrees (ADR 0153)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+
+import asyncpg
+
+from tally.billing.context import BillingConfig, JobContext
+from tally.billing.reconcile import reconcile
+from tally.meters.catalog import Catalog
+from tally.meters.definitions import Window, load_meters
+from tally.settings import Settings
+from tally.meters.windows import bounds
+from tests.metering.helpers import METERS
+from tests.metering.meters_helpers import backfilled, counters_of, events_for, expected_windows, meter_test, new_version
+from tests.processor.helpers import drained, produce, wait_for
+from tests.support import running
+
+OWN_TOKENS = {"event_type": "llm.call", "aggregation": "COUNT", "windows": ["hour", "day"]}
+
+
+async def test_a_tenants_own_meter_shadows_a_deploy_time_meter_of_its_slug(
+        isolated: Settings, db: asyncpg.Connection) -> None:
+    settings, a, base, now = meter_test(isolated, meters=METERS)
+    b = f"b{a[1:]}"
+    vid = await new_version(db, a, "tokens", 1, OWN_TOKENS)
+    await backfilled(settings, db, a, [vid])
+    with running("processor", ["process"], settings):
+        produce(settings, events_for(a, base, now, 60) + events_for(b, base, now, 60))
+        await wait_for(lambda: drained(settings, db), 90, "the processor")
+
+    columns = "select type, subject, time, data::text as data from events where tenant = $1"
+    calls: dict[tuple[str, object, str], Decimal] = defaultdict(Decimal)
+    for r in await db.fetch(columns, a):
+        if r["type"] == "llm.call":
+            for name in OWN_TOKENS["windows"]:
+                calls[(name, bounds(Window(name), r["time"])[0], r["subject"])] += 1
+    assert calls and await counters_of(db, a, "tokens") == dict(calls), "tenant a's own COUNT, alone"
+    assert await counters_of(db, b, "tokens") == expected_windows(await db.fetch(columns, b), "tokens")
+
+    meters = load_meters(inline=METERS)
+    catalog = Catalog(meters)
+    await catalog.refresh(db)
+    assert [m.aggregation.value for m in catalog.readable(a).meters if m.slug == "tokens"] == ["COUNT"]
+    assert [m.aggregation.value for m in catalog.readable(b).meters if m.slug == "tokens"] == ["SUM"]
+
+    config = BillingConfig(settings.database_url, settings.redis_url, settings.redis_prefix,
+                           settings.redis_counter_ttl_s, meters)
+    ctx = await JobContext.open(config)
+    try:
+        for tenant in (a, b):
+            report = await reconcile(ctx, base, tenant=tenant)
+            assert report.drift == [] and report.windows > 0, (tenant, report.drift[:3])
+    finally:
+        await ctx.close()
