@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
+from benchmarks.cpu import CpuMeter
 from tally.meters.backfill import BackfillConfig, run
 from tally.meters.catalog import Catalog
 from tally.meters.definitions import DEFAULT_METERS
@@ -35,6 +38,18 @@ from generate_series(0, $2 - 1) as n, lateral (select now() - interval '7 days' 
 """
 
 
+def _progress(rows: int, chunk: int, started: float, chunks: list[int], point: str) -> None:
+    """Every million events counted, where the backfill stands (a 10-million run takes minutes)."""
+    if point != "backfill_after_chunk":
+        return
+    chunks[0] += 1
+    if chunks[0] * chunk % 1_000_000 < chunk:
+        done = chunks[0] * chunk
+        rate = done / (time.perf_counter() - started)
+        print(f"  {done:,} of {rows:,} counted, {rate:,.0f} events/s, about {(rows - done) / rate:.0f} s left",
+              flush=True)
+
+
 async def main(rows: int) -> None:
     base = Settings()
     url = urlunsplit(urlsplit(base.database_url)._replace(path=f"/{DATABASE}"))
@@ -46,6 +61,7 @@ async def main(rows: int) -> None:
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     try:
         started = time.perf_counter()
+        print(f"seeding {rows:,} log records (a 10-million seed takes some minutes)", flush=True)
         await pool.execute(_SEED, TENANT, rows)
         await pool.execute("analyze events")
         print(f"seeded {rows:,} log records in {time.perf_counter() - started:.0f} s")
@@ -58,11 +74,16 @@ async def main(rows: int) -> None:
         await pool.executemany("insert into meter_starts (tenant, version_id, kafka_partition, start_offset)"
                                " values ($1, $2, $3, $4)", [(TENANT, vid, p, o) for p, o in starts.items()])
         config = BackfillConfig(budget_s=24 * 3600.0)
+        meter = CpuMeter({"backfill": lambda: [os.getpid()]}, base.database_url, DATABASE, False)
+        before = await meter.snapshot()
         started = time.perf_counter()
-        figures = await run(pool, Catalog(DEFAULT_METERS), config, lambda: starts, lambda: starts)
+        figures = await run(pool, Catalog(DEFAULT_METERS), config, lambda: starts, lambda: starts,
+                            partial(_progress, rows, config.chunk, started, [0]))
         seconds = time.perf_counter() - started
+        cpu = CpuMeter.per_event(before, await meter.snapshot(), figures["counted"])
         print(f"backfill: {figures['counted']:,} events in {seconds:.1f} s = {figures['counted'] / seconds:,.0f} events/s"
-              f" (chunk {config.chunk}, pause {config.pause_s} s)")
+              f" (chunk {config.chunk}, pause {config.pause_s} s); CPU per event: backfill {cpu['backfill']:.1f} µs,"
+              f" PostgreSQL {cpu['postgresql']:.1f} µs")
     finally:
         await pool.close()
         conn = await asyncpg.connect(base.database_url)

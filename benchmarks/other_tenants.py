@@ -84,6 +84,15 @@ async def _define(url: str, others: int) -> None:
         await conn.close()
 
 
+async def _taken_up(url: str) -> int:
+    """The versions the drain's processor recorded starts for: proof it had the other tenants' meters."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("select count(distinct version_id) from meter_starts")
+    finally:
+        await conn.close()
+
+
 async def drains(args: argparse.Namespace) -> dict[int, list[side_by_side.Figures]]:
     bench = Bench.create(Settings())
     await bench.setup()
@@ -99,9 +108,13 @@ async def drains(args: argparse.Namespace) -> dict[int, list[side_by_side.Figure
                 group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-{others}-{n}"})
                 f = await side_by_side.drain(args, bench, group, loaded, ROOT, f"others-{others}-{n}",
                                              lambda o=others: _define(settings.database_url, o))
+                seen = await _taken_up(settings.database_url)
+                if seen != others:
+                    raise RuntimeError(f"the processor took up {seen} of the {others} meters of other tenants")
                 found[others].append(f)
                 print(f"[others] round {n}, {others} meters of other tenants: {fmt(f['events_s'])} events/s, "
-                      f"processor {fmt(f['processor_running_us'], 1)} µs/event once running", flush=True)
+                      f"processor {fmt(f['processor_us'], 1)} µs/event ({fmt(f['processor_running_us'], 1)} once "
+                      "running)", flush=True)
     finally:
         await bench.teardown()
     return found
@@ -111,12 +124,13 @@ def report(found: dict[int, list[side_by_side.Figures]]) -> None:
     def med(key: str, others: int) -> float:
         return statistics.median(f[key] for f in found[others] if f[key] is not None)
 
-    print("| meters of other tenants | events/s | vs 0 | processor µs/event (running) | vs 0 | PostgreSQL µs/event |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| meters of other tenants | events/s | vs 0 | processor µs/event | vs 0 | once running | vs 0 |"
+          " PostgreSQL µs/event |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for others in COUNTS:
-        rate, cpu = med("events_s", others), med("processor_running_us", others)
-        print(f"| {others} | {fmt(rate)} | {rate / med('events_s', 0):.2f} | {fmt(cpu, 1)} | "
-              f"{cpu / med('processor_running_us', 0):.2f} | {fmt(med('postgresql_us', others), 1)} |")
+        cells = [f"{fmt(med(key, others), digits)} | {med(key, others) / med(key, 0):.2f}"
+                 for key, digits in (("events_s", 0), ("processor_us", 1), ("processor_running_us", 1))]
+        print(f"| {others} | {' | '.join(cells)} | {fmt(med('postgresql_us', others), 1)} |")
 
 
 def main() -> None:

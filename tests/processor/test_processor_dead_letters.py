@@ -84,3 +84,30 @@ async def test_poison_goes_to_the_dlq_with_its_reason_and_a_replay_after_the_fix
     assert revenue == sum(range(100))
     again = [d for d in letters(fixed) if d.attempts == 2]
     assert sorted(d.error_class for d in again) == ["InvalidJSON"] * 5 + ["MeterError"] * 5 + ["SchemaMismatch"] * 5
+
+
+async def test_a_tenants_own_meter_dead_letters_only_that_tenants_unreadable_events(
+    isolated: Settings, db: asyncpg.Connection
+) -> None:
+    """A tenant's SUM meter that cannot read an event's value dead-letters that event, naming the meter; another
+    tenant's events of the same shape are stored, and the worker goes on with both tenants' good events."""
+    a, b = f"own-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    settings = isolated.model_copy(update={"meters_poll_s": 0.2})
+    async with db.transaction():
+        vid = await db.fetchval("insert into meter_versions (tenant, slug, version, definition) values ($1, 'spend', 1,"
+                                " $2::jsonb) returning id", a, orjson.dumps({
+                                    "event_type": "order.*", "aggregation": "SUM", "value_path": "data.amount",
+                                    "windows": ["hour"]}).decode())
+        await db.execute("insert into meter_backfills (tenant, version_id) values ($1, $2)", a, vid)
+    hostile = [envelope(a, 500 + n, data={"amount": "lots"}) for n in range(3)]
+    same_shape = [envelope(b, 500 + n, data={"amount": "lots"}) for n in range(3)]
+    good = [envelope(t, n, data={"amount": n}) for t in (a, b) for n in range(20)]
+    produce(settings, good[:10] + hostile + same_shape + good[10:])
+    with running("processor", ["process"], settings):
+        await wait_for(lambda: drained(settings, db), 60, "the processor to drain the topic")
+    assert (await event_count(db, a), await event_count(db, b)) == (20, 23)
+    dead = letters(settings)
+    assert sorted((d.stage, d.error_class) for d in dead) == [("meter", "MeterError")] * 3
+    assert all(d.value is not None and a.encode() in d.value and "spend" in d.message for d in dead)
+    spent = await db.fetchval("select sum(value) from counters where tenant = $1 and meter = 'spend'", a)
+    assert spent == sum(range(20))
