@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -248,3 +249,36 @@ async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas
     finally:
         publisher.close()
     assert len(built) == 1
+
+
+async def test_single_events_in_flight_set_off_no_young_collection(gateway_settings: Settings,
+                                                                   api_key: tuple[str, str]) -> None:
+    """64 connections' worth of single events held by the gateway at once are live objects, not garbage:
+    a young collection then only scans and promotes them (ADR 155)."""
+    settings = gateway_settings.model_copy(update={"gateway_rate_limit_per_s": 1e6, "gateway_rate_limit_burst": 10**6})
+    app = tally.ingest.app.create_app(gateway_config(settings))
+    headers = [(b"content-type", b"application/cloudevents+json"), (b"authorization", f"Bearer {api_key[1]}".encode())]
+    statuses: list[int] = []
+
+    async def post(n: int) -> None:
+        body = orjson.dumps({**BASE, "id": f"gc-{NOW.timestamp()}-{n}", "subject": f"s-{n % 7}", "data": {"n": n}})
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app({"type": "http", "method": "POST", "path": "/v1/events", "headers": headers,
+                   "client": ("127.0.0.1", 1)}, receive, send)
+
+    async with app.app.state.gateway.lifespan(app.app):
+        await post(-1)  # the key is looked up and cached
+        gc.collect(0)
+        before = gc.get_stats()[0]["collections"]
+        for start in range(0, 640, 64):
+            await asyncio.gather(*[post(n) for n in range(start, start + 64)])
+        young = gc.get_stats()[0]["collections"] - before
+    assert statuses == [202] * 641
+    assert young == 0
