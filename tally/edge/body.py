@@ -47,8 +47,7 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int, ti
     the client went away before sending it all."""
     check_declared_length(headers.get("content-length"), limit)
     # asyncio.timeout's rule (cancel the task when the time is up, and only that cancellation becomes the
-    # 408), written out: the context manager costs 5-7 µs a request against 2-3 for one timer handle
-    # (ADR 155), and nearly every body is already whole when the route asks for it.
+    # 408), written out: the context manager costs 5-7 µs a request against 2-3 for one timer handle (ADR 155).
     loop = asyncio.get_running_loop()
     task = asyncio.current_task(loop)
     assert task is not None, "bodies are read inside a request's task"
