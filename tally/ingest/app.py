@@ -108,7 +108,7 @@ class Gateway:
         gc.freeze()
         # The young generation holds every request in flight. At the default threshold of 700 the collector
         # ran some 85 times a second under 64 connections of single events, each time finding those live
-        # requests and promoting them towards full collections: 5-6 µs a request (ADR 155).
+        # requests and promoting them towards full collections: 2-6 µs a request in process (ADR 155).
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         log.info("gateway ready: topic %s, %d webhook source(s)", c.topics.events, len(self.sources))
         try:
