@@ -46,11 +46,27 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int, ti
     when it has not arrived whole within `timeout_s` (a slow upload holds a connection), and with 400 when
     the client went away before sending it all."""
     check_declared_length(headers.get("content-length"), limit)
+    # asyncio.timeout's rule (cancel the task when the time is up, and only that cancellation becomes the
+    # 408), written out: the context manager costs 5-7 µs a request against 2-3 for one timer handle (ADR 155).
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
+    assert task is not None, "bodies are read inside a request's task"
+    cancelling = task.cancelling()
+    fired: list[bool] = []
+    timer = loop.call_later(timeout_s, _time_up, task, fired)
     try:
-        async with asyncio.timeout(timeout_s):
-            return await _receive(receive, limit)
-    except TimeoutError:
-        raise too_slow(timeout_s) from None
+        return await _receive(receive, limit)
+    except asyncio.CancelledError:
+        if fired and task.uncancel() <= cancelling:
+            raise too_slow(timeout_s) from None
+        raise
+    finally:
+        timer.cancel()
+
+
+def _time_up(task: asyncio.Task, fired: list[bool]) -> None:
+    fired.append(True)
+    task.cancel()
 
 
 async def _receive(receive: Receive, limit: int) -> bytes:

@@ -125,14 +125,16 @@ class Intake:
         if scheme.lower() != "bearer" or not secret.strip():
             raise Problem(401, "Unauthorized", "send Authorization: Bearer <api key>",
                           headers={"WWW-Authenticate": "Bearer"})
-        if not self.keys.cached(secret.strip())[0]:
+        token = secret.strip()
+        found, principal = self.keys.cached(token)  # hashed once: a cached key costs no second digest
+        if not found:
             await self.limited(route, "key_lookups", client, self.lookup_limit)
-        try:
-            principal = await self.keys.authenticate(secret.strip())
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("key lookup failed: %s", exc)
-            raise Problem(503, "Service unavailable", "API keys cannot be checked right now",
-                          headers={"Retry-After": str(self.config.retry_after_s)}) from None
+            try:
+                principal = await self.keys.authenticate(token)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("key lookup failed: %s", exc)
+                raise Problem(503, "Service unavailable", "API keys cannot be checked right now",
+                              headers={"Retry-After": str(self.config.retry_after_s)}) from None
         if principal is None:
             raise Problem(401, "Unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         if scope not in principal.scopes:

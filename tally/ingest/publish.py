@@ -34,14 +34,14 @@ def fields(event: CloudEvent) -> Event:
     return {name: getattr(event, name) for name in EVENT_FIELDS}
 
 
+_CONTENT_TYPE = ("content-type", CONTENT_TYPE.encode())
+_SCHEMA_VERSION = ("schema-version", SCHEMA_VERSION.encode())
+
+
 def headers(tenant: str, received_at: datetime) -> list[tuple[str, bytes]]:
     """Kafka headers of every message of one request (they share tenant and receipt time)."""
-    return [
-        ("tenant", tenant.encode()),
-        ("content-type", CONTENT_TYPE.encode()),
-        ("schema-version", SCHEMA_VERSION.encode()),
-        ("received-at", received_at.isoformat().encode()),
-    ]
+    return [("tenant", tenant.encode()), _CONTENT_TYPE, _SCHEMA_VERSION,
+            ("received-at", received_at.isoformat().encode())]
 
 
 def too_large(size: int, limit: int) -> Problem:
@@ -71,7 +71,9 @@ class Publisher:
             raise Problem(400, "Invalid event", f"the event cannot be encoded as JSON: {exc}",
                           errors=[{"field": "(event)", "message": str(exc)}]) from None
         key = message_key(tenant, event["subject"])
-        size = len(key) + len(value) + sum(len(n) + len(v) for n, v in shared) + OVERHEAD
+        size = len(key) + len(value) + OVERHEAD
+        for name, header in shared:
+            size += len(name) + len(header)
         if size > self._max_message_bytes:
             raise too_large(size, self._max_message_bytes)
         return key, value, shared

@@ -4,12 +4,15 @@
   from it are byte-equal to `Envelope.accept(...).to_bytes()` (which the processors decode);
 - the micro-batched rate limiter, under concurrency, allows exactly the bucket's tokens in one Redis
   call and answers each request as one call per request would have;
-- one send of many messages waits on one future and reports per message.
+- one send of many messages waits on one future and reports per message;
+- the body's time bound (one timer handle, not `asyncio.timeout`) keeps asyncio.timeout's rule: a body
+  late past it is a 408, a cancellation from elsewhere stays a cancellation, a whole body leaves no timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +22,7 @@ import pytest
 
 import tally.ingest.app
 from tally.ingest import events
+from tally.edge.body import read_body
 from tally.ingest.precheck import plain_event
 from tally.ingest.metrics import Metrics
 from tally.edge.problems import Problem
@@ -98,6 +102,40 @@ def test_the_quick_check_never_accepts_what_the_model_refuses(obj: Any) -> None:
 def test_model_fields_encode_as_the_model_does() -> None:
     event = CloudEvent.model_validate({**BASE, "time": "2026-05-01T11:00:00.25+01:00", "data": {"a": 1}})
     assert encode(fields(event), "t", NOW) == Envelope.accept(event, "t", NOW).to_bytes()
+
+
+# -- the body's time bound ------------------------------------------------------------------------
+
+WHOLE = {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+async def never_whole() -> dict[str, Any]:
+    await asyncio.sleep(3600)
+    return WHOLE
+
+
+async def test_a_body_not_whole_within_the_bound_is_a_408() -> None:
+    with pytest.raises(Problem) as late:
+        await read_body(never_whole, {}, 1024, 0.05)
+    assert late.value.status == 408 and late.value.headers["Connection"] == "close"
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # the 408 took back its cancel
+
+
+async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
+    reading = asyncio.create_task(read_body(never_whole, {}, 1024, 0.05))
+    await asyncio.sleep(0.01)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+
+
+async def test_a_whole_body_leaves_no_timer_behind() -> None:
+    async def whole() -> dict[str, Any]:
+        return WHOLE
+
+    assert await read_body(whole, {}, 1024, 0.05) == b"{}"
+    await asyncio.sleep(0.15)  # past the bound: a timer left armed would cancel this task here
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
 # -- rate limiter ----------------------------------------------------------------------------------
@@ -211,3 +249,36 @@ async def test_the_gateway_and_the_processor_produce_with_acks_from_all_replicas
     finally:
         publisher.close()
     assert len(built) == 1
+
+
+async def test_single_events_in_flight_set_off_no_young_collection(gateway_settings: Settings,
+                                                                   api_key: tuple[str, str]) -> None:
+    """64 connections' worth of single events held by the gateway at once are live objects, not garbage:
+    a young collection then only scans and promotes them (ADR 155)."""
+    settings = gateway_settings.model_copy(update={"gateway_rate_limit_per_s": 1e6, "gateway_rate_limit_burst": 10**6})
+    app = tally.ingest.app.create_app(gateway_config(settings))
+    headers = [(b"content-type", b"application/cloudevents+json"), (b"authorization", f"Bearer {api_key[1]}".encode())]
+    statuses: list[int] = []
+
+    async def post(n: int) -> None:
+        body = orjson.dumps({**BASE, "id": f"gc-{NOW.timestamp()}-{n}", "subject": f"s-{n % 7}", "data": {"n": n}})
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app({"type": "http", "method": "POST", "path": "/v1/events", "headers": headers,
+                   "client": ("127.0.0.1", 1)}, receive, send)
+
+    async with app.app.state.gateway.lifespan(app.app):
+        await post(-1)  # the key is looked up and cached
+        gc.collect(0)
+        before = gc.get_stats()[0]["collections"]
+        for start in range(0, 640, 64):
+            await asyncio.gather(*[post(n) for n in range(start, start + 64)])
+        young = gc.get_stats()[0]["collections"] - before
+    assert statuses == [202] * 641
+    assert young == 0
