@@ -93,10 +93,11 @@ async def _rows_before_0087(conn: asyncpg.Connection) -> dict[str, object]:
     distinct = CounterKey("t-a", "users", "day", at, "s1", ()).to_text()
     calls = CounterKey("t-b", "calls", "day", at, None, (("region", "eu"),)).to_text()
     pruned = CounterKey("t-a", "users", "day", at - timedelta(days=400), "s1", ()).to_text()
-    for key, tenant, meter, aggregation in ((distinct, "t-a", "users", "UNIQUE_COUNT"), (calls, "t-b", "calls", "COUNT")):
+    for key, tenant, meter, aggregation in ((distinct, "t-a", "users", "UNIQUE_COUNT"),
+                                            (calls, "t-b", "calls", "COUNT")):
         await conn.execute(
-            "insert into counters (key, tenant, meter, aggregation, window_name, window_start, window_end, value, count,"
-            " latest_time, revision)"
+            "insert into counters (key, tenant, meter, aggregation, window_name, window_start, window_end, value,"
+            " count, latest_time, revision)"
             " values ($1, $2, $3, $4, 'day', $5::timestamptz, $5::timestamptz + interval '1 day', 2, 2, $5, 3)",
             key, tenant, meter, aggregation, at)
         await conn.execute("insert into counter_outbox (key, revision) values ($1, 3)", key)
@@ -106,9 +107,9 @@ async def _rows_before_0087(conn: asyncpg.Connection) -> dict[str, object]:
     await conn.executemany("insert into weighted_points (series, at, source, id, level) values ($1, $2, 's', $3, $4)",
                            [(series, at, "p1", 5), (series, at + timedelta(hours=1), "p2", 7)])
     await conn.execute(
-        "insert into stripe_reports (identifier, tenant, subject, meter, period_label, period_end, seq, kind, event_name,"
-        " stripe_customer_id, value, event_time) values ('id-a', 't-a', 's1', 'users', $1, $2, 1, 'usage', 'users',"
-        " 'cus_1', 2, $2)", at.date(), at)
+        "insert into stripe_reports (identifier, tenant, subject, meter, period_label, period_end, seq, kind,"
+        " event_name, stripe_customer_id, value, event_time)"
+        " values ('id-a', 't-a', 's1', 'users', $1, $2, 1, 'usage', 'users', 'cus_1', 2, $2)", at.date(), at)
     await conn.execute("insert into drift_reports (key, tenant, meter, place, expected, found) values"
                        " ($1, 't-b', 'calls', 'counters', 2, 3)", calls)
     transitions = {}
@@ -150,9 +151,10 @@ async def test_0087_re_keys_a_populated_database_and_keeps_its_rows(scratch_db: 
         # The hashes of a window still stored keep it, its tenant's; those of a pruned window are gone.
         assert {tuple(r) for r in await conn.fetch("select tenant, window_id, hash from counter_distinct")} == {
             ("t-a", window_id(made["distinct"]), 11), ("t-a", window_id(made["distinct"]), 12)}
-        assert [tuple(r) for r in await conn.fetch("select tenant, series, level from weighted_points order by at")] == [
-            ("t-b", made["series"], 5), ("t-b", made["series"], 7)]
-        assert [tuple(r) for r in await conn.fetch("select tenant, identifier from stripe_reports")] == [("t-a", "id-a")]
+        points = await conn.fetch("select tenant, series, level from weighted_points order by at")
+        assert [tuple(r) for r in points] == [("t-b", made["series"], 5), ("t-b", made["series"], 7)]
+        assert [tuple(r) for r in await conn.fetch("select tenant, identifier from stripe_reports")] == [
+            ("t-a", "id-a")]
         assert [r[0] for r in await conn.fetch("select tenant from drift_reports")] == ["t-b"]
         transitions = made["transitions"]
         assert {tuple(r) for r in await conn.fetch("select tenant, transition_id from alert_deliveries")} == {

@@ -39,7 +39,8 @@ alter table weighted_points alter column tenant set not null,
 -- Stripe reports and drift: (id) -> (tenant, id); an identifier is unique within its tenant (it is derived from
 -- the tenant, billing/stripe_report.py identifier, and each tenant reports to its own Stripe account).
 alter table stripe_reports drop constraint stripe_reports_pkey, add primary key (tenant, id),
-    drop constraint stripe_reports_identifier_key, add constraint stripe_reports_identifier_key unique (tenant, identifier);
+    drop constraint stripe_reports_identifier_key,
+    add constraint stripe_reports_identifier_key unique (tenant, identifier);
 alter table drift_reports drop constraint drift_reports_pkey, add primary key (tenant, id);
 
 -- Alert transitions: (id) -> (tenant, id); what references them follows with the tenant.

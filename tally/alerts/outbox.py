@@ -24,7 +24,8 @@ async def publish_pending(pool: asyncpg.Pool, publisher: KafkaPublisher, topic: 
     await asyncio.to_thread(publisher.flush)
     hook("alerts_mid_publish")
     await pool.execute("update alert_transitions t set published_at = now()"
-                       " from unnest($1::text[], $2::bigint[]) as p(tenant, id) where t.tenant = p.tenant and t.id = p.id",
+                       " from unnest($1::text[], $2::bigint[]) as p(tenant, id)"
+                       " where t.tenant = p.tenant and t.id = p.id",
                        [r["tenant"] for r in rows], [r["id"] for r in rows])
     return len(rows)
 

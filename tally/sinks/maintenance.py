@@ -24,14 +24,15 @@ def _prune(table: str, key: str, where: str, order: str, limit: str = "$2", then
     names what goes with the deleted rows (`gone`, holding the `returning` columns). `key` is a column the rows
     are found by alone: the row's ctid where the primary key is (tenant, ...)."""
     return (f"with gone as (delete from {table} where {key} = any(array("
-            f"select t.{key} from {table} t where {where} order by {order} limit {limit})) returning {returning or key})"
-            f"{then}\nselect count(*) from gone")
+            f"select t.{key} from {table} t where {where} order by {order} limit {limit}))"
+            f" returning {returning or key}){then}\nselect count(*) from gone")
 
 
 _PRUNE_KEYS = _prune("event_keys", "ctid", "t.first_seen < $1", "t.first_seen")
 # A pruned window's queue entry goes with it (the relay also forgets a key whose counter row is gone).
 _PRUNE_COUNTERS = _prune("counters", "ctid", "t.window_name = $1 and t.window_end < $2", "t.window_end", "$3",
-                         ", unqueued as (delete from counter_outbox where (tenant, key) in (select tenant, key from gone))",
+                         ", unqueued as (delete from counter_outbox"
+                         " where (tenant, key) in (select tenant, key from gone))",
                          returning="tenant, key")
 # A usage alert goes once its period's alert is resolved (or it never fired); one still firing stays.
 _PRUNE_USAGE_ALERTS = _prune(
