@@ -127,16 +127,35 @@ async def _rows_before_0087(conn: asyncpg.Connection) -> dict[str, object]:
     return {"distinct": distinct, "calls": calls, "series": series, "transitions": transitions}
 
 
-@pytest.mark.parametrize("prebuilt", [False, True], ids=["in-migration", "index-built-concurrently-first"])
+async def _failed_concurrent_build(conn: asyncpg.Connection, database_url: str) -> None:
+    """A concurrent build of the new counters key cancelled while it waits for an older snapshot: the index is left
+    behind, invalid."""
+    older = await asyncpg.connect(database_url)
+    try:
+        async with older.transaction(isolation="repeatable_read"):
+            await older.fetchval("select count(*) from counters")
+            await conn.execute("set statement_timeout = '1s'")
+            with pytest.raises(asyncpg.QueryCanceledError):
+                await conn.execute("create unique index concurrently counters_tenant_key on counters (tenant, key)")
+            await conn.execute("reset statement_timeout")
+    finally:
+        await older.close()
+    assert await conn.fetchval("select not indisvalid from pg_index where indexrelid = 'counters_tenant_key'::regclass")
+
+
+@pytest.mark.parametrize("prebuilt", ["none", "valid", "invalid"],
+                         ids=["in-migration", "index-built-concurrently-first", "concurrent-build-failed"])
 async def test_0087_re_keys_a_populated_database_and_keeps_its_rows(scratch_db: str, tmp_path: Path,
-                                                                    settings: Settings, prebuilt: bool) -> None:
+                                                                    settings: Settings, prebuilt: str) -> None:
     _migrations_until(tmp_path, settings.migrations_dir, "0087")
     await migrate(scratch_db, tmp_path)
     conn = await asyncpg.connect(scratch_db)
     try:
         made = await _rows_before_0087(conn)
-        if prebuilt:  # what an operator runs beforehand on a large counters table (docs/adr/0157)
+        if prebuilt == "valid":  # what an operator runs beforehand on a large counters table (docs/adr/0157)
             await conn.execute("create unique index concurrently counters_tenant_key on counters (tenant, key)")
+        elif prebuilt == "invalid":
+            await _failed_concurrent_build(conn, scratch_db)
         _migrations_until(tmp_path, settings.migrations_dir, "9999")
         assert "0087" in [m.version for m in await migrate(scratch_db, tmp_path)]
 

@@ -4,10 +4,12 @@
 --   create unique index concurrently counters_tenant_key on counters (tenant, key);
 -- this migration then only swaps the constraint onto it.
 
--- Counter windows: (key) -> (tenant, key).
+-- Counter windows: (key) -> (tenant, key), on the index built beforehand if it is there and valid (a concurrent
+-- build that failed leaves an invalid one, built again here).
 do $$
 begin
-    if to_regclass('counters_tenant_key') is null then
+    if not exists (select 1 from pg_index where indexrelid = to_regclass('counters_tenant_key') and indisvalid) then
+        drop index if exists counters_tenant_key;
         create unique index counters_tenant_key on counters (tenant, key);
     end if;
 end $$;
