@@ -27,11 +27,12 @@ from tally.sinks.counter_topic import CounterTopicSink
 _RELAY_LOCK_CLASS = 0x7A12
 _BUCKETS = 256
 
-# Keys in key order whose bucket this transaction holds or could take now.
+# Keys in the order of the outbox's key, (tenant, key), whose bucket this transaction holds or could take now: the
+# key's index is read in order and the bucket locks tried only until `limit` keys are found.
 _CLAIM = """
 select tenant, key from counter_outbox
 where pg_try_advisory_xact_lock($2, hashtext(key) & ($3 - 1))
-order by key
+order by tenant, key
 limit $1
 """
 
