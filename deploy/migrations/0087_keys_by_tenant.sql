@@ -1,6 +1,7 @@
 -- Every tenant-owned table keyed by its tenant (docs/adr/0157, the re-keying planned in docs/adr/0090), so each
--- can be distributed by tenant. Columns added to existing tables are filled from the row they belong to. On a large
--- `counters` table, build its new key beforehand without blocking writers (docs/adr/0157):
+-- can be distributed by tenant. Columns added to existing tables are filled from the row they belong to. The
+-- previous release's processors, jobs worker and alert evaluator must be stopped first: their statements no longer
+-- match. On a large `counters` table, build its new key beforehand without blocking reads or writes:
 --   create unique index concurrently counters_tenant_key on counters (tenant, key);
 -- this migration then only swaps the constraint onto it.
 
