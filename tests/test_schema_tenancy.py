@@ -3,7 +3,8 @@ indexes include `tenant`, or the table is declared shared below with its reason,
 (the tables once keyed without it were re-keyed by migration 0087, docs/adr/0157).
 
 Citus refuses a distributed table whose primary key or unique constraint leaves out the distribution
-column, so a table keyed without it and not declared shared is one that would need a redesign to move past one node."""
+column, so a table keyed without it and not declared shared is one that would need a redesign to move past
+one node."""
 
 from __future__ import annotations
 
