@@ -1,8 +1,10 @@
 """Every table can be distributed by tenant (docs/adr/0090): its primary key and unique constraints and
-indexes include `tenant`, or the table is declared below with its reason, against the migrated database.
+indexes include `tenant`, or the table is declared shared below with its reason, against the migrated database
+(the tables once keyed without it were re-keyed by migration 0087, docs/adr/0157).
 
 Citus refuses a distributed table whose primary key or unique constraint leaves out the distribution
-column, so a table missing from both lists is one that would need a redesign to move past one node."""
+column, so a table keyed without it and not declared shared is one that would need a redesign to move past
+one node."""
 
 from __future__ import annotations
 
@@ -19,21 +21,6 @@ SHARED = {
     "job_runs": "the jobs worker's runs, each over every tenant (hard limits, Stripe reports, close, reconcile)",
     "alert_leader": "one row: the epoch of the alert evaluator, which evaluates every tenant's rules",
     "meter_catalog": "one row: the revision of every tenant's meters, which every process polls (ADR 0140)",
-}
-# Tenant-owned tables keyed without the tenant today: moving past one node first re-keys each as ADR
-# 0090 plans (its "Re-keying" section). Listed so that no new table joins them unnoticed, and so that a
-# table re-keyed leaves this list (the test fails while it stays).
-REKEY = {
-    "counters": "primary key (key): becomes (tenant, key)",
-    "counter_outbox": "primary key (key), no tenant column: gains tenant, key (tenant, key)",
-    "counter_distinct": "primary key (window_id, hash), no tenant column: gains tenant, key (tenant, window_id, hash)",
-    "weighted_points": "primary key (series, at, source, id), no tenant column: gains tenant in front",
-    "stripe_reports": "primary key (id) and unique (identifier): become (tenant, id) and (tenant, identifier)",
-    "drift_reports": "primary key (id): becomes (tenant, id)",
-    "usage_alerts": "primary key (id): becomes (tenant, id)",
-    "alert_transitions": "primary key (id): becomes (tenant, id)",
-    "alert_deliveries": "primary key (transition_id, target), no tenant column: gains tenant, key (tenant, "
-                        "transition_id, target)",
 }
 
 UNIQUE_KEYS = """
@@ -70,10 +57,7 @@ def test_every_unique_key_includes_the_tenant_or_the_table_is_declared(settings:
     assert {"events", "event_keys", "counters", "api_keys", "plans", "alert_rules"} <= set(tables)
     keyed_without_tenant = {table for table, keys in tables.items()
                             if any("tenant" not in columns for columns in keys.values())}
-    assert keyed_without_tenant - set(SHARED) - set(REKEY) == set(), "a new table keyed without tenant"
-    assert set(REKEY) - keyed_without_tenant == set(), "re-keyed by tenant now: take it off REKEY"
-    assert set(REKEY) <= set(tables), "a table to re-key no longer exists"
-    assert not set(SHARED) & set(REKEY)
+    assert keyed_without_tenant - set(SHARED) == set(), "a table keyed without tenant"
 
 
 def test_the_raw_events_can_be_distributed_by_tenant(settings: Settings) -> None:

@@ -51,11 +51,11 @@ LEASE_MARGIN_S = 30.0  # beyond the request deadline, before a claimed row is ta
 _CLAIM = """
 with at as (select coalesce($1::timestamptz, clock_timestamp()) as now),
 due as (
-  select d.transition_id, d.target
-  from alert_deliveries d join alert_transitions t on t.id = d.transition_id, at
+  select d.tenant, d.transition_id, d.target
+  from alert_deliveries d join alert_transitions t on t.tenant = d.tenant and t.id = d.transition_id, at
   where d.status = 'pending' and d.next_attempt_at <= at.now and (d.lease_until is null or d.lease_until <= at.now)
     and not exists (
-      select 1 from alert_deliveries e join alert_transitions u on u.id = e.transition_id
+      select 1 from alert_deliveries e join alert_transitions u on u.tenant = e.tenant and u.id = e.transition_id
       where e.status = 'pending' and e.transition_id < d.transition_id and e.target_digest = d.target_digest
         and u.tenant = t.tenant and u.rule_id = t.rule_id and u.group_key = t.group_key)
     and (select count(*) from alert_deliveries f
@@ -67,7 +67,8 @@ update alert_deliveries d
 set lease = nextval('alert_delivery_leases'),
     lease_until = greatest($1, clock_timestamp()) + make_interval(secs => $3)
 from due, alert_transitions t
-where d.transition_id = due.transition_id and d.target = due.target and t.id = d.transition_id
+where d.tenant = due.tenant and d.transition_id = due.transition_id and d.target = due.target
+  and t.tenant = d.tenant and t.id = d.transition_id
 returning d.target, d.kind as target_kind, d.url, d.secret, d.attempts, d.lease, t.*
 """
 
@@ -80,7 +81,7 @@ set status = $4, attempts = attempts + 1, last_status = $5, last_error = $6, lea
     next_attempt_at = case when $8::float8 is null then next_attempt_at
                            else greatest($7, clock_timestamp()) + make_interval(secs => $8) end,
     url = case when $4 = 'pending' then url end, secret = case when $4 = 'pending' then secret end
-where transition_id = $1 and target = $2 and lease = $3
+where tenant = $9 and transition_id = $1 and target = $2 and lease = $3
 """
 
 
@@ -258,6 +259,6 @@ class Deliverer:
             delay = self.policy.backoff(attempts, attempt.retry_after)
         status = "pending" if result == "retried" else result
         if await self.pool.execute(_RECORD, row["id"], row["target"], row["lease"], status, attempt.status,
-                                   attempt.error, now, delay) == "UPDATE 0":
+                                   attempt.error, now, delay, row["tenant"]) == "UPDATE 0":
             log.warning("%s: the lease ran out before the outcome was recorded; it is sent again", where)
         return result

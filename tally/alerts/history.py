@@ -40,8 +40,8 @@ async def page(conn: asyncpg.Connection, tenant: str, query: AlertsQuery,
         query.limit + 1)
     sent = await conn.fetch(
         "select transition_id, target, kind, endpoint, status, attempts, last_status, last_error, sent_at"
-        " from alert_deliveries where transition_id = any($1::bigint[]) order by transition_id, target",
-        [row["id"] for row in rows])
+        " from alert_deliveries where tenant = $1 and transition_id = any($2::bigint[]) order by transition_id, target",
+        tenant, [row["id"] for row in rows])
     deliveries: dict[int, list[dict[str, Any]]] = {}
     for d in sent:
         deliveries.setdefault(d["transition_id"], []).append({

@@ -60,8 +60,9 @@ returning id
 """
 
 _DELIVERY = """
-insert into alert_deliveries (transition_id, target, kind, url, secret, endpoint, target_digest, status, last_error)
-values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+insert into alert_deliveries (tenant, transition_id, target, kind, url, secret, endpoint, target_digest, status,
+                              last_error)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 
 _COOLDOWN = """
@@ -177,10 +178,10 @@ async def record(conn: asyncpg.Connection, group: Group, t: Transition, box: Sec
     rows = []
     for n, d in enumerate(t.targets):
         if d.problem is not None or d.url is None:
-            rows.append((transition_id, n, d.kind, None, None, "(unusable)", hashlib.sha256(b"").digest(), "refused",
-                         d.problem or "no URL"))
+            rows.append((group.tenant, transition_id, n, d.kind, None, None, "(unusable)", hashlib.sha256(b"").digest(),
+                         "refused", d.problem or "no URL"))
         else:
-            rows.append((transition_id, n, d.kind, box.seal(d.url), d.secret and box.seal(d.secret),
+            rows.append((group.tenant, transition_id, n, d.kind, box.seal(d.url), d.secret and box.seal(d.secret),
                          endpoint(d.url), digest(d.kind, d.url), "pending", None))
     await conn.executemany(_DELIVERY, rows)
     if t.kind == "resolved":

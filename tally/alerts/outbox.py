@@ -23,8 +23,10 @@ async def publish_pending(pool: asyncpg.Pool, publisher: KafkaPublisher, topic: 
         publisher.produce(topic, key(row), transition(row).model_dump_json().encode())
     await asyncio.to_thread(publisher.flush)
     hook("alerts_mid_publish")
-    await pool.execute("update alert_transitions set published_at = now() where id = any($1::bigint[])",
-                       [r["id"] for r in rows])
+    await pool.execute("update alert_transitions t set published_at = now()"
+                       " from unnest($1::text[], $2::bigint[]) as p(tenant, id)"
+                       " where t.tenant = p.tenant and t.id = p.id",
+                       [r["tenant"] for r in rows], [r["id"] for r in rows])
     return len(rows)
 
 

@@ -29,9 +29,8 @@ async def reseal(pool: asyncpg.Pool, box: SecretBox) -> int:
                 await conn.execute("update alert_rules set definition = $3::jsonb where tenant = $1 and id = $2",
                                    row["tenant"], row["id"], definition)
                 changed += 1
-        for row in await conn.fetch("select d.transition_id, d.target, d.url, d.secret, t.tenant from alert_deliveries d"
-                                    " join alert_transitions t on t.id = d.transition_id"
-                                    " where d.status = 'pending' for update of d"):
+        for row in await conn.fetch("select transition_id, target, url, secret, tenant from alert_deliveries"
+                                    " where status = 'pending' for update"):
             if any(v is not None and box.stale(v) for v in (row["url"], row["secret"])):
                 try:
                     url, secret = (row["url"] and box.reseal(row["url"]), row["secret"] and box.reseal(row["secret"]))
@@ -39,8 +38,8 @@ async def reseal(pool: asyncpg.Pool, box: SecretBox) -> int:
                     _unreadable("delivery", row["tenant"])
                     continue
                 await conn.execute("update alert_deliveries set url = $3, secret = $4"
-                                   " where transition_id = $1 and target = $2",
-                                   row["transition_id"], row["target"], url, secret)
+                                   " where tenant = $5 and transition_id = $1 and target = $2",
+                                   row["transition_id"], row["target"], url, secret, row["tenant"])
                 changed += 1
         for row in await conn.fetch("select tenant, rule_id, group_key, targets::text as targets from alert_states"
                                     " where targets is not null for update"):

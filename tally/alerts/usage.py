@@ -24,7 +24,8 @@ from tally.alerts.lifecycle import Standing
 from tally.sealed import SecretBox, Unreadable
 
 _OPEN = """
-select a.*, t.at as fired_at from usage_alerts a join alert_transitions t on t.id = a.fired_transition
+select a.*, t.at as fired_at
+from usage_alerts a join alert_transitions t on t.tenant = a.tenant and t.id = a.fired_transition
 where a.resolved_transition is null and {} order by a.id {}
 """
 _ENDED = _OPEN.format("a.period_end <= $1", "limit 200 for update of a skip locked")
@@ -71,7 +72,8 @@ async def _resolve(conn: asyncpg.Connection, row: asyncpg.Record, now: datetime,
     await conn.execute("delete from alert_states where tenant = $1 and rule_id = $2 and group_key = $3",
                        group.tenant, group.rule_id, group.key)
     resolved = await ledger.record(conn, group, _transition(row, "resolved", now, row["fired_at"], []), box)
-    await conn.execute("update usage_alerts set resolved_transition = $2 where id = $1", row["id"], resolved)
+    await conn.execute("update usage_alerts set resolved_transition = $2 where tenant = $3 and id = $1", row["id"],
+                       resolved, row["tenant"])
 
 
 async def take_up(pool: asyncpg.Pool, now: datetime, box: SecretBox, epoch: int | None = None) -> int:
@@ -92,8 +94,8 @@ async def take_up(pool: asyncpg.Pool, now: datetime, box: SecretBox, epoch: int 
                                group.tenant, group.rule_id, group.key)
             await ledger.move(conn, group, None, Standing("firing", row["created_at"], now))
             fired = await ledger.record(conn, group, _transition(row, "firing", now, now, _slack(row, box)), box)
-            await conn.execute("update usage_alerts set taken_up = true, fired_transition = $2 where id = $1",
-                               row["id"], fired)
+            await conn.execute("update usage_alerts set taken_up = true, fired_transition = $2"
+                               " where tenant = $3 and id = $1", row["id"], fired, row["tenant"])
             recorded += 1
         for row in await conn.fetch(_ENDED, now):
             await _resolve(conn, row, now, box)

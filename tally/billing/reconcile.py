@@ -121,7 +121,7 @@ select key, tenant, meter, aggregation, window_name, window_start, window_end, s
        case when aggregation = 'AVG' then total else value end as value, count, revision from counters
 where window_start >= $1 and window_end <= $2 and ($3::text is null or tenant = $3) and meter = any($4::text[])
 """
-_QUEUED = "select key from counter_outbox where key = any($1::text[])"
+_QUEUED = "select key from counter_outbox join unnest($1::text[], $2::text[]) as u(tenant, key) using (tenant, key)"
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ async def _snapshot(ctx: JobContext, lo: datetime, hi: datetime, tenant: str | N
         scopes, skipped, expected = await _recounts(ctx, conn, lo, hi, tenant)
         stored = {r["key"]: r for scope in scopes
                   for r in await conn.fetch(_COUNTERS, lo, hi, scope.tenant, _compared(scope.meters))}
-        queued = {r[0] for r in await conn.fetch(_QUEUED, list(stored))}
+        queued = {r[0] for r in await conn.fetch(_QUEUED, [r["tenant"] for r in stored.values()], list(stored))}
     return _Snapshot(expected, stored, queued, scopes, skipped)
 
 
@@ -376,7 +376,7 @@ select k, t, m, a, w, ws, we, s, g::jsonb, 0, 0, ws
 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[],
             $8::text[], $9::text[]) as u(k, t, m, a, w, ws, we, s, g)
 order by k
-on conflict (key) do update set revision = c.revision
+on conflict (tenant, key) do update set revision = c.revision
 """
 
 # The recounted absolute values, at a revision above the row's and any the cache or the topic holds.
@@ -385,10 +385,10 @@ update counters c set
     value = case when c.aggregation = 'AVG' then coalesce(u.tot / nullif(u.n, 0), 0) else u.v end,
     count = u.n, total = u.tot, latest_time = coalesce(u.lt, c.latest_time),
     revision = greatest(c.revision, u.outside) + 1, updated_at = now()
-from unnest($1::text[], $2::numeric[], $3::bigint[], $4::timestamptz[], $5::numeric[], $6::bigint[])
-     as u(k, v, n, lt, tot, outside)
-where c.key = u.k
-returning c.key, c.revision
+from unnest($1::text[], $2::text[], $3::numeric[], $4::bigint[], $5::timestamptz[], $6::numeric[], $7::bigint[])
+     as u(t, k, v, n, lt, tot, outside)
+where c.tenant = u.t and c.key = u.k
+returning c.tenant, c.key, c.revision
 """
 
 
@@ -454,13 +454,13 @@ async def _fix_group(ctx: JobContext, scope: _Scope, windows: list[_Window], out
         await recount.read(conn, min(w.start for w in windows), max(w.end for w in windows), windows[0].tenant,
                            windows[0].subject, deadline)
         now = [recount.windows.get(w.key) for w in windows]
-        written = await conn.fetch(_WRITE, [w.key for w in windows],
+        written = await conn.fetch(_WRITE, [w.tenant for w in windows], [w.key for w in windows],
                                    [Decimal(0) if d is None else d.value for d in now],
                                    [0 if d is None else d.count for d in now],
                                    [None if d is None else d.latest_time for d in now],
                                    [None if d is None else d.total for d in now],
                                    [outside.get(w.key, 0) for w in windows])
-        await queue(conn, {r["key"]: r["revision"] for r in written})
+        await queue(conn, {(r["tenant"], r["key"]): r["revision"] for r in written})
     return {r["key"] for r in written}
 
 

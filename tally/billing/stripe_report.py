@@ -134,7 +134,7 @@ insert into stripe_reports (identifier, tenant, subject, meter, period_label, pe
 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 """
 _ROWS = """
-select id, seq, kind, value, status, sent_at, first_sent_at from stripe_reports
+select tenant, id, seq, kind, value, status, sent_at, first_sent_at from stripe_reports
 where tenant = $1 and subject = $2 and meter = $3 and period_label = $4 order by seq
 """
 
@@ -191,8 +191,9 @@ async def _take_back(conn: asyncpg.Connection, rows: list[asyncpg.Record], exces
             break
         # Guarded against the sender, which sets first_sent_at (guarded too) before it hands a row over.
         if await conn.fetchval("update stripe_reports set status = $3, error = 'usage fell after it was written:"
-                               " taken back' where id = $1 and status = $2 and (status = 'sent' or first_sent_at is"
-                               " null) returning true", row["id"], row["status"], status):
+                               " taken back' where tenant = $4 and id = $1 and status = $2 and (status = 'sent' or"
+                               " first_sent_at is null) returning true", row["id"], row["status"], status,
+                               row["tenant"]):
             taken += row["value"]
             cancels += status == "cancelling"
     return taken, cancels
@@ -308,7 +309,8 @@ async def _mark(conn: asyncpg.Connection, row: asyncpg.Record, status: str, erro
     done = await conn.fetchval(
         "update stripe_reports set status = $3, error = $4, attempts = attempts + $5,"
         " sent_at = case when $3 = 'sent' then coalesce(sent_at, $6) else sent_at end"
-        " where id = $1 and status = $2 returning true", row["id"], row["status"], status, error, int(tried), now)
+        " where tenant = $7 and id = $1 and status = $2 returning true", row["id"], row["status"], status, error,
+        int(tried), now, row["tenant"])
     return bool(done)
 
 
@@ -356,7 +358,8 @@ async def _send_one(conn: asyncpg.Connection, sender: StripeSender, row: asyncpg
     if not cancel:
         hook("report_before_send")
         if not await conn.fetchval("update stripe_reports set first_sent_at = coalesce(first_sent_at, $3)"
-                                   " where id = $1 and status = $2 returning true", row["id"], row["status"], now):
+                                   " where tenant = $4 and id = $1 and status = $2 returning true", row["id"],
+                                   row["status"], now, row["tenant"]):
             return None
     try:
         await asyncio.to_thread(sender.cancel if cancel else sender.send, row)

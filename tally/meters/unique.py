@@ -26,16 +26,18 @@ from tally.meters.meterset import MeterSet, StatefulInput
 from tally.schemas.counters import CounterDelta, CounterKey
 
 _CLAIM = """
-insert into counter_distinct (window_id, hash)
-select w, h from unnest($1::bytea[], $2::bigint[]) as u(w, h)
-order by w, h
+insert into counter_distinct (tenant, window_id, hash)
+select t, w, h from unnest($1::text[], $2::bytea[], $3::bigint[]) as u(t, w, h)
+order by t, w, h
 on conflict do nothing
 returning window_id
 """
 
-_STATES = "select key, value, sample_level from counters where key = any($1::text[])"
+_STATES = """
+select key, value, sample_level from counters join unnest($1::text[], $2::text[]) as u(tenant, key) using (tenant, key)
+"""
 
-_DROP_ABOVE = "delete from counter_distinct where window_id = $1 and hash >= $2"
+_DROP_ABOVE = "delete from counter_distinct where tenant = $1 and window_id = $2 and hash >= $3"
 
 
 def window_id(key_text: str) -> bytes:
@@ -88,7 +90,9 @@ def windows(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Pending]
 async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tuple[str, CounterDelta]]:
     if not found:
         return []
-    stored = {r["key"]: (r["value"], r["sample_level"] or 0) for r in await conn.fetch(_STATES, list(found))}
+    stored = {r["key"]: (r["value"], r["sample_level"] or 0)
+              for r in await conn.fetch(_STATES, [w.key.tenant for w in found.values()], list(found))}
+    tenants: list[str] = []
     ids: list[bytes] = []
     hashes: list[int] = []
     for text, w in found.items():
@@ -96,9 +100,10 @@ async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tup
         keep = threshold(stored.get(text, (0, 0))[1])
         for h in w.hashes:
             if h < keep:
+                tenants.append(w.key.tenant)
                 ids.append(wid)
                 hashes.append(h)
-    claimed = Counter(r[0] for r in await conn.fetch(_CLAIM, ids, hashes)) if ids else Counter()
+    claimed = Counter(r[0] for r in await conn.fetch(_CLAIM, tenants, ids, hashes)) if ids else Counter()
     out = []
     for text, w in found.items():
         value, level = stored.get(text, (0, 0))
@@ -106,7 +111,7 @@ async def apply(conn: asyncpg.Connection, found: dict[str, Pending]) -> list[tup
         size = (int(value) >> level) + claimed[wid]
         while size > w.meter.max_distinct:
             level += 1
-            size -= int((await conn.execute(_DROP_ABOVE, wid, threshold(level))).split()[-1])
+            size -= int((await conn.execute(_DROP_ABOVE, w.key.tenant, wid, threshold(level))).split()[-1])
         out.append((text, CounterDelta(w.key, w.end, w.meter.aggregation, Decimal(size << level),
                                        w.events, w.latest, sample_level=level)))
     return out
@@ -126,7 +131,8 @@ where tenant = $1 and meter = $2 and window_name = $3 and subject is not distinc
 
 _COUNT = """
 select count(distinct hash) from counter_distinct
-where window_id = any(select substring(sha256(convert_to(k, 'UTF8')) from 1 for 16) from unnest($1::text[]) k)
+where tenant = $3
+  and window_id = any(select substring(sha256(convert_to(k, 'UTF8')) from 1 for 16) from unnest($1::text[]) k)
   and hash <= $2
 """
 
@@ -149,5 +155,5 @@ async def unique_count_over(conn: asyncpg.Connection, tenant: str, meter: str, s
     if straddling:
         raise ValueError(f"[{start}, {end}) cuts {finest} windows of meter {meter}; give whole windows")
     level = max((r["sample_level"] for r in rows), default=0)
-    n = await conn.fetchval(_COUNT, [r["key"] for r in rows], threshold(level) - 1)
+    n = await conn.fetchval(_COUNT, [r["key"] for r in rows], threshold(level) - 1, tenant)
     return DistinctCount(n << level, level > 0)

@@ -31,32 +31,37 @@ _WIDE = Context(prec=250)
 _PLACES = Decimal("1e-18")
 
 _INSERT = """
-insert into weighted_points (series, at, source, id, level)
-select * from unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::numeric[])
-order by 1, 2, 3, 4
+insert into weighted_points (tenant, series, at, source, id, level)
+select * from unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::numeric[])
+order by 1, 2, 3, 4, 5
 on conflict do nothing
 """
 
 # Per series: the last level change before `lo` and the first after `hi`.
 _NEIGHBOURS = """
 select u.series,
-       (select max(at) from weighted_points w where w.series = u.series and w.at < u.lo) as before,
-       (select min(at) from weighted_points w where w.series = u.series and w.at > u.hi) as after
-from unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) as u(series, lo, hi)
+       (select max(at) from weighted_points w where w.tenant = u.tenant and w.series = u.series and w.at < u.lo)
+           as before,
+       (select min(at) from weighted_points w where w.tenant = u.tenant and w.series = u.series and w.at > u.hi)
+           as after
+from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]) as u(tenant, series, lo, hi)
 """
 
 # Per series: the level changes in [lo, hi), the last one before lo (the level entering) and the first
 # at or after hi (which says the level is known up to hi).
 _SPAN = """
 select u.series, p.at, p.level
-from unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) as u(series, lo, hi)
+from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]) as u(tenant, series, lo, hi)
 cross join lateral (
-    (select at, source, id, level from weighted_points w where w.series = u.series and w.at < u.lo
+    (select at, source, id, level from weighted_points w
+     where w.tenant = u.tenant and w.series = u.series and w.at < u.lo
      order by at desc, source desc, id desc limit 1)
     union all
-    (select at, source, id, level from weighted_points w where w.series = u.series and w.at >= u.lo and w.at < u.hi)
+    (select at, source, id, level from weighted_points w
+     where w.tenant = u.tenant and w.series = u.series and w.at >= u.lo and w.at < u.hi)
     union all
-    (select at, source, id, level from weighted_points w where w.series = u.series and w.at >= u.hi
+    (select at, source, id, level from weighted_points w
+     where w.tenant = u.tenant and w.series = u.series and w.at >= u.hi
      order by at, source, id limit 1)
     order by at, source, id
 ) p
@@ -127,13 +132,14 @@ def series(meters: MeterSet, inputs: list[StatefulInput]) -> dict[str, Series]:
 async def apply(conn: asyncpg.Connection, meters: MeterSet, found: dict[str, Series]) -> list[tuple[str, CounterDelta]]:
     if not found:
         return []
-    rows = [(text, at, source, id_, level) for text, s in found.items() for at, source, id_, level in s.new]
+    rows = [(s.tenant, text, at, source, id_, level) for text, s in found.items() for at, source, id_, level in s.new]
     await conn.execute(_INSERT, *map(list, zip(*rows)))
     texts = list(found)
+    tenants = [found[t].tenant for t in texts]
     lows = [min(at for at, *_ in found[t].new) for t in texts]
     highs = [max(at for at, *_ in found[t].new) for t in texts]
     spans: dict[str, dict] = {}
-    for row in await conn.fetch(_NEIGHBOURS, texts, lows, highs):
+    for row in await conn.fetch(_NEIGHBOURS, tenants, texts, lows, highs):
         s = found[row["series"]]
         lo = row["before"] or min(at for at, *_ in s.new)
         hi = row["after"] or max(at for at, *_ in s.new)
@@ -141,7 +147,7 @@ async def apply(conn: asyncpg.Connection, meters: MeterSet, found: dict[str, Ser
     starts = [min(lo for lo, _ in spans[t].values()) for t in texts]
     ends = [max(hi for _, hi in spans[t].values()) for t in texts]
     points: dict[str, list[tuple[datetime, Decimal]]] = defaultdict(list)
-    for row in await conn.fetch(_SPAN, texts, starts, ends):
+    for row in await conn.fetch(_SPAN, tenants, texts, starts, ends):
         points[row["series"]].append((row["at"], row["level"]))
     out = []
     for text in texts:
@@ -173,5 +179,5 @@ async def weighted_sum_over(conn: asyncpg.Connection, tenant: str, meter: str, s
                             group: dict[str, Any], start: datetime, end: datetime) -> Integral:
     """The exact integral of a WEIGHTED_SUM series over any [start, end), from its level changes."""
     series = series_text(tenant, meter, subject, group)
-    rows = await conn.fetch(_SPAN, [series], [start], [end])
+    rows = await conn.fetch(_SPAN, [tenant], [series], [start], [end])
     return integrate([(r["at"], r["level"]) for r in rows], start, end)

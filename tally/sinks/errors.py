@@ -15,8 +15,9 @@ from confluent_kafka import KafkaError
 # syntax error or access rule violation (42), program limit exceeded (54: an index row too large).
 _POISON_SQLSTATE_CLASSES = ("22", "23", "42", "54")
 # Class 42 codes that mean the deployment is wrong, not the data (a table, column or function missing, no
-# privilege): every record would fail, so they are outages that an operator fixes.
-_DEPLOYMENT_SQLSTATES = frozenset({"42501", "42P01", "42703", "42704", "42883"})
+# privilege, an ON CONFLICT target no key matches: code older than the schema, docs/adr/0157): every record would
+# fail, so they are outages that an operator fixes.
+_DEPLOYMENT_SQLSTATES = frozenset({"42501", "42P01", "42703", "42704", "42883", "42P10"})
 # Python errors that only a value can cause while a record is turned into rows.
 _POISON_ERRORS = (orjson.JSONEncodeError, OverflowError, UnicodeError)
 

@@ -18,29 +18,35 @@ import asyncpg
 _BATCH = 5000
 
 
-def _prune(table: str, key: str, where: str, order: str, limit: str = "$2", then: str = "") -> str:
+def _prune(table: str, key: str, where: str, order: str, limit: str = "$2", then: str = "",
+           returning: str | None = None) -> str:
     """A statement that deletes one batch of `table`, oldest first, and answers how many rows went; `then`
-    names what goes with the deleted keys (`gone`)."""
+    names what goes with the deleted rows (`gone`, holding the `returning` columns). `key` is a column the rows
+    are found by alone: the row's ctid where the primary key is (tenant, ...)."""
     return (f"with gone as (delete from {table} where {key} = any(array("
-            f"select t.{key} from {table} t where {where} order by {order} limit {limit})) returning {key}){then}\n"
-            f"select count(*) from gone")
+            f"select t.{key} from {table} t where {where} order by {order} limit {limit}))"
+            f" returning {returning or key}){then}\nselect count(*) from gone")
 
 
 _PRUNE_KEYS = _prune("event_keys", "ctid", "t.first_seen < $1", "t.first_seen")
 # A pruned window's queue entry goes with it (the relay also forgets a key whose counter row is gone).
-_PRUNE_COUNTERS = _prune("counters", "key", "t.window_name = $1 and t.window_end < $2", "t.window_end", "$3",
-                         ", unqueued as (delete from counter_outbox where key in (select key from gone))")
+_PRUNE_COUNTERS = _prune("counters", "ctid", "t.window_name = $1 and t.window_end < $2", "t.window_end", "$3",
+                         ", unqueued as (delete from counter_outbox"
+                         " where (tenant, key) in (select tenant, key from gone))",
+                         returning="tenant, key")
 # A usage alert goes once its period's alert is resolved (or it never fired); one still firing stays.
 _PRUNE_USAGE_ALERTS = _prune(
-    "usage_alerts", "id",
+    "usage_alerts", "ctid",
     "t.created_at < $1 and t.taken_up and (t.fired_transition is null or t.resolved_transition is not null)", "t.id")
 # A transition goes with its deliveries (on delete cascade) once published, delivered or given up, and no
 # longer named by a usage alert.
 _PRUNE_TRANSITIONS = _prune(
-    "alert_transitions", "id",
+    "alert_transitions", "ctid",
     "t.at < $1 and t.published_at is not null"
-    " and not exists (select 1 from alert_deliveries d where d.transition_id = t.id and d.status = 'pending')"
-    " and not exists (select 1 from usage_alerts u where u.fired_transition = t.id or u.resolved_transition = t.id)",
+    " and not exists (select 1 from alert_deliveries d"
+    "                 where d.tenant = t.tenant and d.transition_id = t.id and d.status = 'pending')"
+    " and not exists (select 1 from usage_alerts u"
+    "                 where u.tenant = t.tenant and (u.fired_transition = t.id or u.resolved_transition = t.id))",
     "t.id")
 # A usage link is of no use a day after it expired (the day: a page open at the expiry still says why).
 _PRUNE_LINKS = _prune("usage_links", "id", "t.expires_at < $1", "t.expires_at")

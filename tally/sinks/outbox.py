@@ -27,11 +27,12 @@ from tally.sinks.counter_topic import CounterTopicSink
 _RELAY_LOCK_CLASS = 0x7A12
 _BUCKETS = 256
 
-# Keys in key order whose bucket this transaction holds or could take now.
+# Keys in the order of the outbox's key, (tenant, key), whose bucket this transaction holds or could take now: the
+# key's index is read in order and the bucket locks tried only until `limit` keys are found.
 _CLAIM = """
-select key from counter_outbox
+select tenant, key from counter_outbox
 where pg_try_advisory_xact_lock($2, hashtext(key) & ($3 - 1))
-order by key
+order by tenant, key
 limit $1
 """
 
@@ -41,14 +42,17 @@ STATE_COLUMNS = """key, tenant, meter, aggregation, window_name, window_start, w
        value::text as value, count, revision, updated_at,
        total::text as total, level::text as level, integrated_until, sample_level"""
 
-_COUNTERS = f"select {STATE_COLUMNS} from counters where key = any($1::text[]) order by key"
+_COUNTERS = f"""
+select {STATE_COLUMNS} from counters join unnest($1::text[], $2::text[]) as u(tenant, key) using (tenant, key)
+order by key
+"""
 
 # Queue windows at the revisions their writers committed, in key order (the writers' lock order). An entry's
 # revision only rises, so a relay that published an older state meanwhile keeps the newer entry (_FORGET).
 _QUEUE = """
-insert into counter_outbox (key, revision)
-select * from unnest($1::text[], $2::bigint[]) as q(key, revision) order by key
-on conflict (key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
+insert into counter_outbox (tenant, key, revision)
+select * from unnest($1::text[], $2::text[], $3::bigint[]) as q(tenant, key, revision) order by key
+on conflict (tenant, key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
 """
 
 # Queue entries counted for the backlog gauge, up to a cap: past it the figure changes no decision, and a count of
@@ -60,16 +64,17 @@ _EVERY_REVISION = 2**63 - 1  # for a queued key whose counter row is gone: forge
 
 _FORGET = """
 delete from counter_outbox o
-using unnest($1::text[], $2::bigint[]) as p(key, revision)
-where o.key = p.key and o.revision <= p.revision
+using unnest($1::text[], $2::text[], $3::bigint[]) as p(tenant, key, revision)
+where o.tenant = p.tenant and o.key = p.key and o.revision <= p.revision
 """
 
 
-async def queue(conn: asyncpg.Connection, revisions: dict[str, int]) -> None:
-    """Queue these windows for publication at the revisions just written, in the writer's transaction."""
+async def queue(conn: asyncpg.Connection, revisions: dict[tuple[str, str], int]) -> None:
+    """Queue these windows ((tenant, key) -> revision) for publication at the revisions just written, in the
+    writer's transaction."""
     if revisions:
-        keys = sorted(revisions)
-        await conn.execute(_QUEUE, keys, [revisions[k] for k in keys])
+        keys = sorted(revisions, key=lambda tk: tk[1])
+        await conn.execute(_QUEUE, [t for t, _ in keys], [k for _, k in keys], [revisions[tk] for tk in keys])
 
 
 async def backlog(pool: asyncpg.Pool) -> int:
@@ -88,16 +93,17 @@ class OutboxRelay:
     async def publish_once(self) -> list[EncodedState]:
         """Publish up to `limit` queued windows; returns their states (empty when nothing was free)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            keys = [row[0] for row in await conn.fetch(_CLAIM, self._limit, _RELAY_LOCK_CLASS, _BUCKETS)]
-            if not keys:
+            claimed = await conn.fetch(_CLAIM, self._limit, _RELAY_LOCK_CLASS, _BUCKETS)
+            if not claimed:
                 return []
-            rows = await conn.fetch(_COUNTERS, keys)
+            tenants, keys = [row[0] for row in claimed], [row[1] for row in claimed]
+            rows = await conn.fetch(_COUNTERS, tenants, keys)
             states = [state_of(r) for r in rows]
             await self._topic.write(states)
             await self._topic.flush()
             self._on_published()
             published = {s.key: s.revision for s in states}
-            await conn.execute(_FORGET, keys, [published.get(k, _EVERY_REVISION) for k in keys])
+            await conn.execute(_FORGET, tenants, keys, [published.get(k, _EVERY_REVISION) for k in keys])
         return states
 
     async def publish_all(self) -> list[EncodedState]:

@@ -67,7 +67,7 @@ with upserted as (
                 $13::numeric[], $14::numeric[], $15::timestamptz[], $16::smallint[])
          as u(k, t, m, a, w, ws, we, s, g, v, n, lt, tot, lv, iu, sl)
     order by k
-    on conflict (key) do update set
+    on conflict (tenant, key) do update set
         value = case c.aggregation
             when 'COUNT' then c.value + excluded.value
             when 'SUM' then c.value + excluded.value
@@ -87,10 +87,10 @@ with upserted as (
         latest_time = greatest(c.latest_time, excluded.latest_time),
         revision = c.revision + 1,
         updated_at = now()
-    returning key, revision
+    returning tenant, key, revision
 )
-insert into counter_outbox (key, revision) select key, revision from upserted order by key
-on conflict (key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
+insert into counter_outbox (tenant, key, revision) select tenant, key, revision from upserted order by key
+on conflict (tenant, key) do update set revision = greatest(counter_outbox.revision, excluded.revision), queued_at = now()
 """
 
 

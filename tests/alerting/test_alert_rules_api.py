@@ -230,9 +230,9 @@ async def _transitions(db: asyncpg.Connection, tenant: str, n: int) -> list[int]
         "insert into alert_transitions (tenant, rule_id, rule_name, group_key, grp, kind, value, threshold, comparison,"
         " window_s, at, fired_at) values ($1, $2, $3, '{}', '{}', $4, 3, 1, '>', 300, $5, $5) returning id", *row)
         for row in rows]
-    await db.executemany("insert into alert_deliveries (transition_id, target, kind, endpoint, target_digest, status,"
-                         " attempts, sent_at) values ($1, 0, 'slack', $2, $3, 'sent', 1, now())",
-                         [(i, endpoint(SLACK), digest("slack", SLACK)) for i in ids])
+    await db.executemany("insert into alert_deliveries (tenant, transition_id, target, kind, endpoint, target_digest,"
+                         " status, attempts, sent_at) values ($1, $2, 0, 'slack', $3, $4, 'sent', 1, now())",
+                         [(tenant, i, endpoint(SLACK), digest("slack", SLACK)) for i in ids])
     return ids
 
 

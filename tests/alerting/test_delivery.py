@@ -80,9 +80,10 @@ async def _transition(db: asyncpg.Connection, tenant: str, targets: list[tuple[s
         " values ($1, $2, $3, $4::text, $4::text::jsonb, $5, 12, 10, '>', 300, now()) returning id",
         tenant, rule, f"Too many {rule}", grp, kind)
     for position, (target_kind, url, secret) in enumerate(targets):
-        await db.execute("insert into alert_deliveries (transition_id, target, kind, url, secret, endpoint,"
-                         " target_digest) values ($1, $2, $3, $4, $5, $6, $7)", tid, position, target_kind,
-                         BOX.seal(url), secret and BOX.seal(secret), endpoint(url), digest(target_kind, url))
+        await db.execute("insert into alert_deliveries (tenant, transition_id, target, kind, url, secret, endpoint,"
+                         " target_digest) values ($1, $2, $3, $4, $5, $6, $7, $8)", tenant, tid, position,
+                         target_kind, BOX.seal(url), secret and BOX.seal(secret), endpoint(url),
+                         digest(target_kind, url))
     return tid
 
 

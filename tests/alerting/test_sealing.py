@@ -44,9 +44,9 @@ async def test_clear_rows_are_sealed_and_a_key_rotates(alone_db: asyncpg.Connect
     tid = await db.fetchval("insert into alert_transitions (tenant, rule_id, rule_name, group_key, grp, kind,"
                             " threshold, comparison, window_s, fired_at) values ($1, 'r', 'r', '{}', '{}', 'firing',"
                             " 1, '>', 60, now()) returning id", tenant)
-    await db.execute("insert into alert_deliveries (transition_id, target, kind, url, secret, endpoint, target_digest)"
-                     " values ($1, 0, 'webhook', 'https://ops.example.com/h?token=QueryToken', $2,"
-                     " 'https://ops.example.com', '\\x00')", tid, SECRET)
+    await db.execute("insert into alert_deliveries (tenant, transition_id, target, kind, url, secret, endpoint,"
+                     " target_digest) values ($1, $2, 0, 'webhook', 'https://ops.example.com/h?token=QueryToken', $3,"
+                     " 'https://ops.example.com', '\\x00')", tenant, tid, SECRET)
     await db.execute("insert into usage_settings (tenant, slack_webhook_url) values ($1, $2)", tenant, SLACK)
     for credential in ("SlackPathIsTheCredential", "QueryToken", SECRET):
         assert credential in await _dump(db)

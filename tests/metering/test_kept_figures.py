@@ -31,8 +31,8 @@ _UPSERT = """
 insert into counters as c (key, tenant, meter, aggregation, window_name, window_start, window_end, subject, value,
                            count, latest_time)
 values ($1, $2, 'tokens', 'SUM', 'hour', $3, $4, $5, $6, 1, $3)
-on conflict (key) do update set value = c.value + excluded.value, count = c.count + 1, revision = c.revision + 1,
-    updated_at = now()
+on conflict (tenant, key) do update set value = c.value + excluded.value, count = c.count + 1,
+    revision = c.revision + 1, updated_at = now()
 returning key, tenant, meter, aggregation, window_name, window_start, window_end, subject, value, count, revision,
     updated_at
 """

@@ -185,7 +185,7 @@ async def test_a_fix_committed_while_a_relay_publishes_is_not_dropped(isolated: 
     # A processor batch gone wrong: revision R counts 5 calls that were never stored, queued to publish.
     revision = await db.fetchval("update counters set value = value + 5, count = count + 5, revision = revision + 1"
                                  " where key = $1 returning revision", key)
-    await db.execute("insert into counter_outbox (key, revision) values ($1, $2)", key, revision)
+    await db.execute("insert into counter_outbox (tenant, key, revision) values ($1, $2, $3)", tenant, key, revision)
     fixes: list[tuple[int, str]] = []
 
     def fix_during_the_flush() -> None:

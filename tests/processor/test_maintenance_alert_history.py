@@ -30,9 +30,9 @@ async def _transition(db: asyncpg.Connection, tenant: str, age_days: int, *, pub
         " window_s, at, fired_at, published_at) values ($1, 'r', 'r', '{}', '{}', 'firing', 1, '>', 60, $2, $2, $3)"
         " returning id", tenant, at, at if published else None)
     if delivery is not None:
-        await db.execute("insert into alert_deliveries (transition_id, target, kind, endpoint, target_digest, status)"
-                         " values ($1, 0, 'webhook', 'https://example.com', sha256('webhook https://example.com/hook'),"
-                         " $2)", tid, delivery)
+        await db.execute("insert into alert_deliveries (tenant, transition_id, target, kind, endpoint, target_digest,"
+                         " status) values ($1, $2, 0, 'webhook', 'https://example.com',"
+                         " sha256('webhook https://example.com/hook'), $3)", tenant, tid, delivery)
     return tid
 
 

@@ -31,7 +31,7 @@ async def test_maintenance_partitions_every_month_with_events_and_prunes_by_age(
         await db.execute("insert into counters (key, tenant, meter, aggregation, window_name, window_start, window_end,"
                          " value, count, latest_time) values ($1, $2, 'm', 'COUNT', $3, $4, $4, 1, 1, $4)",
                          f"{tenant}/{window}", tenant, window, end)
-    await db.execute("insert into counter_outbox (key) values ($1)", f"{tenant}/minute")
+    await db.execute("insert into counter_outbox (tenant, key) values ($1, $2)", tenant, f"{tenant}/minute")
 
     env = env_for(settings, TALLY_EVENT_KEYS_RETENTION_DAYS="30")
     done = subprocess.run([sys.executable, "-m", "tally.cli", "maintenance"], env=env, cwd=ROOT, capture_output=True,

@@ -35,7 +35,8 @@ PER_ROUND = 40  # each commit is the last update of some windows, so a stale pub
 # sees, but there is nothing to publish for them.
 BACKLOG = 300000
 _BACKLOG = """
-insert into counter_outbox (key) select format('["~backlog-%s",%s]', $1::text, n) from generate_series(1, $2) n
+insert into counter_outbox (tenant, key)
+select '~backlog-' || $1, format('["~backlog-%s",%s]', $1::text, n) from generate_series(1, $2) n
 """
 
 
@@ -98,9 +99,9 @@ async def test_one_relay_round_publishes_more_windows_than_the_lock_table_holds(
                                   latest_time)
             select format('["%s",%s]', $1::text, n), $1, 'm', 'COUNT', 'day', now(), now(), 1, 1, now()
             from generate_series(1, $2) n
-            returning key, revision
+            returning tenant, key, revision
         )
-        insert into counter_outbox (key, revision) select key, revision from made""", tenant, windows)
+        insert into counter_outbox (tenant, key, revision) select tenant, key, revision from made""", tenant, windows)
     pool = await asyncpg.create_pool(isolated.database_url, min_size=1, max_size=1)
     publisher = KafkaPublisher(isolated.kafka_bootstrap)
     try:

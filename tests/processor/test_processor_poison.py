@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from tally.processors.dlq import read_letters
+from tally.sinks.errors import is_poison
 from tally.schemas.deadletter import DeadLetter
 from tally.settings import Settings
 from tests.processor.helpers import drained, envelope, produce, wait_for
@@ -104,3 +105,12 @@ async def test_a_literal_backslash_before_u0000_is_stored_and_a_real_nul_is_dead
     letters = [item.letter for item in read_letters(isolated.kafka_bootstrap, isolated.topics.dlq)]
     assert [(d.error_class, d.offset) for d in letters] == [("UnstorableValue", letters[0].offset)]
     assert letters[0].value == real.to_bytes()
+
+
+async def test_a_write_the_schema_no_longer_matches_is_an_outage_not_poison(db: asyncpg.Connection) -> None:
+    """A processor of the release before migration 0087 still running after it names the counters' old conflict
+    target: every record fails so, whatever its values, and none may be dead-lettered (docs/adr/0157)."""
+    with pytest.raises(asyncpg.PostgresError) as refused:
+        await db.execute("insert into counter_outbox (tenant, key) values ('t', 'k') on conflict (key) do nothing")
+    assert refused.value.sqlstate == "42P10"
+    assert not is_poison(refused.value)
