@@ -40,15 +40,16 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def loaded(loads: dict[str, float], cpus: int) -> bool:
-    """Other work weighed on a run when the load average passed half the cores before or after it."""
-    return max(loads.values()) > cpus / 2
+    """Other work weighed on a run when the load average passed half the cores before it. The figure after a run
+    is mostly the run's own processes (a run keeps both cores busy), so it cannot tell other work apart."""
+    return loads["before"] > cpus / 2
 
 
 def machine_load(loads: dict[str, float], cpus: int) -> str:
     """The run's machine, quiet or loaded, and the load average before and after it."""
     return (("**measured on a loaded machine**" if loaded(loads, cpus) else "measured on a quiet machine")
-            + f": load average {loads['before']:.1f} before and {loads['after']:.1f} after the run (other work "
-            "included)")
+            + f": load average {loads['before']:.1f} before the run and {loads['after']:.1f} after it (the run's own"
+            " processes included)")
 
 
 def aim(ok: bool | None) -> str:
