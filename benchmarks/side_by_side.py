@@ -48,7 +48,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 from cryptography.fernet import Fernet
 
 from benchmarks import kafka_bench, loadgen, pg_bench, usage_bench
@@ -175,7 +177,7 @@ async def drain(args: argparse.Namespace, bench: Bench, settings: Settings, load
     lag = kafka_bench.Lag(settings.kafka_bootstrap, settings.consumer_group, loaded.topic)
     services: list[Service] = []
     meter = CpuMeter({"processor": lambda: [s.process.pid for s in services]}, bench.base.database_url,
-                     bench.db_name, False)
+                     urlsplit(settings.database_url).path.lstrip("/"), False)
     before = await meter.snapshot()
     began = time.monotonic()
     service = bench.start(slug, [*TALLY, "process"], settings, checkout=checkout)
@@ -213,6 +215,24 @@ async def drain(args: argparse.Namespace, bench: Bench, settings: Settings, load
             "postgresql_running_us": running.get("postgresql"), "check": "yes"}
 
 
+async def side_database(bench: Bench, settings: Settings, checkout: Path, side: str) -> Settings:
+    """Settings with a database of the side's own, made by its own migrations: a base from before a change of
+    the schema drains into the schema its code was written for (the run's database has this checkout's)."""
+    url = urlsplit(settings.database_url)
+    name = f"{bench.db_name}_{side}"
+    conn = await asyncpg.connect(bench.base.database_url)
+    try:
+        await conn.execute(f'create database "{name}"')
+    finally:
+        await conn.close()
+    own = settings.model_copy(update={"database_url": urlunsplit(url._replace(path=f"/{name}")),
+                                      "migrations_dir": checkout / "deploy" / "migrations"})
+    migrate = bench.start(f"migrate-{side}", [*TALLY, "migrate"], own, checkout=checkout)
+    if await asyncio.to_thread(migrate.process.wait) != 0:
+        raise RuntimeError(f"{side}'s migrations failed; see benchmarks/out/logs/migrate-{side}.log")
+    return own
+
+
 async def processor_part(bench: Bench, args: argparse.Namespace, checkouts: dict[str, Path],
                          results: dict[str, Any]) -> None:
     settings = bench.scoped("drain")
@@ -222,8 +242,10 @@ async def processor_part(bench: Bench, args: argparse.Namespace, checkouts: dict
     print(f"[side-by-side] loaded {loaded.messages:,} events ({loaded.distinct:,} distinct) for the drains",
           flush=True)
 
+    databases = {side: await side_database(bench, settings, checkouts[side], side) for side in SIDES}
+
     async def measure(side: str, slug: str) -> Figures:
-        group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-{slug}"})
+        group = databases[side].model_copy(update={"consumer_group": f"{settings.consumer_group}-{slug}"})
         return await drain(args, bench, group, loaded, checkouts[side], slug)
 
     results["processor"] = await rounds("processor", args, measure)

@@ -161,16 +161,20 @@ class Bench:
             return
         conn = await asyncpg.connect(self.base.database_url)
         try:
-            for attempt in range(30):
-                try:
-                    await conn.execute(f'drop database if exists "{self.db_name}" with (force)')
-                    break
-                except asyncpg.InsufficientPrivilegeError:
-                    # A session of another role (an autovacuum worker after the bulk load) is still in it:
-                    # it ends by itself within seconds, and FORCE may not end it for us.
-                    if attempt == 29:
-                        raise
-                    await asyncio.sleep(1)
+            # The run's database and those a part made beside it, named after it (`<name>_<part>`).
+            names = await conn.fetch("select datname from pg_database where datname = $1 or starts_with(datname, $2)",
+                                     self.db_name, f"{self.db_name}_")
+            for (name,) in names:
+                for attempt in range(30):
+                    try:
+                        await conn.execute(f'drop database if exists "{name}" with (force)')
+                        break
+                    except asyncpg.InsufficientPrivilegeError:
+                        # A session of another role (an autovacuum worker after the bulk load) is still in it:
+                        # it ends by itself within seconds, and FORCE may not end it for us.
+                        if attempt == 29:
+                            raise
+                        await asyncio.sleep(1)
         finally:
             await conn.close()
         admin = AdminClient({"bootstrap.servers": self.base.kafka_bootstrap})
