@@ -4,10 +4,13 @@ counts for everyone else: nothing is counted twice into one counter, no read fai
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections import defaultdict
 from decimal import Decimal
 
 import asyncpg
+import pytest
 
 from tally.billing.context import BillingConfig, JobContext
 from tally.billing.reconcile import reconcile
@@ -57,3 +60,23 @@ async def test_a_tenants_own_meter_shadows_a_deploy_time_meter_of_its_slug(
             assert report.drift == [] and report.windows > 0, (tenant, report.drift[:3])
     finally:
         await ctx.close()
+
+
+async def test_a_clash_is_logged_once_by_the_process_and_again_when_it_changes(
+        db: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    tenant, other = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    caplog.set_level(logging.WARNING, logger="tally.meters")
+    await new_version(db, tenant, "tokens", 1, OWN_TOKENS)
+    catalog = Catalog(load_meters(inline=METERS))
+    assert await catalog.refresh(db)
+    await new_version(db, other, "own", 1, OWN_TOKENS)  # the catalog moves
+    assert await catalog.refresh(db)
+    assert await Catalog(load_meters(inline=METERS)).refresh(db)  # another catalog of the process
+    told = [r.getMessage() for r in caplog.records if tenant in r.getMessage()]
+    assert told == [f"tenant {tenant} defined its own tokens before the deploy did: its own stays its meter (ADR 0153)"]
+
+    await new_version(db, tenant, "api_calls", 1, {**OWN_TOKENS, "event_type": "api.call"})
+    assert await catalog.refresh(db)
+    told = [r.getMessage() for r in caplog.records if tenant in r.getMessage()]
+    assert len(told) == 2 and "its own api_calls, tokens before" in told[1], told
+
