@@ -7,15 +7,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import asyncpg
 import pytest
 
 from tally.billing.context import BillingConfig, JobContext
-from tally.billing.reconcile import reconcile
+from tally.billing.reconcile import _Recount, _Scope, reconcile
 from tally.meters.catalog import Catalog
 from tally.meters.definitions import Window, load_meters
+from tally.meters.meterset import MeterSet
 from tally.settings import Settings
 from tally.meters.windows import bounds
 from tests.metering.helpers import METERS
@@ -80,3 +82,27 @@ async def test_a_clash_is_logged_once_by_the_process_and_again_when_it_changes(
     told = [r.getMessage() for r in caplog.records if tenant in r.getMessage()]
     assert len(told) == 2 and "its own api_calls, tokens before" in told[1], told
 
+
+async def test_the_shared_recount_reads_no_event_of_a_tenant_it_leaves_out(db: asyncpg.Connection) -> None:
+    """The deploy-time meters' recount over every tenant leaves the shadowing tenants out in its query, not after
+    reading their events."""
+    shadowing, other = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    now = datetime.now(timezone.utc)
+    await db.executemany("insert into events (tenant, source, id, type, time, received_at, kafka_partition,"
+                         " kafka_offset, data) values ($1, 'app', $2, 'llm.call', $3, $3, 0, $4, '{\"tokens\": 2}')",
+                         [(t, f"e-{i}", now - timedelta(minutes=30, seconds=i), i) for t in (shadowing, other)
+                          for i in range(3)])
+    recount = _Recount(_Scope(MeterSet(load_meters(inline=METERS)), None, leave_out=frozenset({shadowing})))
+    read: list[str] = []
+    fold = recount._fold
+
+    def reading(rows: list[asyncpg.Record]) -> None:
+        read.extend(r["tenant"] for r in rows)
+        fold(rows)
+
+    recount._fold = reading
+    async with db.transaction(isolation="repeatable_read", readonly=True):
+        await recount.read(db, now - timedelta(hours=1), now, None)
+    assert read.count(other) == 3 and shadowing not in read
+    assert {d.key.tenant for d in recount.windows.values()} >= {other}
+    assert all(d.key.tenant != shadowing for d in recount.windows.values())
