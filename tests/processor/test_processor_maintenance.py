@@ -9,9 +9,15 @@ from datetime import datetime, timedelta, timezone
 
 import asyncpg
 
+from tally.meters import stateful
+from tally.meters.definitions import Meter, MetersConfig, Window
+from tally.meters.meterset import MeterSet
 from tally.meters.unique import window_id
+from tally.meters.windows import bounds
 from tally.meters.weighted import series_text, weighted_sum_over
+from tally.schemas.counters import Aggregation
 from tally.settings import Settings
+from tally.sinks.base import Event, Record
 from tests.metering.meters_helpers import DEFINITIONS, new_version
 from tests.processor.helpers import maintenance, wait_for
 from tests.support import running
@@ -78,7 +84,7 @@ async def test_level_changes_go_once_no_window_kept_can_need_them(settings: Sett
     """With every window size pruned after 800 days, per series: the changes before the UTC month holding the latest
     change before the cutoff go, but the last of them (the level carried into that month). Two tenants pruned alike;
     a series whose level was set once, one with no change before the cutoff and a tenant whose backfill is not done
-    keep all; the integral from that month on is the same as before."""
+    keep all; the integral from that month on is the same as before, and so is what a new change integrates again."""
     a, b, backfilling = (f"upkeep-{uuid.uuid4().hex[:8]}" for _ in range(3))
     now = datetime.now(timezone.utc)
     cutoff = now - timedelta(days=800)
@@ -97,7 +103,7 @@ async def test_level_changes_go_once_no_window_kept_can_need_them(settings: Sett
 
     async def kept() -> list[asyncpg.Record]:
         return await db.fetch("select tenant, series, id from weighted_points where tenant = any($1)"
-                        " order by tenant, series, at, id", [a, b, backfilling])
+                              " order by tenant, series, at, id", [a, b, backfilling])
 
     everything = await kept()
     assert "weighted points pruned: 0;" in maintenance(settings)  # day and month windows are kept for ever
@@ -108,6 +114,26 @@ async def test_level_changes_go_once_no_window_kept_can_need_them(settings: Sett
     gone = {(t, series_text(t, "storage", None, {}), name) for t in (a, b) for name in ("x", "b1")}
     assert [tuple(r) for r in await kept()] == [tuple(r) for r in everything if tuple(r) not in gone]
     assert await weighted_sum_over(db, a, "storage", None, {}, month, now) == before
+
+    # A change now, after a quiet series' last one before the cutoff: pruned (a) or not (the backfilling tenant),
+    # it integrates the windows of every size holding that last change again to the same figures.
+    quiet = [r for r in rows if r[0] in (a, backfilling) and r[3] != "e" and r[1].endswith("null,{}]")]
+    await db.executemany("insert into weighted_points (tenant, series, at, source, id, level)"
+                         " values ($1, replace($2, 'storage', 'quiet'), $3, 's', $4, $5)", quiet)
+    assert "weighted points pruned: 2;" in maintenance(settings, TALLY_COUNTER_RETENTION_DAY_DAYS="800",
+                                                       TALLY_COUNTER_RETENTION_MONTH_DAYS="800")
+    meter = Meter(slug="quiet", event_type="disk.level", aggregation=Aggregation.WEIGHTED_SUM, value_path="data.gb",
+                  unit="hour", per_subject=False, windows=tuple(Window))
+    figures = {}
+    for tenant in (a, backfilling):
+        change = Event(tenant, "s", "now", "disk.level", None, now - timedelta(hours=1), now, {"gb": 10})
+        async with db.transaction():
+            deltas = await stateful.apply(MeterSet(MetersConfig(meters=[meter])), db, [Record(change, 0, 0)])
+        figures[tenant] = {(d.key.window, d.key.window_start): (d.value, d.total, d.level, d.integrated_until)
+                           for _, d in deltas}
+    assert figures[a] == figures[backfilling]
+    assert {start for window, start in figures[a] if window == "month"} == {
+        month, bounds(Window.MONTH, change.time)[0]}  # the month of the last change before the cutoff, and now's
 
 
 async def test_a_processor_looks_after_storage_as_it_starts(isolated: Settings, db: asyncpg.Connection) -> None:
