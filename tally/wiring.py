@@ -147,9 +147,13 @@ def meter_readers() -> tuple[Reader, ...]:
 
 
 def retention(settings: Settings) -> Retention:
-    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=settings.counter_retention_days,
+    """Level changes are kept as long as the longest-kept window size, for ever while a size is (sinks.maintenance
+    Retention says why; `counter_retention_days` names every size)."""
+    days = settings.counter_retention_days
+    return Retention(event_keys_days=settings.event_keys_retention_days, counter_days=days,
                      alert_transitions_days=settings.alert_transitions_retention_days,
-                     usage_alerts_days=settings.usage_alerts_retention_days)
+                     usage_alerts_days=settings.usage_alerts_retention_days,
+                     weighted_points_days=max(days.values()) if all(d > 0 for d in days.values()) else 0)
 
 
 def alert_policy(settings: Settings) -> AlertPolicy:

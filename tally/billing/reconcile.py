@@ -107,6 +107,7 @@ select {EVENT_COLUMNS} from events
 where counted and time >= $1 and time < $2 and ($3::text is null or tenant = $3)
   and ($4::text is null or subject = $4)
   and ($5::bigint[] is null or kafka_offset < coalesce(($5::bigint[])[kafka_partition + 1], {2 ** 63 - 1}))
+  and tenant <> all($6::text[])
 """
 # The starts of the version that took over from version $2 of the tenant's meter (the next one of its slug).
 _SUCCESSOR_STARTS = """
@@ -174,18 +175,18 @@ class _Recount:
 
     async def read(self, conn: asyncpg.Connection, lo: datetime, hi: datetime, tenant: str | None,
                    subject: str | None = None, deadline: float | None = None) -> None:
-        """Fold the counted events of [lo, hi) (of one tenant, one subject) in, below the scope's successor's
-        starts; inside a transaction. Past `deadline` (time.monotonic) it raises TimeoutError."""
-        cursor = await conn.cursor(_EVENTS, lo, hi, tenant, subject, await self._scope.until(conn))
+        """Fold the counted events of [lo, hi) (of one tenant, one subject; none of a tenant the scope leaves out) in,
+        below the scope's successor's starts; inside a transaction. Past `deadline` (time.monotonic) it raises
+        TimeoutError."""
+        cursor = await conn.cursor(_EVENTS, lo, hi, tenant, subject, await self._scope.until(conn),
+                                   sorted(self._scope.leave_out))
         while rows := await cursor.fetch(_CHUNK):
             await asyncio.to_thread(self._fold, rows)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("the recount took longer than its budget")
 
     def _fold(self, rows: Iterable[asyncpg.Record]) -> None:
-        leave_out = self._scope.leave_out
-        records, refused = self._scope.meters.readable([Record(e, 0, 0, True) for r in rows
-                                                        if (e := stored_event(r)).tenant not in leave_out])
+        records, refused = self._scope.meters.readable([Record(stored_event(r), 0, 0, True) for r in rows])
         if refused:
             log.warning("the recount of %s leaves out %d stored events its meters cannot read, as their backfill "
                         "did (first: %s)", self._scope.tenant or "every tenant", len(refused), refused[0][1])

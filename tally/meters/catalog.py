@@ -27,6 +27,10 @@ from meter_versions order by id
 """
 # Each version's backfill state; a backfill that finishes moves the revision, so a refresh sees it (ADR 0140).
 _BACKFILLS = "select tenant, version_id, state from meter_backfills"
+# The shadowing clashes this process has logged, per tenant (ADR 0153): each is logged when first seen and again
+# only when it changes, not at every refresh of every catalog the process holds (the processor's, the jobs', each
+# reconcile's).
+_clashes_told: dict[str, frozenset[str]] = {}
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ class Catalog:
         self._shadowed = {t: frozenset(found) for t, vs in versions.items() if (found := deployed & {v.slug for v in vs})}
         self._built_ins_for = {}
         for tenant, slugs in sorted(self._shadowed.items()):
-            log.warning("tenant %s defined its own %s before the deploy did: its own stays its meter (ADR 0153)",
-                        tenant, ", ".join(sorted(slugs)))
+            if _clashes_told.get(tenant) != slugs:
+                _clashes_told[tenant] = slugs
+                log.warning("tenant %s defined its own %s before the deploy did: its own stays its meter (ADR 0153)",
+                            tenant, ", ".join(sorted(slugs)))
         # Rows read after the revision: at worst newer than it, and the next refresh reads them again.
         self.revision = revision
         return True

@@ -72,7 +72,6 @@ class LiveMeters:
         self._poll_s = poll_s
         self._next_poll = 0.0
         self._own: frozenset[str] = frozenset()
-        self._shadowed: frozenset[str] = frozenset()  # tenants the whole deploy-time set does not count for
         self._tenants: dict[str, _Tenant] = {}
         self._starts: dict[int, dict[int, int]] = defaultdict(dict)  # version id -> partition -> start offset
         self._covered: set[int] = set()  # partitions where every version of the catalog has a known start
@@ -92,7 +91,6 @@ class LiveMeters:
         self.stale = False
         if moved:
             self._own = frozenset(self.catalog.tenants())
-            self._shadowed = frozenset(self.catalog.shadowed())
             self._tenants = {}
             self._covered = set()
             self.check = self._check if self._own else self.base.check
@@ -105,9 +103,10 @@ class LiveMeters:
         if not mine:
             return self.base.aggregate(records)
         out = self.base.aggregate(self._unshadowed(records))
+        shadowed = self.catalog.shadowed()
         for tenant, own in mine.items():
             t = self._tenant(tenant)
-            if tenant in self._shadowed:
+            if tenant in shadowed:
                 out += t.built_ins.aggregate(own)
             for version in t.versions:
                 out += version.meters.aggregate(version.live(own))
@@ -116,9 +115,10 @@ class LiveMeters:
 
     def stateful_inputs(self, records: Sequence[Record]) -> list[StatefulInput]:
         out = self.base.stateful_inputs(self._unshadowed(records)) if self.base.has_stateful else []
+        shadowed = self.catalog.shadowed()
         for tenant, own in self._by_tenant(records).items():
             t = self._tenant(tenant)
-            if tenant in self._shadowed and t.built_ins.has_stateful:
+            if tenant in shadowed and t.built_ins.has_stateful:
                 out += t.built_ins.stateful_inputs(own)
             for version in t.versions:
                 if version.meters.has_stateful:
@@ -171,7 +171,7 @@ class LiveMeters:
 
     def _unshadowed(self, records: Sequence[Record]) -> Sequence[Record]:
         """The records the whole deploy-time set counts: all but those of tenants that shadow one of its meters."""
-        shadowed = self._shadowed
+        shadowed = self.catalog.shadowed()
         return [r for r in records if r[0].tenant not in shadowed] if shadowed else records
 
     def _by_tenant(self, records: Sequence[Record]) -> dict[str, list[Record]]:
@@ -204,6 +204,6 @@ class LiveMeters:
                     live.append(v.meter)
                     versions.append(_Version(self._starts[v.id], None if following is None else self._starts[following.id],
                                              MeterSet(MetersConfig(meters=[v.meter]))))
-            built_ins = MeterSet(self.catalog.built_ins_for(tenant)) if tenant in self._shadowed else self.base
+            built_ins = MeterSet(self.catalog.built_ins_for(tenant)) if tenant in self.catalog.shadowed() else self.base
             found = self._tenants[tenant] = _Tenant(MeterSet(MetersConfig(meters=live)), versions, built_ins)
         return found

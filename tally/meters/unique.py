@@ -41,7 +41,7 @@ _DROP_ABOVE = "delete from counter_distinct where tenant = $1 and window_id = $2
 
 
 def window_id(key_text: str) -> bytes:
-    """The id of a counter window in counter_distinct (the same as the SQL in `unique_count_over`)."""
+    """The id of a counter window in counter_distinct (the same as SQL's `tally_window_id`, migration 0088)."""
     return hashlib.sha256(key_text.encode()).digest()[:16]
 
 
@@ -132,7 +132,7 @@ where tenant = $1 and meter = $2 and window_name = $3 and subject is not distinc
 _COUNT = """
 select count(distinct hash) from counter_distinct
 where tenant = $3
-  and window_id = any(select substring(sha256(convert_to(k, 'UTF8')) from 1 for 16) from unnest($1::text[]) k)
+  and window_id = any(select tally_window_id(k) from unnest($1::text[]) k)
   and hash <= $2
 """
 

@@ -67,8 +67,10 @@ class ServiceConfig:
             raise ValueError("pg_idle_in_transaction_timeout_ms must be longer than publish_timeout_ms")
         if not self.publish_timeout_ms < self.processor.attempt_timeout_s * 1000:
             raise ValueError("attempt_timeout_s must be longer than publish_timeout_ms")
-        # A window pruned while late events may still count in it would come back holding only those.
-        if any(0 < days * 86400 <= self.late_horizon_s for days in self.retention.counter_days.values()):
+        # A window pruned while late events may still count in it would come back holding only those; a level change
+        # pruned while one may still be written before it would leave its neighbours integrated wrongly.
+        kept = [*self.retention.counter_days.values(), self.retention.weighted_points_days]
+        if any(0 < days * 86400 <= self.late_horizon_s for days in kept):
             raise ValueError("a counter retention must be longer than the late-event horizon")
 
 

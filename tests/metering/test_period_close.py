@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -33,24 +34,43 @@ def _calls(tenant: str, subject: str, times: list[datetime], first: int) -> list
                      data={}, tenant=tenant) for i, t in enumerate(times)]
 
 
-async def test_close_freezes_the_period_and_a_late_event_becomes_an_adjustment(isolated: Settings,
-                                                                              db: asyncpg.Connection) -> None:
-    settings = metered(isolated)
-    tenant, subject, customer = f"t-{uuid.uuid4().hex[:8]}", "acme", f"cus_{uuid.uuid4().hex[:10]}"
+@dataclass(frozen=True)
+class Closing:
+    """A new customer billed monthly for one meter (2 included), in a zone whose midnight was some 10 hours ago and
+    on that day of the month, so its last period ended at `boundary`: Stripe's invoice of that period runs from
+    `previous_start` to it."""
+
+    subject: str
+    customer: str
+    today: date
+    boundary: datetime
+    previous_start: datetime
+
+
+async def closing(db: asyncpg.Connection, tenant: str, meter: str) -> Closing:
+    subject, customer = "acme", f"cus_{uuid.uuid4().hex[:10]}"
     now = datetime.now(timezone.utc)
     zone = _zone_past_midnight(now)
     today = now.astimezone(ZoneInfo(zone)).date()
-    boundary = datetime.combine(today, datetime.min.time(), tzinfo=ZoneInfo(zone)).astimezone(timezone.utc)
     await set_account(db, tenant, account_of(tenant))
-    await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter="api_calls", included=2)]))
+    await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter=meter, included=2)]))
     sub = Subscription(subject=subject, plan_id="p", stripe_customer_id=customer, anchor_day=today.day,
                        time_zone=zone, start_date=today - timedelta(days=60))
     await subscribe(db, tenant, sub)
-    previous_period = previous(sub.anchor(), period_at(sub.anchor(), now))
+    boundary = datetime.combine(today, datetime.min.time(), tzinfo=ZoneInfo(zone)).astimezone(timezone.utc)
+    return Closing(subject, customer, today, boundary, previous(sub.anchor(), period_at(sub.anchor(), now)).start)
+
+
+async def test_close_freezes_the_period_and_a_late_event_becomes_an_adjustment(isolated: Settings,
+                                                                              db: asyncpg.Connection) -> None:
+    settings = metered(isolated)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    c = await closing(db, tenant, "api_calls")
+    subject, customer, today, boundary = c.subject, c.customer, c.today, c.boundary
     # the jobs close after a minute; the processor keeps its one-day horizon (the jobs check they agree)
     env = {"TALLY_CLOSE_GRACE_S": "60", "TALLY_LATE_HORIZON_S": "60"}
     with stripe_double() as double, running("processor", ["process"], settings):
-        double.periods[(account_of(tenant), customer)] = [(previous_period.start, boundary)]
+        double.periods[(account_of(tenant), customer)] = [(c.previous_start, boundary)]
         env["TALLY_STRIPE_API_BASE"] = double.url
         before = [boundary - timedelta(hours=2, minutes=i) for i in range(5)]
         after = [boundary + timedelta(minutes=30 + i) for i in range(3)]

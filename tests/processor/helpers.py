@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -14,8 +16,8 @@ from confluent_kafka import Producer
 from tally.sinks.kafka import caught_up
 from tally.schemas.counters import CounterState
 from tally.schemas.envelope import Envelope
-from tally.settings import Settings
-from tests.support import read_topic
+from tally.settings import ROOT, Settings
+from tests.support import env_for, read_topic
 
 
 def envelope(tenant: str, n: int, *, type_: str = "order.placed", subject: str | None = None,
@@ -103,3 +105,11 @@ async def assert_topic_matches_postgres(settings: Settings, db: asyncpg.Connecti
         k: (s.value, s.count, s.revision) for k, s in states.items()
     }
     return sum(r["meter"] == meter for r in rows)
+
+
+def maintenance(settings: Settings, **env: str) -> str:
+    """Run `tally maintenance` once with these settings and environment; its summary."""
+    done = subprocess.run([sys.executable, "-m", "tally.cli", "maintenance"], env=env_for(settings, **env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -4,22 +4,13 @@ delivered or resolved; expired usage links a day after they expire; 0 keeps ever
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
-from tally.settings import ROOT, Settings
-from tests.support import env_for
-
-
-def _maintenance(settings: Settings, **env: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "tally.cli", "maintenance"], env=env_for(settings, **env), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+from tally.settings import Settings
+from tests.processor.helpers import maintenance
 
 
 async def _transition(db: asyncpg.Connection, tenant: str, age_days: int, *, published: bool = True,
@@ -62,12 +53,12 @@ async def test_alert_history_and_usage_alerts_are_pruned_by_retention(settings: 
                                        " ($1, 's', 'k', $2) returning id", tenant, at)
                      for at in (now - timedelta(days=2), now + timedelta(days=2))]
 
-    kept_all = _maintenance(settings, TALLY_ALERT_TRANSITIONS_RETENTION_DAYS="0",
+    kept_all = maintenance(settings, TALLY_ALERT_TRANSITIONS_RETENTION_DAYS="0",
                             TALLY_USAGE_ALERTS_RETENTION_DAYS="0")
     transitions = {r[0] for r in await db.fetch("select id from alert_transitions where tenant = $1", tenant)}
     assert transitions == {old, pending, unpublished, fresh, fired_old, resolved_old, fired_open}, kept_all
 
-    summary = _maintenance(settings, TALLY_ALERT_TRANSITIONS_RETENTION_DAYS="30",
+    summary = maintenance(settings, TALLY_ALERT_TRANSITIONS_RETENTION_DAYS="30",
                            TALLY_USAGE_ALERTS_RETENTION_DAYS="30")
     transitions = {r[0] for r in await db.fetch("select id from alert_transitions where tenant = $1", tenant)}
     alerts = {r[0] for r in await db.fetch("select id from usage_alerts where tenant = $1", tenant)}
