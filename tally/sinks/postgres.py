@@ -29,43 +29,17 @@ from tally.schemas.envelope import content_digest
 from tally.sinks.base import Record
 from tally.sinks.errors import is_poison
 
-# Each connection stages a share in a temporary table of its own (made at the connection's first share, emptied at
-# every commit): the share reaches PostgreSQL once, as a binary COPY of its first copies, and one statement claims
-# the keys and stores the claimed events from it.
-_STAGING = """
-create temp table if not exists share_events on commit delete rows as
-select e.tenant, e.source, e.id, e.type, e.subject, e.time, e.received_at, e.data, e.kafka_partition, e.kafka_offset,
-       e.counted, k.digest
-from events e, event_keys k
-with no data
-"""
-
-_STAGED_COLUMNS = (
-    "tenant", "source", "id", "type", "subject", "time", "received_at", "data",
-    "kafka_partition", "kafka_offset", "counted", "digest",
-)
-
 # The fence (docs/adr/0143): the catalog revision, share-locked, returned with every claimed key. A meter version
 # cannot be created while a transaction that read the revision before it is open, so a transaction that counted
 # under an older catalog has committed before the version exists, and one that commits after saw it.
-# The keys are claimed in key order (the lock order); the events of the claimed keys are stored by the same statement.
 _CLAIM = """
-with fence as (select revision from meter_catalog for share),
-claimed as (
-    insert into event_keys (tenant, source, id, digest, kafka_partition, kafka_offset)
-    select tenant, source, id, digest, kafka_partition, kafka_offset from share_events
-    order by tenant, source, id
-    on conflict do nothing
-    returning kafka_partition, kafka_offset
-),
-stored as (
-    insert into events (tenant, source, id, type, subject, time, received_at, data, kafka_partition, kafka_offset,
-                        counted)
-    select s.tenant, s.source, s.id, s.type, s.subject, s.time, s.received_at, s.data, s.kafka_partition,
-           s.kafka_offset, s.counted
-    from share_events s join claimed c using (kafka_partition, kafka_offset)
-)
-select kafka_partition, kafka_offset, (select revision from fence) from claimed
+with fence as (select revision from meter_catalog for share)
+insert into event_keys (tenant, source, id, digest, kafka_partition, kafka_offset)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::bigint[])
+         as k(tenant, source, id, digest, kafka_partition, kafka_offset)
+order by tenant, source, id
+on conflict do nothing
+returning kafka_partition, kafka_offset, (select revision from fence)
 """
 
 # The kept copies of keys this transaction did not claim. Under READ COMMITTED this statement sees a
@@ -74,6 +48,11 @@ _KEPT = """
 select k.tenant, k.source, k.id, k.digest, k.kafka_partition, k.kafka_offset
 from event_keys k join unnest($1::text[], $2::text[], $3::text[]) as u(tenant, source, id) using (tenant, source, id)
 """
+
+_EVENT_COLUMNS = (
+    "tenant", "source", "id", "type", "subject", "time", "received_at", "data",
+    "kafka_partition", "kafka_offset", "counted",
+)
 
 # Counter windows upserted and queued for publication in one statement, both in key order (the lock order).
 # The queue entry carries the revision committed here: the relay deletes an entry only up to the revision it
@@ -144,10 +123,6 @@ class StoreResult:
     def __add__(self, other: "StoreResult") -> "StoreResult":
         return StoreResult(self.new + other.new, self.duplicates + other.duplicates, self.counters + other.counters,
                            self.conflicts + other.conflicts, self.poison + other.poison)
-
-
-class _Unstaged(Exception):
-    """This connection has no staging table yet: the transaction rolled back before it wrote anything."""
 
 
 class StaleCatalog(Exception):
@@ -235,49 +210,37 @@ class PostgresSink:
                 repeats.append((r, content_digest(e)))
             else:
                 first[key] = (r, content_digest(e))
-        rows = [_row(r, digest) for r, digest in first.values()]
-        async with self._pool.acquire() as conn:
-            try:
-                result = await self._commit(conn, first, repeats, rows)
-            except _Unstaged:
-                await conn.execute(_STAGING)
-                result = await self._commit(conn, first, repeats, rows)
-        if self._on_commit is not None:
-            self._on_commit()
-        result.duplicates = len(share) - len(result.new) - len(result.conflicts)
-        return result
-
-    async def _commit(self, conn: asyncpg.Connection, first: dict[tuple[str, str, str], tuple[Record, bytes]],
-                      repeats: list[tuple[Record, bytes]], rows: list[tuple]) -> StoreResult:
         staged: list[int] = []
         try:
-            async with conn.transaction():
-                try:
-                    await conn.copy_records_to_table("share_events", records=rows, columns=_STAGED_COLUMNS)
-                except asyncpg.UndefinedTableError:
-                    raise _Unstaged from None
+            async with self._pool.acquire() as conn, conn.transaction():
+                # The statement sorts the keys itself (the lock order); Python only maps them back.
                 # A claimed key is named by where its first copy was read: two ints, no text to decode.
-                claim = await conn.fetch(_CLAIM)
-                claimed = {(row[0], row[1]) for row in claim}
+                rows = await conn.fetch(_CLAIM, *_claim_columns(first))
+                claimed = {(row[0], row[1]) for row in rows}
                 new = [r for r, _ in first.values() if (r.partition, r.offset) in claimed]
                 if new and self._live is not None:
-                    if claim[0][2] != self._live.revision:
+                    if rows[0][2] != self._live.revision:
                         self._live.stale = True
-                        raise StaleCatalog(f"meter catalog at revision {claim[0][2]}, counted at {self._live.revision}")
+                        raise StaleCatalog(f"meter catalog at revision {rows[0][2]}, counted at {self._live.revision}")
                     staged = await self._live.record_starts(conn, new)
+                if new:
+                    await conn.copy_records_to_table("events", records=[_row(r) for r in new], columns=_EVENT_COLUMNS)
                 deltas = self._aggregate(new)
                 if self._stateful is not None and new:
                     found = await self._stateful(conn, new)
                     if found:
                         deltas = sorted(deltas + found, key=lambda item: item[0])
                 await write_counters(conn, deltas)
-                repeats = repeats + [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
+                repeats += [(r, digest) for r, digest in first.values() if (r.partition, r.offset) not in claimed]
                 conflicts = await _conflicts(conn, repeats) if repeats else []
         except BaseException:
             if staged and self._live is not None:
                 self._live.unrecord(staged)
             raise
-        return StoreResult(new=new, counters=len(deltas), conflicts=conflicts)
+        if self._on_commit is not None:
+            self._on_commit()
+        return StoreResult(new=new, duplicates=len(share) - len(new) - len(conflicts), counters=len(deltas),
+                           conflicts=conflicts)
 
 
 async def write_counters(conn: asyncpg.Connection, deltas: list[tuple[str, CounterDelta]]) -> None:
@@ -306,6 +269,12 @@ async def _conflicts(conn: asyncpg.Connection, repeats: list[tuple[Record, bytes
     return conflicts
 
 
+def _claim_columns(first: dict[tuple[str, str, str], tuple[Record, bytes]]) -> list[list]:
+    kept = first.values()
+    return [[k[0] for k in first], [k[1] for k in first], [k[2] for k in first], [d for _, d in kept],
+            [r.partition for r, _ in kept], [r.offset for r, _ in kept]]
+
+
 def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:
     columns: list[list] = [[] for _ in range(16)]
     for text, d in deltas:
@@ -319,8 +288,8 @@ def _counter_columns(deltas: list[tuple[str, CounterDelta]]) -> list[list]:
     return columns
 
 
-def _row(record: Record, digest: bytes) -> tuple:
+def _row(record: Record) -> tuple:
     e = record.envelope
     data = None if e.data is None else orjson.dumps(e.data).decode()
     return (e.tenant, e.source, e.id, e.type, e.subject, e.time, e.received_at, data,
-            record.partition, record.offset, record.counted, digest)
+            record.partition, record.offset, record.counted)
