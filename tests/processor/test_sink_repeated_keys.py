@@ -1,7 +1,7 @@
 """Keys that repeat within a share and across transactions written at the same time: each key is stored and counted
 once, the first copy of a share is the one it keeps, and every other copy is a duplicate when its content equals the
 kept copy's and a conflict when it does not (docs/adr/0014). The two writers list their keys in opposite orders, so a
-claim that did not lock keys in key order would deadlock."""
+claim that did not lock keys in key order could deadlock."""
 
 from __future__ import annotations
 
