@@ -109,6 +109,7 @@ WORDS_FORMS = {  # other forms of the words index: (text of its definition, repl
     "words, fastupdate off": (" WHERE ", " WITH (fastupdate = off) WHERE "),
     "words, pending list 64 MB": (" WHERE ", " WITH (gin_pending_list_limit = 65536) WHERE "),
 }
+_STAGED_COLUMNS = "tenant, source, id, type, subject, time, received_at, persisted_at, data, kafka_partition, kafka_offset"
 _STAGED = """
 create table index_cost_rows as select 'bench'::text as tenant, 'logs/' || svc as source, id, 'tally.log'::text as type,
     svc as subject, t as time, received_at, now() as persisted_at, data, 0 as kafka_partition, n as kafka_offset
@@ -141,7 +142,8 @@ async def index_costs(url: str, count: int, rounds: int) -> dict[str, dict[str, 
                     for definition in [found[n] for n in CORE] + extra:
                         await conn.execute(definition)
                     before = process_seconds(pid)
-                    await conn.execute("insert into index_costs select * from index_cost_rows where type = $1", kind)
+                    await conn.execute(f"insert into index_costs ({_STAGED_COLUMNS}) select * from index_cost_rows"
+                                       " where type = $1", kind)
                     await conn.execute("select gin_clean_pending_list(indexrelid::regclass) from pg_index i join pg_class c"
                                        " on c.oid = i.indexrelid join pg_am a on a.oid = c.relam"
                                        " where indrelid = 'index_costs'::regclass and amname = 'gin'")
