@@ -128,7 +128,6 @@ async def index_costs(url: str, count: int, rounds: int) -> dict[str, dict[str, 
         pid = await conn.fetchval("select pg_backend_pid()")
         await conn.execute(_STAGED.format(rows=log_records.ROWS), *log_records.arguments(
             0, count - 1, count, datetime.now(timezone.utc), timedelta(minutes=10)))
-        await conn.execute("create table index_costs (like events including defaults)")
         found = {r["indexname"]: _ON_EVENTS.sub("CREATE INDEX ON index_costs ", r["indexdef"])
                  for r in await conn.fetch("select indexname, indexdef from pg_indexes where tablename = 'events'")}
         sets = {"core": [], **{name: [found[name]] for name in read_indexes()},
@@ -138,7 +137,8 @@ async def index_costs(url: str, count: int, rounds: int) -> dict[str, dict[str, 
         for _ in range(rounds):
             for name, extra in sets.items():
                 for kind in costs:
-                    await conn.execute("drop table index_costs; create table index_costs (like events including defaults)")
+                    await conn.execute("drop table if exists index_costs;"
+                                       " create table index_costs (like events including defaults)")
                     for definition in [found[n] for n in CORE] + extra:
                         await conn.execute(definition)
                     before = process_seconds(pid)
