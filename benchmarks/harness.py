@@ -332,8 +332,7 @@ class Harness:
     # -- logs --------------------------------------------------------------------------------------
 
     async def logs(self) -> None:
-        """Reads of the seeded 10 million log records at constant arrival rates, then the intake drain of
-        log records with the read indexes and without them, alternating (with, without, without, with)."""
+        """Reads of the seeded 10 million log records at constant arrival rates (the intake part follows)."""
         section = self.results["logs"]
         seeded = await logs_seed.found(self.bench.base)
         if seeded is None:
@@ -358,33 +357,41 @@ class Harness:
                 section[name].update(rate=rate, p99_aim_ms=p99_ms,
                                      cache=loadgen.counts(OUT / f"k6-{name}.json", "cache_hits", "cache_misses"))
         self.bench.stop(gateway)
-        await self.intake()
 
     async def intake(self) -> None:
+        """The intake drain with the read indexes and without them, alternating (with, without, without, with):
+        of log records, which the indexes cover, and of ordinary events, which only their predicates see."""
         count = self.args.events
-        settings = self.bench.scoped("logintake")
-        self.bench.topics(settings)
-        if not self.progress.allows(f"loading {count:,} log records (10% duplicates) as the gateway publishes them", 60):
-            return
-        rows = await logs_bench.records(settings.database_url, count)
-        loaded = logs_bench.load_records(settings.kafka_bootstrap, settings.topics.events, self.bench.run, rows, 0.1)
         section = self.results["logs"]
-        section["loaded"] = {"messages": loaded.messages, "distinct": loaded.distinct}
+        section["read_indexes"] = self.args.drop_index or logs_bench.read_indexes()
         definitions: list[str] = []
-        for round_, indexes in enumerate(("with", "without", "without", "with"), 1):
-            if not self.progress.allows(f"processor: drain {loaded.messages:,} log records, {indexes} the read indexes",
-                                        90):
-                break
-            await pg_bench.clear(settings.database_url)
-            if indexes == "without" and not definitions:
-                definitions = await logs_bench.drop_read_indexes(settings.database_url)
-            if indexes == "with" and definitions:
-                await logs_bench.create_indexes(settings.database_url, definitions)
-            group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-{round_}"})
-            section[f"intake_{indexes}_{round_}"] = await self.drain(
-                f"logs_{indexes}_{round_}", group, loaded, lambda group=group: [self.bench.processor(group, "log-processor")],
-                pg_bench.verify)
-        section["read_indexes"] = logs_bench.read_indexes()
+        for kind in ("logs", "events"):
+            settings = self.bench.scoped(f"{kind}intake")
+            self.bench.topics(settings)
+            if not self.progress.allows(f"loading {count:,} {kind} (10% duplicates) as the gateway publishes them", 60):
+                return
+            if kind == "logs":
+                rows = await logs_bench.records(settings.database_url, count)
+                loaded = logs_bench.load_records(settings.kafka_bootstrap, settings.topics.events, self.bench.run,
+                                                 rows, 0.1)
+            else:
+                loaded = kafka_bench.load(settings.kafka_bootstrap, settings.topics.events, self.bench.run, count, 0.1)
+            prefix = "intake" if kind == "logs" else "events_intake"
+            section[f"{prefix}_loaded"] = {"messages": loaded.messages, "distinct": loaded.distinct}
+            for round_, indexes in enumerate(("with", "without", "without", "with"), 1):
+                if not self.progress.allows(f"processor: drain {loaded.messages:,} {kind}, {indexes} the read indexes",
+                                            90):
+                    return
+                await pg_bench.clear(settings.database_url)
+                if indexes == "without" and not definitions:
+                    definitions = await logs_bench.drop_read_indexes(settings.database_url, self.args.drop_index)
+                if indexes == "with" and definitions:
+                    await logs_bench.create_indexes(settings.database_url, definitions)
+                    definitions = []
+                group = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-{round_}"})
+                section[f"{prefix}_{indexes}_{round_}"] = await self.drain(
+                    f"{kind}_{indexes}_{round_}", group, loaded,
+                    lambda group=group, kind=kind: [self.bench.processor(group, f"{kind}-processor")], pg_bench.verify)
 
     # -- end to end --------------------------------------------------------------------------------
 
@@ -520,9 +527,11 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run's database and topics")
     parser.add_argument("--profile", action="store_true",
                         help="sample the gateway (single events) and the processor (drain) with py-spy")
-    parser.add_argument("--only", action="append", choices=["gateway", "usage", "processor", "e2e", "logs"],
+    parser.add_argument("--only", action="append", choices=["gateway", "usage", "processor", "e2e", "logs", "intake"],
                         help="run only these parts (repeatable); default all but logs, which needs its seeded "
-                             "database (run.sh makes it first)")
+                             "database (run.sh makes it first), and intake, which logs implies")
+    parser.add_argument("--drop-index", action="append", choices=logs_bench.read_indexes(),
+                        help="the intake drains without read indexes drop only these (repeatable); default all")
     parser.add_argument("--repeat", type=int, default=1,
                         help="whole runs, one after another, each on a fresh slice; figures are their median and range")
     args = parser.parse_args(argv)
@@ -548,9 +557,10 @@ async def one_run(args: argparse.Namespace, n: int) -> dict[str, Any]:
     try:
         await bench.setup()
         parts = {"gateway": harness.gateway, "usage": harness.usage, "processor": harness.processor,
-                 "e2e": harness.end_to_end, "logs": harness.logs}
+                 "e2e": harness.end_to_end, "logs": harness.logs, "intake": harness.intake}
+        chosen = set(args.only or DEFAULT_PARTS) | ({"intake"} if "logs" in (args.only or ()) else set())
         for name, part in parts.items():
-            if name in (args.only or DEFAULT_PARTS):
+            if name in chosen:
                 await part()
     finally:
         harness.results["skipped"] = harness.progress.skipped

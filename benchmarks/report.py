@@ -211,7 +211,7 @@ READS = (("log_search", "`GET /v1/logs`: a service, a level and above, one hour"
 def logs(r: dict[str, Any]) -> list[str]:
     section = r.get("logs") or {}
     if "seed" not in section:
-        return ["Not measured in this run."]
+        return intake(r) or ["Not measured in this run."]
     seed, sp = section["seed"], r["spread"].get("logs") or {}
     lines = [f"{seed['rows']:,} log records of 50 services over the 7 days to {str(seed['until'])[:16]} UTC, in a "
              f"database made once by `benchmarks/logs_seed.py` (in {seed['seconds'] / 60:.0f} minutes) and reused: "
@@ -232,22 +232,34 @@ def logs(r: dict[str, Any]) -> list[str]:
                          f"{fig(load['p50_ms'], s.get('p50_ms'), 1)} | {fig(load['p95_ms'], s.get('p95_ms'), 1)} | "
                          f"{fig(load['p99_ms'], s.get('p99_ms'), 1)} | {load['failed']:.2%} | {share} | "
                          f"≤ {load['p99_aim_ms']} ms — {aim(load['p99_ms'] <= load['p99_aim_ms'])} |")
-    drains = {k: v for k, v in section.items() if k.startswith("intake_")}
-    if drains:
-        loaded = section["loaded"]
-        lines += ["", f"Log intake: {loaded['messages']:,} log records ({loaded['distinct']:,} distinct, 10% "
-                      "duplicates) published as the gateway publishes them, drained by one processor into the run's "
-                      "own (empty) database, with the read indexes of migrations 0035 and 0036 ("
+    return lines + intake(r)
+
+
+INTAKES = (("intake", "Log intake", "log records", "published as the gateway publishes them"),
+           ("events_intake", "Ordinary events' intake", "`api.request` events", "as the processor part loads them"))
+
+
+def intake(r: dict[str, Any]) -> list[str]:
+    """The drains with the read indexes and without them, of log records and of ordinary events."""
+    section, sp = r.get("logs") or {}, r["spread"].get("logs") or {}
+    lines: list[str] = []
+    for prefix, title, what, how in INTAKES:
+        drains = {k: v for k, v in section.items() if k.startswith(f"{prefix}_with")}
+        if not drains:
+            continue
+        loaded = section[f"{prefix}_loaded"]
+        lines += ["", f"{title}: {loaded['messages']:,} {what} ({loaded['distinct']:,} distinct, 10% duplicates) "
+                      f"{how}, drained by one processor into the run's own (empty) database, with the read indexes ("
                       + ", ".join(f"`{name}`" for name in section.get("read_indexes", [])) + ") and with them "
                       "dropped, alternating; rates from committed offsets as in the processor table.", "",
                   "| drain | read indexes | events/s once running | with start-up | CPU µs per event | exact counts |",
                   "|---|---|---:|---:|---|---|"]
         for key, d in sorted(drains.items(), key=lambda item: int(item[0].rsplit("_", 1)[1])):
             s = sp.get(key) or {}
-            lines.append(f"| {key.rsplit('_', 1)[1]} | {key.split('_')[1]} | {fig(d['events_s'], s.get('events_s'))} | "
+            lines.append(f"| {key.rsplit('_', 1)[1]} | {key.split('_')[-2]} | {fig(d['events_s'], s.get('events_s'))} | "
                          f"{fig(d['overall_events_s'], s.get('overall_events_s'))} | {cpu(d, s)} | "
                          f"{check_text(d['check'])} |")
-        rates = {name: [d["events_s"] for k, d in drains.items() if k.split("_")[1] == name and d["events_s"]]
+        rates = {name: [d["events_s"] for k, d in drains.items() if k.split("_")[-2] == name and d["events_s"]]
                  for name in ("with", "without")}
         with_, without = (sum(v) / len(v) if v else None for v in rates.values())
         lines += ["", f"- With the read indexes, the intake drains at {ratio(with_, without)}× the rate without them "
