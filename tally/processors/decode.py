@@ -50,8 +50,8 @@ _wire = msgspec.json.Decoder(_Wire).decode
 # Times the fast path parses itself; any other form goes to the model (which accepts more forms).
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
 # One pass maps digits to b"0", brackets that open a container to b"[", everything else to b" ": then a
-# run of 19 digits (an integer beyond 64 bits, which the model keeps exact) and the bracket count are
-# plain searches.
+# run of 19 digits (perhaps an integer beyond 64 bits, which storage cannot write: the model's path says
+# so) and the bracket count are plain searches, and the fast path never walks `data`.
 _SCAN = bytes(0x30 if 0x30 <= b <= 0x39 else 0x5B if b in b"[{" else 0x20 for b in range(256))
 _LONG_DIGITS = b"0" * 19
 
@@ -77,7 +77,8 @@ def from_envelope(envelope: Envelope) -> Event:
 def _fast(raw: bytes) -> Event | None:
     """The event if `raw` has the common, unambiguous shape; None to let the model decide."""
     scan = raw.translate(_SCAN)
-    if _LONG_DIGITS in scan or scan.count(b"[") > MODEL_DEPTH:
+    # JSON nested deeper than MODEL_DEPTH takes more than twice as many bytes, so short messages skip the count
+    if _LONG_DIGITS in scan or (len(raw) > 2 * MODEL_DEPTH and scan.count(b"[") > MODEL_DEPTH):
         return None
     if not raw.isascii():
         try:
