@@ -1,57 +1,35 @@
 """Decode an events-topic message without building a pydantic model per message.
 
-`tally.schemas.envelope.Envelope` stays the contract. A msgspec struct holds the same rules on the shape
-the gateway writes (RFC 3339 times with an offset) and hands everything it is not sure about to
-`Envelope.from_bytes`, so the verdict and the dead-letter reason never differ from the model's: the
-fast path may only say "valid, with these values", never "invalid" (docs/adr/0158).
+`tally.schemas.envelope.Envelope` stays the contract. This module checks the same rules by hand on the
+shape the gateway writes (orjson, RFC 3339 times with an offset) and hands everything it is not
+sure about to `Envelope.from_bytes`, so the verdict and the dead-letter reason never differ from
+the model's: the fast path may only say "valid, with these values", never "invalid".
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import msgspec
-from msgspec import Meta
+import orjson
 
 from tally.processors.storable import check_integers
-from tally.schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TENANT, MAX_TYPE, Envelope
+from tally.schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE, Envelope
 from tally.sinks.base import Event
 
+MAX_TENANT = 128
 MAX_CONTENT_TYPE = 128
 MAX_DATASCHEMA = 512
 # pydantic-core's JSON parser refuses nesting deeper than this; a message with more brackets than that
 # in all goes to the model, which gives the verdict (tests/processor/test_processor_decode.py pins it).
 MODEL_DEPTH = 200
 
-
-class _Wire(msgspec.Struct, gc=False):
-    """The envelope's rules that msgspec holds exactly; lengths are in characters, as the model's.
-
-    Times stay text: msgspec rounds fractions beyond microseconds where the model truncates them.
-    """
-
-    id: Annotated[str, Meta(min_length=1, max_length=MAX_ID)]
-    source: Annotated[str, Meta(min_length=1, max_length=MAX_SOURCE)]
-    type: Annotated[str, Meta(min_length=1, max_length=MAX_TYPE)]
-    tenant: Annotated[str, Meta(min_length=1, max_length=MAX_TENANT)]
-    time: str
-    received_at: str
-    specversion: Literal["1.0"] = "1.0"
-    subject: Annotated[str, Meta(max_length=MAX_SUBJECT)] | None = None
-    datacontenttype: Annotated[str, Meta(max_length=MAX_CONTENT_TYPE)] | None = None
-    dataschema: Annotated[str, Meta(max_length=MAX_DATASCHEMA)] | None = None
-    data: Any = None
-
-
-_wire = msgspec.json.Decoder(_Wire).decode
-
 # Times the fast path parses itself; any other form goes to the model (which accepts more forms).
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
-# One pass maps digits to b"0", brackets that open a container to b"[", everything else to b" ": then a
-# run of 19 digits (perhaps an integer beyond 64 bits, which storage cannot write: the model's path says
-# so) and the bracket count are plain searches, and the fast path never walks `data`.
+# orjson turns integers beyond 64 bits into floats where the model keeps them exact: leave any run of
+# 19 digits to it. One pass maps digits to b"0", brackets that open a container to b"[" and everything
+# else to b" ": then the run of digits and the bracket count are plain searches.
 _SCAN = bytes(0x30 if 0x30 <= b <= 0x39 else 0x5B if b in b"[{" else 0x20 for b in range(256))
 _LONG_DIGITS = b"0" * 19
 
@@ -80,26 +58,39 @@ def _fast(raw: bytes) -> Event | None:
     # JSON nested deeper than MODEL_DEPTH takes more than twice as many bytes, so short messages skip the count
     if _LONG_DIGITS in scan or (len(raw) > 2 * MODEL_DEPTH and scan.count(b"[") > MODEL_DEPTH):
         return None
-    if not raw.isascii():
-        try:
-            raw.decode()  # msgspec does not check the UTF-8 of members it skips; the model does
-        except UnicodeDecodeError:
-            return None
     try:
-        wire = _wire(raw)
-    except msgspec.DecodeError:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return None
-    time = _time(wire.time)
-    received_at = _time(wire.received_at)
+    if type(doc) is not dict:
+        return None
+    get = doc.get
+    specversion, id_, source, type_, tenant = get("specversion", "1.0"), get("id"), get("source"), get("type"), get("tenant")
+    subject, content_type, dataschema = get("subject"), get("datacontenttype"), get("dataschema")
+    if not (
+        specversion == "1.0" and type(specversion) is str
+        and type(id_) is str and 0 < len(id_) <= MAX_ID
+        and type(source) is str and 0 < len(source) <= MAX_SOURCE
+        and type(type_) is str and 0 < len(type_) <= MAX_TYPE
+        and type(tenant) is str and 0 < len(tenant) <= MAX_TENANT
+        and (subject is None or (type(subject) is str and len(subject) <= MAX_SUBJECT))
+        and (content_type is None or (type(content_type) is str and len(content_type) <= MAX_CONTENT_TYPE))
+        and (dataschema is None or (type(dataschema) is str and len(dataschema) <= MAX_DATASCHEMA))
+    ):
+        return None
+    time = _time(get("time"))
+    received_at = _time(get("received_at"))
     if time is None or received_at is None:
         return None
-    return Event(wire.tenant, wire.source, wire.id, wire.type, wire.subject, time, received_at, wire.data)
+    return Event(tenant, source, id_, type_, subject, time, received_at, get("data"))
 
 
 _parsed: dict[str, datetime] = {}  # a batch's events share received_at and often their times
 
 
-def _time(value: str) -> datetime | None:
+def _time(value: Any) -> datetime | None:
+    if type(value) is not str:
+        return None
     moment = _parsed.get(value)
     if moment is not None:
         return moment
