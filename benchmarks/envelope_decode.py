@@ -55,6 +55,7 @@ def module_of(rev: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("base_decode", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where a library resolves the module's annotations (msgspec does)
     spec.loader.exec_module(module)
     return module
 
