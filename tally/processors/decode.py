@@ -21,12 +21,16 @@ from tally.sinks.base import Event
 MAX_TENANT = 128
 MAX_CONTENT_TYPE = 128
 MAX_DATASCHEMA = 512
+# pydantic-core's JSON parser refuses nesting deeper than this; a message with more brackets than that
+# in all goes to the model, which gives the verdict (tests/processor/test_processor_decode.py pins it).
+MODEL_DEPTH = 200
 
 # Times the fast path parses itself; any other form goes to the model (which accepts more forms).
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})")
 # orjson turns integers beyond 64 bits into floats where the model keeps them exact: leave any run of
-# 19 digits to it. Digits map to b"0", everything else to b" ", then a plain substring search.
-_DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+# 19 digits to it. One pass maps digits to b"0", brackets that open a container to b"[" and everything
+# else to b" ": then the run of digits and the bracket count are plain searches.
+_SCAN = bytes(0x30 if 0x30 <= b <= 0x39 else 0x5B if b in b"[{" else 0x20 for b in range(256))
 _LONG_DIGITS = b"0" * 19
 
 
@@ -50,7 +54,9 @@ def from_envelope(envelope: Envelope) -> Event:
 
 def _fast(raw: bytes) -> Event | None:
     """The event if `raw` has the common, unambiguous shape; None to let the model decide."""
-    if _LONG_DIGITS in raw.translate(_DIGITS):
+    scan = raw.translate(_SCAN)
+    # JSON nested deeper than MODEL_DEPTH takes more than twice as many bytes, so short messages skip the count
+    if _LONG_DIGITS in scan or (len(raw) > 2 * MODEL_DEPTH and scan.count(b"[") > MODEL_DEPTH):
         return None
     try:
         doc = orjson.loads(raw)
