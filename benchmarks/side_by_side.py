@@ -48,9 +48,8 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 from cryptography.fernet import Fernet
 
 from benchmarks import kafka_bench, loadgen, pg_bench, usage_bench
@@ -218,15 +217,8 @@ async def drain(args: argparse.Namespace, bench: Bench, settings: Settings, load
 async def side_database(bench: Bench, settings: Settings, checkout: Path, side: str) -> Settings:
     """Settings with a database of the side's own, made by its own migrations: a base from before a change of
     the schema drains into the schema its code was written for (the run's database has this checkout's)."""
-    url = urlsplit(settings.database_url)
-    name = f"{bench.db_name}_{side}"
-    conn = await asyncpg.connect(bench.base.database_url)
-    try:
-        await conn.execute(f'create database "{name}"')
-    finally:
-        await conn.close()
-    own = settings.model_copy(update={"database_url": urlunsplit(url._replace(path=f"/{name}")),
-                                      "migrations_dir": checkout / "deploy" / "migrations"})
+    url = await bench.create_database(f"{bench.db_name}_{side}")
+    own = settings.model_copy(update={"database_url": url, "migrations_dir": checkout / "deploy" / "migrations"})
     migrate = bench.start(f"migrate-{side}", [*TALLY, "migrate"], own, checkout=checkout)
     if await asyncio.to_thread(migrate.process.wait) != 0:
         raise RuntimeError(f"{side}'s migrations failed; see benchmarks/out/logs/migrate-{side}.log")

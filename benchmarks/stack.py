@@ -101,12 +101,17 @@ class Bench:
             **update,
         })
 
-    async def setup(self) -> None:
+    async def create_database(self, name: str) -> str:
+        """An empty database; its URL. Teardown drops the run's and those named after it (`<run's name>_<part>`)."""
         conn = await asyncpg.connect(self.base.database_url)
         try:
-            await conn.execute(f'create database "{self.db_name}"')
+            await conn.execute(f'create database "{name}"')
         finally:
             await conn.close()
+        return urlunsplit(urlsplit(self.settings.database_url)._replace(path=f"/{name}"))
+
+    async def setup(self) -> None:
+        await self.create_database(self.db_name)
         await migrate(self.settings.database_url, self.settings.migrations_dir)
         conn = await asyncpg.connect(self.settings.database_url)
         try:
