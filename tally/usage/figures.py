@@ -198,7 +198,7 @@ class UsageService:
         try:
             async with self._refresh_slots:
                 await refresh()
-        except Exception as exc:  # any failure: the kept value stays, until its hard bound
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the kept value stays until its hard bound
             REFRESH_FAILURES.inc()
             log.warning("kept usage %s not refreshed, served at most %.0f s more: %r", what, self._kept_s, exc)
 
