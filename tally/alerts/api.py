@@ -172,5 +172,8 @@ class AlertsProduct:
         async with self._edge.pool.acquire() as conn:
             return _json({"active": await history.firing(conn, tenant)})
 
+    async def close(self) -> None:
+        """Nothing of its own runs in the background."""
+
     def openapi_paths(self) -> dict[str, Any]:
         return paths(READ, WRITE, MAX_RULE_BYTES)

@@ -47,6 +47,10 @@ class Product(Protocol):
         """OpenAPI path items for the routes, merged into the gateway's document."""
         ...
 
+    async def close(self) -> None:
+        """Stops what the product runs in the background on the gateway's loop: at shutdown, before the pools close."""
+        ...
+
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 

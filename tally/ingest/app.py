@@ -114,6 +114,8 @@ class Gateway:
         try:
             yield
         finally:
+            for product in self.products:
+                await product.close()
             await usage_limits.stop()
             left = producer.close()
             if left:

@@ -152,6 +152,9 @@ class MetersProduct:
             raise _not_found(slug)
         return {**versions[-1], "versions": versions}
 
+    async def close(self) -> None:
+        """Nothing of its own runs in the background."""
+
     def openapi_paths(self) -> dict[str, Any]:
         return paths(self._max_meters)
 

@@ -92,6 +92,9 @@ class QueryProduct:
         headers = {"Cache-Control": f"max-age={int(self._cache.ttl_s)}", "X-Tally-Cache": "hit" if cached else "miss"}
         return Response(answer, 200, headers, media_type="application/json")
 
+    async def close(self) -> None:
+        """Nothing of its own runs in the background."""
+
     def openapi_paths(self) -> dict[str, Any]:
         def get(summary: str, model: type[BaseModel], scope: str) -> dict[str, Any]:
             return {"get": {"summary": summary, "security": [{"apiKey": []}], "parameters": parameters(model),

@@ -158,6 +158,11 @@ class UsageProduct:
                                          plans=PlanChanges(self._database_url), catalog=self._catalog)
         return self._service
 
+    async def close(self) -> None:
+        """The usage figures' background refreshes (docs/adr/0162)."""
+        if self._service is not None:
+            await self._service.close()
+
     async def put_plan(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, ADMIN)
         try:

@@ -5,20 +5,26 @@ time zone. `as_of` is the newest commit time of any window behind the figure: ho
 
 With a `SubjectChanges`, a period's figures are kept once computed and served again while the subject's
 change counters, the selection, the meters' readable versions (tally/meters/fresh.py) and the hour are the
-ones they were computed under, for at most `kept_s`
-(spread over its second half, so figures computed together are not recomputed together; docs/adr/0046).
+ones they were computed under, for `kept_s` (spread over its second half, so figures computed together are not
+recomputed together; docs/adr/0046). Past that time alone they are still served while one background refresh per
+kept value computes their successor, for at most `kept_s` more (docs/adr/0162).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import asyncpg
+from prometheus_client import Counter
 
 from tally.meters.definitions import DEFAULT_METERS
 from tally.meters.fresh import LiveCatalog
@@ -30,6 +36,11 @@ from tally.usage.terms import Terms, terms_for
 from tally.usage.windows import HourWindow, WindowReader, Windows, combine, hour_start
 
 _NEVER = datetime.max.replace(tzinfo=timezone.utc)
+
+log = logging.getLogger("tally.usage")
+
+REFRESH_FAILURES = Counter("tally_usage_refresh_failures", "background refreshes of kept usage figures or selections "
+                           "that failed (the kept value is then served until its hard bound, docs/adr/0162)")
 
 
 class NotFound(LookupError):
@@ -118,29 +129,36 @@ class Reading:
     backfilling: frozenset[str]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Selection:
     until: float
     epoch: tuple[int, int] | None
     turns: datetime  # when `current` and `previous` name other periods
     selected: Selected
+    refreshing: bool = False  # its one background refresh has started (a failed one is not tried again)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Kept:
     until: float
     under: tuple
     figures: dict[str, Any]
+    refreshing: bool = False  # as for `_Selection`
+
+
+_Entry = _Selection | _Kept
 
 
 class UsageService:
     """Usage figures. A selection (subscription, period, plan) is kept until its period turns and, with
     `PlanChanges` listening, until the tenant's plans or subscriptions change (`kept_s` at most); without,
-    `select_ttl_s`, so a plan change shows in reads within that time."""
+    `select_ttl_s`, so a plan change shows in reads within that time. Kept figures and selections whose time alone
+    passed are refreshed in the background, `refreshes` at a time, so the reads of many subjects kept together do not
+    all wait on the pool together (docs/adr/0162)."""
 
     def __init__(self, pool: asyncpg.Pool, reader: WindowReader, select_ttl_s: float = 5.0,
                  changes: SubjectChanges | None = None, kept_s: float = 60.0,
-                 plans: PlanChanges | None = None, catalog: LiveCatalog | None = None) -> None:
+                 plans: PlanChanges | None = None, catalog: LiveCatalog | None = None, refreshes: int = 2) -> None:
         self._pool = pool
         # Only the tenants' own meters matter to reads (their counter names), so the built-ins need not be the
         # configured ones.
@@ -152,6 +170,37 @@ class UsageService:
         self._changes = changes
         self._kept_s = kept_s
         self._kept: dict[tuple, _Kept] = {}
+        # Half the gateway's default read pool of 4: reads that must recompute find a connection free.
+        self._refresh_slots = asyncio.Semaphore(refreshes)
+        self._refreshes: set[asyncio.Task[None]] = set()  # held here until done, so none is collected mid-run
+
+    async def close(self) -> None:
+        """Cancels the refreshes under way and waits for them: they read through the pool, which closes next."""
+        running = list(self._refreshes)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+    def _served_stale(self, entry: _Entry, what: str, refresh: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Whether `entry`, whose time bound alone has passed, may still be served: until `kept_s` past that bound,
+        while its one refresh (started here) computes its successor. Past that, reads recompute and so surface
+        what keeps the refresh failing."""
+        if time.monotonic() >= entry.until + self._kept_s:
+            return False
+        if not entry.refreshing:
+            entry.refreshing = True
+            task = asyncio.create_task(self._refresh(what, refresh))
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
+        return True
+
+    async def _refresh(self, what: str, refresh: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            async with self._refresh_slots:
+                await refresh()
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the kept value stays until its hard bound
+            REFRESH_FAILURES.inc()
+            log.warning("kept usage %s not refreshed, served at most %.0f s more: %r", what, self._kept_s, exc)
 
     async def select(self, tenant: str, subject: str, meter: str | None, spec: str,
                      now: datetime | None = None) -> Selected:
@@ -159,17 +208,28 @@ class UsageService:
         key = (tenant, subject, meter, spec)
         epoch = self._plans.epoch(tenant) if self._plans is not None else None
         hit = self._selected.get(key)
-        if hit is not None and hit.until > time.monotonic() and hit.epoch == epoch and now < hit.turns:
-            return hit.selected
+        if hit is not None and hit.epoch == epoch and now < hit.turns:
+            # Without notifications (epoch None) nothing vouches for a selection past its time.
+            if hit.until > time.monotonic() or (epoch is not None and self._served_stale(
+                    hit, f"selection of {tenant}/{subject}", partial(self._reselect, key, hit, now))):
+                return hit.selected
         selected = await self._select(tenant, subject, meter, spec, now)
+        self._keep_selection(key, epoch, selected, now)
+        return selected
+
+    async def _reselect(self, key: tuple, hit: _Selection, now: datetime) -> None:
+        selected = await self._select(*key, now)
+        if self._selected.get(key) is hit:  # not replaced meanwhile by a read that had to recompute
+            self._keep_selection(key, hit.epoch, selected, now)
+
+    def _keep_selection(self, key: tuple, epoch: tuple[int, int] | None, selected: Selected, now: datetime) -> None:
         if len(self._selected) >= 100_000:
             self._selected.clear()
         ttl_s = self._select_ttl_s if epoch is None else self._kept_s
-        turns = period_at(selected.anchor, now).end if spec in ("current", "previous") else _NEVER
+        turns = period_at(selected.anchor, now).end if key[3] in ("current", "previous") else _NEVER
         # Spread over half the TTL, so entries filled together do not expire (and hit the database) together.
         self._selected[key] = _Selection(time.monotonic() + ttl_s * random.uniform(0.5, 1.0), epoch, turns,
                                          selected)
-        return selected
 
     async def _select(self, tenant: str, subject: str, meter: str | None, spec: str,
                       now: datetime | None = None) -> Selected:
@@ -219,14 +279,24 @@ class UsageService:
         key = (tenant, subject, meter, spec)
         under = (s.figures_of, hour_start(now), seen, reading)
         kept = self._kept.get(key)
-        if seen is not None and kept is not None and kept.under == under and kept.until > time.monotonic():
-            return kept.figures
+        if seen is not None and kept is not None and kept.under == under:
+            if kept.until > time.monotonic() or self._served_stale(
+                    kept, f"figures of {tenant}/{subject}", partial(self._recompute, key, kept, s, reading, seen)):
+                return kept.figures
         figures = await self._usage(s, reading, seen)
         if seen is not None:
-            if len(self._kept) >= 100_000:
-                self._kept.clear()
-            self._kept[key] = _Kept(time.monotonic() + self._kept_s * random.uniform(0.5, 1.0), under, figures)
+            self._keep(key, under, figures)
         return figures
+
+    async def _recompute(self, key: tuple, kept: _Kept, s: Selected, reading: Reading, seen: Seen) -> None:
+        figures = await self._usage(s, reading, seen)
+        if self._kept.get(key) is kept:  # not replaced meanwhile by a read that had to recompute
+            self._keep(key, kept.under, figures)
+
+    def _keep(self, key: tuple, under: tuple, figures: dict[str, Any]) -> None:
+        if len(self._kept) >= 100_000:
+            self._kept.clear()
+        self._kept[key] = _Kept(time.monotonic() + self._kept_s * random.uniform(0.5, 1.0), under, figures)
 
     async def _usage(self, s: Selected, reading: Reading, seen: Seen | None) -> dict[str, Any]:
         windows = await self.windows(s, reading, seen=seen)

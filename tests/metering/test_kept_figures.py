@@ -1,12 +1,19 @@
 """Kept period figures (docs/adr/0046) stay equal to figures recomputed from every window: after a change to
 a recent hour, after a late event changes a settled hour, and across a plan change mid-period, which the
-kept selection learns of by notification alone; without the counters, nothing is kept. Windows are committed
-to PostgreSQL and written to Redis by the processor's own cache writer, as the pipeline does."""
+kept selection learns of by notification alone; without the counters, nothing is kept. Kept figures and
+selections whose time alone passed are served while one refresh each computes them again (docs/adr/0162), and
+only until their hard bound when it fails. Windows are committed to PostgreSQL and written to Redis by the
+processor's own cache writer, as the pipeline does."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -14,6 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as redis
+from prometheus_client import REGISTRY
 
 from tally.schemas.counters import CounterKey, encode_state
 from tally.sinks.redis_cache import RedisCounterCache
@@ -154,3 +162,133 @@ async def test_without_the_change_counters_nothing_is_kept(settings: Settings, d
         await committer.close()
         await client.aclose()
         await down.aclose()
+
+
+KEPT_S = 6.0  # kept 3-6 s after being computed, then served while refreshing until 9-12 s
+
+
+@dataclass
+class Refreshed:
+    """A subject read once by a service keeping its figures and selection `KEPT_S`, with one window in a settled hour
+    (`settled_at`) and one in the current hour."""
+
+    tenant: str
+    subject: str
+    service: UsageService
+    first: dict[str, Any]
+    read_at: float  # time.monotonic() when the first read had answered
+    settled_at: datetime
+
+
+@contextlib.asynccontextmanager
+async def _refreshed(settings: Settings, db: asyncpg.Connection, pool: asyncpg.Pool) -> AsyncIterator[Refreshed]:
+    tenant, subject = f"refresh-{uuid.uuid4().hex[:8]}", "acme"
+    await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter="tokens", included=100)]))
+    await subscribe(db, tenant, Subscription(subject=subject, plan_id="p", anchor_day=(date.today() - timedelta(days=5)).day,
+                                             start_date=date.today() - timedelta(days=60)))
+    client = redis.Redis.from_url(settings.redis_url)
+    committer = Committer(db, settings, tenant, subject)
+    now = hour_start(datetime.now(timezone.utc))
+    plans = PlanChanges(settings.database_url)
+    service = UsageService(pool, WindowReader(pool, client, settings.redis_prefix, settings.redis_counter_ttl_s,
+                                              settle_s=SETTLE_S, settled_ttl_s=KEPT_S), kept_s=KEPT_S,
+                           changes=SubjectChanges(client, settings.redis_prefix, poll_s=POLL_S), plans=plans)
+    try:
+        await committer.add(now - timedelta(hours=10), Decimal(5))
+        await committer.add(now, Decimal(2))
+        await _until(lambda: asyncio.sleep(0, plans.epoch(tenant)), lambda epoch: epoch is not None)
+        first = await service.usage(tenant, subject)
+        assert first["meters"][0]["used"] == "7"
+        yield Refreshed(tenant, subject, service, first, time.monotonic(), now - timedelta(hours=10))
+    finally:
+        await service.close()
+        await committer.close()
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _locked(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """Another session holding the tables a recomputation reads (selection and windows) until the block ends."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("lock table subscriptions, counters in access exclusive mode")
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def _waiting(conn: asyncpg.Connection) -> list[str]:
+    """The tables other sessions of this database wait for, one entry per waiting lock."""
+    return await conn.fetchval("select coalesce(array_agg(relation::regclass::text order by relation::regclass::text), "
+                               "'{}') from pg_locks where not granted and database = "
+                               "(select oid from pg_database where datname = current_database())")
+
+
+async def _until(read: Callable[[], Awaitable[Any]], holds: Callable[[Any], bool], timeout_s: float = 10.0) -> Any:
+    async def wait() -> Any:
+        while not holds(found := await read()):
+            await asyncio.sleep(0.05)
+        return found
+    return await asyncio.wait_for(wait(), timeout_s)
+
+
+async def test_expired_figures_are_served_while_one_refresh_recomputes_them(settings: Settings,
+                                                                            db: asyncpg.Connection,
+                                                                            pool: asyncpg.Pool) -> None:
+    async with _refreshed(settings, db, pool) as r:
+        await asyncio.sleep(KEPT_S + 0.1)  # the figures', the selection's and the settled fold's time has passed
+        async with _locked(settings) as lock:
+            assert await asyncio.wait_for(r.service.usage(r.tenant, r.subject), 2) is r.first
+            # One refresh each for the selection and the figures, waiting on the lock, however many reads come.
+            await _until(lambda: _waiting(lock), lambda tables: len(tables) == 2)
+            for _ in range(5):
+                assert await r.service.usage(r.tenant, r.subject) is r.first
+            await asyncio.sleep(0.2)
+            assert await _waiting(lock) == ["counters", "subscriptions"]
+            # A change that reaches PostgreSQL alone (no change counter moves) shows once the refresh lands.
+            await lock.execute("update counters set value = value + 10 where tenant = $1 and window_start = $2",
+                               r.tenant, r.settled_at)
+        later = await _until(lambda: r.service.usage(r.tenant, r.subject),
+                             lambda figures: figures["meters"][0]["used"] == "17")
+        assert await r.service.usage(r.tenant, r.subject) is later  # kept again
+
+
+async def test_a_failing_refresh_is_logged_once_and_serves_only_until_the_hard_bound(
+        settings: Settings, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    def failures() -> float:
+        return REGISTRY.get_sample_value("tally_usage_refresh_failures_total") or 0.0
+
+    # As the gateway's read pool: the server cancels a statement waiting longer than its timeout.
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4,
+                                     server_settings={"statement_timeout": "500"})
+    before = failures()
+    try:
+        async with _refreshed(settings, db, pool) as r:
+            await asyncio.sleep(KEPT_S + 0.1)
+            with caplog.at_level(logging.WARNING, logger="tally.usage"):
+                async with _locked(settings):
+                    assert await asyncio.wait_for(r.service.usage(r.tenant, r.subject), 2) is r.first
+                    await _until(lambda: asyncio.sleep(0, failures()), lambda n: n == before + 2)
+                    for _ in range(5):
+                        assert await r.service.usage(r.tenant, r.subject) is r.first
+                    assert failures() == before + 2
+                    assert len([m for m in caplog.messages if "not refreshed" in m]) == 2
+                    # Past the hard bound reads recompute, and meet the failure themselves.
+                    await asyncio.sleep(max(0.0, r.read_at + 2 * KEPT_S + 0.2 - time.monotonic()))
+                    with pytest.raises(asyncpg.QueryCanceledError):
+                        await asyncio.wait_for(r.service.usage(r.tenant, r.subject), 5)
+            assert await r.service.usage(r.tenant, r.subject) == r.first
+    finally:
+        await pool.close()
+
+
+async def test_closing_cancels_the_refreshes_under_way(settings: Settings, db: asyncpg.Connection,
+                                                      pool: asyncpg.Pool) -> None:
+    async with _refreshed(settings, db, pool) as r:
+        await asyncio.sleep(KEPT_S + 0.1)
+        async with _locked(settings) as lock:
+            assert await asyncio.wait_for(r.service.usage(r.tenant, r.subject), 2) is r.first
+            await _until(lambda: _waiting(lock), lambda tables: len(tables) == 2)
+            await asyncio.wait_for(r.service.close(), 5)
+            await _until(lambda: _waiting(lock), lambda tables: tables == [])  # their statements were cancelled
