@@ -17,7 +17,8 @@ from confluent_kafka import KafkaException
 
 from tally.settings import Settings
 from tally.topics import create_topics
-from tests.metering.meters_helpers import DEFINITIONS, counters_of, events_for, expected_windows, meter_test, new_version
+from tests.metering.meters_helpers import (DEFINITIONS, counters_of, events_for, expected_windows, meter_test,
+                                           new_version)
 from tests.processor.helpers import assert_topic_matches_postgres, drained, produce, wait_for
 from tests.scratch_kafka import ScratchKafka
 from tests.support import running, wait_until
@@ -42,7 +43,7 @@ async def test_a_backfill_waits_out_a_kafka_outage_and_counts_each_event_once(
 
         await asyncio.to_thread(scratch_kafka.stop)
         ids = [await new_version(db, tenant, slug, 1, DEFINITIONS[slug]) for slug in DEFINITIONS]
-        await asyncio.to_thread(wait_until, lambda: _failed_runs(jobs.output()) >= 2, 90, 0.5,
+        await asyncio.to_thread(wait_until, lambda: _failed_runs(jobs.output()) >= 2 or not jobs.alive(), 90, 0.5,
                                 "the backfill to fail on the missing broker twice")
         assert jobs.alive(), jobs.output()[-4000:]
         assert processor.alive(), processor.output()[-4000:]

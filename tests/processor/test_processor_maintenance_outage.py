@@ -2,9 +2,10 @@
 its maintenance step, stays alive, prunes the rest once the database returns, keeps what is within retention, and
 counts every event once.
 
-A row lock on some distinct values of an expired window holds a pruning statement until the database is stopped,
-so the outage always meets pruning under way rather than falling between maintenance runs by chance. Level changes
-are pruned after the windows, so they are all still to be pruned when the outage comes.
+A row lock on some distinct values of an expired window, taken before the processor starts, holds a pruning
+statement of its first maintenance until the database is stopped, so the outage always meets pruning under way
+rather than falling between maintenance runs by chance (or a run pruning everything while the test seeds). Level
+changes are pruned after the windows, so they are all still to be pruned when the outage comes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tests.processor.helpers import (
     counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
 )
 from tests.processor.scratch_pg import ScratchPostgres, scratch_postgres
-from tests.support import read_topic, running, wait_until
+from tests.support import TallyProcess, read_topic, running, wait_until
 
 # Distinct values per UNIQUE_COUNT window (name: window size, days since its end, values): the expired ones hold
 # more values than a pruning batch (5,000) between them; the last expired one is the one locked.
@@ -51,18 +52,17 @@ async def test_postgres_outage_mid_pruning_is_retried_and_prunes_exactly_what_re
     events = [envelope(live, n) for n in range(900)]
     now = datetime.now(timezone.utc)
     produce(settings, events[:300])
+    db = await asyncpg.connect(scratch_pg.url)
+    kept_points = await _seed(db, stored, now)
+    lock = await asyncpg.connect(scratch_pg.url)
+    await lock.execute("begin")
+    await lock.execute("select 1 from counter_distinct where tenant = $1 and window_id = $2 and hash < 50 for update",
+                       stored, window_id(f"{stored}/old-locked"))
 
     with running("processor", ["process"], settings) as processor:
-        db = await asyncpg.connect(scratch_pg.url)
-        try:
-            await wait_for(lambda: _counted(db, live, 300), 60, "the first events")
-            kept_points = await _seed(db, stored, now)
-            lock = await asyncpg.connect(scratch_pg.url)
-            tx = lock.transaction()
-            await tx.start()
-            await lock.execute("select 1 from counter_distinct where tenant = $1 and window_id = $2 and hash < 50"
-                               " for update", stored, window_id(f"{stored}/old-locked"))
-            await wait_for(lambda: _pruning_blocked(db), 60, "maintenance to prune up to the locked values")
+        try:  # the maintenance at start prunes up to the locked values
+            await wait_for(lambda: _pruning_blocked(db, processor), 60, "maintenance to prune up to the locked values")
+            assert processor.alive(), processor.output()[-3000:]
             # Under way: a batch of values or more gone, the locked window's batch not committed, no level change gone.
             assert await _distinct_left(db, stored, "old-a") + await _distinct_left(db, stored, "old-b") <= 6000
             assert await _distinct_left(db, stored, "old-locked") == 1500
@@ -70,9 +70,10 @@ async def test_postgres_outage_mid_pruning_is_retried_and_prunes_exactly_what_re
         finally:
             await db.close()
         await asyncio.to_thread(scratch_pg.stop)  # ends the lock's session too
+        lock.terminate()
         produce(settings, events[300:] + events[:100])
-        await asyncio.to_thread(wait_until, lambda: "maintenance failed (attempt 3)" in processor.output(), 60, 0.2,
-                                "the processor to retry its maintenance")
+        await asyncio.to_thread(wait_until, lambda: "maintenance failed (attempt 3)" in processor.output()
+                                or not processor.alive(), 60, 0.2, "the processor to retry its maintenance")
         assert processor.alive(), processor.output()[-3000:]
         await asyncio.to_thread(scratch_pg.start)
 
@@ -103,8 +104,8 @@ async def _seed(db: asyncpg.Connection, tenant: str, now: datetime) -> set[tuple
     for name, (size, days, n) in WINDOWS.items():
         end, key = now - timedelta(days=days), f"{tenant}/{name}"
         await db.execute("insert into counters (key, tenant, meter, aggregation, window_name, window_start, window_end,"
-                         " value, count, latest_time) values ($1, $2, 'users', 'UNIQUE_COUNT', $3, $4, $5, $6::int, $6::int, $4)",
-                         key, tenant, size, end - timedelta(minutes=1), end, n)
+                         " value, count, latest_time) values ($1, $2, 'users', 'UNIQUE_COUNT', $3, $4, $5, $6::int,"
+                         " $6::int, $4)", key, tenant, size, end - timedelta(minutes=1), end, n)
         await db.execute("insert into counter_distinct (tenant, window_id, hash) select $1, $2, h"
                          " from generate_series(1, $3::int) h", tenant, window_id(key), n)
     month = (now - timedelta(days=840)).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
@@ -120,13 +121,11 @@ async def _seed(db: asyncpg.Connection, tenant: str, now: datetime) -> set[tuple
     return kept
 
 
-async def _counted(db: asyncpg.Connection, tenant: str, n: int) -> bool:
-    return await event_count(db, tenant) >= n
-
-
-async def _pruning_blocked(db: asyncpg.Connection) -> bool:
-    return bool(await db.fetchval("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
-                                  " and query like '%delete from counter_distinct%'"))
+async def _pruning_blocked(db: asyncpg.Connection, processor: TallyProcess) -> bool:
+    """A pruning statement waits for the locked values (or the processor died, which the caller reports)."""
+    waiting = await db.fetchval("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+                                " and query like '%delete from counter_distinct%'")
+    return bool(waiting) or not processor.alive()
 
 
 async def _distinct_left(db: asyncpg.Connection, tenant: str, name: str) -> int:
