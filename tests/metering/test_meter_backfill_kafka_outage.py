@@ -13,6 +13,7 @@ import asyncio
 import uuid
 
 import asyncpg
+import pytest
 from confluent_kafka import KafkaException
 
 from tally.settings import Settings
@@ -24,6 +25,7 @@ from tests.scratch_kafka import ScratchKafka
 from tests.support import running, wait_until
 
 
+@pytest.mark.slow
 async def test_a_backfill_waits_out_a_kafka_outage_and_counts_each_event_once(
         settings: Settings, db: asyncpg.Connection, scratch_kafka: ScratchKafka) -> None:
     run = uuid.uuid4().hex[:8]
