@@ -82,11 +82,25 @@ class KafkaPublisher:
         self._producer.flush(10)
 
 
+class TopicUnknown(LookupError):
+    """Kafka answered without the topic's partitions. Read as "no partitions", every question over them would be
+    vacuously true (all caught up, every start recorded) and a meter's backfill would count nothing."""
+
+
+def _partitions(consumer: Consumer, topic: str) -> list[int]:
+    found = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        why = found.error if found is not None and found.error is not None else "no partitions"
+        raise TopicUnknown(f"Kafka has no topic {topic} ({why}): create it with `tally topics create`, or check"
+                           " TALLY_TOPIC_PREFIX")
+    return sorted(found.partitions)
+
+
 def committed(bootstrap: str, group_id: str, topic: str) -> dict[int, int | None]:
     """The group's committed offset on every partition of `topic` (None where it committed nothing). Blocking."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        partitions = _partitions(consumer, topic)
         found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
         return {tp.partition: tp.offset if tp.offset >= 0 else None for tp in found}
     finally:
@@ -97,7 +111,7 @@ def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
     """The end offset of every partition of `topic`: the offset its next acknowledged message will have. Blocking."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-watermarks", "enable.auto.commit": False})
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        partitions = _partitions(consumer, topic)
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
     finally:
         consumer.close()
@@ -107,7 +121,7 @@ def caught_up(bootstrap: str, group_id: str, topic: str) -> bool:
     """True once the group's committed offsets reached the end of every partition of `topic`. Blocking."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        partitions = _partitions(consumer, topic)
         for tp in consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10):
             _, high = consumer.get_watermark_offsets(tp, timeout=10)
             if high > 0 and tp.offset < high:
