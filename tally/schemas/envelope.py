@@ -35,8 +35,9 @@ MAX_MESSAGE_BYTES = 1_000_000  # librdkafka's message.max.bytes; the broker's de
 RESERVED_SOURCE_PREFIXES = ("logs/", "webhooks/")  # only the gateway's own routes make these
 
 # What the processor can store, in UTF-8 bytes (at least what the gateway accepts): (tenant, source, id) is
-# one btree entry of event_keys and the subject and group values go into the counters' key, and PostgreSQL refuses a btree
-# entry over 2704 bytes (about 2,300 bytes is left for these three with room for the entry's overhead).
+# one btree entry of event_keys and the subject and group values go into the counters' key, and PostgreSQL
+# refuses a btree entry over 2704 bytes (about 2,300 bytes is left for these three with room for the entry's
+# overhead).
 MAX_TENANT_BYTES = 256
 MAX_SOURCE_BYTES = 1024
 MAX_ID_BYTES = 1024
