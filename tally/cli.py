@@ -108,10 +108,10 @@ def cmd_topics_create(_args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from tally.ingest import auth
-    from tally.schemas.envelope import MAX_TENANT
+    from tally.schemas.envelope import MAX_BYTES
 
-    if args.keys_command == "create" and not 0 < len(args.tenant.encode()) <= MAX_TENANT:
-        print(f"the tenant must be 1 to {MAX_TENANT} bytes in UTF-8 (every event carries it)", file=sys.stderr)
+    if args.keys_command == "create" and not 0 < len(args.tenant.encode()) <= MAX_BYTES["tenant"]:
+        print(f"the tenant must be 1 to {MAX_BYTES['tenant']} bytes in UTF-8 (every event carries it)", file=sys.stderr)
         return 2
 
     async def run() -> int:

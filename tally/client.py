@@ -350,8 +350,8 @@ class AsyncTallyClient:
                 if self._core.config.when_full == "raise":
                     raise BufferFull(f"{self._core.config.max_buffer} events are waiting for the gateway")
                 try:
-                    await asyncio.wait_for(self._changed.wait_for(lambda: not self._core.full() or self._closing),
-                                           self._core.config.block_timeout_s)
+                    async with asyncio.timeout(self._core.config.block_timeout_s):
+                        await self._changed.wait_for(lambda: not self._core.full() or self._closing)
                 except TimeoutError:
                     raise BufferFull(f"{self._core.config.max_buffer} events are waiting for the gateway") from None
             self._core.admit(item)
@@ -362,8 +362,8 @@ class AsyncTallyClient:
             self._flush_requested = True
             self._changed.notify_all()
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: not self._core.buffer and not self._core.in_flight),
-                                       timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait_for(lambda: not self._core.buffer and not self._core.in_flight)
                 return True
             except TimeoutError:
                 return False
@@ -392,9 +392,12 @@ class AsyncTallyClient:
         while True:
             async with self._changed:
                 try:
-                    await asyncio.wait_for(self._changed.wait_for(
-                        lambda since=last_flush: self._closing or self._flush_requested
-                        or self._core.ready(time.monotonic() - since)), self._core.config.flush_interval_s)
+                    # A flush wakes the task only while there is something to take: `wait_for` does not yield
+                    # when its predicate already holds, so a flush with an empty buffer would spin this loop.
+                    async with asyncio.timeout(self._core.config.flush_interval_s):
+                        await self._changed.wait_for(
+                            lambda since=last_flush: self._closing or (self._flush_requested and bool(self._core.buffer))
+                            or self._core.ready(time.monotonic() - since))
                 except TimeoutError:
                     pass
                 if self._closing:
@@ -415,7 +418,7 @@ class AsyncTallyClient:
                 self._changed.notify_all()
             if verdict.wait_s:
                 try:
-                    async with self._changed:
-                        await asyncio.wait_for(self._changed.wait_for(lambda: self._closing), verdict.wait_s)
+                    async with self._changed, asyncio.timeout(verdict.wait_s):
+                        await self._changed.wait_for(lambda: self._closing)
                 except TimeoutError:
                     pass

@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     usage_alerts_refresh_s: float = Field(5.0, description="how often `tally jobs` looks for thresholds crossed")
     jobs_metrics_port: int = Field(9103, description="`tally jobs` serves /metrics here (drift found, ...); 0: off")
     jobs_tick_s: float = Field(5.0, description="how often `tally jobs` looks for due jobs")
+    # retention of job_runs (tally/billing/jobs.py): the worker reads only the run of the key due now (a day at
+    # most), so older runs decide nothing; those of Stripe reports and period closes stay as the money's record
+    job_runs_retention_days: int = Field(90, ge=0, description="prune runs of jobs that move no money this long "
+                                                               "after they started (0 keeps)")
     stripe_api_key: str = Field("sk_test_123", description="the Stripe secret key; stripe-mock takes any")
     stripe_max_attempts: int = Field(4, description="tries per meter event before the row stays pending")
     stripe_breaker_fail_max: int = Field(5, description="consecutive Stripe failures that open the breaker")

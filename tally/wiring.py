@@ -169,7 +169,7 @@ def billing(settings: Settings) -> BillingConfig:
         redis_counter_ttl_s=settings.redis_counter_ttl_s,
         meters=meters(settings), meters_poll_s=settings.meters_poll_s,
         limits_refresh_s=settings.usage_limits_refresh_s, limits_ttl_s=settings.usage_limits_ttl_s,
-        tick_s=settings.jobs_tick_s,
+        tick_s=settings.jobs_tick_s, job_runs_retention_days=settings.job_runs_retention_days,
         close_grace_s=settings.close_grace_s, late_horizon_s=settings.late_horizon_s,
         stripe_invoice_grace_s=settings.stripe_invoice_grace_s,
         stripe_api_key=settings.stripe_api_key, stripe_api_base=settings.stripe_api_base,

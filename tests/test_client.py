@@ -154,3 +154,44 @@ def test_a_full_buffer_raises_or_blocks_and_close_counts_what_was_never_sent() -
         blocking.send(event("t", source="s"))
     assert time.monotonic() - started >= 0.3
     blocking.close(timeout_s=0.2)
+
+
+
+async def test_a_cancelled_flush_is_cancelled_even_as_the_gateway_takes_the_last_batch(
+        gateway_url: tuple[Settings, str]) -> None:
+    """A cancel that lands in the loop steps between the buffer emptying and flush resuming is not swallowed.
+
+    Each round cancels the flushing task a given number of loop steps after the client settles the last
+    batch, so some round cancels it just as its wait is satisfied (asyncio.wait_for dropped that one on 3.11).
+    """
+    settings, url = gateway_url
+    _, secret = await _key(settings)
+    loop = asyncio.get_running_loop()
+    async with AsyncTallyClient(url, secret, batch_size=10, retry_initial_s=0.05) as client:
+        core = client._core
+        settle = core.settle
+        for steps in range(40):
+            await client.send(event("order.placed", source="client-test", subject="c", data={"steps": steps}))
+            flushing = asyncio.create_task(client.flush(30))
+            cancels: list[bool] = []
+
+            def cancel_after(n: int, task: asyncio.Task = flushing, cancels: list[bool] = cancels) -> None:
+                if n:
+                    loop.call_soon(cancel_after, n - 1)
+                elif not task.done():
+                    cancels.append(task.cancel())
+
+            def settle_then_cancel(batch, verdict, steps: int = steps) -> None:  # noqa: ANN001
+                settle(batch, verdict)
+                if not core.buffer and not core.in_flight:
+                    loop.call_soon(cancel_after, steps)
+
+            core.settle = settle_then_cancel
+            try:
+                flushed = await flushing
+            except asyncio.CancelledError:
+                flushed = None
+            core.settle = settle
+            if cancels:
+                assert flushed is None and flushing.cancelled(), \
+                    f"the cancel {steps} loop steps after the last batch settled was swallowed"

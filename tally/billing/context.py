@@ -47,6 +47,7 @@ class BillingConfig:
     topic_states: Callable[[str | None], dict[str, Any]] | None = None  # the counter topic's latest states
     backfill: BackfillConfig = BackfillConfig()
     meters_poll_s: float = 1.0  # how often the meter catalog is looked at (tally/meters/fresh.py)
+    job_runs_retention_days: int = 90  # runs of jobs that move no money go this long after they started; 0 keeps
 
     def problems(self) -> list[str]:
         """Settings that would let usage go unbilled without a word; the jobs refuse to start on any."""

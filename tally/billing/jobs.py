@@ -1,5 +1,5 @@
-"""The jobs worker: runs each due job once per key (its period or day), records every run, and keeps
-the hard-limit blocks fresh between runs.
+"""The jobs worker: runs each due job once per key (its period or day), records every run (and prunes those ADR
+0163 lets go), and keeps the hard-limit blocks fresh between runs.
 
 Two workers (or a worker and `tally jobs run`) never run one job for one key at once: the run holds a
 PostgreSQL advisory lock on hashtext("job:key") for its duration, and a key whose run ended `ok` is
@@ -27,6 +27,8 @@ from tally.usage import alerts, limits
 log = logging.getLogger("tally.jobs")
 
 LOCK_CLASS = 4000  # the first key of the two-int advisory lock: job runs
+PRUNE_EVERY_S = 3600.0  # job_runs grows by a few thousand rows a day (a backfill key a minute): hourly is plenty
+_PRUNE_BATCH = 1000
 
 Run = Callable[[JobContext, str, datetime], Awaitable[dict[str, Any]]]
 
@@ -37,6 +39,7 @@ class Job:
     run: Run
     key: Callable[[datetime], str]  # the key of the run due at this moment
     doc: str
+    money: bool = False  # its runs record what was reported to Stripe or frozen: kept for ever, never pruned
 
 
 def daily(now: datetime) -> str:
@@ -82,6 +85,26 @@ async def run_job(ctx: JobContext, job: Job, key: str, now: datetime | None = No
             await conn.execute("select pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, f"{job.name}:{key}")
 
 
+async def prune_runs(pool: asyncpg.Pool, jobs: list[Job], days: int) -> int:
+    """Delete runs of `jobs` that move no money, started more than `days` ago, a batch at a time, oldest first.
+
+    Nothing reads them: the worker looks for an `ok` run of the key due now only (a day or shorter) and
+    `tally jobs run` forces its run. Runs of money jobs stay, and so do those of a job not named here.
+    """
+    names = [job.name for job in jobs if not job.money]
+    if not days or not names:
+        return 0
+    pruned = 0
+    while True:
+        gone = await pool.fetchval(
+            "with gone as (delete from job_runs where id = any(array("
+            " select id from job_runs where job = any($1) and started_at < now() - make_interval(days => $2)"
+            " order by id limit $3)) returning 1) select count(*) from gone", names, days, _PRUNE_BATCH)
+        pruned += gone
+        if gone < _PRUNE_BATCH:
+            return pruned
+
+
 async def refresh_limits(ctx: JobContext) -> int:
     c = ctx.config
     return await limits.refresh(ctx.pool, ctx.reader, ctx.redis, c.redis_prefix, await ctx.catalog(), c.limits_ttl_s)
@@ -94,6 +117,12 @@ async def _refresh_limits(ctx: JobContext) -> None:
 async def _detect_alerts(ctx: JobContext) -> None:
     """Record the thresholds crossed; `tally alerts` publishes and delivers them (tally/alerts/usage.py)."""
     await alerts.detect(ctx.pool, ctx.reader, await ctx.catalog(), ctx.config.late_horizon_s)
+
+
+async def _prune_runs(ctx: JobContext, jobs: list[Job]) -> None:
+    pruned = await prune_runs(ctx.pool, jobs, ctx.config.job_runs_retention_days)
+    if pruned:
+        log.info("pruned %d job runs older than %d days", pruned, ctx.config.job_runs_retention_days)
 
 
 async def _every(seconds: float, what: str, call: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
@@ -136,14 +165,16 @@ async def _tick(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
 
 
 async def work(ctx: JobContext, jobs: list[Job], stop: asyncio.Event) -> None:
-    """Until `stop`: refresh hard limits and usage alerts continuously, and run each job once per key when due.
+    """Until `stop`: refresh hard limits and usage alerts continuously, run each job once per key when due, and
+    prune old runs (`prune_runs`) at start and hourly.
 
     A stop in the middle of a job (a backfill or a reconciliation can run for a minute) cancels it: it ends as a
     kill -9 would, which every job survives (its transaction rolls back, its run is marked interrupted next time),
     so SIGTERM stops the worker at once rather than after the job."""
     c = ctx.config
     loops = [asyncio.create_task(_every(c.limits_refresh_s, "hard-limit refresh", partial(_refresh_limits, ctx), stop)),
-             asyncio.create_task(_every(c.alerts_refresh_s, "usage alerts", partial(_detect_alerts, ctx), stop))]
+             asyncio.create_task(_every(c.alerts_refresh_s, "usage alerts", partial(_detect_alerts, ctx), stop)),
+             asyncio.create_task(_every(PRUNE_EVERY_S, "job-run retention", partial(_prune_runs, ctx, jobs), stop))]
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():

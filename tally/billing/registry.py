@@ -35,7 +35,7 @@ async def _stripe_report(ctx: JobContext, _key: str, now: datetime) -> dict[str,
 
 
 STRIPE_REPORT = Job("stripe_report", _stripe_report, daily,
-                    "report billable usage of current and previous periods to Stripe Billing Meter Events")
+                    "report billable usage of current and previous periods to Stripe Billing Meter Events", money=True)
 
 async def _period_close(ctx: JobContext, _key: str, now: datetime) -> dict[str, Any]:
     """The last report of each period due, then its usage frozen: what follows is an adjustment."""
@@ -44,7 +44,7 @@ async def _period_close(ctx: JobContext, _key: str, now: datetime) -> dict[str, 
 
 
 PERIOD_CLOSE = Job("period_close", _period_close, lambda now: now.strftime("%Y-%m-%dT%H"),
-                   "hourly: report and freeze the usage of periods past their end plus the grace")
+                   "hourly: report and freeze the usage of periods past their end plus the grace", money=True)
 
 async def _reconcile(ctx: JobContext, _key: str, now: datetime) -> dict[str, Any]:
     report_ = await reconcile(ctx, default_since(now), topic_states=ctx.config.topic_states)

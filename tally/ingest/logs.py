@@ -47,7 +47,7 @@ class LogRecord(BaseModel):
     attributes: dict[str, Any] = Field(default_factory=dict)
     trace_id: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
     span_id: str | None = Field(None, pattern=r"^[0-9a-fA-F]{16}$")
-    id: str | None = Field(None, min_length=1, max_length=256)
+    id: str | None = Field(None, min_length=1, max_length=MAX_ID)
 
     @field_validator("service")
     @classmethod

@@ -13,9 +13,8 @@ from typing import Any
 from swagger_ui_bundle import swagger_ui_path
 
 from tally.ingest.config import GatewayConfig
-from tally.ingest.precheck import MAX_CONTENT_TYPE, MAX_SCHEMA
 from tally.ingest.logs import LEVELS, MAX_SERVICE_BYTES
-from tally.schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
+from tally.schemas.envelope import MAX_CONTENT_TYPE, MAX_DATASCHEMA, MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 STRING = {"type": "string"}
@@ -89,7 +88,7 @@ def document(config: GatewayConfig, extra_paths: Sequence[dict[str, Any]] = ()) 
                                  "description": f"RFC 3339 with offset, from 1970; at most {config.max_future_s:g} s ahead"},
                         "subject": {"type": "string", "maxLength": MAX_SUBJECT, "description": BYTES.format(MAX_SUBJECT)},
                         "datacontenttype": {"type": "string", "maxLength": MAX_CONTENT_TYPE},
-                        "dataschema": {"type": "string", "maxLength": MAX_SCHEMA},
+                        "dataschema": {"type": "string", "maxLength": MAX_DATASCHEMA},
                         "data": {"description": "any JSON; nesting, NUL characters and integers beyond 64 bits are refused"},
                     },
                 },

@@ -12,11 +12,9 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from tally.schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
+from tally.schemas.envelope import MAX_CONTENT_TYPE, MAX_DATASCHEMA, MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE
 
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})")
-MAX_CONTENT_TYPE = 128
-MAX_SCHEMA = 512
 
 
 def _required(value: object, limit: int) -> bool:
@@ -36,7 +34,7 @@ def plain_event(obj: Any, now: datetime, max_future_s: float) -> dict[str, Any] 
     subject, content_type, schema = get("subject"), get("datacontenttype"), get("dataschema")
     if not (type(spec) is str and spec == "1.0" and _required(event_id, MAX_ID) and _required(source, MAX_SOURCE)
             and _required(kind, MAX_TYPE) and _optional(subject, MAX_SUBJECT)
-            and _optional(content_type, MAX_CONTENT_TYPE) and _optional(schema, MAX_SCHEMA)):
+            and _optional(content_type, MAX_CONTENT_TYPE) and _optional(schema, MAX_DATASCHEMA)):
         return None
     time = get("time")
     if time is not None:

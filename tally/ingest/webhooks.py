@@ -35,7 +35,6 @@ from standardwebhooks.webhooks import Webhook
 
 from tally.edge import values
 from tally.ingest.events import is_json
-from tally.ingest.precheck import MAX_CONTENT_TYPE
 from tally.edge.problems import Problem
 from tally.ingest.signatures import (
     SCHEMES,
@@ -46,7 +45,7 @@ from tally.ingest.signatures import (
     verify_standard,
     verify_stripe,
 )
-from tally.schemas.envelope import MAX_BYTES, MAX_TENANT, CloudEvent
+from tally.schemas.envelope import MAX_BYTES, MAX_CONTENT_TYPE, CloudEvent
 
 SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -108,8 +107,8 @@ def load_sources(path: str | Path) -> dict[str, Source]:
             raise WebhookConfigError(f"webhook source {name!r}: scheme must be one of {', '.join(SCHEMES)}")
         if not spec.get("tenant"):
             raise WebhookConfigError(f"webhook source {name!r} has no tenant")
-        if len(str(spec["tenant"]).encode()) > MAX_TENANT:
-            raise WebhookConfigError(f"webhook source {name!r}: tenant is longer than {MAX_TENANT} bytes")
+        if len(str(spec["tenant"]).encode()) > MAX_BYTES["tenant"]:
+            raise WebhookConfigError(f"webhook source {name!r}: tenant is longer than {MAX_BYTES['tenant']} bytes")
         unsigned = [option for option in ("id_header", "type_header") if spec.get(option)]
         if unsigned:
             raise WebhookConfigError(f"webhook source {name!r}: {', '.join(unsigned)} named an unsigned header, "

@@ -15,12 +15,10 @@ from typing import Any
 import orjson
 
 from tally.processors.storable import check_integers
-from tally.schemas.envelope import MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TYPE, Envelope
+from tally.schemas.envelope import (MAX_CONTENT_TYPE, MAX_DATASCHEMA, MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TENANT,
+                                    MAX_TYPE, Envelope)
 from tally.sinks.base import Event
 
-MAX_TENANT = 128
-MAX_CONTENT_TYPE = 128
-MAX_DATASCHEMA = 512
 # pydantic-core's JSON parser refuses nesting deeper than this; a message with more brackets than that
 # in all goes to the model, which gives the verdict (tests/processor/test_processor_decode.py pins it).
 MODEL_DEPTH = 200

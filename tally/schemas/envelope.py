@@ -17,21 +17,27 @@ SCHEMA_VERSION = "1"
 CONTENT_TYPE = "application/cloudevents+json"
 LOG_EVENT_TYPE = "tally.log"
 
+# Lengths in characters (code points), as the model counts them: every check in characters (the gateway's
+# and the processor's quick paths, the log records) uses these, so none can accept what the model refuses.
 MAX_ID = 256
 MAX_SOURCE = 512
 MAX_TYPE = 256
 MAX_SUBJECT = 256
 MAX_TENANT = 128
-# The dedup and message keys are built from these, so they are bounded in UTF-8 bytes, not characters
-# (the gateway checks them, the processor again): PostgreSQL's btree entries are bounded in bytes.
+MAX_CONTENT_TYPE = 128
+MAX_DATASCHEMA = 512
+# What the gateway accepts for the key attributes, in UTF-8 bytes: the same figures as the characters, so
+# ASCII text meets both at once. The dedup and message keys are built from these, and PostgreSQL's btree
+# entries are bounded in bytes. Tenants are checked where they are made (keys, webhook sources).
 MAX_BYTES = {"tenant": MAX_TENANT, "source": MAX_SOURCE, "id": MAX_ID, "subject": MAX_SUBJECT, "type": MAX_TYPE}
 MAX_NESTING = 64  # JSON containers inside an event; orjson encodes at most 254
 MAX_MESSAGE_BYTES = 1_000_000  # librdkafka's message.max.bytes; the broker's default allows a little more
 RESERVED_SOURCE_PREFIXES = ("logs/", "webhooks/")  # only the gateway's own routes make these
 
-# Limits in UTF-8 bytes, beside the character limits above: (tenant, source, id) is one btree entry of
-# event_keys and the subject and group values go into the counters' key, and PostgreSQL refuses a btree
-# entry over 2704 bytes (about 2,300 bytes is left for these three with room for the entry's overhead).
+# What the processor can store, in UTF-8 bytes (at least what the gateway accepts): (tenant, source, id) is
+# one btree entry of event_keys and the subject and group values go into the counters' key, and PostgreSQL
+# refuses a btree entry over 2704 bytes (about 2,300 bytes is left for these three with room for the entry's
+# overhead).
 MAX_TENANT_BYTES = 256
 MAX_SOURCE_BYTES = 1024
 MAX_ID_BYTES = 1024
@@ -55,8 +61,8 @@ class CloudEvent(BaseModel):
     type: str = Field(min_length=1, max_length=MAX_TYPE)
     time: AwareDatetime | None = None
     subject: str | None = Field(None, max_length=MAX_SUBJECT)
-    datacontenttype: str | None = Field(None, max_length=128)
-    dataschema: str | None = Field(None, max_length=512)
+    datacontenttype: str | None = Field(None, max_length=MAX_CONTENT_TYPE)
+    dataschema: str | None = Field(None, max_length=MAX_DATASCHEMA)
     data: Any = None
 
 
@@ -65,7 +71,7 @@ class Envelope(CloudEvent):
 
     model_config = ConfigDict(extra="ignore")
 
-    tenant: str = Field(min_length=1, max_length=128)
+    tenant: str = Field(min_length=1, max_length=MAX_TENANT)
     time: datetime
     received_at: datetime
 

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from tally.processors.decode import MODEL_DEPTH, _fast, decode, from_envelope
 from tally.processors.storable import Unstorable, check_bounds, check_integers
 from tally.schemas.counters import CounterState, encode_state
-from tally.schemas.envelope import Envelope
+from tally.schemas.envelope import (MAX_CONTENT_TYPE, MAX_DATASCHEMA, MAX_ID, MAX_SOURCE, MAX_SUBJECT, MAX_TENANT,
+                                    MAX_TYPE, Envelope)
 from tally.sinks.base import Event
 
 NOW = datetime(2026, 3, 1, 10, 0, 0, 123456, tzinfo=timezone.utc)
@@ -105,8 +106,8 @@ def test_encoded_counter_states_are_the_model_bytes() -> None:
 
 # -- every rule of the envelope, on the fast path and off it: the same verdict as the model -------------
 
-LIMITS = {"id": 256, "source": 512, "type": 256, "tenant": 128, "subject": 256, "datacontenttype": 128,
-          "dataschema": 512}
+LIMITS = {"id": MAX_ID, "source": MAX_SOURCE, "type": MAX_TYPE, "tenant": MAX_TENANT, "subject": MAX_SUBJECT,
+          "datacontenttype": MAX_CONTENT_TYPE, "dataschema": MAX_DATASCHEMA}
 REQUIRED = ("id", "source", "type", "tenant", "time", "received_at")
 
 
