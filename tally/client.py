@@ -302,7 +302,10 @@ class TallyClient:
         last_flush = time.monotonic()
         while True:
             with self._lock:
-                self._lock.wait_for(lambda since=last_flush: self._closing or self._flush_requested
+                # A flush wakes the thread only while there is something to take: `wait_for` does not wait
+                # when its predicate already holds, so a flush with an empty buffer would spin this loop.
+                self._lock.wait_for(lambda since=last_flush: self._closing
+                                    or (self._flush_requested and bool(self._core.buffer))
                                     or self._core.ready(time.monotonic() - since),
                                     self._core.config.flush_interval_s)
                 if self._closing:

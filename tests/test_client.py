@@ -4,6 +4,7 @@ and a gateway restart, rejected items reported and never re-sent, 429 waited out
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import uuid
@@ -195,3 +196,73 @@ async def test_a_cancelled_flush_is_cancelled_even_as_the_gateway_takes_the_last
             if cancels:
                 assert flushed is None and flushing.cancelled(), \
                     f"the cancel {steps} loop steps after the last batch settled was swallowed"
+
+
+class HeldRelay:
+    """A TCP relay to the real gateway that holds each request until released: a gateway slow to answer."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.received = threading.Event()
+        self.release = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        first = conn.recv(65536)
+        self.received.set()
+        self.release.wait()
+        upstream.sendall(first)
+        threading.Thread(target=_pipe, args=(conn, upstream), daemon=True).start()
+        _pipe(upstream, conn)
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while chunk := src.recv(65536):
+            dst.sendall(chunk)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _cpu_s(threads: list[threading.Thread]) -> float:
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads if t.ident)
+
+
+async def test_a_flush_waiting_on_a_batch_in_flight_does_not_spin_the_idle_senders(
+        gateway_url: tuple[Settings, str]) -> None:
+    """While a flush waits for a slow answer, the senders with nothing to take sleep instead of looping."""
+    settings, url = gateway_url
+    _, secret = await _key(settings)
+    relay = HeldRelay(url)
+    client = TallyClient(relay.url, secret, flush_interval_s=60, concurrency=4)
+    try:
+        client.send(event("order.placed", source="client-test", subject="c"))
+        flushing = asyncio.create_task(asyncio.to_thread(client.flush, 60))
+        assert await asyncio.to_thread(relay.received.wait, 30)
+        before = _cpu_s(client._threads)
+        await asyncio.sleep(1.5)  # the window measured: one batch held in flight, the buffer empty
+        spent = _cpu_s(client._threads) - before
+        relay.release.set()
+        assert await flushing
+    finally:
+        relay.close()
+        await asyncio.to_thread(client.close, 5)
+    assert client.metrics.sent == 1
+    assert spent < 0.1, f"the idle senders used {spent:.2f} s of CPU in 1.5 s while the flush waited"

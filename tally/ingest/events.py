@@ -61,9 +61,15 @@ def _bounds(event: Event) -> list[dict[str, str]]:
     if event["source"].startswith(RESERVED_SOURCE_PREFIXES):
         errors.append({"field": "source", "message": f"the prefixes {', '.join(RESERVED_SOURCE_PREFIXES)} are "
                                                     "reserved for the gateway's logs and webhooks routes"})
-    if event["type"] == LOG_EVENT_TYPE:
-        errors.append({"field": "type", "message": f"{LOG_EVENT_TYPE} is reserved for /v1/logs"})
+    if (reserved := reserved_type(event["type"])) is not None:
+        errors.append({"field": "type", "message": reserved})
     return errors
+
+
+def reserved_type(event_type: str) -> str | None:
+    """Why `event_type` may not be sent here, if it is the log type: log records come only through the logs
+    routes, which hold a record's own rules (service, level, message), and log search reads them by type."""
+    return f"{LOG_EVENT_TYPE} is reserved for /v1/logs" if event_type == LOG_EVENT_TYPE else None
 
 
 def check(obj: Any, now: datetime, max_future_s: float, hazards: values.Hazards = values.UNKNOWN) -> Event:

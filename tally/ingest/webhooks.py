@@ -11,9 +11,10 @@ The file maps a source name (the last part of /v1/webhooks/{source}) to its sche
 The tenant comes from this file, never from the request. Only what the signature covers names the
 event: its id is the signed message id (webhook-id; MercadoPago's data.id and x-request-id), else
 the `id` of a signed body, else the hash of the signed content; its type is the `type` of a signed
-body, else the source's configured `type`. Unsigned headers (GitHub's X-GitHub-Delivery and
-X-GitHub-Event) never name an event, so a captured delivery replayed later is the same event again
-and the processors drop it (ADR 5).
+body, else the source's configured `type`, and never the log type (the events route's rule: a signed
+body of that type gets 400, a source configured with it stops the gateway). Unsigned headers
+(GitHub's X-GitHub-Delivery and X-GitHub-Event) never name an event, so a captured delivery replayed
+later is the same event again and the processors drop it (ADR 5).
 A replay (the same signed message again within the tolerance window) is answered 200 with the id it
 was accepted under, or 409 while the first is still being published; the memory of it is dropped
 again if publishing fails, so the provider's retry of that same message is not mistaken for one.
@@ -34,7 +35,7 @@ import yaml
 from standardwebhooks.webhooks import Webhook
 
 from tally.edge import values
-from tally.ingest.events import is_json
+from tally.ingest.events import is_json, reserved_type
 from tally.edge.problems import Problem
 from tally.ingest.signatures import (
     SCHEMES,
@@ -130,6 +131,8 @@ def load_sources(path: str | Path) -> dict[str, Source]:
         event_type = str(spec.get("type", "webhook"))
         if not 0 < len(event_type.encode()) <= MAX_BYTES["type"]:
             raise WebhookConfigError(f"webhook source {name!r}: type must be 1 to {MAX_BYTES['type']} bytes")
+        if (reserved := reserved_type(event_type)) is not None:
+            raise WebhookConfigError(f"webhook source {name!r}: {reserved}; set `type` to another name")
         sources[str(name)] = Source(
             name=str(name), scheme=spec["scheme"], tenant=str(spec["tenant"]), secrets=_secrets(str(name), spec),
             tolerance_s=float(spec.get("tolerance_s", 300)), hmac=fmt, event_type=event_type,
@@ -176,6 +179,8 @@ def to_event(source: Source, signed: Signed, media: str, body: bytes, received_a
         errors.append({"field": "datacontenttype", "message": f"longer than {MAX_CONTENT_TYPE} characters"})
     if "\x00" in event_id or "\x00" in event_type:
         errors.append({"field": "id" if "\x00" in event_id else "type", "message": "holds a NUL character"})
+    if (reserved := reserved_type(event_type)) is not None:
+        errors.append({"field": "type", "message": reserved})
     if errors:
         raise Problem(400, "Invalid webhook", "the provider's event cannot be stored as sent", errors=errors)
     return CloudEvent.model_construct(

@@ -74,6 +74,7 @@ def _sources(tmp_path: Path, spec: str) -> dict:
     ("    scheme: hmac\n    id_header: X-GitHub-Delivery\n", "unsigned header"),
     ("    scheme: hmac\n    type_header: X-GitHub-Event\n", "unsigned header"),
     ("    scheme: hmac\n    tenant: " + "\u00e9" * 65 + "\n", "longer than 128 bytes"),
+    ("    scheme: hmac\n    type: tally.log\n", "tally.log is reserved for /v1/logs; set `type` to another"),
 ])
 def test_a_source_that_would_trust_unsigned_values_stops_the_gateway(tmp_path: Path, spec: str, message: str) -> None:
     with pytest.raises(WebhookConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
@@ -84,6 +85,24 @@ def test_mercadopago_is_a_scheme() -> None:
     assert mercadopago_manifest("ABC123", "req-1", "1700000000") == "id:abc123;request-id:req-1;ts:1700000000;"
     assert mercadopago_manifest("a-B_1", "req-1", "1") == "id:a-B_1;request-id:req-1;ts:1;"  # not alphanumeric
     assert mercadopago_manifest(None, None, "1") == "ts:1;"  # parts missing from the request are left out
+
+
+@pytest.mark.parametrize("source", ["github", "standard"])
+async def test_a_signed_body_of_the_log_type_is_refused_as_the_events_route_refuses_it(
+    gateway: Gateway, source: str
+) -> None:
+    """Log records come only through the logs routes, which hold their own rules (service, level, message)."""
+    event_id = f"evt_{uuid.uuid4().hex}"
+    body = orjson.dumps({"id": event_id, "type": "tally.log", "data": {"service": "x", "level": "error"}})
+    secret = WEBHOOK_SECRETS[source][0]
+    headers = (github_headers(body, secret, "d") if source == "github"
+               else standard_headers(body, secret, f"msg_{event_id}"))
+    async with gateway.client() as client:
+        response = await client.post(f"/v1/webhooks/{source}", content=body, headers=headers)
+    published = [v for v in for_tenant(gateway.messages(), "wh-tenant") if v["type"] == "tally.log"]
+    assert published == [], response.text
+    assert response.status_code == 400 and response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"] == [{"field": "type", "message": "tally.log is reserved for /v1/logs"}]
 
 
 async def test_a_mercadopago_notification_signed_as_documented_is_accepted(gateway: Gateway) -> None:
