@@ -5,7 +5,8 @@ pipeline's dedup keeps it once (a retry that rebuilt the event would be a confli
 is posted to `/v1/events/batch` (or `/v1/logs`); each item's result decides its fate: accepted items
 are done, rejected ones are reported to `on_rejected` and never sent again, failed ones are sent
 again. A whole request that meets 429, 503, another 5xx or a network error is sent again after a
-backoff with jitter, or after the server's `Retry-After`.
+backoff with jitter, or after the server's `Retry-After`; the backoff holds for the whole client, so no
+sender posts anything until it has passed.
 
     with TallyClient("http://127.0.0.1:8080", api_key) as client:
         client.send(event("order.placed", source="checkout", subject="customer-7", data={"amount": 42}))
@@ -103,7 +104,6 @@ class _Verdict:
     accepted: list[_Pending] = field(default_factory=list)
     rejected: list[tuple[_Pending, dict[str, Any]]] = field(default_factory=list)
     again: list[_Pending] = field(default_factory=list)
-    wait_s: float | None = None
 
 
 class _Core:
@@ -121,6 +121,9 @@ class _Core:
         self.buffered_bytes = 0
         self.in_flight = 0
         self.retry_attempt = 0
+        # Every sender holds off until then: a backoff or Retry-After is the gateway's word to the whole
+        # client, and an idle sender that took the batch at once would hammer a gateway that is rate limiting.
+        self.not_before = 0.0
 
     def admit(self, item: dict[str, Any]) -> _Pending:
         pending = _Pending(item, orjson.dumps(item))
@@ -131,13 +134,23 @@ class _Core:
     def full(self) -> bool:
         return len(self.buffer) + self.in_flight >= self.config.max_buffer
 
-    def ready(self, since_flush_s: float) -> bool:
-        return bool(self.buffer) and (len(self.buffer) >= self.config.batch_size
-                                      or self.buffered_bytes >= self.config.batch_bytes
-                                      or since_flush_s >= self.config.flush_interval_s)
+    def ready(self, since_flush_s: float, flushing: bool) -> bool:
+        return bool(self.buffer) and not self.backing_off() and (
+            flushing or len(self.buffer) >= self.config.batch_size
+            or self.buffered_bytes >= self.config.batch_bytes or since_flush_s >= self.config.flush_interval_s)
+
+    def backing_off(self) -> bool:
+        return time.monotonic() < self.not_before
+
+    def idle_s(self) -> float:
+        """How long a sender with nothing ready may sleep: until the backoff ends, or one flush interval."""
+        return max(self.not_before - time.monotonic(), 0.0) or self.config.flush_interval_s
 
     def take(self) -> list[_Pending]:
+        """The next batch; nothing while the client is backing off."""
         batch: list[_Pending] = []
+        if self.backing_off():
+            return batch
         size = 2
         while self.buffer and len(batch) < self.config.batch_size:
             nxt = len(self.buffer[0].encoded) + 1
@@ -181,7 +194,7 @@ class _Core:
             problem = _json(body) or {"status": status}
             verdict.rejected = [(pending, problem) for pending in batch]
         if verdict.again:
-            verdict.wait_s = self._backoff(headers)
+            self.not_before = max(self.not_before, time.monotonic() + self._backoff(headers))
         else:
             self.retry_attempt = 0
         return verdict
@@ -242,7 +255,6 @@ class TallyClient:
         self._http = httpx.Client(timeout=self._core.config.timeout_s, transport=transport)
         self._lock = threading.Condition()
         self._closing = False
-        self._closed = threading.Event()  # wakes senders waiting out a backoff
         self._flush_requested = False
         self._threads = [threading.Thread(target=self._run, name=f"tally-client-{n}", daemon=True)
                          for n in range(self._core.config.concurrency)]
@@ -284,7 +296,6 @@ class TallyClient:
         self.flush(timeout_s)
         with self._lock:
             self._closing = True
-            self._closed.set()
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(self._core.config.timeout_s + 1)
@@ -305,12 +316,11 @@ class TallyClient:
                 # A flush wakes the thread only while there is something to take: `wait_for` does not wait
                 # when its predicate already holds, so a flush with an empty buffer would spin this loop.
                 self._lock.wait_for(lambda since=last_flush: self._closing
-                                    or (self._flush_requested and bool(self._core.buffer))
-                                    or self._core.ready(time.monotonic() - since),
-                                    self._core.config.flush_interval_s)
+                                    or self._core.ready(time.monotonic() - since, self._flush_requested),
+                                    self._core.idle_s())
                 if self._closing:
                     return
-                batch = self._core.take() if self._core.buffer else []
+                batch = self._core.take()
             last_flush = time.monotonic()
             if not batch:
                 continue
@@ -324,8 +334,6 @@ class TallyClient:
                 verdict = self._core.judge(batch, status, reply_headers, reply)
                 self._core.settle(batch, verdict)
                 self._lock.notify_all()
-            if verdict.wait_s:
-                self._closed.wait(verdict.wait_s)
 
 
 class AsyncTallyClient:
@@ -397,15 +405,15 @@ class AsyncTallyClient:
                 try:
                     # A flush wakes the task only while there is something to take: `wait_for` does not yield
                     # when its predicate already holds, so a flush with an empty buffer would spin this loop.
-                    async with asyncio.timeout(self._core.config.flush_interval_s):
+                    async with asyncio.timeout(self._core.idle_s()):
                         await self._changed.wait_for(
-                            lambda since=last_flush: self._closing or (self._flush_requested and bool(self._core.buffer))
-                            or self._core.ready(time.monotonic() - since))
+                            lambda since=last_flush: self._closing
+                            or self._core.ready(time.monotonic() - since, self._flush_requested))
                 except TimeoutError:
                     pass
                 if self._closing:
                     return
-                batch = self._core.take() if self._core.buffer else []
+                batch = self._core.take()
             last_flush = time.monotonic()
             if not batch:
                 continue
@@ -419,9 +427,3 @@ class AsyncTallyClient:
                 verdict = self._core.judge(batch, status, reply_headers, reply)
                 self._core.settle(batch, verdict)
                 self._changed.notify_all()
-            if verdict.wait_s:
-                try:
-                    async with self._changed, asyncio.timeout(verdict.wait_s):
-                        await self._changed.wait_for(lambda: self._closing)
-                except TimeoutError:
-                    pass

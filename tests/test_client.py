@@ -1,13 +1,16 @@
 """The producer client against the real gateway: every event accepted once through a broker outage
-and a gateway restart, rejected items reported and never re-sent, 429 waited out, a full buffer."""
+and a gateway restart, rejected items reported and never re-sent, 429 waited out, a full buffer; and,
+against a stand-in answering as a rate-limited gateway does, Retry-After held by every sender."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import asyncpg
 import pytest
@@ -266,3 +269,108 @@ async def test_a_flush_waiting_on_a_batch_in_flight_does_not_spin_the_idle_sende
         await asyncio.to_thread(client.close, 5)
     assert client.metrics.sent == 1
     assert spent < 0.1, f"the idle senders used {spent:.2f} s of CPU in 1.5 s while the flush waited"
+
+
+class RateLimitedGateway:
+    """A stand-in for a rate-limited gateway's `/v1/events/batch`, answering as the gateway does.
+
+    The first request meets 429 with `Retry-After: 1` (the gateway's problem+json and RateLimit
+    headers); so does every request that arrives before a 429 already answered allows one; after that
+    the items are accepted with the gateway's 202 results. It records when each request arrived, which
+    event ids it carried, and when each 429 was answered.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.arrivals: list[tuple[float, list[str]]] = []
+        self.refusals: list[tuple[float, list[str]]] = []  # when each 429 was answered, for which ids
+        self.accepted: dict[str, int] = {}
+        self.closed_until: float | None = None
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                arrived = time.monotonic()
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/events/batch":
+                    return self._answer(404, {"type": "about:blank", "title": "Not Found", "status": 404})
+                if self.headers.get("Authorization") != f"Bearer {stand_in.secret}":
+                    return self._answer(401, {"type": "about:blank", "title": "Unauthorized", "status": 401})
+                ids = [item["id"] for item in json.loads(body)]
+                with stand_in.lock:
+                    stand_in.arrivals.append((arrived, ids))
+                    refused = stand_in.closed_until is None or arrived < stand_in.closed_until
+                    if refused:
+                        stand_in.closed_until = max(stand_in.closed_until or 0.0, time.monotonic() + 1)
+                    else:
+                        for event_id in ids:
+                            stand_in.accepted[event_id] = stand_in.accepted.get(event_id, 0) + 1
+                if refused:
+                    self._answer(429, {"type": "about:blank", "title": "Too many requests", "status": 429,
+                                       "detail": "rate limit of events exceeded; retry after 1 s"},
+                                 {"Retry-After": "1", "RateLimit-Policy": '"events";q=2;w=1',
+                                  "RateLimit": '"events";r=0;t=1'})
+                    with stand_in.lock:
+                        stand_in.refusals.append((time.monotonic(), ids))
+                    return None
+                results = [{"index": n, "id": event_id, "status": "accepted"} for n, event_id in enumerate(ids)]
+                return self._answer(202, {"accepted": len(ids), "rejected": 0, "failed": 0, "results": results})
+
+            def _answer(self, status: int, doc: dict, headers: dict[str, str] | None = None) -> None:
+                payload = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json" if status == 202 else "application/problem+json")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def early(self, tolerance_s: float) -> list[str]:
+        """Requests that arrived after a 429 but before its Retry-After ran out: a re-send of its items at
+        any time, any other request from 0.2 s after the answer on (one arriving sooner was under way)."""
+        out = []
+        for arrived, ids in self.arrivals:
+            for answered, refused_ids in self.refusals:
+                too_soon = answered + 1 - tolerance_s
+                if arrived < too_soon and (arrived > answered + 0.2 or (arrived > answered and set(ids) & set(refused_ids))):
+                    out.append(f"{ids} arrived {arrived - answered:.3f} s after a 429 for {refused_ids}")
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["threads", "asyncio"])
+async def test_after_a_429_no_sender_posts_before_retry_after(kind: str) -> None:
+    """Retry-After holds for the whole client: an idle sender does not take a batch another sender was told to hold."""
+    gateway = RateLimitedGateway("tly_standin")
+    items = [event("order.placed", source="client-test", subject="c", data={"n": n}) for n in range(6)]
+    options = {"batch_size": 2, "concurrency": 4, "retry_initial_s": 0.05}
+    try:
+        if kind == "threads":
+            client = TallyClient(gateway.url, gateway.secret, **options)
+            for item in items:
+                client.send(item)
+            assert await asyncio.to_thread(client.flush, 30)
+            await asyncio.to_thread(client.close)
+        else:
+            async with AsyncTallyClient(gateway.url, gateway.secret, **options) as client:
+                for item in items:
+                    await client.send(item)
+                assert await client.flush(30)
+    finally:
+        gateway.close()
+    assert gateway.refusals, "the stand-in answered 429"
+    assert gateway.early(tolerance_s=0.02) == []
+    assert gateway.accepted == {item["id"]: 1 for item in items}
+    assert (client.metrics.sent, client.metrics.dropped) == (6, 0) and client.metrics.retried > 0
