@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
-import pytest
 
 from tally.meters.unique import window_id
 from tally.meters.weighted import series_text
@@ -24,7 +22,7 @@ from tally.settings import Settings
 from tests.processor.helpers import (
     counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
 )
-from tests.processor.scratch_pg import ScratchPostgres, scratch_postgres
+from tests.processor.scratch_pg import ScratchPostgres
 from tests.support import TallyProcess, read_topic, running, wait_until
 
 # Distinct values per UNIQUE_COUNT window (name: window size, days since its end, values): the expired ones hold
@@ -33,12 +31,6 @@ WINDOWS = {"old-a": ("minute", 40, 7000), "old-b": ("minute", 39, 4000), "old-ho
            "old-day": ("day", 900, 200), "old-locked": ("minute", 35, 1500),
            "kept-minute": ("minute", 2, 2500), "kept-hour": ("hour", 40, 600), "kept-day": ("day", 300, 100)}
 SERIES, OLD_POINTS = 60, 100  # 60 series of 99 level changes each to prune (two batches), three kept each
-
-
-@pytest.fixture
-def scratch_pg(settings: Settings) -> Iterator[ScratchPostgres]:
-    with scratch_postgres(settings) as pg:
-        yield pg
 
 
 async def test_postgres_outage_mid_pruning_is_retried_and_prunes_exactly_what_retention_says(

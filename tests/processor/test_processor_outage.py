@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
-import pytest
 
 from tally.settings import Settings
 from tests.processor.helpers import (
     assert_topic_matches_postgres, counter_counts, drained, envelope, event_count, expected_counts, produce, wait_for,
 )
-from tests.processor.scratch_pg import ScratchPostgres, scratch_postgres
+from tests.processor.scratch_pg import ScratchPostgres
 from tests.support import read_topic, running, wait_until
-
-
-@pytest.fixture
-def scratch_pg(settings: Settings) -> Iterator[ScratchPostgres]:
-    with scratch_postgres(settings) as pg:
-        yield pg
 
 
 async def test_postgres_outage_under_load_is_waited_out_without_dead_letters(
