@@ -1,6 +1,7 @@
 """At shutdown the gateway closes every connection it opened: once its lifespan ended after a usage read (which
-opens the plan changes' listening connection to PostgreSQL and the usage figures' Redis client), this process holds
-no more connections to PostgreSQL or Redis than before the gateway started."""
+opens the plan changes' listening connection to PostgreSQL and the usage figures' Redis client) and a stats read
+(the answer cache's Redis client), this process holds no more connections to PostgreSQL or Redis than before the
+gateway started."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ async def _get(app: Any, path: str, query: str, secret: str) -> int:
 async def test_the_gateway_leaves_no_postgres_or_redis_connection_open_at_shutdown(
         gateway_settings: Settings, new_key: Any, db: asyncpg.Connection) -> None:
     pg, rd = urlsplit(gateway_settings.database_url).port or 5432, urlsplit(gateway_settings.redis_url).port or 6379
-    tenant, secret = await new_key(["usage:read"])
+    tenant, secret = await new_key(["usage:read", "events:read"])
     await save_plan(db, tenant, Plan(id="p", meters=[PlanMeter(meter="api_calls", included=1)]))
     await subscribe(db, tenant, Subscription(subject="s-1", plan_id="p", start_date="2026-01-01"))
     listening = ("select count(*) from pg_stat_activity where datname = current_database()"
@@ -75,6 +76,7 @@ async def test_the_gateway_leaves_no_postgres_or_redis_connection_open_at_shutdo
     async with app.app.state.gateway.lifespan(app.app):
         assert await _get(app, "/v1/usage", "subject=s-1", secret) == 200
         await wait_for(listened, 30, "the plan changes to listen")  # opened in the background by the read
+        assert await _get(app, "/v1/events/stats", "", secret) == 200
         assert _established(rd) > before[rd]
 
     def after() -> dict[int, int]:
