@@ -15,7 +15,7 @@ from tally.meters.definitions import MetersConfig
 from tally.meters.fresh import LiveCatalog
 from tally.sinks.counter_topic import CounterTopicSink
 from tally.sinks.kafka import KafkaPublisher
-from tally.sinks.outbox import OutboxRelay
+from tally.sinks.outbox import OutboxRelay, pending
 from tally.sinks.redis_cache import RedisCounterCache
 from tally.usage.windows import WindowReader
 
@@ -90,7 +90,10 @@ class JobContext:
 
     async def relay_counters(self) -> None:
         """Publish the counter windows queued in the outbox to the counter topic and the cache, as a processor
-        does after its batches: what a job wrote follows there even while no processor runs."""
+        does after its batches: what a job wrote follows there even while no processor runs. Nothing queued, no
+        publisher is opened."""
+        if not await pending(self.pool):
+            return
         c = self.config
         publisher = KafkaPublisher(c.kafka_bootstrap)
         cache = RedisCounterCache(c.redis_url, c.redis_prefix, c.redis_counter_ttl_s)

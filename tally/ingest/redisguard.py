@@ -99,4 +99,5 @@ class RedisGuard:
             return False
 
     async def close(self) -> None:
-        await self.client.aclose()
+        """The client was built on a pool of ours, which its own close leaves connected."""
+        await self.client.aclose(close_connection_pool=True)

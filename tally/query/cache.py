@@ -35,3 +35,6 @@ class AnswerCache:
         except redis.RedisError as exc:
             log.warning("stats cache not written: %s", exc)
         return answer, False
+
+    async def close(self) -> None:
+        await self._client.aclose()

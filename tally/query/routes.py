@@ -93,7 +93,8 @@ class QueryProduct:
         return Response(answer, 200, headers, media_type="application/json")
 
     async def close(self) -> None:
-        """Nothing of its own runs in the background."""
+        """The answer cache's Redis client."""
+        await self._cache.close()
 
     def openapi_paths(self) -> dict[str, Any]:
         def get(summary: str, model: type[BaseModel], scope: str) -> dict[str, Any]:

@@ -59,6 +59,7 @@ on conflict (tenant, key) do update set revision = greatest(counter_outbox.revis
 # a huge queue would read all of it every few seconds.
 BACKLOG_CAP = 100_000
 _BACKLOG = "select count(*) from (select 1 from counter_outbox limit $1) queued"
+_ANY = "select exists (select 1 from counter_outbox)"
 
 _EVERY_REVISION = 2**63 - 1  # for a queued key whose counter row is gone: forget the entry whatever its revision
 
@@ -75,6 +76,11 @@ async def queue(conn: asyncpg.Connection, revisions: dict[tuple[str, str], int])
     if revisions:
         keys = sorted(revisions, key=lambda tk: tk[1])
         await conn.execute(_QUEUE, [t for t, _ in keys], [k for _, k in keys], [revisions[tk] for tk in keys])
+
+
+async def pending(pool: asyncpg.Pool) -> bool:
+    """Whether any window is queued: one row read, so a job can look on every run."""
+    return await pool.fetchval(_ANY)
 
 
 async def backlog(pool: asyncpg.Pool) -> int:

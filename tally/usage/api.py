@@ -126,6 +126,8 @@ class UsageProduct:
         self._links_per_tenant = links_per_tenant
         self._page_poll_s = page_poll_s
         self._service: UsageService | None = None
+        self._client: redis.Redis  # with the service, made on first use
+        self._plans: PlanChanges
         self._edge: Edge
 
     def routes(self, edge: Edge) -> list[BaseRoute]:
@@ -152,16 +154,20 @@ class UsageProduct:
 
     def service(self) -> UsageService:
         if self._service is None:
-            client = redis.Redis.from_url(self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-            reader = WindowReader(self._edge.pool, client, self._prefix, self._cache_ttl_s)
-            self._service = UsageService(self._edge.pool, reader, changes=SubjectChanges(client, self._prefix),
-                                         plans=PlanChanges(self._database_url), catalog=self._catalog)
+            self._client = redis.Redis.from_url(self._redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            self._plans = PlanChanges(self._database_url)
+            reader = WindowReader(self._edge.pool, self._client, self._prefix, self._cache_ttl_s)
+            self._service = UsageService(self._edge.pool, reader, changes=SubjectChanges(self._client, self._prefix),
+                                         plans=self._plans, catalog=self._catalog)
         return self._service
 
     async def close(self) -> None:
-        """The usage figures' background refreshes (docs/adr/0162)."""
+        """The usage figures' background refreshes (docs/adr/0162), which read Redis and are told of plan changes,
+        then the listening connection and the Redis client."""
         if self._service is not None:
             await self._service.close()
+            await self._plans.close()
+            await self._client.aclose()
 
     async def put_plan(self, request: Request) -> Response:
         tenant = await self._edge.tenant(request, ADMIN)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import asyncpg
@@ -55,6 +56,16 @@ class PlanChanges:
             self._retry_at = time.monotonic() + self._retry_s
         finally:
             self._connecting = None
+
+    async def close(self) -> None:
+        """At shutdown: waits for a connection being opened (it gives up within its timeout), closes the listening
+        one, and opens none again."""
+        self._retry_at = math.inf
+        if self._connecting is not None:
+            await asyncio.gather(self._connecting, return_exceptions=True)
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
     def _notified(self, conn: object, pid: int, channel: str, tenant: object) -> None:
         self._epochs[str(tenant)] = self._epochs.get(str(tenant), 0) + 1
